@@ -1,0 +1,1 @@
+"""Ray / DeepSpeed / MLflow wiring around ``wadi_core``."""

@@ -1,0 +1,102 @@
+"""Architecture of the embedded teacher: a tiny Stable Diffusion-format pipeline.
+
+32x32 RGB images, an ``AutoencoderKL`` to 8x8x4 latents, a 2-layer x 64 ``CLIPTextModel`` with
+the domain tokenizer, a ~1 M-parameter ``UNet2DConditionModel`` with cross-attention, and SD's
+noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps). Sampling uses DDIM with
+"trailing" timestep spacing, so a 1-step sample starts at t = 999.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+__all__ = ["TeacherArch", "build_vae", "build_text_encoder", "build_unet", "build_scheduler",
+           "build_training_scheduler", "assemble_pipeline", "SCHEDULE"]
+
+# SD 1.x noise schedule (shared by training and sampling).
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", clip_sample=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherArch:
+    """Sizes of the embedded teacher's components."""
+
+    image_size: int = 32
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 32
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_layers_per_block: int = 1
+    unet_heads: int = 4
+
+
+def build_vae(arch: TeacherArch):
+    from diffusers import AutoencoderKL
+
+    n = len(arch.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=arch.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=arch.vae_channels, layers_per_block=1, norm_num_groups=16,
+        sample_size=arch.image_size,
+    )
+
+
+def build_text_encoder(arch: TeacherArch, vocab_size: int, bos_id: int, eos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=4 * arch.text_hidden,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.max_tokens, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        projection_dim=arch.text_hidden,
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_unet(arch: TeacherArch):
+    from diffusers import UNet2DConditionModel
+
+    n = len(arch.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=arch.image_size // 2 ** (len(arch.vae_channels) - 1),
+        in_channels=arch.latent_channels, out_channels=arch.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        block_out_channels=arch.unet_channels, layers_per_block=arch.unet_layers_per_block,
+        cross_attention_dim=arch.text_hidden, attention_head_dim=arch.unet_heads, norm_num_groups=16,
+    )
+
+
+def build_training_scheduler():
+    """DDPM with SD's schedule: ``add_noise`` for training."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULE)
+
+
+def build_scheduler():
+    """The pipeline's sampler: DDIM, SD's schedule, trailing spacing (1 step starts at t=999)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULE, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
+    """A complete ``StableDiffusionPipeline`` (no safety checker) from the parts."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler or build_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def folder_size_mb(path: str | os.PathLike) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
