@@ -41,6 +41,9 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 def git_sha(repo: str | os.PathLike | None = None) -> str:
+    """The commit of the code that runs (``WADI_GIT_SHA`` in images built without ``.git``)."""
+    if os.environ.get("WADI_GIT_SHA"):
+        return os.environ["WADI_GIT_SHA"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).resolve().parents[1],
@@ -115,11 +118,18 @@ def start_run(
         yield Tracker(None, None)
         return
     uri = tracking_uri or default_tracking_uri()
+    reason = unreachable_reason(uri)
+    if reason:
+        warnings.warn(f"MLflow tracking at {redact_uri(uri)} is unreachable ({reason}); "
+                      "the job continues without tracking")
+        yield Tracker(None, None)
+        return
     try:
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+            experiment, artifact_location=_sqlite_artifact_location(uri, experiment))
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
                                run_name=run_name, nested=nested)
     except Exception as e:
@@ -141,6 +151,35 @@ def start_run(
     else:
         with contextlib.suppress(Exception):
             mlflow.end_run()
+
+
+def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
+    """Probe an http(s) tracking server's ``/health`` quickly.
+
+    MLflow's own client retries with exponential backoff for minutes; a job should not stall
+    that long on a tracking server that is down.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered (auth, proxy path...): let MLflow handle it
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _sqlite_artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store next to the db file (MLflow's default is ./mlruns of the cwd,
+    which differs between the driver and Ray workers)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent / "mlartifacts" / re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment)).as_uri()
 
 
 def redact_uri(uri: str) -> str:

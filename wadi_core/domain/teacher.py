@@ -12,7 +12,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-__all__ = ["TeacherArch", "build_vae", "build_text_encoder", "build_unet", "build_scheduler",
+__all__ = ["sample_images", "image_grid", "folder_size_mb", "TeacherArch", "build_vae", "build_text_encoder", "build_unet", "build_scheduler",
            "build_training_scheduler", "assemble_pipeline", "SCHEDULE"]
 
 # SD 1.x noise schedule (shared by training and sampling).
@@ -100,3 +100,33 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
 
 def folder_size_mb(path: str | os.PathLike) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def sample_images(pipe, prompts: list[str], steps: int = 25, guidance: float = 3.0, seed: int = 0,
+                  batch: int = 256, progress: bool = False):
+    """Generate one image per prompt with the pipeline; float [0,1] tensor (B,3,H,W)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i in tqdm(range(0, len(prompts), batch), desc=f"sample {steps} steps", disable=not progress):
+        g = torch.Generator().manual_seed(seed + i)
+        res = pipe(list(prompts[i:i + batch]), num_inference_steps=steps, guidance_scale=guidance,
+                   generator=g, output_type="pt")
+        out.append(res.images.float().clamp(0, 1))
+    return torch.cat(out)
+
+
+def image_grid(images, nrow: int, scale: int = 4):
+    """float [0,1] (B,3,H,W) -> PIL grid image, each tile upscaled ``scale`` x (nearest)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    b, h, w, c = arr.shape
+    ncol = -(-b // nrow)
+    pad = np.zeros((nrow * ncol - b, h, w, c), np.uint8)
+    arr = np.concatenate([arr, pad]).reshape(nrow, ncol, h, w, c).transpose(0, 2, 1, 3, 4).reshape(nrow * h, ncol * w, c)
+    img = Image.fromarray(arr)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)

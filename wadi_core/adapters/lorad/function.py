@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 __all__ = ["rotate_pairs", "lorad_linear", "angle_dtype"]
 
-# Rows per chunk are chosen so a chunk holds about this many weight elements (4 MB in fp32).
-_CHUNK_ELEMENTS = 1 << 20
+# Rows per chunk are chosen so a chunk holds about this many weight elements (1 MB in fp32): the
+# fp32 transients of the rotation then stay far below one weight gradient.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def angle_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -53,7 +54,20 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def _chunk_rows(out_features: int, in_features: int) -> int:
-    return max(64, _CHUNK_ELEMENTS // max(1, in_features))
+    return max(16, _CHUNK_ELEMENTS // max(1, in_features))
+
+
+def _rotate_into(dst: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``dst = rotate_pairs(weight, theta)`` without temporaries beyond ``exp(i theta)``.
+
+    A column pair ``(a, b)`` is the complex number ``a + ib``; rotating it by ``theta`` is multiplying
+    by ``exp(i theta)``. ``dst`` is contiguous with ``theta``'s dtype.
+    """
+    rows = dst.shape[0]
+    w = weight.to(dst.dtype).contiguous()
+    rot = torch.polar(torch.ones_like(theta), theta)
+    torch.mul(torch.view_as_complex(w.view(rows, -1, 2)), rot, out=torch.view_as_complex(dst.view(rows, -1, 2)))
+    return dst
 
 
 class _LoRaDLinear(torch.autograd.Function):
@@ -64,11 +78,16 @@ class _LoRaDLinear(torch.autograd.Function):
         adt = angle_dtype(A, B)
         with _no_autocast(x.device.type):
             w_rot = torch.empty((out_f, in_f), dtype=cdt, device=weight.device)
+            buf = None if cdt == adt else torch.empty((min(chunk_rows, out_f), in_f), dtype=adt, device=weight.device)
             Bf = B.to(adt)
             for r0 in range(0, out_f, chunk_rows):
                 r1 = min(out_f, r0 + chunk_rows)
                 theta = A[r0:r1].to(adt) @ Bf
-                w_rot[r0:r1] = rotate_pairs(weight[r0:r1], theta)
+                if buf is None:
+                    _rotate_into(w_rot[r0:r1], weight[r0:r1], theta)
+                else:  # angles and rotation in fp32, result cast to the compute dtype
+                    w_rot[r0:r1] = _rotate_into(buf[: r1 - r0], weight[r0:r1], theta)
+                del theta
             xc = x.to(cdt)
             y = F.linear(xc, w_rot, None if bias is None else bias.to(cdt))
         ctx.save_for_backward(xc, weight, bias, A, B)
@@ -83,43 +102,48 @@ class _LoRaDLinear(torch.autograd.Function):
         out_f, in_f = weight.shape
         adt = angle_dtype(A, B)
         grad_x = grad_w = grad_b = grad_A = grad_B = None
+        dev = weight.device
         with _no_autocast(gy.device.type):
             g = gy.reshape(-1, out_f).to(cdt)
             x2 = xc.reshape(-1, in_f)
             Bf, Af = B.to(adt), A.to(adt)
             if need_x:
-                grad_x = torch.zeros(x2.shape, dtype=cdt, device=x2.device)
+                grad_x = torch.zeros(x2.shape, dtype=cdt, device=dev)
             if need_w:
-                grad_w = torch.empty_like(weight)
+                grad_w = torch.empty(weight.shape, dtype=adt, device=dev)
             if need_A:
-                grad_A = torch.empty(A.shape, dtype=adt, device=A.device)
+                grad_A = torch.empty(A.shape, dtype=adt, device=dev)
             if need_B:
-                grad_B = torch.zeros(B.shape, dtype=adt, device=B.device)
+                grad_B = torch.zeros(B.shape, dtype=adt, device=dev)
+            buf = torch.empty((min(chunk_rows, out_f), in_f), dtype=adt, device=dev)
             for r0 in range(0, out_f, chunk_rows):
                 r1 = min(out_f, r0 + chunk_rows)
                 theta = Af[r0:r1] @ Bf
-                w_rot = rotate_pairs(weight[r0:r1], theta)  # recomputed: nothing fp32 was saved
+                w_rot = _rotate_into(buf[: r1 - r0], weight[r0:r1], theta)  # recomputed: nothing fp32 saved
                 gs = g[:, r0:r1]
                 if need_x:
                     grad_x.addmm_(gs, w_rot.to(cdt))
                 if not (need_w or need_A or need_B):
                     continue
-                gw = (gs.t() @ x2).to(adt).unflatten(-1, (-1, 2))  # dL/dW_rot, pairs
-                if need_w:  # rotate the gradient back by -theta
-                    c, s = torch.cos(theta), torch.sin(theta)
-                    ga, gb = gw[..., 0], gw[..., 1]
-                    grad_w[r0:r1] = torch.stack((ga * c + gb * s, -ga * s + gb * c), -1).flatten(-2)
+                gw = (gs.t() @ x2).to(adt)  # dL/dW_rot for these rows
                 if need_A or need_B:
-                    wp = w_rot.unflatten(-1, (-1, 2))
-                    dtheta = gw[..., 1] * wp[..., 0] - gw[..., 0] * wp[..., 1]
+                    gp, wp = gw.view(r1 - r0, -1, 2), w_rot.view(r1 - r0, -1, 2)
+                    dtheta = gp[..., 1] * wp[..., 0]  # dL/db' a' - dL/da' b'
+                    dtheta.addcmul_(gp[..., 0], wp[..., 1], value=-1)
                     if need_A:
                         grad_A[r0:r1] = dtheta @ Bf.t()
                     if need_B:
                         grad_B.addmm_(Af[r0:r1].t(), dtheta)
+                    del dtheta
+                if need_w:  # the gradient rotated back by -theta
+                    _rotate_into(grad_w[r0:r1], gw, -theta)
+                del theta, gw
             if need_b:
                 grad_b = g.sum(0).to(bias.dtype)
         if grad_x is not None:
             grad_x = grad_x.view(xc.shape).to(ctx.x_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
         if grad_A is not None:
             grad_A = grad_A.to(A.dtype)
         if grad_B is not None:

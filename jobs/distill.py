@@ -1,0 +1,66 @@
+"""Distil a teacher into a one-step LoRaD student on Ray (Ray Data + Ray Train + DeepSpeed + MLflow).
+
+    python jobs/distill.py                                   # embedded default, local Ray, ./runs/
+    python jobs/distill.py --config sd15 --dry-run           # the plan, no weights
+    python jobs/distill.py --config sd15 train.num_workers=16 train.global_batch=256
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py
+
+Rerunning with the same run name (``--run-name`` or ``train.run_name=``) resumes from its latest
+checkpoint. Every config error is raised here, before any cluster resources are requested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wadi_core.config import ConfigError  # noqa: E402
+
+from pipelines.config import available_recipes, load_config, parse_overrides  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="embedded",
+                    help=f"recipe name ({', '.join(available_recipes())}) or a path to a YAML recipe")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.zero_stage=3")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (denoiser on meta, no weights) and exit")
+    ap.add_argument("--run-name", help="Ray/MLflow run name (same name = resume)")
+    ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = ap.parse_args(argv)
+
+    try:
+        overrides = parse_overrides(args.overrides)
+        if args.run_name:
+            overrides["train.run_name"] = args.run_name
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        from pipelines.plan import build_plan
+
+        plan = build_plan(cfg)
+        print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.format())
+        return 0
+
+    from pipelines.run import run_distillation
+
+    result = run_distillation(cfg, ray_address=args.address)
+    if args.json:
+        print(json.dumps({"run_name": result.run_name, "mlflow_run_id": result.mlflow_run_id,
+                          "tracking_uri": result.tracking_uri, "export_uri": result.export_uri,
+                          "checkpoint": result.checkpoint, "model": result.model}, default=str))
+    else:
+        print("\n" + result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Training-state checkpoints of a Ray Train run: both DeepSpeed engines, progress, per-rank RNG.
+
+Layout of one checkpoint directory (merged by Ray from every rank's local copy):
+
+    student/  fake/              engine.save_checkpoint(tag="state"): every rank writes its
+                                 ZeRO shard, rank 0 the adapter weights
+    rng_rank<r>.safetensors      torch global RNG + the VSD noise generator of rank r
+    progress.json                step, epoch, batches consumed in that epoch, counters (rank 0)
+
+DeepSpeed's own files use torch.save; they are training state this job wrote, not user input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["Progress", "save_training_state", "load_training_state", "TAG"]
+
+TAG = "state"
+_PROGRESS = "progress.json"
+
+
+@dataclass
+class Progress:
+    """Where the run is: global step and data position (epoch + per-worker batches consumed)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    prompts_seen: int = 0
+    bad_before_epoch: dict[str, int] = field(default_factory=dict)  # bad rows of finished epochs
+    mlflow_run_id: str | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Progress":
+        data = json.loads(text)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
+                        progress: Progress, rank: int) -> None:
+    """Every rank: its engine shards and RNG; rank 0 also the progress. Collective (all ranks call)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for role, engine in engines.items():
+        engine.save_checkpoint(str(out / role), tag=TAG, client_state={"step": progress.step})
+    save_file({"torch": torch.get_rng_state(), "generator": generator.get_state()},
+              str(out / f"rng_rank{rank}.safetensors"))
+    if rank == 0:
+        (out / _PROGRESS).write_text(json.dumps(asdict(progress)))
+
+
+def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
+                        rank: int) -> Progress:
+    """Inverse of :func:`save_training_state`; raises if an engine's state is missing."""
+    src = Path(directory)
+    if not (src / _PROGRESS).exists():
+        raise FileNotFoundError(f"{src} has no {_PROGRESS}: not a checkpoint written by pipelines.checkpoint")
+    progress = Progress.from_json((src / _PROGRESS).read_text())
+    for role, engine in engines.items():
+        # load_checkpoint on a missing path only warns and returns (None, None): check it.
+        path, _ = engine.load_checkpoint(str(src / role), tag=TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {progress.step})")
+    rng_file = src / f"rng_rank{rank}.safetensors"
+    if rng_file.exists():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["torch"])
+        generator.set_state(rng["generator"])
+    else:
+        warnings.warn(f"{rng_file.name} missing (world size changed?): rank {rank} keeps a fresh RNG")
+    return progress

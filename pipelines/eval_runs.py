@@ -1,0 +1,302 @@
+"""One evaluation run (generate + metrics as one Ray job, logged to MLflow) and the scheduled mode.
+
+A run's outputs: ``<out>/metrics.json``, ``<out>/grid.png``, ``<out>/fake_stats.safetensors``,
+``<out>/prompts.jsonl`` (key, prompt, seed) and, with ``save_images="files"``, the PNGs in
+``<out>/images/<group>/{idx:05d}.png``. In MLflow: params (flattened config, prompt-list sha256,
+reference manifest), metrics, the grid, tags ``wadi.train_run_id`` / ``wadi.checkpoint_id``; when
+a training run is given the eval run is nested under it and the headline metrics are also written
+to the training run at the checkpoint's step (``eval/fid`` etc.).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from wadi_core import storage
+from wadi_core.config import to_flat_dict
+
+from pipelines import tracking
+from pipelines.evaluation import (MetricsSpec, Reference, build_reference, compute_metrics, env_for_workers,
+                                  features_and_stats, sample_grid)
+from pipelines.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
+
+__all__ = ["RayResources", "TrackingSpec", "EvalConfig", "run_evaluation", "ensure_reference", "init_ray",
+           "Checkpoint", "list_checkpoints", "evaluated_checkpoint_ids", "run_schedule"]
+
+
+@dataclass(frozen=True)
+class RayResources:
+    gen_workers: int = 1
+    metric_workers: int = 1
+    batch_size: int = 32
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    experiment: str = "wadi-eval"
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    run_name: str | None = None
+    train_run_id: str | None = None  # link (nested run + metrics on the training run)
+    checkpoint_id: str | None = None
+    checkpoint_source: str | None = None
+    checkpoint_step: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    prompts: str = "domain:1000:0:train"
+    num_prompts: int | None = None
+    draw_seed: int = 2024
+    seed: int = 0
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    reference: str | None = "outputs/eval/reference/domain-5000-1-train"
+    reference_images: str | None = "domain:5000:1:train"
+    out: str = "outputs/eval/run"
+    save_images: Literal["files", "none"] = "files"
+    grid: int = 32
+    ray: RayResources = field(default_factory=RayResources)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; workers get the S3 / MLflow env."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_for_workers()}, "include_dashboard": False}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=kwargs["runtime_env"])
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def ensure_reference(cfg: EvalConfig) -> Reference | None:
+    """Load the stored reference; build and store it once if it is missing and a source is given."""
+    if cfg.reference and Reference.exists(cfg.reference):
+        ref = Reference.load(cfg.reference)
+        want = cfg.metrics.extractor
+        if ref.manifest.get("extractor") != want:
+            raise ValueError(f"reference {cfg.reference} was computed with extractor {ref.manifest.get('extractor')!r}, "
+                             f"not {want!r}: pass a matching --reference")
+        return ref
+    if not cfg.reference_images:
+        return None
+    r = cfg.ray
+    ref = build_reference(cfg.reference_images, cfg.metrics, concurrency=r.metric_workers,
+                          batch_size=max(r.batch_size, 64), cpus_per_actor=r.cpus_per_actor,
+                          gpus_per_actor=r.gpus_per_actor)
+    if cfg.reference:
+        ref.save(cfg.reference)
+    return ref
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """Generate images for the prompts, compute metrics, write outputs, log to MLflow."""
+    init_ray()
+    records, prompt_info = load_prompts(cfg.prompts, cfg.num_prompts, cfg.draw_seed)
+    reference = ensure_reference(cfg)
+    r = cfg.ray
+    ds = generation_dataset(records, cfg.model, cfg.seed, concurrency=r.gen_workers, batch_size=r.batch_size,
+                            cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor)
+    if cfg.save_images == "files":
+        ds = ds.map_batches(write_png_files, fn_kwargs={"root": storage.join(cfg.out, "images")},
+                            batch_format="numpy")
+    grid_keys = tuple(rec.key for rec in records[: cfg.grid])
+    t0 = time.time()
+    rows, stats = features_and_stats(ds, cfg.metrics, concurrency=r.metric_workers, batch_size=r.batch_size,
+                                     cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
+                                     grid_keys=grid_keys)
+    seconds = time.time() - t0
+    metrics = compute_metrics(rows, stats, reference, cfg.metrics)
+    metrics["images_per_s"] = len(rows) / max(seconds, 1e-9)
+    _write_outputs(cfg, rows, stats, metrics, prompt_info, reference)
+    _log_mlflow(cfg, metrics, prompt_info, reference)
+    return {"metrics": metrics, "out": cfg.out, "prompts": prompt_info}
+
+
+def _write_outputs(cfg: EvalConfig, rows: list[dict[str, Any]], stats: Any, metrics: dict[str, float],
+                   prompt_info: dict[str, Any], reference: Reference | None) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="wadi-eval-out-"))
+    grid = sample_grid([r for r in rows if len(r.get("png", b""))])
+    if grid is not None:
+        grid.save(tmp / "grid.png")
+    stats.metadata.update({"extractor": cfg.metrics.extractor, "prompts_sha256": prompt_info["sha256"]})
+    stats.save(tmp / "fake_stats.safetensors")
+    (tmp / "prompts.jsonl").write_text("".join(
+        json.dumps({"key": str(r["key"]), "group": str(r["group"]), "idx": int(r["idx"]),
+                    "prompt": str(r["prompt"]), "seed": prompt_seed(cfg.seed, str(r["key"]))}) + "\n" for r in rows))
+    summary = {"metrics": metrics, "prompts": prompt_info, "config": to_flat_dict(cfg),
+               "reference": reference.manifest if reference else None}
+    (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    storage.upload_dir(tmp, cfg.out)
+
+
+def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[str, Any],
+                reference: Reference | None) -> None:
+    t = cfg.tracking
+    experiment, tags = t.experiment, {"wadi.kind": "evaluation", "wadi.model_uri": cfg.model.uri,
+                                      "wadi.git_sha": tracking.git_sha()}
+    if t.train_run_id:
+        tags.update({"wadi.train_run_id": t.train_run_id, "mlflow.parentRunId": t.train_run_id})
+        experiment = _experiment_of_run(t.train_run_id, t.tracking_uri) or experiment
+    if t.checkpoint_id:
+        tags.update({"wadi.checkpoint_id": t.checkpoint_id, "wadi.checkpoint_source": t.checkpoint_source or ""})
+    params = {**to_flat_dict(cfg), "prompts.sha256": prompt_info["sha256"], "prompts.num": prompt_info["num_prompts"]}
+    if reference is not None:
+        params.update({f"reference.{k}": v for k, v in reference.manifest.items()})
+    name = t.run_name or (f"{t.checkpoint_id}" if t.checkpoint_id else
+                          f"{Path(cfg.model.uri).name or cfg.model.uri}-{cfg.model.steps}step-cfg{cfg.model.guidance:g}")
+    with tracking.start_run(experiment, run_name=name, tracking_uri=t.tracking_uri, params=params,
+                            tags=tags) as run:
+        run.log_metrics({k.replace("/", "_"): v for k, v in metrics.items()})
+        for f in ("grid.png", "metrics.json"):
+            local = _local_copy(storage.join(cfg.out, f))
+            if local is not None:
+                run.log_artifact(local, artifact_path="eval")
+    if t.train_run_id:
+        _log_on_train_run(t, metrics)
+
+
+def _local_copy(uri: str) -> Path | None:
+    try:
+        data = storage.read_bytes(uri)
+    except (FileNotFoundError, OSError):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="wadi-art-")) / uri.rsplit("/", 1)[-1]
+    path.write_bytes(data)
+    return path
+
+
+def _client(tracking_uri: str | None) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri or tracking.default_tracking_uri())
+
+
+def _experiment_of_run(run_id: str, tracking_uri: str | None) -> str | None:
+    try:
+        client = _client(tracking_uri)
+        return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    except Exception as e:  # tracking never takes the job down
+        import warnings
+
+        warnings.warn(f"cannot read training run {run_id} ({type(e).__name__}: {e}); logging to the eval experiment")
+        return None
+
+
+def _log_on_train_run(t: TrackingSpec, metrics: dict[str, float]) -> None:
+    """Headline metrics on the training run itself, at the checkpoint step (status untouched)."""
+    try:
+        client = _client(t.tracking_uri)
+        step = int(t.checkpoint_step or 0)
+        for k, v in metrics.items():
+            if "/" not in k and k not in ("num_images", "images_per_s"):
+                client.log_metric(t.train_run_id, f"eval/{k}", float(v), step=step)
+    except Exception as e:
+        import warnings
+
+        warnings.warn(f"could not log eval metrics on training run {t.train_run_id}: {type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class Checkpoint:
+    """An evaluable checkpoint: a pipeline dir, or an adapter file on top of the teacher."""
+
+    id: str
+    source: str
+    step: int
+    pipeline: str | None = None
+    adapter: str | None = None
+
+
+_STEP = re.compile(r"(\d+)")
+
+
+def _step_of(name: str, fallback: int) -> int:
+    nums = _STEP.findall(name)
+    return int(nums[-1]) if nums else fallback
+
+
+def list_checkpoints(source: str) -> list[Checkpoint]:
+    """Checkpoint directories directly under ``source`` (local or ``s3://``), oldest first.
+
+    A directory counts if it holds a diffusers pipeline (``model_index.json``, the export) or a
+    WaDi adapter file named ``*student*.safetensors``; anything else (still being written, or
+    training state only) is skipped.
+    """
+    files = storage.list_files(source)
+    root = storage.filesystem(source)[1] if not storage.is_remote(source) else source.rstrip("/")
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        rel = f[len(root):].lstrip("/")
+        if "/" in rel:
+            by_dir.setdefault(rel.split("/", 1)[0], []).append(rel.split("/", 1)[1])
+    out = []
+    for i, name in enumerate(sorted(by_dir)):
+        inner = by_dir[name]
+        base = storage.join(source, name)
+        index = sorted((p for p in inner if p.endswith("model_index.json")), key=lambda p: p.count("/"))
+        adapters = sorted(p for p in inner if "student" in p.rsplit("/", 1)[-1] and p.endswith(".safetensors"))
+        if index:
+            sub = index[0].rsplit("/", 1)[0] if "/" in index[0] else ""
+            out.append(Checkpoint(name, source, _step_of(name, i), pipeline=storage.join(base, sub) if sub else base))
+        elif adapters:
+            out.append(Checkpoint(name, source, _step_of(name, i), adapter=storage.join(base, adapters[0])))
+    return sorted(out, key=lambda c: (c.step, c.id))
+
+
+def evaluated_checkpoint_ids(cfg: EvalConfig, source: str) -> set[str]:
+    """Checkpoint ids already evaluated (or being evaluated) for ``source``, from MLflow and ``out``."""
+    done: set[str] = set()
+    try:
+        import mlflow
+
+        client = _client(cfg.tracking.tracking_uri)
+        exps = [e.experiment_id for e in client.search_experiments()]
+        runs = mlflow.search_runs(
+            experiment_ids=exps, output_format="list",
+            filter_string=f"tags.`wadi.checkpoint_source` = '{source}' and attributes.status != 'FAILED'")
+        done |= {r.data.tags.get("wadi.checkpoint_id") for r in runs}
+    except Exception as e:
+        import warnings
+
+        warnings.warn(f"MLflow not readable ({type(e).__name__}: {e}); using the outputs folder only")
+    fs, path = storage.filesystem(cfg.out)
+    if fs.exists(path):
+        for f in storage.list_files(cfg.out, "metrics.json"):
+            done.add(f.rstrip("/").rsplit("/", 2)[-2])
+    return {d for d in done if d}
+
+
+def run_schedule(cfg: EvalConfig, source: str, teacher: str, limit: int | None = None) -> list[str]:
+    """Evaluate every checkpoint under ``source`` not evaluated yet; returns the ids evaluated now.
+
+    Idempotent, so a cron can call it: evaluated checkpoints are found by their MLflow tags
+    (``wadi.checkpoint_source`` + ``wadi.checkpoint_id``) or their ``<out>/<id>/metrics.json``.
+    """
+    done = evaluated_checkpoint_ids(cfg, source)
+    todo = [c for c in list_checkpoints(source) if c.id not in done][:limit]
+    evaluated = []
+    for ckpt in todo:
+        model = replace(cfg.model, uri=ckpt.pipeline or teacher, adapter=ckpt.adapter)
+        tracking_spec = replace(cfg.tracking, checkpoint_id=ckpt.id, checkpoint_source=source,
+                                checkpoint_step=ckpt.step)
+        run_evaluation(replace(cfg, model=model, tracking=tracking_spec, out=storage.join(cfg.out, ckpt.id)))
+        evaluated.append(ckpt.id)
+    return evaluated
+
+
+def describe(cfg: EvalConfig) -> dict[str, Any]:
+    return asdict(cfg)

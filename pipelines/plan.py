@@ -1,0 +1,105 @@
+"""The plan of a job, built without weights: world size, steps, trainable parameters per role."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.config import DistillConfig
+
+__all__ = ["Plan", "build_plan", "resolve_prompts"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: str
+    teacher: str
+    family: str
+    world_size: int
+    per_worker_batch: int
+    global_batch: int
+    num_prompts: int | None
+    steps_per_epoch: int | None
+    total_steps: int | None
+    epochs: int
+    trainable: dict[str, int]  # role -> trainable parameters
+    base_params: int
+    resources_per_worker: dict[str, float]
+    zero_stage: int
+    storage: str
+
+    def format(self) -> str:
+        def n(v: int | None) -> str:
+            return "unknown (no manifest.json; set data.num_prompts)" if v is None else f"{v:,}"
+
+        lines = [
+            f"recipe            {self.recipe}",
+            f"teacher           {self.teacher} ({self.family})",
+            f"world size        {self.world_size} workers x {self.resources_per_worker}",
+            f"batch             {self.global_batch} global = {self.per_worker_batch} per worker",
+            f"prompts           {n(self.num_prompts)}",
+            f"steps per epoch   {n(self.steps_per_epoch)}",
+            f"total steps       {n(self.total_steps)} ({self.epochs} epoch(s))",
+            f"DeepSpeed ZeRO    stage {self.zero_stage}",
+            f"denoiser params   {self.base_params / 1e6:,.2f} M (frozen, shared)",
+        ]
+        for role, count in self.trainable.items():
+            lines.append(f"trainable {role:<8}{count / 1e6:,.2f} M ({count:,})")
+        lines.append(f"checkpoints       {self.storage}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def resolve_prompts(uri: str) -> str:
+    """The shard folder for ``data.prompts``; "embedded" builds (once) and returns the embedded lake."""
+    if uri != "embedded":
+        return uri
+    try:
+        from wadi_core.prompts import ensure_embedded_lake
+    except ImportError as e:  # pragma: no cover - depends on the checkout
+        raise RuntimeError("data.prompts=embedded needs wadi_core.prompts.ensure_embedded_lake") from e
+    return str(ensure_embedded_lake().train_shards)
+
+
+def build_plan(cfg: DistillConfig, count_shards: bool = True) -> Plan:
+    """Denoiser on the meta device + both adapters -> counts; prompt count from config or manifest."""
+    import torch
+
+    from wadi_core.adapters import add_adapter, count_trainable
+    from wadi_core.models import build_denoiser_on_meta, denoiser_config, family_of_config
+
+    arch = cfg.architecture or cfg.teacher
+    config = denoiser_config(arch)
+    family = family_of_config(config)
+    with torch.device("meta"):
+        denoiser = build_denoiser_on_meta(config)
+        base = sum(p.numel() for p in denoiser.parameters())
+        for role, spec in (("student", cfg.vsd.student), ("fake", cfg.vsd.fake)):
+            add_adapter(denoiser, spec.kind, role, spec.rank, spec.resolved_targets(family, role))
+    trainable = {role: count_trainable(denoiser, role) for role in ("student", "fake")}
+
+    num_prompts: int | None = cfg.data.num_prompts or None
+    if num_prompts is None and count_shards:
+        from pipelines.data import count_prompts
+
+        try:
+            num_prompts = count_prompts(resolve_prompts(cfg.data.prompts))
+        except (OSError, RuntimeError):
+            num_prompts = None
+    per_epoch = cfg.steps_per_epoch(num_prompts) if num_prompts else None
+    total = cfg.total_steps(num_prompts) if num_prompts else (cfg.data.max_steps or None)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.gpus_per_worker:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return Plan(
+        recipe=cfg.recipe, teacher=cfg.teacher, family=family, world_size=cfg.train.num_workers,
+        per_worker_batch=cfg.train.per_worker_batch, global_batch=cfg.train.global_batch,
+        num_prompts=num_prompts, steps_per_epoch=per_epoch, total_steps=total,
+        epochs=cfg.epochs_needed(num_prompts) if num_prompts else cfg.data.epochs,
+        trainable=trainable, base_params=base, resources_per_worker=resources,
+        zero_stage=cfg.train.zero_stage, storage=f"{cfg.train.storage_path}/{cfg.train.run_name}",
+    )

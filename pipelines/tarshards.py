@@ -1,0 +1,225 @@
+"""A fast reader (and writer) for prompt WebDataset shards: ``<key>.txt`` caption + ``<key>.json`` meta.
+
+Why not ``tarfile``: a prompt is ~0.5 KB of text but each tar member costs a 512-byte header,
+and Python's ``tarfile`` spends most of its time building ``TarInfo`` objects (~75 % of a
+``read_webdataset`` pass here). This parser walks the headers of a shard already in memory with
+bytes slicing only, checks each header's checksum, and keeps just the captions.
+
+A shard that is not a tar, has a bad header or is truncated is *corrupt*: the samples parsed
+before the damage are kept and the shard is counted once. Bad records (no caption, an empty
+caption, a caption that is not UTF-8) are counted and dropped; nothing here raises on bad data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+__all__ = ["ParsedShard", "BAD_REASONS", "parse_prompt_tar", "write_prompt_shard"]
+
+BLOCK = 512
+#: Reasons a record (or shard) is dropped; these become metric names ``data/bad_<reason>``.
+BAD_REASONS = ("corrupt_shard", "empty_caption", "undecodable", "missing_caption")
+
+
+class CorruptTar(ValueError):
+    """The bytes are not a well-formed tar from this point on."""
+
+
+@dataclass
+class ParsedShard:
+    captions: list[str] = field(default_factory=list)
+    bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
+    error: str = ""  # why the shard counts as corrupt ("" = clean)
+
+
+def _octal(field_bytes: bytes) -> int:
+    """Numeric tar field: NUL/space-terminated octal, or GNU base-256 when the top bit is set."""
+    if field_bytes and field_bytes[0] & 0x80:
+        return int.from_bytes(field_bytes[1:], "big")
+    text = field_bytes.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> bytes | None:
+    """The ``path`` record of a PAX extended header (``"<len> path=<value>\\n"`` records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        record = data[space + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        if key == b"path":
+            return value
+        pos += length
+    return None
+
+
+def _split_key(name: bytes) -> tuple[bytes, bytes]:
+    """WebDataset convention: key = dir + basename up to its first dot; the rest is the extension."""
+    slash = name.rfind(b"/") + 1
+    dot = name.find(b".", slash)
+    if dot < 0:
+        return name, b""
+    return name[:dot], name[dot + 1 :]
+
+
+def _verify_checksums(buf: bytes, offsets: list[int], stored: list[int]) -> int:
+    """Index of the first header whose checksum is wrong, or -1 (vectorised: one numpy pass)."""
+    if not offsets:
+        return -1
+    import numpy as np
+
+    arr = np.frombuffer(buf, dtype=np.uint8, count=len(buf) // BLOCK * BLOCK).reshape(-1, BLOCK)
+    headers = arr[np.asarray(offsets, dtype=np.int64) // BLOCK]
+    # The checksum counts its own 8-byte field as spaces.
+    sums = headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+    bad = np.flatnonzero(sums != np.asarray(stored, dtype=np.int64))
+    return int(bad[0]) if bad.size else -1
+
+
+def parse_prompt_tar(buf: bytes | bytearray | memoryview, caption_ext: str = "txt") -> ParsedShard:
+    """Captions of every sample in an in-memory tar shard; never raises on bad data.
+
+    One pass with bytes slicing collects members; header checksums are then verified in one
+    vectorised pass, and samples from the first bad header on are dropped.
+    """
+    out = ParsedShard()
+    buf = bytes(buf)
+    want = caption_ext.encode()
+    n = len(buf)
+    off = 0
+    long_name: bytes | None = None
+    offsets: list[int] = []  # header offsets, for the checksum pass
+    stored: list[int] = []
+    # One entry per sample: (index of its first header, caption bytes or None)
+    samples: list[tuple[int, bytes | None]] = []
+    cur_key: bytes | None = None
+    cur_first = 0
+    cur_caption: bytes | None = None
+    error = ""
+    try:
+        while True:
+            if off + BLOCK > n:
+                raise CorruptTar(f"truncated header at byte {off}" if off != n else "missing end-of-archive blocks")
+            if buf[off] == 0 and buf[off : off + BLOCK].count(0) == BLOCK:
+                break  # end of archive
+            if buf[off + 257 : off + 262] != b"ustar":
+                raise CorruptTar(f"no tar header at byte {off}")
+            try:
+                size = int(buf[off + 124 : off + 135], 8)
+                chk = int(buf[off + 148 : off + 154], 8)
+            except ValueError:
+                try:
+                    size, chk = _octal(buf[off + 124 : off + 136]), _octal(buf[off + 148 : off + 156])
+                except ValueError:
+                    raise CorruptTar(f"unreadable header at byte {off}") from None
+            offsets.append(off)
+            stored.append(chk)
+            kind = buf[off + 156]
+            start = off + BLOCK
+            end = start + size
+            if end > n:
+                raise CorruptTar(f"member at byte {off} runs past the end of the shard (truncated)")
+            hdr_off, off = off, start + (size + BLOCK - 1) // BLOCK * BLOCK
+            if kind == 76:  # b"L": GNU long name of the next member
+                long_name = buf[start:end].rstrip(b"\0")
+                continue
+            if kind == 120:  # b"x": PAX extended header of the next member
+                long_name = _pax_path(buf[start:end]) or long_name
+                continue
+            if kind not in (48, 0, 55):  # regular files only ("0", NUL, "7")
+                continue
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = buf[hdr_off : hdr_off + 100]
+                nul = name.find(0)
+                if nul >= 0:
+                    name = name[:nul]
+                if buf[hdr_off + 345] != 0:
+                    name = buf[hdr_off + 345 : hdr_off + 500].split(b"\0", 1)[0] + b"/" + name
+            slash = name.rfind(47) + 1
+            dot = name.find(46, slash)
+            key, ext = (name, b"") if dot < 0 else (name[:dot], name[dot + 1 :])
+            if key != cur_key:
+                if cur_key is not None:
+                    samples.append((cur_first, cur_caption))
+                cur_key, cur_first, cur_caption = key, len(offsets) - 1, None
+            if ext == want:
+                cur_caption = buf[start:end]
+    except CorruptTar as e:
+        error = str(e)
+    except Exception as e:  # noqa: BLE001 - a shard must never take the run down
+        error = f"{type(e).__name__}: {e}"
+    if cur_key is not None:
+        samples.append((cur_first, cur_caption))
+    first_bad = _verify_checksums(buf, offsets, stored)
+    if first_bad >= 0:
+        error = error or f"bad header checksum at byte {offsets[first_bad]}"
+        samples = [s for s in samples if s[0] < first_bad]
+    if error:
+        out.error = error
+        out.bad["corrupt_shard"] += 1
+    captions = out.captions
+    bad = out.bad
+    for _, raw in samples:
+        if raw is None:
+            bad["missing_caption"] += 1
+            continue
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            bad["undecodable"] += 1
+            continue
+        if text:
+            captions.append(text)
+        else:
+            bad["empty_caption"] += 1
+    return out
+
+
+def _ustar_header(name: bytes, size: int, mtime: int = 0) -> bytes:
+    """A 512-byte POSIX ustar header for a regular file (names up to 100 bytes)."""
+    if len(name) > 100:
+        raise ValueError(f"member name longer than 100 bytes: {name[:40]!r}...")
+    hdr = bytearray(BLOCK)
+    hdr[0 : len(name)] = name
+    hdr[100:108] = b"0000644\0"
+    hdr[108:116] = b"0000000\0"
+    hdr[116:124] = b"0000000\0"
+    hdr[124:136] = b"%011o\0" % size
+    hdr[136:148] = b"%011o\0" % mtime
+    hdr[148:156] = b" " * 8
+    hdr[156] = 48  # "0": regular file
+    hdr[257:265] = b"ustar\x0000"
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    return bytes(hdr)
+
+
+def write_prompt_shard(path: str | Path, samples: Iterable[tuple[str, str, Mapping | None]]) -> int:
+    """Write ``(key, caption, meta)`` samples as ``<key>.txt`` + ``<key>.json`` ustar members.
+
+    Returns the number of samples. Keys must not contain dots (readers split member names at the
+    first dot). Written directly (not via ``tarfile``), ~10x faster; ``tarfile`` reads it back.
+    """
+    count = 0
+    pad = bytes(BLOCK)
+    with open(path, "wb") as f:
+        for key, caption, meta in samples:
+            if "." in key:
+                raise ValueError(f"sample key {key!r} contains a dot; readers would split it there")
+            members = [(b"txt", caption.encode("utf-8"))]
+            if meta is not None:
+                members.append((b"json", json.dumps(meta).encode("utf-8")))
+            for ext, data in members:
+                f.write(_ustar_header(key.encode("utf-8") + b"." + ext, len(data)))
+                f.write(data)
+                f.write(pad[: -len(data) % BLOCK])
+            count += 1
+        f.write(pad * 2)
+    return count

@@ -1,0 +1,93 @@
+"""The shipped embedded teacher: a complete SD pipeline that loads locally and from s3://, and samples.
+
+Also: the pretraining job resumes exactly (tiny config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from wadi_core.domain.teacher import TeacherArch, folder_size_mb
+
+TEACHER = __import__("pathlib").Path(__file__).resolve().parents[1] / "wadi_core" / "assets" / "embedded_teacher"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(TEACHER))
+
+
+def test_shipped_folder_is_small_and_safetensors_only():
+    files = [p for p in TEACHER.rglob("*") if p.is_file()]
+    assert folder_size_mb(TEACHER) <= 20.0
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert {p.parent.name for p in files if p.suffix == ".safetensors"} == {"unet", "vae", "text_encoder"}
+    index = json.loads((TEACHER / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+
+
+def test_from_pretrained_and_two_step_sample(pipe):
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents' std, not SD's value
+    sched = pipe.scheduler.config
+    assert (sched.beta_start, sched.beta_end, sched.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+    pipe.scheduler.set_timesteps(1)
+    assert pipe.scheduler.timesteps.tolist() == [999]  # trailing spacing: one step starts from pure noise
+    out = pipe(["a large red circle on the left", "a small blue square at the top"], num_inference_steps=2,
+               guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.images.shape == (2, 3, 32, 32)
+    assert torch.isfinite(out.images).all() and out.images.min() >= 0 and out.images.max() <= 1
+
+
+def _check_teacher(teacher):
+    assert teacher.family == "sd" and tuple(teacher.latent_shape) == (4, 8, 8)
+    cond = teacher.encode_prompts(["a small green triangle at the bottom"])
+    x = torch.randn(1, 4, 8, 8)
+    eps = teacher.predict_eps(x, torch.tensor([500]), cond)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    img = teacher.decode(x)
+    assert img.shape == (1, 3, 32, 32)
+
+
+def test_load_teacher_local_and_s3(s3_bucket, tmp_path):
+    from wadi_core.models import load_teacher
+    from wadi_core.storage import upload_dir
+
+    _check_teacher(load_teacher(str(TEACHER)))
+    uri = f"s3://{s3_bucket}/teachers/embedded"
+    upload_dir(TEACHER, uri)
+    teacher = load_teacher(uri, cache_dir=tmp_path / "cache")
+    _check_teacher(teacher)
+    local = load_teacher(str(TEACHER))
+    for (name, a), (_, b) in zip(teacher.denoiser.state_dict().items(), local.denoiser.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_pretraining_resumes_exactly(tmp_path):
+    from wadi_core.domain.pretrain import PretrainConfig, pretrain_teacher
+
+    arch = TeacherArch(vae_channels=(16, 16, 16), text_hidden=32, text_heads=2, unet_channels=(16, 32),
+                       unet_heads=2, max_tokens=16)
+    cfg = PretrainConfig(num_images=64, vae_steps=4, vae_decoder_steps=2, vae_batch=4, denoiser_steps=6,
+                         denoiser_batch=8, warmup_steps=2, checkpoint_every=2, num_threads=1, arch=arch)
+    full = pretrain_teacher(cfg, tmp_path / "a", tmp_path / "state_a", progress=False)
+    part = pretrain_teacher(cfg, tmp_path / "b", tmp_path / "state_b", progress=False, stop_after_steps=7)
+    assert part == {"stopped": 1.0} and not (tmp_path / "b").exists()
+    assert json.loads((tmp_path / "state_b/state.json").read_text())["meta"]["phase"] == "denoiser"
+    resumed = pretrain_teacher(cfg, tmp_path / "b", tmp_path / "state_b", progress=False)
+    assert resumed["scaling_factor"] == full["scaling_factor"]
+    from safetensors.torch import load_file
+
+    for part_name in ("unet", "vae", "text_encoder"):
+        (fa,) = (tmp_path / "a" / part_name).glob("*.safetensors")
+        (fb,) = (tmp_path / "b" / part_name).glob("*.safetensors")
+        wa, wb = load_file(str(fa)), load_file(str(fb))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{part_name}.{k} differs after resume"

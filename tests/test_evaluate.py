@@ -1,0 +1,151 @@
+"""Evaluation job: metric actor, exact merge of partial statistics, references, MLflow, schedule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.eval_runs import EvalConfig, RayResources, TrackingSpec, list_checkpoints, run_schedule
+from pipelines.evaluation import (MetricActor, MetricsSpec, Reference, compute_metrics, merge_partials,
+                                  partial_stats)
+from pipelines.generation import ModelSpec
+from wadi_core.metrics import GaussianStats, frechet_distance
+
+SPEC = MetricsSpec(extractor="thumbnail:2", scorers=("mean_intensity",))
+
+
+def _batch(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"idx": np.arange(n), "key": np.array([f"k{i}" for i in range(n)]), "group": np.array([""] * n),
+            "prompt": np.array([f"p{i}" for i in range(n)]),
+            "image": rng.integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)}
+
+
+def test_metric_actor_features_scores_and_grid_png():
+    actor = MetricActor({"extractor": "thumbnail:2", "scorers": ["mean_intensity"]}, grid_keys=("k1",))
+    b = _batch()
+    out = actor(b)
+    assert "image" not in out and out["features"].shape == (6, 12)
+    np.testing.assert_allclose(out["score_mean_intensity"], b["image"].reshape(6, -1).mean(1) / 255, rtol=1e-5)
+    assert [len(p) > 0 for p in out["png"]] == [False, True, False, False, False, False]
+    coco = MetricActor({"extractor": "thumbnail:2", "scorers": [], "protocol_size": 8})(b)
+    assert coco["features"].shape == (6, 12)  # after the 8 px protocol resize
+
+
+def test_partial_stats_merge_exactly():
+    feats = np.random.default_rng(1).normal(size=(300, 5))
+    parts = [partial_stats({"features": c}) for c in np.array_split(feats, 4)]
+    rows = [{k: v[0] for k, v in p.items()} for p in parts]
+    merged = merge_partials(rows[::-1])
+    whole = GaussianStats.from_features(feats)
+    assert merged.n == 300
+    np.testing.assert_allclose(merged.sum_outer, whole.sum_outer, rtol=1e-13)
+    other = GaussianStats.from_features(feats[:200] + 0.1)
+    assert abs(frechet_distance(merged, other) - frechet_distance(whole, other)) < 1e-10
+
+
+def test_compute_metrics_groups_and_reference():
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(200, 4)).astype(np.float32)
+    rows = [{"features": f, "group": g, "score_x": s}
+            for f, g, s in zip(rng.normal(size=(100, 4)), ["a", "b"] * 50, np.arange(100.0))]
+    stats = GaussianStats.from_features(np.stack([r["features"] for r in rows]))
+    ref = Reference(GaussianStats.from_features(real), real, {"extractor": "t"})
+    m = compute_metrics(rows, stats, ref, SPEC)
+    assert m["x"] == pytest.approx(49.5) and m["x/a"] == pytest.approx(49.0) and m["x/b"] == pytest.approx(50.0)
+    assert 0 < m["precision"] <= 1 and 0 < m["recall"] <= 1 and m["fid"] == pytest.approx(
+        frechet_distance(stats, ref.stats), abs=1e-9)
+
+
+def test_reference_roundtrip_local_and_s3(tmp_path, s3_bucket):
+    feats = np.random.default_rng(3).normal(size=(50, 6)).astype(np.float32)
+    ref = Reference(GaussianStats.from_features(feats), feats, {"extractor": "thumbnail:2", "file_list_sha256": "ab"})
+    for uri in (str(tmp_path / "ref"), f"s3://{s3_bucket}/ref"):
+        assert not Reference.exists(uri)
+        ref.save(uri)
+        assert Reference.exists(uri)
+        back = Reference.load(uri)
+        np.testing.assert_array_equal(back.features, feats)
+        assert back.manifest == ref.manifest and back.stats.n == 50
+
+
+def test_list_checkpoints(tmp_path, tiny_pipeline_dir):
+    root = tmp_path / "ckpts"
+    shutil.copytree(tiny_pipeline_dir, root / "checkpoint_000020" / "export")
+    (root / "checkpoint_000010").mkdir(parents=True)
+    (root / "checkpoint_000010" / "student_adapter.safetensors").write_bytes(b"x")
+    (root / "checkpoint_000030").mkdir()
+    (root / "checkpoint_000030" / "train_state.safetensors").write_bytes(b"x")  # not evaluable (yet)
+    found = list_checkpoints(str(root))
+    assert [(c.id, c.step) for c in found] == [("checkpoint_000010", 10), ("checkpoint_000020", 20)]
+    assert found[0].adapter.endswith("student_adapter.safetensors") and found[0].pipeline is None
+    assert found[1].pipeline.endswith("checkpoint_000020/export")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory) -> str:
+    from wadi_core.models.tiny import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe", "sd", seed=0))
+
+
+# ------------------------------------------------------------------------------ Ray (slow)
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir, tmp_path):
+    import mlflow
+
+    from pipelines.eval_runs import run_evaluation
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    train_exp = client.create_experiment("train")
+    train_run = client.create_run(train_exp, run_name="distill").info.run_id
+    cfg = EvalConfig(
+        model=ModelSpec(uri=tiny_pipeline_dir, steps=1), prompts="domain:12:0:train", metrics=SPEC,
+        reference=str(tmp_path / "ref"), reference_images="domain:40:1:train", out=str(tmp_path / "eval"),
+        grid=4, ray=RayResources(gen_workers=1, metric_workers=1, batch_size=6, cpus_per_actor=0.5),
+        tracking=TrackingSpec(experiment="wadi-eval", tracking_uri=uri, train_run_id=train_run),
+    )
+    result = run_evaluation(replace(cfg, out=str(tmp_path / "eval" / "single")))
+    m = result["metrics"]
+    assert m["num_images"] == 12 and np.isfinite(m["fid"]) and 0 <= m["precision"] <= 1
+    assert Reference.exists(str(tmp_path / "ref"))
+    assert Reference.load(str(tmp_path / "ref")).manifest["num_images"] == 40
+    assert (tmp_path / "eval" / "single" / "grid.png").exists()
+    assert len(list((tmp_path / "eval" / "single" / "images" / "images").glob("*.png"))) == 12
+    summary = json.loads((tmp_path / "eval" / "single" / "metrics.json").read_text())
+    assert summary["metrics"]["fid"] == pytest.approx(m["fid"]) and len(summary["prompts"]["sha256"]) == 64
+
+    # scheduled mode over a checkpoint folder: each checkpoint once, new ones picked up later
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(tiny_pipeline_dir, ckpts / "checkpoint_000010" / "export")
+    shutil.copytree(tiny_pipeline_dir, ckpts / "checkpoint_000020" / "export")
+    sched = replace(cfg, out=str(tmp_path / "eval" / "sched"), save_images="none")
+    assert run_schedule(sched, str(ckpts), teacher=tiny_pipeline_dir) == ["checkpoint_000010", "checkpoint_000020"]
+    assert run_schedule(sched, str(ckpts), teacher=tiny_pipeline_dir) == []
+    shutil.copytree(tiny_pipeline_dir, ckpts / "checkpoint_000030" / "export")
+    assert run_schedule(sched, str(ckpts), teacher=tiny_pipeline_dir) == ["checkpoint_000030"]
+
+    runs = mlflow.search_runs(experiment_ids=[train_exp], output_format="list",
+                              filter_string="tags.`wadi.checkpoint_source` != ''")
+    ids = sorted(r.data.tags["wadi.checkpoint_id"] for r in runs)
+    assert ids == ["checkpoint_000010", "checkpoint_000020", "checkpoint_000030"]  # once each
+    assert all(r.data.tags["mlflow.parentRunId"] == train_run for r in runs)
+    assert all("fid" in r.data.metrics for r in runs)
+    history = client.get_metric_history(train_run, "eval/fid")
+    assert sorted(h.step for h in history) == [0, 10, 20, 30]
+    assert client.get_run(train_run).info.status == "RUNNING"  # the training run is left alone

@@ -1,0 +1,165 @@
+"""Prompt sources, the seeded sampler, and generation on Ray Data actors (1 vs 2 workers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.generation import ImageGenerator, ModelSpec, PromptRecord, load_prompts, prompt_seed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> str:
+    from wadi_core.models.tiny import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe", "sd", seed=0))
+
+
+def _load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prompt_seed_is_stable_and_key_dependent():
+    assert prompt_seed(0, "a") == prompt_seed(0, "a")
+    assert len({prompt_seed(0, "a"), prompt_seed(1, "a"), prompt_seed(0, "b")}) == 3
+    assert 0 <= prompt_seed(123, "coco-42") < 2**63
+
+
+def test_prompt_sources(tmp_path):
+    (tmp_path / "list.txt").write_text("a cat\na dog\n")
+    recs, info = load_prompts(str(tmp_path / "list.txt"))
+    assert [r.prompt for r in recs] == ["a cat", "a dog"] and len(info["sha256"]) == 64
+    (tmp_path / "arr.json").write_text(json.dumps(["x", "y", "z"]))
+    assert [r.prompt for r in load_prompts(str(tmp_path / "arr.json"), num=2)[0]] == ["x", "y"]
+    coco = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(5)],
+            "annotations": [{"image_id": i, "id": 10 * i + j, "caption": f"img{i} cap{j}"}
+                            for i in range(5) for j in range(3)]}
+    (tmp_path / "captions_val2017.json").write_text(json.dumps(coco))
+    recs, info = load_prompts(str(tmp_path / "captions_val2017.json"), draw_seed=7)
+    assert len(recs) == 5 and all(r.prompt.startswith(f"img{r.key.split('-')[1]} ") for r in recs)
+    hps = tmp_path / "benchmark"
+    hps.mkdir()
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        (hps / f"{style}.json").write_text(json.dumps([f"{style} {i}" for i in range(4)]))
+    recs, _ = load_prompts(f"hpsv2:{hps}", num=3)
+    assert len(recs) == 12 and {r.group for r in recs} == {"anime", "concept-art", "paintings", "photo"}
+    assert recs[0] == PromptRecord(0, "hpsv2-anime-000000", "anime 0", "anime")
+    with pytest.raises(ValueError, match="unknown prompt source"):
+        load_prompts("nothing")
+
+
+def test_coco30k_list_is_the_canonical_one():
+    from wadi_core.metrics.coco import default_coco30k_path
+
+    if not default_coco30k_path().exists():
+        pytest.skip("../shared/data is not present")
+    recs, info = load_prompts("coco30k")
+    assert len(recs) == 30000 and info["num_prompts"] == 30000
+
+
+def test_generator_is_batch_independent_and_cfg_matters(tiny_pipeline):
+    gen = ImageGenerator(ModelSpec(uri=tiny_pipeline, steps=2, guidance=3.0), seed=0)
+    prompts, keys = ["a red circle", "a blue square", "a green cross"], ["k0", "k1", "k2"]
+    batch = gen.generate(prompts, keys)
+    assert batch.shape == (3, 32, 32, 3) and batch.dtype == np.uint8
+    singles = np.concatenate([gen.generate([p], [k]) for p, k in zip(prompts, keys)])
+    np.testing.assert_array_equal(batch, singles)
+    no_cfg = ImageGenerator(ModelSpec(uri=tiny_pipeline, steps=2, guidance=1.0), seed=0).generate(prompts, keys)
+    assert not np.array_equal(batch, no_cfg)
+    other_seed = ImageGenerator(ModelSpec(uri=tiny_pipeline, steps=2, guidance=3.0), seed=1).generate(prompts, keys)
+    assert not np.array_equal(batch, other_seed)
+
+
+def test_generator_applies_a_student_adapter(tiny_pipeline, tmp_path):
+    from wadi_core.adapters import add_adapter, adapter_parameters, save_adapter
+    from wadi_core.models import load_teacher
+
+    teacher = load_teacher(tiny_pipeline)
+    add_adapter(teacher.denoiser, "lorad", "student", 4, "unet_student")
+    save_adapter(teacher.denoiser, "student", tmp_path / "identity_student.safetensors")
+    with torch.no_grad():
+        for p in adapter_parameters(teacher.denoiser, "student"):
+            p.normal_(0, 0.3)
+    save_adapter(teacher.denoiser, "student", tmp_path / "moved_student.safetensors")
+    keys, prompts = ["a", "b"], ["a red circle", "a blue square"]
+    base = ImageGenerator(ModelSpec(uri=tiny_pipeline), seed=0).generate(prompts, keys)
+    same = ImageGenerator(ModelSpec(uri=tiny_pipeline, adapter=str(tmp_path / "identity_student.safetensors")),
+                          seed=0).generate(prompts, keys)
+    moved = ImageGenerator(ModelSpec(uri=tiny_pipeline, adapter=str(tmp_path / "moved_student.safetensors")),
+                           seed=0).generate(prompts, keys)
+    assert np.abs(base.astype(int) - same).max() <= 1  # LoRaD is the identity at init
+    assert not np.array_equal(base, moved)
+
+
+def test_model_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps"):
+        ModelSpec(steps=0)
+    with pytest.raises(ValueError, match="dtype"):
+        ModelSpec(dtype="float8")
+
+
+# ------------------------------------------------------------------------------ Ray (slow)
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_images_do_not_depend_on_worker_count(ray_local, tiny_pipeline, tmp_path):
+    from pipelines.generation import generation_dataset
+
+    recs = [PromptRecord(i, f"p-{i:06d}", f"a prompt number {i % 3}") for i in range(10)]
+    spec = ModelSpec(uri=tiny_pipeline, steps=2, guidance=2.0)
+    out = {}
+    for workers, batch in ((1, 4), (2, 3)):
+        ds = generation_dataset(recs, spec, seed=5, concurrency=workers, batch_size=batch, cpus_per_actor=0.5,
+                                num_blocks=workers * 2)
+        rows = sorted(ds.take_all(), key=lambda r: r["key"])
+        out[workers] = np.stack([r["image"] for r in rows])
+        assert [r["seed"] for r in rows] == [prompt_seed(5, r.key) for r in recs]
+    np.testing.assert_array_equal(out[1], out[2])
+
+    # the job: 2 workers, PNG files then WebDataset shards; PNGs equal the in-memory images
+    job = _load_job("generate")
+    common = ["--model", tiny_pipeline, "--steps", "2", "--guidance", "2", "--seed", "5", "--workers", "2",
+              "--batch-size", "3", "--cpus-per-actor", "0.5"]
+    (tmp_path / "p.json").write_text(json.dumps([r.prompt for r in recs]))
+    job.main(common + ["--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "files")])
+    from PIL import Image
+
+    pngs = sorted((tmp_path / "files" / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(10)]
+    manifest = [json.loads(line) for line in (tmp_path / "files" / "prompts.jsonl").read_text().splitlines()]
+    assert len(manifest) == 10
+    keyed = {r.key: i for i, r in enumerate(recs)}
+    for p, m in zip(pngs, manifest):
+        ref = out[1][keyed[f"p-{int(p.stem):06d}"]]
+        assert m["seed"] == prompt_seed(5, m["key"])
+        np.testing.assert_array_equal(np.asarray(Image.open(p)), ref)
+    job.main(common + ["--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "wds"),
+                       "--format", "webdataset", "--shard-size", "4"])
+    members = {}
+    for tar in sorted((tmp_path / "wds").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                members[m.name] = tf.extractfile(m).read()
+    assert len([k for k in members if k.endswith(".png")]) == 10
+    img = np.asarray(Image.open(io.BytesIO(members["p-000003.png"])))
+    np.testing.assert_array_equal(img, out[2][3])
+    assert members["p-000003.txt"].decode() == recs[3].prompt

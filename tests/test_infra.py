@@ -1,0 +1,454 @@
+"""Cluster infrastructure (issue 7): ray_cluster.yaml, KubeRay manifests, image, MLflow server.
+
+Everything here is static or runs a shell script with a stub: no cluster, no network, seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "ray_cluster.yaml"
+KUBERAY = ROOT / "infra" / "kuberay"
+DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
+MLFLOW = ROOT / "infra" / "mlflow"
+CLUSTER_DOC = ROOT / "docs" / "CLUSTER.md"
+IMAGE_REPO = "registry.example.com/wadi/wadi"
+
+# vCPUs and GPUs of the EC2 types used; the autoscaler trusts the declared resources.
+EC2_SPECS = {"p4d.24xlarge": (96, 8), "p5.48xlarge": (192, 8), "g5.12xlarge": (48, 4),
+             "m6i.4xlarge": (16, 0)}
+TRAINING_TYPES = {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge", "p5e.48xlarge", "p5en.48xlarge"}
+
+# Fields of the KubeRay ray.io/v1 API (apis/ray/v1/*_types.go); a typo is an unknown field.
+RAYJOB_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
+    "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
+    "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend"}
+RAYCLUSTER_FIELDS = {
+    "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions"}
+HEAD_GROUP_FIELDS = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
+WORKER_GROUP_FIELDS = {
+    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+    "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
+RAYCRONJOB_FIELDS = {"schedule", "jobTemplate", "suspend"}
+
+
+def pinned(package: str) -> str:
+    """Version of ``package`` pinned in constraints.txt."""
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        m = re.match(rf"^{re.escape(package)}==([\w.]+)", line.strip())
+        if m:
+            return m.group(1)
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+# ---------------------------------------------------------------- ray_cluster.yaml
+
+
+@pytest.fixture(scope="module")
+def cluster_cfg() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def validate_cluster(cfg: dict) -> None:
+    """What `ray up` does before touching AWS: merge defaults, then Ray's own schema check."""
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    util.validate_config(util.prepare_config(copy.deepcopy(cfg)))
+
+
+def test_cluster_config_passes_rays_own_validation(cluster_cfg: dict) -> None:
+    validate_cluster(cluster_cfg)
+
+
+@pytest.mark.parametrize("path, typo", [
+    (("max_workers",), "max_wokers"),
+    (("idle_timeout_minutes",), "idle_timeout_minute"),
+    (("worker_start_ray_commands",), "worker_start_ray_command"),
+    (("docker", "pull_before_run"), "pull_before_runn"),
+    (("available_node_types", "gpu_a100_x8", "min_workers"), "min_worker"),
+    (("available_node_types", "head", "resources"), "resource"),
+])
+def test_misspelled_cluster_key_fails_validation(cluster_cfg: dict, path: tuple, typo: str) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    bad = copy.deepcopy(cluster_cfg)
+    parent = bad
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[typo] = parent.pop(path[-1])
+    with pytest.raises(jsonschema.ValidationError, match=typo):
+        validate_cluster(bad)
+
+
+def test_head_runs_no_training_work(cluster_cfg: dict) -> None:
+    head = cluster_cfg["available_node_types"][cluster_cfg["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
+
+
+def test_worker_types_declare_their_real_hardware(cluster_cfg: dict) -> None:
+    types = cluster_cfg["available_node_types"]
+    for name, spec in types.items():
+        if name == cluster_cfg["head_node_type"]:
+            continue
+        cpus, gpus = EC2_SPECS[spec["node_config"]["InstanceType"]]
+        assert spec["resources"]["CPU"] == cpus and spec["resources"].get("GPU", 0) == gpus, name
+        assert 0 <= spec.get("min_workers", 0) <= spec["max_workers"] <= cluster_cfg["max_workers"]
+    training = [s for s in types.values() if s["node_config"]["InstanceType"] in TRAINING_TYPES]
+    assert training and all(s["resources"]["GPU"] == 8 for s in training)
+    assert not any("InstanceMarketOptions" in s["node_config"] for s in training), "training on spot"
+    spot = [s for s in types.values()
+            if s["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot and all(s["resources"].get("GPU", 0) > 0 for s in spot), "no spot GPU eval type"
+
+
+def _check_boto_shape(value: Any, shape: Any, where: str) -> None:
+    if shape.type_name == "structure":
+        assert isinstance(value, dict), where
+        unknown = set(value) - set(shape.members)
+        assert not unknown, f"{where}: not RunInstances parameters: {sorted(unknown)}"
+        for key, sub in value.items():
+            _check_boto_shape(sub, shape.members[key], f"{where}.{key}")
+    elif shape.type_name == "list":
+        for i, item in enumerate(value):
+            _check_boto_shape(item, shape.member, f"{where}[{i}]")
+    elif shape.type_name == "string" and getattr(shape, "enum", None):
+        assert value in shape.enum, f"{where}: {value!r} not one of EC2's values"
+
+
+def test_node_configs_are_valid_run_instances_parameters(cluster_cfg: dict) -> None:
+    """Ray passes node_config to EC2 RunInstances unchecked; check it against botocore's model."""
+    botocore_session = pytest.importorskip("botocore.session")
+    shape = (botocore_session.get_session().get_service_model("ec2")
+             .operation_model("RunInstances").input_shape)
+    for name, spec in cluster_cfg["available_node_types"].items():
+        _check_boto_shape(spec["node_config"], shape, name)
+
+
+def test_cluster_uses_project_image_and_installs_nothing(cluster_cfg: dict) -> None:
+    assert image_tag_ok(cluster_cfg["docker"]["image"])
+    commands = [c for k in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+                for c in cluster_cfg.get(k, [])]
+    assert not any("pip install" in c for c in commands), "the image holds the environment"
+    # The env file that `docker run --env-file` reads is fetched in the cluster's own region.
+    (fetch,) = cluster_cfg["initialization_commands"]
+    assert f"--region {cluster_cfg['provider']['region']} " in fetch
+    assert any(o.startswith("--env-file ") for o in cluster_cfg["docker"]["run_options"])
+
+
+# ---------------------------------------------------------------- image tags and Dockerfile
+
+
+def dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
+
+
+def image_tag_ok(image: str) -> bool:
+    """The project image, tagged ray<pinned ray>-py311-<the Dockerfile's CUDA tag>."""
+    args = dockerfile_args()
+    return image == f"{IMAGE_REPO}:ray{pinned('ray')}-py311-{args['CUDA_TAG']}"
+
+
+def test_dockerfile_base_install_user_and_no_weights() -> None:
+    text = DOCKERFILE.read_text()
+    args = dockerfile_args()
+    assert args["RAY_VERSION"] == pinned("ray")
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms == ["rayproject/ray:${RAY_VERSION}-py311-${CUDA_TAG}"]
+    assert re.fullmatch(r"cu1\d{2}", args["CUDA_TAG"])
+    assert args["TORCH_INDEX_URL"].rstrip("/").endswith("/" + args["CUDA_TAG"]), \
+        "torch's CUDA index must match the base image's CUDA"
+    runs = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), re.M))
+    installs = re.findall(r"pip install[^&;]*", runs)
+    assert installs and all("-c constraints.txt" in i for i in installs)
+    assert "torch" in installs[0] and "${TORCH_INDEX_URL}" in installs[0]
+    for pattern in ("from_pretrained", "hf_hub_download", "huggingface-cli", "snapshot_download",
+                    "wget ", "curl "):
+        assert pattern not in runs, f"weights must not be baked in ({pattern})"
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
+    for entry in (".git", ".venv", "runs", "mlruns", "mlflow.db", "**/.env"):
+        assert entry in ignore, f"{entry} missing from Dockerfile.dockerignore"
+
+
+# ---------------------------------------------------------------- KubeRay manifests
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def manifest_files() -> list[Path]:
+    return sorted(KUBERAY.glob("*.yaml")) + sorted((MLFLOW / "k8s").glob("*.yaml"))
+
+
+def all_objects() -> Iterator[tuple[Path, dict]]:
+    """Every Kubernetes object, including RayJobs embedded in ConfigMaps."""
+    for path in manifest_files():
+        for doc in load_docs(path):
+            yield path, doc
+            if doc["kind"] == "ConfigMap":
+                for text in doc.get("data", {}).values():
+                    inner = yaml.safe_load(text)
+                    if isinstance(inner, dict) and "apiVersion" in inner:
+                        yield path, inner
+
+
+def rayjob_specs() -> Iterator[tuple[str, dict]]:
+    for path, obj in all_objects():
+        if obj["kind"] == "RayJob":
+            yield f"{path.name}:RayJob", obj["spec"]
+        elif obj["kind"] == "RayCronJob":
+            yield f"{path.name}:RayCronJob", obj["spec"]["jobTemplate"]
+
+
+def test_manifests_parse_and_have_identity() -> None:
+    files = manifest_files()
+    assert {p.name for p in files} >= {"raycluster.yaml", "rayjob-distill.yaml",
+                                       "raycronjob-evaluate.yaml", "cronjob-evaluate.yaml"}
+    kinds = set()
+    for path, obj in all_objects():
+        assert obj.get("apiVersion") and obj.get("kind"), path
+        meta = obj.get("metadata", {})
+        assert meta.get("name") or meta.get("generateName"), f"{path}: unnamed {obj['kind']}"
+        kinds.add((obj["apiVersion"], obj["kind"]))
+    assert kinds >= {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"),
+                     ("ray.io/v1", "RayCronJob"), ("batch/v1", "CronJob")}
+
+
+def pod_templates(cluster_spec: dict) -> Iterator[tuple[str, dict]]:
+    yield "head", cluster_spec["headGroupSpec"]["template"]["spec"]
+    for group in cluster_spec.get("workerGroupSpecs", []):
+        yield group["groupName"], group["template"]["spec"]
+
+
+def check_ray_cluster_spec(spec: dict, where: str, service_accounts: set[str]) -> None:
+    assert set(spec) <= RAYCLUSTER_FIELDS, f"{where}: unknown {set(spec) - RAYCLUSTER_FIELDS}"
+    assert spec["rayVersion"] == pinned("ray"), where
+    head = spec["headGroupSpec"]
+    assert set(head) <= HEAD_GROUP_FIELDS, where
+    assert head["rayStartParams"].get("num-cpus") == "0", f"{where}: head must run no work"
+    for group in [head, *spec.get("workerGroupSpecs", [])]:
+        # `ray start` flags; KubeRay rejects non-string values.
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), where
+    for group in spec.get("workerGroupSpecs", []):
+        assert set(group) <= WORKER_GROUP_FIELDS, f"{where}: {set(group) - WORKER_GROUP_FIELDS}"
+        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], where
+    groups = list(pod_templates(spec))
+    assert any("nvidia.com/gpu" in str(pod) for _, pod in groups), f"{where}: no GPU group"
+    for name, pod in groups:
+        assert pod.get("serviceAccountName") in service_accounts, f"{where}/{name}"
+        for c in pod["containers"]:
+            assert image_tag_ok(c["image"]), f"{where}/{name}: image {c['image']}"
+            secrets = {e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e}
+            assert {"wadi-s3", "wadi-mlflow"} <= secrets, f"{where}/{name}: env from secrets"
+            limits = c["resources"].get("limits", {})
+            if "nvidia.com/gpu" in limits:
+                assert c["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
+                assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), \
+                    f"{where}/{name}: GPU pod without nvidia.com/gpu toleration"
+
+
+def test_ray_objects_fields_versions_images_gpus_and_secrets() -> None:
+    service_accounts = {o["metadata"]["name"] for _, o in all_objects() if o["kind"] == "ServiceAccount"}
+    checked = 0
+    for path, obj in all_objects():
+        if obj["kind"] == "RayCluster":
+            check_ray_cluster_spec(obj["spec"], f"{path.name}:RayCluster", service_accounts)
+            checked += 1
+        if obj["kind"] == "RayCronJob":
+            assert set(obj["spec"]) <= RAYCRONJOB_FIELDS, path
+    workdir = re.findall(r"^WORKDIR (\S+)", DOCKERFILE.read_text(), re.M)[-1]
+    for where, spec in rayjob_specs():
+        assert set(spec) <= RAYJOB_FIELDS, f"{where}: unknown {set(spec) - RAYJOB_FIELDS}"
+        assert spec["shutdownAfterJobFinishes"] is True, where
+        assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
+        assert spec.get("submissionMode", "K8sJobMode") in {"K8sJobMode", "HTTPMode", "InteractiveMode"}
+        assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == workdir, where
+        check_ray_cluster_spec(spec["rayClusterSpec"], where, service_accounts)
+        checked += 1
+    assert checked >= 4
+
+
+def test_both_scheduled_evaluations_run_the_same_job() -> None:
+    (cron,) = [o for _, o in all_objects() if o["kind"] == "RayCronJob"]
+    (job,) = [o for p, o in all_objects() if o["kind"] == "RayJob" and p.name == "cronjob-evaluate.yaml"]
+    assert job["spec"] == cron["spec"]["jobTemplate"]
+    assert "jobs/evaluate.py schedule" in job["spec"]["entrypoint"]
+    (kube_cron,) = [o for _, o in all_objects() if o["kind"] == "CronJob"]
+    for schedule in (cron["spec"]["schedule"], kube_cron["spec"]["schedule"]):
+        assert re.fullmatch(r"(\S+ ){4}\S+", schedule), schedule
+
+
+def test_plain_cronjob_has_the_rights_to_create_rayjobs_and_nothing_more() -> None:
+    docs = load_docs(KUBERAY / "cronjob-evaluate.yaml")
+    by_kind = {d["kind"]: d for d in docs}
+    pod = by_kind["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    sa = pod["serviceAccountName"]
+    assert by_kind["ServiceAccount"]["metadata"]["name"] == sa
+    binding = by_kind["RoleBinding"]
+    assert {"kind": "ServiceAccount", "name": sa} in binding["subjects"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": by_kind["Role"]["metadata"]["name"]}
+    (rule,) = by_kind["Role"]["rules"]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"]
+    assert "create" in rule["verbs"] and not {"*", "delete", "update", "patch"} & set(rule["verbs"])
+    (container,) = pod["containers"]
+    (mount,) = container["volumeMounts"]
+    (volume,) = pod["volumes"]
+    assert volume["configMap"]["name"] == by_kind["ConfigMap"]["metadata"]["name"]
+    created = container["command"][container["command"].index("-f") + 1]
+    assert Path(created).parent == Path(mount["mountPath"])
+    assert Path(created).name in by_kind["ConfigMap"]["data"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def entrypoint_commands() -> list[tuple[str, str]]:
+    """(where, command) for every job command in the manifests and the cluster doc."""
+    found = [(where, spec["entrypoint"]) for where, spec in rayjob_specs()]
+    for line in CLUSTER_DOC.read_text().replace("\\\n", " ").splitlines():
+        for m in re.finditer(r"python (jobs/\S+\.py[^`|]*)", line):
+            found.append(("docs/CLUSTER.md", "python " + m.group(1).strip()))
+    return found
+
+
+def test_entrypoints_name_jobs_recipes_and_flags_that_exist() -> None:
+    commands = entrypoint_commands()
+    assert any("jobs/distill.py --config recipes/sd15.yaml" in c for _, c in commands)
+    missing = []
+    for where, command in commands:
+        job = re.search(r"(jobs/\S+\.py)", command).group(1)
+        if not (ROOT / job).is_file():
+            missing.append(f"{where}: {job}")
+            continue
+        source = (ROOT / job).read_text()
+        args = command.split(job, 1)[1].split()
+        if args and not args[0].startswith("-") and f'"{args[0]}"' not in source:
+            missing.append(f"{where}: {job} has no subcommand {args[0]}")
+        for flag in (a for a in args if a.startswith("--")):
+            if f'"{flag.split("=")[0]}"' not in source:
+                missing.append(f"{where}: {job} has no option {flag}")
+    doc_recipes = re.findall(r"recipes/[\w.-]+\.yaml", CLUSTER_DOC.read_text())
+    for recipe in set(doc_recipes + re.findall(r"recipes/[\w.-]+\.yaml", str(commands))):
+        if not (ROOT / recipe).is_file():
+            missing.append(f"recipe {recipe}")
+    assert not missing, "manifests/docs name things that do not exist: " + "; ".join(missing)
+
+
+# ---------------------------------------------------------------- MLflow server
+
+
+def test_mlflow_compose_takes_every_credential_from_the_environment() -> None:
+    compose = yaml.safe_load((MLFLOW / "docker-compose.yaml").read_text())
+    assert {"db", "mlflow"} <= set(compose["services"])
+    assert compose["services"]["mlflow"]["image"].endswith(":" + pinned("mlflow"))
+    assert re.search(rf"^ARG MLFLOW_VERSION={re.escape(pinned('mlflow'))}$",
+                     (MLFLOW / "Dockerfile").read_text(), re.M)
+    for name, service in compose["services"].items():
+        for key, value in service.get("environment", {}).items():
+            if re.search(r"PASSWORD|SECRET|KEY_ID|TOKEN", key):
+                assert re.fullmatch(r"\$\{\w+(:[-?][^}]*)?\}", str(value)), f"{name}.{key}"
+    assert ".env" in (MLFLOW / ".gitignore").read_text().split()
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+def test_mlflow_entrypoint_starts_basic_auth_server_from_env(tmp_path: Path) -> None:
+    stub_bin = tmp_path / "bin"
+    stub_bin.mkdir()
+    record = tmp_path / "record.json"
+    stub = stub_bin / "mlflow"  # records what `exec mlflow server ...` received
+    stub.write_text(
+        f"#!{sys.executable}\nimport json, os, stat, sys\n"
+        "ini = os.environ['MLFLOW_AUTH_CONFIG_PATH']\n"
+        f"json.dump({{'argv': sys.argv[1:], 'uri': os.environ['MLFLOW_BACKEND_STORE_URI'],"
+        " 'ini': open(ini).read(), 'mode': stat.S_IMODE(os.stat(ini).st_mode)},"
+        f" open({str(record)!r}, 'w'))\n")
+    stub.chmod(0o755)
+    script = str(MLFLOW / "entrypoint.sh")
+    path = os.pathsep.join([str(stub_bin), str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+
+    empty = subprocess.run(["sh", script], env={"PATH": path}, capture_output=True, text=True)
+    assert empty.returncode == 2 and "POSTGRES_PASSWORD" in empty.stderr
+
+    env = {"PATH": path, "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
+           "POSTGRES_HOST": "db", "POSTGRES_DB": "mlflow", "POSTGRES_USER": "u",
+           "POSTGRES_PASSWORD": "p@ss/w:rd", "MLFLOW_ARTIFACTS_DESTINATION": "s3://b/mlflow",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"}
+    subprocess.run(["sh", script], env=env, check=True, timeout=60)
+    got = json.loads(record.read_text())
+    assert got["argv"][:3] == ["server", "--app-name", "basic-auth"]
+    assert "--serve-artifacts" in got["argv"]
+    assert got["argv"][got["argv"].index("--artifacts-destination") + 1] == "s3://b/mlflow"
+    assert got["uri"] == "postgresql://u:p%40ss%2Fw%3Ard@db:5432/mlflow"
+    assert "database_uri = postgresql://u:p%40ss%2Fw%3Ard@db:5432/mlflow" in got["ini"]
+    assert got["mode"] & (stat.S_IRWXG | stat.S_IRWXO) == 0, "auth config readable by others"
+
+
+# ---------------------------------------------------------------- no secrets anywhere
+
+SECRET_PATTERNS = [
+    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),                                   # AWS key id
+    re.compile(r"(?i)aws_secret_access_key\W{1,4}[A-Za-z0-9/+=]{40}"),           # AWS secret
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+]
+ASSIGNMENT = re.compile(r"(?i)(password|passwd|secret_key|api_key|token)\"?\s*[:=]\s*(\S*)")
+REFERENCE = re.compile(r"""^(\$\{\}|["']?\$.*|\.\.\.|<[^>]*>|os\.environ.*)?$""")
+INLINE_URL_CREDENTIALS = re.compile(r"://([^/\s:@]+):([^/\s@]+)@")
+
+
+def find_secrets(text: str) -> list[str]:
+    """Lines that look like they hold a credential (not a reference to one)."""
+    hits = []
+    for n, line in enumerate(text.splitlines(), 1):
+        plain = re.sub(r"\$\{[^}]*\}", "${}", line)
+        if any(p.search(line) for p in SECRET_PATTERNS):
+            hits.append(f"{n}: key pattern")
+        for m in ASSIGNMENT.finditer(plain):
+            if not REFERENCE.match(m.group(2)):
+                hits.append(f"{n}: literal {m.group(1)}")
+        for m in INLINE_URL_CREDENTIALS.finditer(plain):
+            if m.group(2) != "${}":
+                hits.append(f"{n}: credentials in a URL")
+    return hits
+
+
+def scanned_files() -> list[Path]:
+    files = [CLUSTER_YAML, CLUSTER_DOC] + [p for p in (ROOT / "infra").rglob("*") if p.is_file()]
+    return [p for p in files if p.name != ".env"]  # a local .env is git-ignored by design
+
+
+def test_secret_scanner_catches_planted_secrets() -> None:
+    fake_key = "AKIA" + "ABCDEFGHIJKLMNOP"
+    for text in (f"key: {fake_key}", "password: hunter2", "MLFLOW_TRACKING_PASSWORD=hunter2",
+                 "uri: postgresql://user:hunter2@db/mlflow"):
+        assert find_secrets(text), text
+    for text in ("password: ${PW:?set it}", 'MLFLOW_TRACKING_PASSWORD="$MLFLOW_TRACKING_PASSWORD"',
+                 "POSTGRES_PASSWORD=", "postgresql://${POSTGRES_USER}:${pw}@db"):
+        assert not find_secrets(text), text
+
+
+def test_no_secrets_in_infrastructure_files() -> None:
+    files = scanned_files()
+    assert len(files) >= 12
+    hits = {str(p.relative_to(ROOT)): h for p in files if (h := find_secrets(p.read_text()))}
+    assert not hits, f"possible credentials: {hits}"
+    for _, obj in all_objects():
+        assert obj["kind"] != "Secret", "create secrets with kubectl, never from a manifest"
+
+
+def test_entrypoint_is_executable() -> None:
+    assert (MLFLOW / "entrypoint.sh").stat().st_mode & stat.S_IXUSR

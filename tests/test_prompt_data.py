@@ -1,0 +1,156 @@
+"""Prompt shards: the fast tar parser, bad-record accounting, Ray Data reads (local and S3)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pipelines.data import PromptStream, parse_shard_batch
+from pipelines.tarshards import BAD_REASONS, parse_prompt_tar, write_prompt_shard
+
+CAPTIONS = [f"a {c} {s} on the left" for c in ("red", "blue", "green") for s in ("circle", "square")]
+
+
+def _samples(n: int = 6, start: int = 0):
+    return [(f"{start + i:09d}", CAPTIONS[i % len(CAPTIONS)], {"i": start + i}) for i in range(n)]
+
+
+def _shard_bytes(tmp_path: Path, samples) -> bytes:
+    path = tmp_path / "s.tar"
+    write_prompt_shard(path, samples)
+    return path.read_bytes()
+
+
+def test_writer_output_is_a_standard_tar(tmp_path: Path) -> None:
+    data = _shard_bytes(tmp_path, _samples(3))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == [f"{i:09d}.{e}" for i in range(3) for e in ("txt", "json")]
+        assert tar.extractfile("000000001.txt").read().decode() == CAPTIONS[1]
+    with pytest.raises(ValueError, match="contains a dot"):
+        write_prompt_shard(tmp_path / "bad.tar", [("a.b", "x", None)])
+
+
+def test_parser_matches_the_shared_shard_writer(tmp_path: Path) -> None:
+    from wadi_core.prompts import write_prompt_shards
+
+    write_prompt_shards(_samples(7), str(tmp_path / "lake"), shard_size=5)
+    shards = sorted((tmp_path / "lake").glob("*.tar"))
+    got = [c for s in shards for c in parse_prompt_tar(s.read_bytes()).captions]
+    assert got == [s[1] for s in _samples(7)]
+
+
+def test_gnu_and_pax_long_names(tmp_path: Path) -> None:
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for key, text in (("d" * 120, "long key caption"), ("short", "short caption")):
+                for ext, data in (("txt", text.encode()), ("json", b"{}")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        parsed = parse_prompt_tar(buf.getvalue())
+        assert parsed.captions == ["long key caption", "short caption"] and not parsed.error
+
+
+def test_bad_records_are_counted_not_raised(tmp_path: Path) -> None:
+    samples = _samples(4)
+    samples[1] = (samples[1][0], "   ", {})  # empty caption
+    data = bytearray(_shard_bytes(tmp_path, samples))
+    parsed = parse_prompt_tar(bytes(data))
+    assert parsed.captions == [samples[i][1] for i in (0, 2, 3)]
+    assert parsed.bad == {**dict.fromkeys(BAD_REASONS, 0), "empty_caption": 1}
+
+    # A caption that is not UTF-8 (same length, so the tar stays valid).
+    bad_utf8 = bytes(data).replace(CAPTIONS[2].encode(), b"\xff" * len(CAPTIONS[2]), 1)
+    assert parse_prompt_tar(bad_utf8).bad["undecodable"] == 1
+
+    # A sample with only a .json member.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("000000009.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    assert parse_prompt_tar(buf.getvalue()).bad["missing_caption"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "bitflip"])
+def test_corrupt_shards_keep_what_came_before(tmp_path: Path, damage: str) -> None:
+    data = _shard_bytes(tmp_path, _samples(8))
+    if damage == "truncated":
+        data = data[: 512 * 9 + 100]  # inside the 5th sample
+    elif damage == "garbage":
+        data = b"this is not a tar archive at all" * 64
+    elif damage == "empty":
+        data = b""
+    else:
+        flipped = bytearray(data)
+        flipped[512 * 8 + 3] ^= 0x20  # a header byte of the 5th sample: checksum mismatch
+        data = bytes(flipped)
+    parsed = parse_prompt_tar(data)
+    assert parsed.bad["corrupt_shard"] == 1 and parsed.error
+    kept = {"truncated": 4, "garbage": 0, "empty": 0, "bitflip": 4}[damage]
+    assert parsed.captions == [s[1] for s in _samples(8)][:kept]
+
+
+def test_parse_shard_batch_marks_bad_rows(tmp_path: Path) -> None:
+    good = _shard_bytes(tmp_path, _samples(3))
+    table = parse_shard_batch(pa.table({"bytes": pa.array([good, b"garbage" * 100], pa.binary())}))
+    assert table.column("caption").to_pylist()[:3] == CAPTIONS[:3]
+    assert table.column("bad").to_pylist() == [0, 0, 0, 1 + BAD_REASONS.index("corrupt_shard")]
+
+
+class _FakeShard:
+    """Stands in for a Ray DataIterator: iter_batches over pyarrow tables."""
+
+    def __init__(self, tables: list[pa.Table]):
+        self.tables = tables
+
+    def iter_batches(self, **_: object):
+        yield from self.tables
+
+
+def test_prompt_stream_rebatches_skips_and_counts() -> None:
+    rows = [(f"p{i}", 0) for i in range(10)]
+    rows.insert(3, ("", 1 + BAD_REASONS.index("empty_caption")))
+    rows.insert(7, ("", 1 + BAD_REASONS.index("corrupt_shard")))
+    table = pa.table({"caption": [r[0] for r in rows], "bad": pa.array([r[1] for r in rows], pa.uint8())})
+    shard = _FakeShard([table.slice(0, 5), table.slice(5)])
+
+    stream = PromptStream(batch_size=3)
+    assert list(stream.batches(shard)) == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6", "p7", "p8"]]
+    assert stream.counters() == {**dict.fromkeys(BAD_REASONS, 0), "empty_caption": 1, "corrupt_shard": 1}
+
+    resumed = PromptStream(batch_size=3)
+    assert list(resumed.batches(shard, skip=2)) == [["p6", "p7", "p8"]]
+    assert resumed.counters()["corrupt_shard"] == 1  # skipped rows are still counted (once per epoch)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_data_reads_local_and_s3_and_skips_a_corrupt_shard(tmp_path: Path, s3_bucket: str) -> None:
+    ray = pytest.importorskip("ray")
+    from wadi_core import storage
+    from wadi_core.prompts import write_prompt_shards
+
+    from pipelines.data import count_prompts, prompt_dataset
+
+    local = tmp_path / "lake"
+    write_prompt_shards(_samples(25), str(local), shard_size=10)
+    (local / "zz-broken.tar").write_bytes(b"\x00garbage" * 300)
+    remote = f"s3://{s3_bucket}/lake"
+    storage.upload_dir(local, remote)
+    assert count_prompts(remote) == 25
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for uri in (str(local), remote):
+            rows = prompt_dataset(uri, seed=0, epoch=0).take_all()
+            good = sorted(r["caption"] for r in rows if r["bad"] == 0)
+            assert good == sorted(s[1] for s in _samples(25))
+            assert [r["bad"] for r in rows if r["bad"]] == [1 + BAD_REASONS.index("corrupt_shard")]
+    finally:
+        ray.shutdown()

@@ -1,0 +1,5 @@
+"""DoRA adapters."""
+
+from .layer import DoRAAdapter
+
+__all__ = ["DoRAAdapter"]

@@ -1,0 +1,72 @@
+"""DoRA: ``m * (W + s B A) / |W + s B A|_row`` with the norm detached (as in the DoRA paper / PEFT)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import AdapterModule, compute_dtype, default_adapter_dtype, register_adapter
+from ..lorad.function import _no_autocast
+
+
+@register_adapter("dora")
+class DoRAAdapter(AdapterModule):
+    """LoRA's ``A``, ``B`` plus a trainable per-row magnitude ``m`` initialised to the row norms of ``W``."""
+
+    def __init__(self, base: nn.Linear, rank: int, dtype: torch.dtype | None = None,
+                 alpha: float | None = None, **options: Any):
+        super().__init__(base, rank, dtype, **options)
+        dev = base.weight.device
+        dt = dtype or default_adapter_dtype(base.weight)
+        self.alpha = float(alpha) if alpha is not None else float(self.rank)
+        self.scaling = self.alpha / self.rank
+        self.A = nn.Parameter(torch.empty(self.rank, base.in_features, device=dev, dtype=dt))
+        self.B = nn.Parameter(torch.zeros(base.out_features, self.rank, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        with torch.no_grad():
+            self.m = nn.Parameter(base.weight.to(dt).norm(dim=1))
+        self._merge_norm: torch.Tensor | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def _direction(self, base: nn.Linear) -> torch.Tensor:
+        return base.weight.to(self.A.dtype) + self.scaling * (self.B @ self.A)
+
+    def effective_weight(self, base: nn.Linear) -> torch.Tensor:
+        """``m * V / |V|`` with ``|V|`` detached (DoRA section 4.3), in the adapter dtype."""
+        with _no_autocast(base.weight.device.type):
+            v = self._direction(base)
+            norm = v.norm(dim=1).detach()
+            return (self.m / norm).unsqueeze(1) * v
+
+    def forward(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        cdt = compute_dtype(x)
+        w = self.effective_weight(base).to(cdt)
+        b = None if base.bias is None else base.bias.to(cdt)
+        with _no_autocast(x.device.type):
+            return F.linear(x.to(cdt), w, b)
+
+    @torch.no_grad()
+    def merged_weight(self, base: nn.Linear) -> torch.Tensor:
+        return self.effective_weight(base).to(base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, base: nn.Linear) -> None:
+        self._merge_norm = self._direction(base).norm(dim=1)  # needed to undo the normalisation
+        base.weight.data.copy_(self.merged_weight(base))
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Linear) -> None:
+        if self._merge_norm is None:
+            raise RuntimeError("DoRA unmerge without a previous merge")
+        v = base.weight.to(self.A.dtype) * (self._merge_norm / self.m).unsqueeze(1)
+        base.weight.data.copy_((v - self.scaling * (self.B @ self.A)).to(base.weight.dtype))
+        self._merge_norm = None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", alpha={self.alpha:g}"

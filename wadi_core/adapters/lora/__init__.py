@@ -1,0 +1,5 @@
+"""LoRA adapters."""
+
+from .layer import LoRAAdapter
+
+__all__ = ["LoRAAdapter"]

@@ -1,0 +1,127 @@
+"""Export a distilled student as a merged one-step diffusers pipeline (+ adapter files).
+
+The output directory loads with ``DiffusionPipeline.from_pretrained(out)`` and samples with
+``num_inference_steps=1, guidance_scale=1.0``: its scheduler is DDIM with "trailing" spacing
+and ``set_alpha_to_one``, so the single step starts at t = T-1 and returns exactly
+x0 = (z - sqrt(1 - abar_T) eps) / sqrt(abar_T), the distiller's generator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from wadi_core.config import to_flat_dict
+from wadi_core.models.teacher import Teacher
+from wadi_core.vsd.config import AdapterSpec, VSDConfig
+
+__all__ = ["export_one_step_pipeline", "one_step_scheduler", "merged_student_denoiser",
+           "save_adapter_file", "load_adapter_file"]
+
+
+def one_step_scheduler(teacher_scheduler: Any) -> Any:
+    """DDIM on the teacher's noise schedule whose 1-step sample starts at t = T-1 and returns x0."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(
+        teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
+        clip_sample=False, thresholding=False, steps_offset=1,
+    )
+
+
+def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: Mapping[str, Tensor],
+                            dtype: torch.dtype | None = None) -> nn.Module:
+    """A fresh CPU copy of the base denoiser with the student merged in and no adapter left.
+
+    Built from config and the base weights, so the (shared, frozen) training model is untouched.
+    """
+    from wadi_core.adapters import add_adapter, load_adapter_state_dict, merge_adapter, remove_adapters, set_adapter
+
+    den = teacher.denoiser
+    dtype = dtype or teacher.dtype
+    merged = type(den).from_config(den.config).to(dtype=torch.float32)
+    wanted = merged.state_dict()
+    base = {k: v.detach().to("cpu", torch.float32) for k, v in den.state_dict().items() if k in wanted}
+    missing = merged.load_state_dict(base, strict=False).missing_keys
+    if missing:
+        raise RuntimeError(f"base weights missing from the training denoiser: {missing[:5]} ...")
+    add_adapter(merged, spec.kind, "student", spec.rank, spec.resolved_targets(teacher.family, "student"))
+    load_adapter_state_dict(merged, "student", {k: v.detach().cpu() for k, v in student_state.items()})
+    set_adapter(merged, "student")
+    merge_adapter(merged, "student")  # merged in fp32, cast once at the end
+    remove_adapters(merged)
+    return merged.to(dtype).eval().requires_grad_(False)
+
+
+def save_adapter_file(path: str | os.PathLike, state: Mapping[str, Tensor], spec: AdapterSpec, family: str,
+                      role: str = "student") -> None:
+    """Adapter weights as safetensors; kind/rank/targets in the metadata."""
+    targets = spec.resolved_targets(family, "student" if role == "student" else "fake")
+    meta = {"kind": spec.kind, "rank": str(spec.rank), "targets": targets, "family": family, "role": role}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=meta)
+
+
+def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], AdapterSpec]:
+    """Inverse of :func:`save_adapter_file`: (state dict, AdapterSpec with explicit targets)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "kind" not in meta:
+        raise ValueError(f"{path} has no adapter metadata: was it written by save_adapter_file?")
+    return load_file(str(path)), AdapterSpec(meta["kind"], int(meta["rank"]), meta["targets"])
+
+
+def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VSDConfig | None = None,
+                             student_state: Mapping[str, Tensor] | None = None,
+                             fake_state: Mapping[str, Tensor] | None = None,
+                             dtype: torch.dtype | None = None) -> Path:
+    """Write a merged one-step pipeline to ``out_dir`` (plus ``adapters/*.safetensors``).
+
+    ``source`` is a ``WaDiDistiller`` or a ``Teacher`` (then pass ``cfg`` and ``student_state``,
+    e.g. from a DeepSpeed engine's ``adapter_modules`` state).
+    """
+    from wadi_core.adapters import adapter_state_dict
+
+    if isinstance(source, Teacher):
+        teacher = source
+        if cfg is None or student_state is None:
+            raise ValueError("exporting from a Teacher needs cfg= and student_state=")
+    else:  # a WaDiDistiller
+        teacher, cfg = source.teacher, cfg or source.cfg
+        student_state = student_state or adapter_state_dict(teacher.denoiser, "student")
+        fake_state = fake_state or adapter_state_dict(teacher.denoiser, "fake")
+    if cfg.student_timestep != teacher.num_train_timesteps - 1:
+        raise ValueError(f"the one-step export starts at t={teacher.num_train_timesteps - 1}, but the student was "
+                         f"trained at t={cfg.student_timestep}: train with student_timestep=T-1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    denoiser = merged_student_denoiser(teacher, cfg.student, student_state, dtype)
+    scheduler = one_step_scheduler(teacher.scheduler)
+    if teacher.family == "pixart":
+        from diffusers import PixArtAlphaPipeline
+
+        pipe = PixArtAlphaPipeline(tokenizer=teacher.tokenizer, text_encoder=teacher.text_encoder,
+                                   vae=teacher.vae, transformer=denoiser, scheduler=scheduler)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=denoiser,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    save_adapter_file(out / "adapters" / "student.safetensors", student_state, cfg.student, teacher.family, "student")
+    if fake_state is not None:
+        save_adapter_file(out / "adapters" / "fake.safetensors", fake_state, cfg.fake, teacher.family, "fake")
+    info = {"format": "wadi-one-step/1", "teacher": teacher.source, "family": teacher.family,
+            "student_timestep": cfg.student_timestep, "sample_with": {"num_inference_steps": 1, "guidance_scale": 1.0},
+            "vsd": to_flat_dict(cfg)}
+    (out / "wadi_export.json").write_text(json.dumps(info, indent=2))
+    return out

@@ -1,0 +1,127 @@
+"""Tiny SD / PixArt pipelines built offline from configs (tests, benchmarks, dry runs).
+
+Nothing is downloaded: tokenizers are written from an in-code vocabulary (transformers 5's
+``CLIPTokenizer(vocab_file=...)`` trap is avoided by ``from_pretrained`` on written files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["tiny_clip_tokenizer", "tiny_t5_tokenizer", "build_tiny_sd_pipeline",
+           "build_tiny_pixart_pipeline", "save_tiny_pipeline"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable-unicode table (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tiny_clip_tokenizer():
+    """A character-level CLIPTokenizer (514 tokens: 2 x 256 byte symbols + bos/eos), offline."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=77)
+
+
+def tiny_t5_tokenizer():
+    """A character-level Unigram T5Tokenizer, offline."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789,.-'"
+    pieces += [(c, -3.0) for c in alphabet] + [("\u2581" + c, -2.5) for c in alphabet]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=120)
+
+
+def _scheduler():
+    from diffusers import DDPMScheduler
+
+    # SD's scaled-linear schedule (alphabar_999 ~ 0.0047).
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+                         steps_offset=1)
+
+
+def _vae(latent_size: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=latent_size * 4,
+    )
+
+
+def build_tiny_sd_pipeline(seed: int = 0, latent_size: int = 8, width: int = 32):
+    """A random StableDiffusionPipeline: UNet (width, 2*width), 8x8x4 latents, 32 px images."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(tokenizer) - 2,
+        eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, 2 * width), norm_num_groups=min(16, width),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(latent_size), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_pixart_pipeline(seed: int = 0, latent_size: int = 8):
+    """A random PixArtAlphaPipeline: 2-block DiT with learned sigma, tiny T5 encoder."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=32, sample_size=latent_size, patch_size=2, caption_channels=32,
+    )
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae(latent_size),
+                               transformer=transformer, scheduler=_scheduler())
+
+
+def save_tiny_pipeline(out_dir: str | os.PathLike, family: str = "sd", seed: int = 0) -> Path:
+    """Build a tiny ``family`` ("sd" | "pixart") pipeline and ``save_pretrained`` it to ``out_dir``."""
+    pipe = build_tiny_sd_pipeline(seed) if family == "sd" else build_tiny_pixart_pipeline(seed)
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,86 @@
+"""Typed configuration of the VSD / DMD2 distillation step (ALGORITHM.md section 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["AdapterSpec", "DMD2Config", "VSDConfig", "PRESET_TARGETS"]
+
+AdapterKind = Literal["lorad", "lora", "dora", "full"]
+
+#: Paper layer sets per teacher family: (student preset, fake-score preset) of wadi_core.adapters.
+PRESET_TARGETS: dict[str, tuple[str, str]] = {
+    "sd": ("unet_student", "unet_fake"),
+    "pixart": ("dit_student", "dit_fake"),
+}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One named adapter on the shared denoiser. ``targets``: "auto" (paper preset for the
+    teacher family), a preset name, or a regex of module names (see wadi_core.adapters)."""
+
+    kind: AdapterKind = "lorad"
+    rank: int = 256
+    targets: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0 and self.kind != "full":
+            raise ValueError(f"adapter rank must be > 0, got {self.rank}")
+
+    def resolved_targets(self, family: str, role: Literal["student", "fake"]) -> str:
+        if self.targets != "auto":
+            return self.targets
+        if family not in PRESET_TARGETS:
+            raise ValueError(f"no preset layer set for family {family!r}; set targets explicitly")
+        return PRESET_TARGETS[family][0 if role == "student" else 1]
+
+
+@dataclass(frozen=True)
+class DMD2Config:
+    """DMD2 variant: normalised gradient with real CFG 1.75 and no fake CFG."""
+
+    guidance_real: float = 1.75
+    guidance_fake: float = 1.0
+
+
+@dataclass(frozen=True)
+class VSDConfig:
+    """Everything the VSD step needs; defaults are the paper's SD1.5 recipe."""
+
+    loss: Literal["vsd", "dmd2"] = "vsd"
+    guidance_real: float = 1.5        # CFG of the teacher in the generator loss (VSD)
+    guidance_fake: float = 1.5        # CFG of the fake score in the generator loss (VSD)
+    dmd2: DMD2Config = field(default_factory=DMD2Config)
+    t_min: int = 20                   # generator-loss timesteps t ~ U{t_min..t_max}
+    t_max: int = 980
+    student_timestep: int = 999       # the one-step generator evaluates the student here
+    null_prob: float = 0.1            # fake-score loss: share of prompts replaced by ""
+    fake_steps_per_gen: int = 1       # TTUR: fake-score updates per generator update (DMD2: 10)
+    gen_lr: float = 1e-4
+    fake_lr: float = 1e-2
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    student: AdapterSpec = field(default_factory=lambda: AdapterSpec("lorad", 256))
+    fake: AdapterSpec = field(default_factory=lambda: AdapterSpec("lorad", 32))
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.t_min <= self.t_max:
+            raise ValueError(f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        if not 0.0 <= self.null_prob <= 1.0:
+            raise ValueError(f"null_prob must be in [0, 1], got {self.null_prob}")
+        if self.fake_steps_per_gen < 1:
+            raise ValueError(f"fake_steps_per_gen must be >= 1, got {self.fake_steps_per_gen}")
+        if self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 (use a large value to disable), got {self.grad_clip}")
+
+    @property
+    def effective_guidance(self) -> tuple[float, float]:
+        """(real, fake) CFG scales used in the generator loss for the selected loss."""
+        if self.loss == "dmd2":
+            return self.dmd2.guidance_real, self.dmd2.guidance_fake
+        return self.guidance_real, self.guidance_fake

@@ -1,0 +1,118 @@
+"""Teacher, fake score and student as three roles of ONE frozen denoiser with named adapters."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+from wadi_core.models.teacher import Cond, Teacher
+from wadi_core.vsd.config import VSDConfig
+from wadi_core.vsd.losses import cfg_combine, x0_from_eps
+
+__all__ = ["Role", "WaDiDistiller"]
+
+Role = Literal["teacher", "student", "fake"]
+_ADAPTER_OF_ROLE: dict[str, str | None] = {"teacher": None, "student": "student", "fake": "fake"}
+
+
+class WaDiDistiller:
+    """Adds adapters "student" and "fake" to ``teacher.denoiser``; the bare base is the teacher.
+
+    Only adapter parameters are trainable; the base weights are frozen and shared, so the
+    three roles cost one copy of the model (the public WaDi / DMD2 code holds three).
+    """
+
+    def __init__(self, teacher: Teacher, cfg: VSDConfig) -> None:
+        from wadi_core.adapters import add_adapter, set_adapter
+
+        self.teacher = teacher.freeze()
+        self.cfg = cfg
+        den = teacher.denoiser
+        for role, spec in (("student", cfg.student), ("fake", cfg.fake)):
+            add_adapter(den, spec.kind, role, spec.rank, spec.resolved_targets(teacher.family, role))
+        set_adapter(den, None)
+        self._active: str | None = None
+        if cfg.gradient_checkpointing:
+            den.enable_gradient_checkpointing()
+        self.alphas_cumprod = teacher.alphas_cumprod.to(teacher.device)
+
+    # -- roles ----------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.teacher.denoiser
+
+    @property
+    def device(self) -> torch.device:
+        return self.teacher.device
+
+    def parameters(self, role: Literal["student", "fake"]) -> list[nn.Parameter]:
+        """Trainable parameters of one role's adapter."""
+        from wadi_core.adapters import adapter_parameters
+
+        return list(adapter_parameters(self.denoiser, role))
+
+    def modules(self, role: Literal["student", "fake"]) -> nn.Module:
+        """The role's adapter modules (what a DeepSpeed engine wraps; the base stays outside)."""
+        from wadi_core.adapters import adapter_modules
+
+        return adapter_modules(self.denoiser, role)
+
+    @contextlib.contextmanager
+    def role(self, role: Role) -> Iterator[None]:
+        """Make ``role`` the active adapter (None for the teacher) and restore the previous one."""
+        from wadi_core.adapters import set_adapter
+
+        previous, wanted = self._active, _ADAPTER_OF_ROLE[role]
+        set_adapter(self.denoiser, wanted)
+        self._active = wanted
+        try:
+            yield
+        finally:
+            set_adapter(self.denoiser, previous)
+            self._active = previous
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        mp = self.cfg.mixed_precision
+        if mp == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # -- predictions ----------------------------------------------------------------------------
+    def abar(self, t: Tensor) -> Tensor:
+        return self.alphas_cumprod[t.to(self.alphas_cumprod.device).long()].to(t.device)
+
+    def eps(self, role: Role, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """epsilon prediction of one role, in fp32 (autocast inside when mixed precision is on)."""
+        with self.role(role), self.autocast():
+            out = self.teacher.predict_eps(x_t.to(self.teacher.dtype), t, cond)
+        return out.float()
+
+    def guided_eps(self, role: Role, x_t: Tensor, t: Tensor, cond: Cond, scale: float) -> Tensor:
+        """CFG prediction e_u + w (e_c - e_u); one batched forward for both halves."""
+        if scale == 1.0:
+            return self.eps(role, x_t, t, cond)
+        null = self.teacher.null_cond(len(cond))
+        e = self.eps(role, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([null, cond]))
+        e_uncond, e_cond = e.chunk(2)
+        return cfg_combine(e_uncond, e_cond, scale)
+
+    def generate(self, z: Tensor, cond: Cond) -> Tensor:
+        """One-step generator: x0 = (z - sqrt(1 - abar_T) eps_hat) / sqrt(abar_T), eps_hat = student(z, T, c)."""
+        t = torch.full((z.shape[0],), self.cfg.student_timestep, device=z.device, dtype=torch.long)
+        eps_hat = self.eps("student", z, t, cond)
+        return x0_from_eps(z.float(), eps_hat, self.abar(t))
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None,
+               z: Tensor | None = None) -> Tensor:
+        """Student one-step images in [0, 1], (B, 3, H, W)."""
+        if z is None:
+            z = torch.randn(len(prompts), *self.teacher.latent_shape, generator=generator,
+                            device=generator.device if generator is not None else "cpu")
+        z = z.to(self.device)
+        x0 = self.generate(z, self.teacher.encode_prompts(prompts))
+        return self.teacher.decode(x0)

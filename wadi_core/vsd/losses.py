@@ -1,0 +1,65 @@
+"""The maths of VSD / DMD2 as pure tensor functions (ALGORITHM.md section 3).
+
+Shapes: latents (B, C, H, W); ``abar_t`` is alphabar at each sample's timestep, shape (B,).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["expand_like", "x0_from_eps", "add_noise", "cfg_combine", "vsd_gradient",
+           "dmd2_gradient", "generator_loss", "fake_score_loss"]
+
+
+def expand_like(v: Tensor, x: Tensor) -> Tensor:
+    """(B,) -> (B, 1, 1, ...) matching ``x``'s rank."""
+    return v.reshape(-1, *([1] * (x.ndim - 1))).to(device=x.device)
+
+
+def _abar(abar_t: Tensor, x: Tensor) -> Tensor:
+    # at least fp32: alphabar_999 = 0.0047 loses digits in half precision
+    return expand_like(abar_t, x).to(torch.promote_types(x.dtype, torch.float32))
+
+
+def x0_from_eps(x_t: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
+    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+    abar = _abar(abar_t, x_t)
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def add_noise(x0: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (the forward process)."""
+    abar = _abar(abar_t, x0)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+
+
+def cfg_combine(e_uncond: Tensor, e_cond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance: e_u + w (e_c - e_u)."""
+    return e_uncond + scale * (e_cond - e_uncond)
+
+
+def vsd_gradient(e_real: Tensor, e_fake: Tensor, abar_t: Tensor) -> Tensor:
+    """WaDi/VSD: g = nan_to_num((1 - abar_t) (e_real - e_fake)), i.e. sigma_t^2-weighted score gap."""
+    return torch.nan_to_num((1 - expand_like(abar_t, e_real)) * (e_real - e_fake))
+
+
+def dmd2_gradient(x0: Tensor, x_t: Tensor, e_real: Tensor, e_fake: Tensor, abar_t: Tensor) -> Tensor:
+    """DMD2: g = (p_real - p_fake) / mean|p_real| with p = x0 - x0_pred (mean per sample)."""
+    p_real = x0 - x0_from_eps(x_t, e_real, abar_t)
+    p_fake = x0 - x0_from_eps(x_t, e_fake, abar_t)
+    norm = p_real.abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+    return torch.nan_to_num((p_real - p_fake) / norm)
+
+
+def generator_loss(x0: Tensor, g: Tensor) -> Tensor:
+    """0.5 * mse(x0, stopgrad(x0 - g)): its gradient w.r.t. x0 is exactly g / numel."""
+    x0 = x0.float()
+    return 0.5 * F.mse_loss(x0, (x0 - g.float()).detach())
+
+
+def fake_score_loss(e_fake: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
+    """mse(abar_t * e_fake, abar_t * eps): alphabar-weighted denoising loss of the fake score."""
+    w = expand_like(abar_t, eps).to(torch.float32)
+    return F.mse_loss(w * e_fake.float(), w * eps.float())

@@ -1,0 +1,135 @@
+"""One VSD (or DMD2) iteration: a generator update, then fake-score update(s)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from wadi_core.models.teacher import Cond
+from wadi_core.vsd.distiller import WaDiDistiller
+from wadi_core.vsd.losses import add_noise, dmd2_gradient, fake_score_loss, generator_loss, vsd_gradient
+
+__all__ = ["Updater", "TorchUpdater", "vsd_step"]
+
+
+@runtime_checkable
+class Updater(Protocol):
+    """Owns backward + clip + optimizer step for one role (plain PyTorch here, DeepSpeed in pipelines/)."""
+
+    def backward(self, loss: Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Clip the grad norm, step the optimizer, zero the grads; return the pre-clip grad norm."""
+        ...
+
+
+class TorchUpdater:
+    """AdamW on a parameter list with grad-norm clipping (and a GradScaler for fp16)."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, clip: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), fp16_scaler: bool = False) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("TorchUpdater got no trainable parameters: was the adapter added?")
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.clip = clip
+        device = self.params[0].device.type
+        self.scaler = torch.amp.GradScaler(device) if fp16_scaler else None
+
+    def backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> float:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if self.scaler:
+            out["scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def _randint(low: int, high: int, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.randint(low, high, (n,), generator=generator, device=generator.device).to(device)
+
+
+def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fake_updater: Updater,
+             generator: torch.Generator) -> dict[str, float]:
+    """One generator update and ``cfg.fake_steps_per_gen`` fake-score updates (ALGORITHM.md s.3)."""
+    cfg, dev, n = distiller.cfg, distiller.device, len(cond)
+    shape = (n, *distiller.teacher.latent_shape)
+    null = distiller.teacher.null_cond(n)
+    w_real, w_fake = cfg.effective_guidance
+
+    # Generator. x0 keeps the graph to the student adapter (the base is frozen, fake inactive).
+    x0 = distiller.generate(_randn(shape, generator, dev), cond)
+    # Diffuse the sample to a random t away from both ends, where the scores are informative.
+    t = _randint(cfg.t_min, cfg.t_max + 1, n, generator, dev)
+    abar_t = distiller.abar(t)
+    x_t = add_noise(x0.detach(), _randn(shape, generator, dev), abar_t)
+    # Teacher and fake are constants here: no_grad also keeps a DeepSpeed fake engine out of
+    # the generator's graph (STACK.md trap).
+    with torch.no_grad():
+        e_real = distiller.guided_eps("teacher", x_t, t, cond, w_real)
+        e_fake = distiller.guided_eps("fake", x_t, t, cond, w_fake)
+    if cfg.loss == "vsd":  # sigma_t^2 (e_real - e_fake): the KL gradient at x0 up to a constant
+        g = vsd_gradient(e_real, e_fake, abar_t)
+    else:  # DMD2: same direction, normalised per sample by the real score's x0 error
+        g = dmd2_gradient(x0.detach(), x_t, e_real, e_fake, abar_t)
+    # Stop-grad target so that dL/dx0 = g / numel: the loss value itself is meaningless.
+    loss_g = generator_loss(x0, g)
+    # Checkpointed blocks recompute their forward during backward: the student must be active.
+    with distiller.role("student"):
+        student_updater.backward(loss_g)
+    grad_norm_student = student_updater.step()
+
+    # Fake score: plain denoising on the student's current samples, so it tracks their
+    # distribution; alphabar weighting and a 10 % null prompt (for its CFG) as in WaDi.
+    losses_f, norms_f = [], []
+    for k in range(cfg.fake_steps_per_gen):
+        if k == 0:
+            x0_f = x0.detach()
+        else:  # TTUR: extra fake updates on fresh samples of the (just updated) student
+            with torch.no_grad():
+                x0_f = distiller.generate(_randn(shape, generator, dev), cond)
+        t_f = _randint(0, distiller.teacher.num_train_timesteps, n, generator, dev)
+        abar_f = distiller.abar(t_f)
+        eps_f = _randn(shape, generator, dev)
+        drop = torch.rand(n, generator=generator, device=generator.device).to(dev) < cfg.null_prob
+        with distiller.role("fake"):
+            e_pred = distiller.eps("fake", add_noise(x0_f, eps_f, abar_f), t_f, cond.where(drop, null))
+            loss_f = fake_score_loss(e_pred, eps_f, abar_f)
+            fake_updater.backward(loss_f)
+        norms_f.append(fake_updater.step())
+        losses_f.append(float(loss_f.detach()))
+
+    return {
+        "loss_gen": float(loss_g),
+        "loss_fake": sum(losses_f) / len(losses_f),
+        "grad_norm_student": grad_norm_student,
+        "grad_norm_fake": sum(norms_f) / len(norms_f),
+        "g_abs_mean": float(g.abs().mean()),
+        "g_abs_max": float(g.abs().max()),
+        "score_gap": float((e_real - e_fake).abs().mean()),
+        "x0_std": float(x0.detach().std()),
+    }

@@ -1,0 +1,170 @@
+"""Single-process distillation loop (no Ray): prompts -> vsd_step -> samples, state, export."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from wadi_core.config import to_flat_dict
+from wadi_core.models.teacher import Teacher, load_teacher
+from wadi_core.vsd.config import VSDConfig
+from wadi_core.vsd.distiller import WaDiDistiller
+from wadi_core.vsd.state import TrainState, capture_train_state, restore_train_state
+from wadi_core.vsd.step import TorchUpdater, vsd_step
+
+__all__ = ["LocalTrainConfig", "make_updaters", "prompt_stream", "save_image_grid", "train_local"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """The single-process run around a :class:`VSDConfig`."""
+
+    teacher: str = "embedded"          # "embedded", a diffusers dir, an s3:// prefix or a hub id
+    vsd: VSDConfig = field(default_factory=VSDConfig)
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    prompts: str = "domain"            # "domain" (embedded generator) or a text file, one prompt a line
+    sample_every: int = 250            # PNG grid of student samples every N steps (0: at the end only)
+    save_every: int = 0                # TrainState for resume every N steps (0: at the end only)
+    num_sample_prompts: int = 8
+    out_dir: str = "outputs/distill_local"
+    device: str = "cpu"
+    teacher_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.teacher_dtype not in _DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {sorted(_DTYPES)}, got {self.teacher_dtype!r}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"need steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+
+
+def make_updaters(distiller: WaDiDistiller) -> dict[str, TorchUpdater]:
+    """Plain AdamW updaters for "student" (gen_lr) and "fake" (fake_lr) as in the paper."""
+    cfg = distiller.cfg
+    fp16 = cfg.mixed_precision == "fp16"
+    return {
+        "student": TorchUpdater(distiller.parameters("student"), cfg.gen_lr, cfg.grad_clip, cfg.weight_decay,
+                                cfg.adam_betas, fp16_scaler=fp16),
+        "fake": TorchUpdater(distiller.parameters("fake"), cfg.fake_lr, cfg.grad_clip, cfg.weight_decay,
+                             cfg.adam_betas, fp16_scaler=fp16),
+    }
+
+
+def prompt_stream(source: str, seed: int) -> Iterator[str]:
+    """Endless prompts: the embedded domain's generator, or a text file reshuffled every epoch."""
+    if source == "domain":
+        from wadi_core.domain import train_prompts
+
+        yield from train_prompts(seed)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt source {source!r}: use 'domain' or a text file with one prompt per line")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{path} holds no prompts")
+    rng = random.Random(seed)
+    for _ in itertools.count():
+        order = lines[:]
+        rng.shuffle(order)
+        yield from order
+
+
+def save_image_grid(rows: list[Tensor], path: str | Path, scale: int = 4) -> Path:
+    """Stack image batches (each (B,3,H,W) in [0,1]) as rows of a PNG grid, upscaled by ``scale``."""
+    from PIL import Image
+
+    grid = torch.cat([torch.cat(list(r.float().clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    img = Image.fromarray(arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress: bool = True,
+                on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+                export: bool = True) -> dict[str, Any]:
+    """Distil ``cfg.teacher`` for ``cfg.steps`` VSD steps; resumes from ``out_dir/state`` if present.
+
+    Writes ``metrics.jsonl``, ``samples/step_*.png``, ``state/`` (TrainState) and ``export/``
+    (merged one-step pipeline). Returns the last metrics plus paths and timings.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    teacher = teacher or load_teacher(cfg.teacher, dtype=_DTYPES[cfg.teacher_dtype], device=cfg.device)
+    distiller = WaDiDistiller(teacher, cfg.vsd)
+    updaters = make_updaters(distiller)
+    gen_device = "cuda" if str(cfg.device).startswith("cuda") else "cpu"
+    generator = torch.Generator(device=gen_device).manual_seed(cfg.seed)
+    step, position = 0, 0
+    if TrainState.exists(out / "state"):
+        state = TrainState.load(out / "state")
+        restore_train_state(state, distiller, updaters, generator)
+        step, position = state.step, state.data_position
+    prompts = prompt_stream(cfg.prompts, cfg.seed)
+    for _ in range(position):  # replay the prompt stream to the saved position
+        next(prompts)
+    (out / "config.json").write_text(json.dumps(to_flat_dict(cfg), indent=2))
+
+    # Fixed prompts and noise for the sample grids, so grids of different steps compare.
+    sample_prompts = list(itertools.islice(prompt_stream(cfg.prompts, cfg.seed + 1), cfg.num_sample_prompts))
+    sample_z = torch.randn(len(sample_prompts), *teacher.latent_shape,
+                           generator=torch.Generator().manual_seed(cfg.seed + 1))
+
+    def save_samples(at: int) -> Path:
+        return save_image_grid([distiller.sample(sample_prompts, z=sample_z)], out / "samples" / f"step_{at:06d}.png")
+
+    def save_state(at: int) -> None:
+        capture_train_state(distiller, updaters, generator, at, position,
+                            meta={"config": to_flat_dict(cfg)}).save(out / "state")
+
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    start = step
+    with open(out / "metrics.jsonl", "a") as log, tqdm(total=cfg.steps, initial=step, disable=not progress,
+                                                        desc="vsd", dynamic_ncols=True) as bar:
+        while step < cfg.steps:
+            batch = [next(prompts) for _ in range(cfg.batch_size)]
+            position += cfg.batch_size
+            cond = teacher.encode_prompts(batch)
+            metrics = vsd_step(distiller, cond, updaters["student"], updaters["fake"], generator)
+            step += 1
+            log.write(json.dumps({"step": step, **metrics}) + "\n")
+            bar.update(1)
+            bar.set_postfix(fake=f"{metrics['loss_fake']:.4f}", g=f"{metrics['g_abs_mean']:.2e}",
+                            gn=f"{metrics['grad_norm_student']:.2e}")
+            if on_metrics:
+                on_metrics(step, metrics)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                save_samples(step)
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_state(step)
+    elapsed = time.perf_counter() - t0
+    result: dict[str, Any] = {**metrics, "step": step, "train_seconds": elapsed,
+                              "seconds_per_step": elapsed / max(step - start, 1)}
+    result["samples"] = str(save_samples(step))
+    save_state(step)
+    result["state"] = str(out / "state")
+    if export:
+        from wadi_core.export import export_one_step_pipeline
+
+        result["export"] = str(export_one_step_pipeline(distiller, out / "export"))
+    result["distiller"] = distiller
+    return result
