@@ -18,8 +18,9 @@ step. Memory, CPU (no allocator statistics there): the process's peak resident s
 through ``/proc/self/clear_refs``) above the resident set before the step, with glibc told to serve
 every block > 64 KiB by mmap so freed tensors really leave the RSS. Both count everything the step
 allocates: activations saved for backward, transients, and the gradients it leaves behind
-(``full``'s ``dL/dW`` included). Timing runs first, before the mmap setting that memory needs
-(it would make every large temporary pay fresh page faults).
+(``full``'s ``dL/dW`` included). On CPU the memory pass runs in a child process (fresh heap, mmap
+setting from the start); the timing process keeps glibc's defaults (the mmap setting would make
+every large temporary pay fresh page faults).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -163,10 +168,11 @@ def time_shape(shape: tuple[int, int, int, int], rank: int, reps: int, device: t
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, fn in fns.items():  # interleaved
+    names = list(fns)
+    for i in range(max(reps, len(names))):
+        for n in names[i % len(names):] + names[:i % len(names)]:  # interleaved, rotating order
             t0 = clock()
-            fn()
+            fns[n]()
             times[n].append(clock() - t0)
     return {n: 1000 * statistics.median(v) for n, v in times.items()}
 
@@ -187,6 +193,20 @@ def memory_shape(shape: tuple[int, int, int, int], rank: int, device: torch.devi
     return out
 
 
+def _memory_all(args: argparse.Namespace, device: torch.device, ac: torch.dtype | None) -> list[dict[str, float]]:
+    mem = Memory(device)
+    return [memory_shape(sh, args.rank, device, ac, mem) for sh in SHAPES]
+
+
+def _memory_in_child(args: argparse.Namespace) -> list[dict[str, float]]:
+    """CPU peaks from a fresh process whose glibc maps every block > 64 KiB (see the module doc)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    cmd = [sys.executable, __file__, "--memory-json", "--threads", str(args.threads), "--rank", str(args.rank),
+           "--device", "cpu"] + (["--autocast", args.autocast] if args.autocast else [])
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -194,10 +214,14 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="mixed precision (default fp32)")
+    p.add_argument("--memory-json", action="store_true", help=argparse.SUPPRESS)  # internal: child process
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     ac = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
+    if args.memory_json:
+        print(json.dumps(_memory_all(args, device, ac)))
+        return
     print(f"device={device} threads={args.threads} rank={args.rank} autocast={args.autocast or 'off (fp32)'} "
           f"reps={args.reps} torch={torch.__version__}")
     head = (f"{'in->out':>10} {'tokens':>10} | {'full ms':>8} {'lorad ms':>8} {'lora ms':>8} {'hook ms':>8} | "
@@ -207,8 +231,7 @@ def main() -> None:
     print("-" * len(head))
     t_start = time.perf_counter()
     times = [time_shape(sh, args.rank, args.reps, device, ac) for sh in SHAPES]  # before mallopt (see Memory)
-    mem = Memory(device)
-    peaks = [memory_shape(sh, args.rank, device, ac, mem) for sh in SHAPES]
+    peaks = _memory_in_child(args) if device.type == "cpu" else _memory_all(args, device, ac)
     for (in_f, out_f, tokens, batch), t, m in zip(SHAPES, times, peaks):
         m = {k: max(v, 1e-3) for k, v in m.items()}
         print(f"{f'{in_f}->{out_f}':>10} {f'{batch}x{tokens}':>10} | {t['full']:8.1f} {t['lorad']:8.1f} "

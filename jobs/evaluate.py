@@ -49,13 +49,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draw-seed", type=int, default=d.draw_seed, help="seed of the one-caption-per-image COCO draw")
     g.add_argument("--seed", type=int, default=d.seed, help="noise seed (per prompt key)")
     g = p.add_argument_group("metrics")
-    g.add_argument("--extractor", default=m.extractor, help="domain | inception:URI | thumbnail | import:mod:fn")
+    g.add_argument("--extractor", default=m.extractor, help="domain | inception:URI | thumbnail | none | import:mod:fn")
     g.add_argument("--scorers", default=",".join(m.scorers),
                    help="comma list: domain, clip:URI, hps:URI, mean_intensity, import:mod:fn ('' for none)")
     g.add_argument("--clip-model", default=m.clip_model)
     g.add_argument("--hps-model", default=m.hps_model)
     g.add_argument("--protocol-size", type=int, default=m.protocol_size, help="256 = COCO protocol; 0 = off")
-    g.add_argument("--reference", default=d.reference, help="stored reference statistics (dir or s3://)")
+    g.add_argument("--reference", default=str(REPO / d.reference) if d.reference else None,
+                   help="stored reference statistics (dir or s3://); built from --reference-images if missing")
     g.add_argument("--reference-images", default=d.reference_images,
                    help="real images to build --reference from when it is missing (dir, s3://, domain:N:SEED:SPLIT)")
     g = p.add_argument_group("outputs and resources")
@@ -99,14 +100,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--checkpoints", required=True, help="folder / s3:// prefix whose subdirs are checkpoints")
     s.add_argument("--teacher", default="embedded", help="base model for checkpoints that hold only an adapter")
     s.add_argument("--limit", type=int, default=None, help="evaluate at most this many now")
+    pr = sub.add_parser("prompts", help="draw one caption per image from a COCO captions JSON and store the list")
+    pr.add_argument("--captions", required=True, help="captions_val2014.json / captions_val2017.json")
+    pr.add_argument("--num", type=int, default=None, help="number of images (default: all)")
+    pr.add_argument("--draw-seed", type=int, default=2024)
+    pr.add_argument("--out", required=True, help="where to write the list (one caption per line)")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]  # `python jobs/evaluate.py` = the embedded default
     return p.parse_args(argv)
 
 
+def write_drawn_prompts(args: argparse.Namespace) -> dict:
+    from wadi_core.metrics.coco import draw_coco_captions, write_prompt_list
+
+    drawn = draw_coco_captions(args.captions, args.num, args.draw_seed)
+    sha = write_prompt_list([p.caption for p in drawn], args.out)
+    ids = "\n".join(f"{p.image_id}\t{p.file_name}" for p in drawn) + "\n"
+    from wadi_core import storage
+
+    storage.write_bytes(args.out + ".images.tsv", ids.encode())
+    info = {"captions": args.captions, "num": len(drawn), "draw_seed": args.draw_seed, "sha256": sha}
+    print(json.dumps(info, indent=2))
+    return info
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.command == "prompts":
+        return write_drawn_prompts(args)
     cfg = build_config(args)
     if args.command == "reference":
         if not (cfg.reference and cfg.reference_images):

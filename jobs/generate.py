@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--prompts", default="domain:1000:0:train",
+    p.add_argument("--prompts", default="domain:5000:1:train",
                    help="coco30k | domain:N:SEED:SPLIT | hpsv2:DIR | captions_val201x.json | list.txt | list.json")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--draw-seed", type=int, default=2024)
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard (webdataset)")
     p.add_argument("--workers", type=int, default=1, help="generator actors")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     return p.parse_args(argv)
 
@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> dict:
     ds = generation_dataset(records, spec, args.seed, concurrency=args.workers, batch_size=args.batch_size,
                             cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor)
     if args.format == "files":
-        ds.map_batches(write_png_files, fn_kwargs={"root": args.out}, batch_format="numpy") \
+        ds.map_batches(write_png_files, fn_kwargs={"root": args.out}, batch_format="numpy", num_cpus=0.25) \
           .select_columns(["key"]).materialize()
     else:
         from pipelines.data import pyarrow_filesystem
 
         fs, path = pyarrow_filesystem(args.out)
-        ds.map_batches(_to_webdataset_rows, batch_format="numpy").write_webdataset(
-            path, filesystem=fs, min_rows_per_file=args.shard_size)
+        ds.map_batches(_to_webdataset_rows, batch_format="numpy", num_cpus=0.25).write_webdataset(
+            path, filesystem=fs, min_rows_per_file=args.shard_size, ray_remote_args={"num_cpus": 0.25})
     tmp = Path(tempfile.mkdtemp(prefix="wadi-gen-"))
     (tmp / "prompts.jsonl").write_text("".join(
         json.dumps({**asdict(r), "seed": prompt_seed(args.seed, r.key)}) + "\n" for r in records))

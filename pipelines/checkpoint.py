@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +23,13 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["Progress", "save_training_state", "load_training_state", "TAG"]
+__all__ = ["Progress", "save_training_state", "load_training_state", "TAG", "mark_complete",
+           "latest_complete_checkpoint", "checkpoint_step"]
 
 TAG = "state"
 _PROGRESS = "progress.json"
+COMPLETE = "COMPLETE"
+_NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
 @dataclass
@@ -79,3 +83,43 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
     else:
         warnings.warn(f"{rng_file.name} missing (world size changed?): rank {rank} keeps a fresh RNG")
     return progress
+
+
+def checkpoint_step(path: str) -> int:
+    """Step encoded in a ``checkpoint_<step>`` directory name (-1 if it is not one)."""
+    m = _NAME.match(path.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else -1
+
+
+def mark_complete(storage_uri: str, run_name: str, dir_name: str) -> None:
+    """Rank 0, after every rank's upload (barrier): write the ``COMPLETE`` marker in storage."""
+    from pipelines.data import pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(storage_uri)
+    with fs.open_output_stream(f"{root}/{run_name}/{dir_name}/{COMPLETE}") as f:
+        f.write(b"all ranks uploaded\n")
+
+
+def latest_complete_checkpoint(storage_uri: str, run_name: str) -> Any | None:
+    """Newest ``checkpoint_*`` of the run in storage that has its ``COMPLETE`` marker.
+
+    Ray Train V2 restarts a failed worker group, but a checkpoint reported shortly before the
+    failure may not be registered yet (``get_checkpoint()`` then returns None and the run would
+    start over); the storage itself is the source of truth.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from pipelines.data import pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(storage_uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
+    except OSError:
+        return None
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and checkpoint_step(i.path) >= 0),
+                  key=checkpoint_step, reverse=True)
+    for d in dirs:
+        if fs.get_file_info(f"{d}/{COMPLETE}").type == pafs.FileType.File:
+            return ray.train.Checkpoint(path=d, filesystem=fs)
+    return None

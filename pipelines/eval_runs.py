@@ -33,10 +33,13 @@ __all__ = ["RayResources", "TrackingSpec", "EvalConfig", "run_evaluation", "ensu
 
 @dataclass(frozen=True)
 class RayResources:
+    """Actors per stage and their resources. Fractional CPUs leave room for Ray Data's own tasks
+    (PNG writing, statistics): whole CPUs for every actor on a small node hang the pipeline."""
+
     gen_workers: int = 1
     metric_workers: int = 1
     batch_size: int = 32
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
 
 
@@ -54,13 +57,13 @@ class TrackingSpec:
 @dataclass(frozen=True)
 class EvalConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
-    prompts: str = "domain:1000:0:train"
+    prompts: str = "domain:5000:1:train"
     num_prompts: int | None = None
     draw_seed: int = 2024
     seed: int = 0
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
-    reference: str | None = "outputs/eval/reference/domain-5000-1-train"
-    reference_images: str | None = "domain:5000:1:train"
+    reference: str | None = "outputs/eval/reference/domain-5000-777-train"
+    reference_images: str | None = "domain:5000:777:train"
     out: str = "outputs/eval/run"
     save_images: Literal["files", "none"] = "files"
     grid: int = 32
@@ -83,6 +86,8 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def ensure_reference(cfg: EvalConfig) -> Reference | None:
     """Load the stored reference; build and store it once if it is missing and a source is given."""
+    if cfg.metrics.extractor == "none":
+        return None
     if cfg.reference and Reference.exists(cfg.reference):
         ref = Reference.load(cfg.reference)
         want = cfg.metrics.extractor
@@ -111,7 +116,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
                             cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor)
     if cfg.save_images == "files":
         ds = ds.map_batches(write_png_files, fn_kwargs={"root": storage.join(cfg.out, "images")},
-                            batch_format="numpy")
+                            batch_format="numpy", num_cpus=0.25)
     grid_keys = tuple(rec.key for rec in records[: cfg.grid])
     t0 = time.time()
     rows, stats = features_and_stats(ds, cfg.metrics, concurrency=r.metric_workers, batch_size=r.batch_size,
@@ -119,7 +124,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
                                      grid_keys=grid_keys)
     seconds = time.time() - t0
     metrics = compute_metrics(rows, stats, reference, cfg.metrics)
-    metrics["images_per_s"] = len(rows) / max(seconds, 1e-9)
+    metrics["eval_seconds"] = seconds  # generation + metrics, actor start-up included
     _write_outputs(cfg, rows, stats, metrics, prompt_info, reference)
     _log_mlflow(cfg, metrics, prompt_info, reference)
     return {"metrics": metrics, "out": cfg.out, "prompts": prompt_info}
@@ -131,8 +136,9 @@ def _write_outputs(cfg: EvalConfig, rows: list[dict[str, Any]], stats: Any, metr
     grid = sample_grid([r for r in rows if len(r.get("png", b""))])
     if grid is not None:
         grid.save(tmp / "grid.png")
-    stats.metadata.update({"extractor": cfg.metrics.extractor, "prompts_sha256": prompt_info["sha256"]})
-    stats.save(tmp / "fake_stats.safetensors")
+    if stats is not None:
+        stats.metadata.update({"extractor": cfg.metrics.extractor, "prompts_sha256": prompt_info["sha256"]})
+        stats.save(tmp / "fake_stats.safetensors")
     (tmp / "prompts.jsonl").write_text("".join(
         json.dumps({"key": str(r["key"]), "group": str(r["group"]), "idx": int(r["idx"]),
                     "prompt": str(r["prompt"]), "seed": prompt_seed(cfg.seed, str(r["key"]))}) + "\n" for r in rows))
@@ -159,7 +165,7 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
                           f"{Path(cfg.model.uri).name or cfg.model.uri}-{cfg.model.steps}step-cfg{cfg.model.guidance:g}")
     with tracking.start_run(experiment, run_name=name, tracking_uri=t.tracking_uri, params=params,
                             tags=tags) as run:
-        run.log_metrics({k.replace("/", "_"): v for k, v in metrics.items()})
+        run.log_metrics(metrics)
         for f in ("grid.png", "metrics.json"):
             local = _local_copy(storage.join(cfg.out, f))
             if local is not None:
@@ -201,7 +207,7 @@ def _log_on_train_run(t: TrackingSpec, metrics: dict[str, float]) -> None:
         client = _client(t.tracking_uri)
         step = int(t.checkpoint_step or 0)
         for k, v in metrics.items():
-            if "/" not in k and k not in ("num_images", "images_per_s"):
+            if "/" not in k and k not in ("num_images", "eval_seconds"):
                 client.log_metric(t.train_run_id, f"eval/{k}", float(v), step=step)
     except Exception as e:
         import warnings
@@ -229,15 +235,33 @@ def _step_of(name: str, fallback: int) -> int:
     return int(nums[-1]) if nums else fallback
 
 
-def list_checkpoints(source: str) -> list[Checkpoint]:
-    """Checkpoint directories directly under ``source`` (local or ``s3://``), oldest first.
+def _mlflow_files(source: str, tracking_uri: str | None) -> list[str]:
+    """All artifact files under ``runs:/<run_id>/<path>``, as ``runs:/`` URIs."""
+    run_id, _, path = source[len("runs:/"):].partition("/")
+    client = _client(tracking_uri)
+    out, stack = [], [path.rstrip("/")]
+    while stack:
+        for info in client.list_artifacts(run_id, stack.pop() or None):
+            if info.is_dir:
+                stack.append(info.path)
+            else:
+                out.append(f"runs:/{run_id}/{info.path}")
+    return sorted(out)
+
+
+def list_checkpoints(source: str, tracking_uri: str | None = None) -> list[Checkpoint]:
+    """Checkpoint directories directly under ``source`` (local, ``s3://`` or MLflow ``runs:/<id>/<path>``),
+    oldest first.
 
     A directory counts if it holds a diffusers pipeline (``model_index.json``, the export) or a
     WaDi adapter file named ``*student*.safetensors``; anything else (still being written, or
     training state only) is skipped.
     """
-    files = storage.list_files(source)
-    root = storage.filesystem(source)[1] if not storage.is_remote(source) else source.rstrip("/")
+    if source.startswith("runs:/"):
+        files, root = _mlflow_files(source, tracking_uri), source.rstrip("/")
+    else:
+        files = storage.list_files(source)
+        root = storage.filesystem(source)[1] if not storage.is_remote(source) else source.rstrip("/")
     by_dir: dict[str, list[str]] = {}
     for f in files:
         rel = f[len(root):].lstrip("/")
@@ -287,7 +311,7 @@ def run_schedule(cfg: EvalConfig, source: str, teacher: str, limit: int | None =
     (``wadi.checkpoint_source`` + ``wadi.checkpoint_id``) or their ``<out>/<id>/metrics.json``.
     """
     done = evaluated_checkpoint_ids(cfg, source)
-    todo = [c for c in list_checkpoints(source) if c.id not in done][:limit]
+    todo = [c for c in list_checkpoints(source, cfg.tracking.tracking_uri) if c.id not in done][:limit]
     evaluated = []
     for ckpt in todo:
         model = replace(cfg.model, uri=ckpt.pipeline or teacher, adapter=ckpt.adapter)

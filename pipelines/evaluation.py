@@ -78,7 +78,10 @@ def _domain_evaluator() -> Any:
 
 
 def build_extractor(spec: MetricsSpec) -> Any:
+    """The FeatureExtractor named by ``spec.extractor`` (None for ``none``: no FID / precision-recall)."""
     kind, _, arg = spec.extractor.partition(":")
+    if kind == "none":
+        return None
     if kind == "domain":
         return _domain_evaluator()
     if kind == "inception":
@@ -140,7 +143,7 @@ class MetricActor:
         self.spec = MetricsSpec(**{**spec, "scorers": tuple(spec.get("scorers", ()))})
         self.extractor = build_extractor(self.spec)
         # the domain evaluator is both extractor and scorer: load it once
-        self.scorers = [self.extractor if (s == "domain" and self.spec.extractor == "domain")
+        self.scorers = [self.extractor if (s == "domain" and self.extractor is not None and self.spec.extractor == "domain")
                         else build_scorer(s, self.spec) for s in self.spec.scorers]
         self.grid_keys = set(grid_keys)
 
@@ -150,7 +153,8 @@ class MetricActor:
 
         x = images_for_metrics(batch["image"], self.spec.protocol_size)
         out = {k: v for k, v in batch.items() if k != "image"}
-        out["features"] = self.extractor.features(x).float().cpu().numpy()
+        if self.extractor is not None:
+            out["features"] = self.extractor.features(x).float().cpu().numpy()
         prompts = [str(p) for p in batch["prompt"]] if "prompt" in batch else None
         for spec_str, scorer in zip(self.spec.scorers, self.scorers):
             if prompts is None:
@@ -223,15 +227,18 @@ def _tmpdir() -> Path:
 
 def features_and_stats(ds: Any, spec: MetricsSpec, *, concurrency: int = 1, batch_size: int = 64,
                        cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, grid_keys: tuple[str, ...] = (),
-                       stats_rows: int = 4096) -> tuple[list[dict[str, Any]], GaussianStats]:
+                       stats_rows: int = 4096) -> tuple[list[dict[str, Any]], GaussianStats | None]:
     """Run :class:`MetricActor` over an image dataset; return per-row results and merged stats."""
     feats = ds.map_batches(
         MetricActor, fn_constructor_kwargs={"spec": asdict(spec), "grid_keys": tuple(grid_keys)},
         concurrency=concurrency, batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
         batch_format="numpy",
     ).materialize()
-    partials = feats.map_batches(partial_stats, batch_size=stats_rows, batch_format="numpy").take_all()
-    stats = merge_partials(partials)
+    stats = None
+    if spec.extractor != "none":
+        partials = feats.map_batches(partial_stats, batch_size=stats_rows, batch_format="numpy",
+                                     num_cpus=0.25).take_all()
+        stats = merge_partials(partials)
     rows = sorted(feats.take_all(), key=lambda r: (str(r.get("group", "")), int(r.get("idx", 0))))
     return rows, stats
 
@@ -264,7 +271,8 @@ def build_reference(image_source: str, spec: MetricsSpec, **ray_kwargs: Any) -> 
             raise ValueError("real photos come in many sizes: set protocol_size (256 for the COCO protocol)")
         rows = [{"idx": i, "key": f"real-{i:06d}", "group": "", "path": f} for i, f in enumerate(files)]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 256, 256)))
-        ds = ds.map_batches(_load_real_images, fn_kwargs={"size": spec.protocol_size}, batch_format="numpy")
+        ds = ds.map_batches(_load_real_images, fn_kwargs={"size": spec.protocol_size}, batch_format="numpy",
+                            num_cpus=0.25)
     rows, stats = features_and_stats(ds, spec, **ray_kwargs)
     features = np.stack([np.asarray(r["features"], dtype=np.float32) for r in rows])
     manifest = {
@@ -314,11 +322,11 @@ def _load_real_images(batch: dict[str, np.ndarray], size: int) -> dict[str, np.n
 
 
 # ---------------------------------------------------------------------------------- results
-def compute_metrics(rows: list[dict[str, Any]], stats: GaussianStats, reference: Reference | None,
+def compute_metrics(rows: list[dict[str, Any]], stats: GaussianStats | None, reference: Reference | None,
                     spec: MetricsSpec) -> dict[str, float]:
     """FID (eigh), precision/recall, mean scores (overall and per group)."""
-    metrics: dict[str, float] = {"num_images": float(stats.n)}
-    if reference is not None:
+    metrics: dict[str, float] = {"num_images": float(len(rows))}
+    if reference is not None and stats is not None:
         metrics["fid"] = frechet_distance(stats, reference.stats, method="eigh")
         fake = np.stack([np.asarray(r["features"], dtype=np.float32) for r in rows])
         pr = precision_recall(reference.features, fake, k=spec.pr_k)
@@ -334,8 +342,8 @@ def compute_metrics(rows: list[dict[str, Any]], stats: GaussianStats, reference:
     return metrics
 
 
-def sample_grid(rows: list[dict[str, Any]], cols: int = 8) -> Any:
-    """PIL grid of the rows that carry a PNG (the grid keys), in order."""
+def sample_grid(rows: list[dict[str, Any]], cols: int = 8, min_tile: int = 128) -> Any:
+    """PIL grid of the rows that carry a PNG (the grid keys), in order; small images upscaled (nearest)."""
     from PIL import Image
     import io as _io
 
@@ -343,6 +351,10 @@ def sample_grid(rows: list[dict[str, Any]], cols: int = 8) -> Any:
     if not tiles:
         return None
     w, h = tiles[0].size
+    if w < min_tile:
+        scale = -(-min_tile // w)
+        w, h = w * scale, h * scale
+        tiles = [t.resize((w, h), Image.Resampling.NEAREST) for t in tiles]
     cols = min(cols, len(tiles))
     nrows = -(-len(tiles) // cols)
     grid = Image.new("RGB", (cols * w, nrows * h), (255, 255, 255))
@@ -352,7 +364,11 @@ def sample_grid(rows: list[dict[str, Any]], cols: int = 8) -> Any:
 
 
 def env_for_workers() -> dict[str, str]:
-    """Environment the Ray workers need (S3 endpoint, offline flags); never logged."""
-    keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "HF_HUB_OFFLINE", "WADI_CACHE", "MLFLOW_TRACKING_URI")
-    return {k: os.environ[k] for k in keys if k in os.environ}
+    """Non-secret environment the Ray workers need (S3 endpoint, offline flags, cache, MLflow URI).
+
+    Credentials are not passed here: local workers inherit the driver's environment and cluster
+    workers get theirs from the cluster (instance roles, Kubernetes secrets).
+    """
+    keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "WADI_CACHE",
+            "MLFLOW_TRACKING_URI")
+    return {k: os.environ[k] for k in keys if k in os.environ and "@" not in os.environ[k]}

@@ -29,6 +29,7 @@ __all__ = [
     "prompt_seed",
     "resolve_model_dir",
     "ImageGenerator",
+    "apply_student_adapter",
     "GeneratorActor",
     "write_png_files",
     "encode_png",
@@ -81,8 +82,8 @@ def load_prompts(source: str, num: int | None = None, draw_seed: int = 2024) -> 
         from wadi_core.domain import eval_prompts
 
         parts = source.split(":")[1:]
-        n = int(parts[0]) if parts and parts[0] else (num or 1000)
-        seed = int(parts[1]) if len(parts) > 1 else 0
+        n = int(parts[0]) if parts and parts[0] else (num or 5000)
+        seed = int(parts[1]) if len(parts) > 1 else 1
         split = parts[2] if len(parts) > 2 else "train"
         records = _records(eval_prompts(n, seed, split), f"domain-{split}-{seed}")
         info.update(domain_n=n, domain_seed=seed, domain_split=split)
@@ -172,6 +173,39 @@ def resolve_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> P
     return root if (root / "model_index.json").exists() else _find_pipeline_dir(root)
 
 
+def apply_student_adapter(teacher: Any, uri: str) -> None:
+    """Load a student adapter file onto the teacher's denoiser and make it active.
+
+    Accepts both ``wadi_core.adapters.save_adapter`` files (metadata ``format``) and
+    ``wadi_core.export.save_adapter_file`` files (the export's ``adapters/student.safetensors``).
+    """
+    from safetensors import safe_open
+
+    from wadi_core.adapters import add_adapter, load_adapter, load_adapter_state_dict, set_adapter
+
+    if uri.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    else:
+        local = storage.materialize(uri)
+    with safe_open(str(local), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") == "wadi-adapter-v1":
+        load_adapter(teacher.denoiser, "student", local)
+    elif "kind" in meta:
+        from wadi_core.export import load_adapter_file
+
+        state, spec = load_adapter_file(local)
+        add_adapter(teacher.denoiser, spec.kind, "student", spec.rank, spec.resolved_targets(teacher.family, "student"))
+        ref = next(teacher.denoiser.parameters())
+        load_adapter_state_dict(teacher.denoiser, "student", {k: v.to(ref.device) for k, v in state.items()})
+    else:
+        raise ValueError(f"{uri} is not a WaDi adapter file (no kind/format metadata)")
+    set_adapter(teacher.denoiser, "student")
+    teacher.freeze()
+
+
 class ImageGenerator:
     """Loads a model once and samples uint8 images for (prompt, key) pairs."""
 
@@ -185,14 +219,10 @@ class ImageGenerator:
         root = resolve_model_dir(spec.uri)
         self.teacher = load_teacher(root, dtype=getattr(torch, spec.dtype), device=self.device)
         if spec.adapter:
-            from wadi_core.adapters import load_adapter, set_adapter
-
-            load_adapter(self.teacher.denoiser, "student", spec.adapter)
-            set_adapter(self.teacher.denoiser, "student")
-            self.teacher.freeze()
-        self.scheduler = DDIMScheduler.from_config(
-            self.teacher.scheduler.config, timestep_spacing="trailing",
-            set_alpha_to_one=bool(spec.final_x0) or self.teacher.scheduler.config.get("set_alpha_to_one", False))
+            apply_student_adapter(self.teacher, spec.adapter)
+        final_alpha_one = True if spec.final_x0 else bool(self.teacher.scheduler.config.get("set_alpha_to_one", False))
+        self.scheduler = DDIMScheduler.from_config(self.teacher.scheduler.config, timestep_spacing="trailing",
+                                                   set_alpha_to_one=final_alpha_one)
         self.scheduler.set_timesteps(spec.steps, device=self.device)
 
     @torch.no_grad()

@@ -146,6 +146,7 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None) -> Dist
         loop_config = {
             "config": cfg.to_flat(), "mlflow_run_id": tracker.run_id, "tracking_uri": tracking_uri,
             "export_uri": cfg.export_uri, "sample_prompts": sample_prompts, "num_epochs": num_epochs,
+            "total_steps": cfg.total_steps(num_prompts) if num_prompts else None,
         }
         result = _trainer(cfg, loop_config, datasets).fit()
         if result.error is not None:

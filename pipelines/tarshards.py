@@ -156,7 +156,7 @@ def parse_prompt_tar(buf: bytes | bytearray | memoryview, caption_ext: str = "tx
         error = str(e)
     except Exception as e:  # noqa: BLE001 - a shard must never take the run down
         error = f"{type(e).__name__}: {e}"
-    if cur_key is not None:
+    if cur_key is not None and not error:  # the sample being read when the damage hit is dropped
         samples.append((cur_first, cur_caption))
     first_bad = _verify_checksums(buf, offsets, stored)
     if first_bad >= 0:

@@ -19,7 +19,7 @@ import torch
 
 from wadi_core.config import from_dict
 
-from pipelines.checkpoint import Progress, load_training_state, save_training_state
+from pipelines.checkpoint import Progress, load_training_state, mark_complete, save_training_state
 from pipelines.config import DistillConfig
 from pipelines.data import PromptStream
 from pipelines.tarshards import BAD_REASONS
@@ -108,7 +108,7 @@ class _Run:
         self.progress = Progress(mlflow_run_id=loop_config.get("mlflow_run_id"))
         self.resumed_from = 0
         self.last_saved_step = -1
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self._latest_checkpoint()
         if checkpoint is not None:
             # Load everything now: num_to_keep may delete this directory once newer ones exist.
             with checkpoint.as_directory() as d:
@@ -118,6 +118,16 @@ class _Run:
         self.sample_prompts = prompts[: cfg.tracking.num_sample_prompts]
         self.sample_z = torch.randn(len(self.sample_prompts), *self.teacher.latent_shape,
                                     generator=torch.Generator().manual_seed(cfg.train.seed + 1))
+
+    def _latest_checkpoint(self) -> Any | None:
+        """Ray's checkpoint for this attempt, or a newer complete one found in storage."""
+        import ray.train
+
+        from pipelines.checkpoint import checkpoint_step, latest_complete_checkpoint
+
+        candidates = [c for c in (ray.train.get_checkpoint(), latest_complete_checkpoint(
+            self.cfg.train.storage_path, self.cfg.train.run_name)) if c is not None]
+        return max(candidates, key=lambda c: checkpoint_step(c.path), default=None)
 
     # -- logging --------------------------------------------------------------------------------
     def samples(self, tracker: Any, step: int) -> None:
@@ -140,21 +150,26 @@ class _Run:
         return dict(zip(BAD_REASONS, _sum_over_ranks(local)))
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def checkpoint(self, metrics: dict[str, float]) -> None:
+    def checkpoint(self, metrics: dict[str, float], stream: PromptStream) -> None:
         """Save and report a checkpoint (all ranks). A step already saved is reported without
         one: re-reporting the same directory name would let num_to_keep delete it."""
         import ray.train
 
         step = self.progress.step
+        report = {**metrics, **{f"data/bad_{k}": float(v) for k, v in self.bad_counts(stream).items()},
+                  "resumed_from_step": float(self.resumed_from), "step": step, "epoch": self.progress.epoch}
         if step == self.last_saved_step:
-            ray.train.report({**metrics, "step": step, "epoch": self.progress.epoch})
+            ray.train.report(report)
             return
         self.last_saved_step = step
+        name = f"checkpoint_{step:08d}"
         with tempfile.TemporaryDirectory(prefix="wadi-ckpt-") as tmp:
             save_training_state(tmp, self.engines, self.generator, self.progress, self.rank)
-            ray.train.report({**metrics, "step": step, "epoch": self.progress.epoch},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{step:08d}")
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        # report() uploads synchronously; once every rank is past it the directory is whole.
+        torch.distributed.barrier()
+        if self.rank == 0:
+            mark_complete(self.cfg.train.storage_path, self.cfg.train.run_name, name)
 
     def export(self) -> str | None:
         """Rank 0 writes the merged one-step pipeline (+ adapters) and uploads it to export_uri."""
@@ -202,7 +217,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if run.resumed_from:
             tracker.log_metrics({"resume/from_step": run.resumed_from}, step=run.resumed_from)
         metrics: dict[str, float] = {}
-        bar = tqdm(total=max_steps or None, initial=p.step, desc=f"vsd rank {run.rank}",
+        bar = tqdm(total=max_steps or loop_config.get("total_steps"), initial=p.step, desc=f"vsd rank {run.rank}",
                    disable=run.rank != 0, mininterval=5)
         stream = PromptStream(t.per_worker_batch)
         done = bool(max_steps) and p.step >= max_steps
@@ -237,7 +252,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     run.samples(tracker, p.step)
                 done = bool(max_steps) and p.step >= max_steps
                 if t.checkpoint_every and p.step % t.checkpoint_every == 0 and not done:
-                    run.checkpoint(metrics)
+                    run.checkpoint(metrics, stream)
                 if done:
                     break
             if not done:
@@ -254,11 +269,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if not (cfg.tracking.sample_every and p.step % cfg.tracking.sample_every == 0):
             run.samples(tracker, p.step)  # the final grid (unless this step just made one)
         export_uri = run.export()
-        final = {**metrics, **{f"data/bad_{k}": float(v) for k, v in bad.items()},
-                 "resumed_from_step": float(run.resumed_from)}
         if export_uri:
             tracker.set_tags({"wadi.export_uri": export_uri})
-        run.checkpoint(final)
+        run.checkpoint(metrics, stream)
 
 
 class _NullTracker:

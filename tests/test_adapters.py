@@ -238,8 +238,8 @@ def test_lorad_fused_backward_matches_autograd_gradcheck() -> None:
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     A = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     B = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    for chunk in (2, 64):  # several row chunks and one
-        assert torch.autograd.gradcheck(lambda *t: lorad_linear(*t, chunk_rows=chunk), (x, w, b, A, B))
+    for block in (None, (True, 2), (False, 2), (False, 4)):  # one block; row blocks; column blocks
+        assert torch.autograd.gradcheck(lambda *t: lorad_linear(*t, block=block), (x, w, b, A, B))
 
 
 def test_lorad_gradients_equal_plain_autograd_fp32() -> None:
@@ -247,12 +247,13 @@ def test_lorad_gradients_equal_plain_autograd_fp32() -> None:
     x = torch.randn(4, 9, 40)
     w, b = torch.randn(24, 40), torch.randn(24)
     A, B = torch.randn(24, 6, requires_grad=True), torch.randn(6, 20, requires_grad=True)
-    lorad_linear(x, w, b, A, B, chunk_rows=7).square().sum().backward()
-    ga, gb = A.grad.clone(), B.grad.clone()
-    A.grad = B.grad = None
     torch.nn.functional.linear(x, rotate_pairs(w, A @ B), b).square().sum().backward()
-    torch.testing.assert_close(ga, A.grad, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(gb, B.grad, rtol=1e-4, atol=1e-3)
+    want_a, want_b = A.grad.clone(), B.grad.clone()
+    for block in (None, (True, 5), (False, 6)):
+        A.grad = B.grad = None
+        lorad_linear(x, w, b, A, B, block=block).square().sum().backward()
+        torch.testing.assert_close(A.grad, want_a, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(B.grad, want_b, rtol=1e-4, atol=1e-3)
 
 
 def test_lorad_under_bf16_autocast_on_cpu() -> None:

@@ -69,6 +69,7 @@ def test_load_teacher_local_and_s3(s3_bucket, tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_exactly(tmp_path):
     from wadi_core.domain.pretrain import PretrainConfig, pretrain_teacher
 

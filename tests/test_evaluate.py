@@ -35,6 +35,8 @@ def test_metric_actor_features_scores_and_grid_png():
     assert [len(p) > 0 for p in out["png"]] == [False, True, False, False, False, False]
     coco = MetricActor({"extractor": "thumbnail:2", "scorers": [], "protocol_size": 8})(b)
     assert coco["features"].shape == (6, 12)  # after the 8 px protocol resize
+    scores_only = MetricActor({"extractor": "none", "scorers": ["mean_intensity"]})(b)
+    assert "features" not in scores_only and "score_mean_intensity" in scores_only
 
 
 def test_partial_stats_merge_exactly():
@@ -85,6 +87,19 @@ def test_list_checkpoints(tmp_path, tiny_pipeline_dir):
     assert [(c.id, c.step) for c in found] == [("checkpoint_000010", 10), ("checkpoint_000020", 20)]
     assert found[0].adapter.endswith("student_adapter.safetensors") and found[0].pipeline is None
     assert found[1].pipeline.endswith("checkpoint_000020/export")
+
+    # the same layout logged as MLflow artifacts of a training run
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("train", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp).info.run_id
+    client.log_artifacts(run, str(root), "checkpoints")
+    logged = list_checkpoints(f"runs:/{run}/checkpoints", tracking_uri=uri)
+    assert [(c.id, c.step) for c in logged] == [("checkpoint_000010", 10), ("checkpoint_000020", 20)]
+    assert logged[0].adapter == f"runs:/{run}/checkpoints/checkpoint_000010/student_adapter.safetensors"
+    assert logged[1].pipeline == f"runs:/{run}/checkpoints/checkpoint_000020/export"
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +164,29 @@ def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir
     history = client.get_metric_history(train_run, "eval/fid")
     assert sorted(h.step for h in history) == [0, 10, 20, 30]
     assert client.get_run(train_run).info.status == "RUNNING"  # the training run is left alone
+
+
+def test_compare_runs_table_and_plot(tmp_path):
+    import importlib.util
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("wadi-eval")
+    for name, steps, fid in (("teacher-25step", 25, 3.5), ("student-1step", 1, 4.25)):
+        run = client.create_run(exp, run_name=name).info.run_id
+        client.log_param(run, "model.steps", steps)
+        client.log_metric(run, "fid", fid)
+        client.log_metric(run, "alignment", 0.9)
+        client.set_terminated(run)
+    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parents[1] / "jobs/compare_runs.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    rows = job.main(["--experiment", "wadi-eval", "--tracking-uri", uri, "--out", str(tmp_path / "cmp")])
+    assert [r["run"] for r in rows] == ["teacher-25step", "student-1step"]
+    md = (tmp_path / "cmp.md").read_text()
+    assert "| teacher-25step |" in md and "4.25" in md and "alignment" in md
+    csv_lines = (tmp_path / "cmp.csv").read_text().splitlines()
+    assert csv_lines[0].endswith("fid,alignment") and len(csv_lines) == 3
+    assert (tmp_path / "cmp.png").stat().st_size > 1000

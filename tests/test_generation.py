@@ -163,3 +163,42 @@ def test_images_do_not_depend_on_worker_count(ray_local, tiny_pipeline, tmp_path
     img = np.asarray(Image.open(io.BytesIO(members["p-000003.png"])))
     np.testing.assert_array_equal(img, out[2][3])
     assert members["p-000003.txt"].decode() == recs[3].prompt
+
+
+def test_generator_reads_export_style_adapter_files(tiny_pipeline, tmp_path):
+    """``wadi_core.export.save_adapter_file`` (the export's adapters/student.safetensors) loads too."""
+    from wadi_core.adapters import adapter_parameters, adapter_state_dict, add_adapter
+    from wadi_core.export import save_adapter_file
+    from wadi_core.models import load_teacher
+    from wadi_core.vsd.config import AdapterSpec
+
+    spec = AdapterSpec(kind="lorad", rank=4)
+    teacher = load_teacher(tiny_pipeline)
+    add_adapter(teacher.denoiser, "lorad", "student", 4, spec.resolved_targets("sd", "student"))
+    with torch.no_grad():
+        for p in adapter_parameters(teacher.denoiser, "student"):
+            p.normal_(0, 0.3)
+    save_adapter_file(tmp_path / "student.safetensors", adapter_state_dict(teacher.denoiser, "student"), spec, "sd")
+    keys, prompts = ["a", "b"], ["a red circle", "a blue square"]
+    base = ImageGenerator(ModelSpec(uri=tiny_pipeline), seed=0).generate(prompts, keys)
+    moved = ImageGenerator(ModelSpec(uri=tiny_pipeline, adapter=str(tmp_path / "student.safetensors")),
+                           seed=0).generate(prompts, keys)
+    assert not np.array_equal(base, moved)
+
+
+def test_resolve_model_dir_from_mlflow_runs_uri(tiny_pipeline, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipelines.generation import resolve_model_dir
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("WADI_CACHE", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("distill", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp).info.run_id
+    client.log_artifacts(run, tiny_pipeline, "export")
+    local = resolve_model_dir(f"runs:/{run}/export")
+    assert (local / "model_index.json").exists() and (local / "unet").is_dir()
+    assert resolve_model_dir(f"runs:/{run}/export") == local  # cached, not downloaded again

@@ -170,3 +170,23 @@ def test_coco_draw_is_seeded_and_one_caption_per_image(tmp_path):
     assert read_prompt_list(tmp_path / "list.txt", sha) == [p.caption for p in a]
     with pytest.raises(ValueError, match="sha256"):
         read_prompt_list(tmp_path / "list.txt", "0" * 64)
+
+
+def test_stored_prompt_lists_match_their_hashes():
+    """data/prompts/manifest.json: stored lists keep their sha256; the domain list regenerates exactly."""
+    from pathlib import Path
+
+    from pipelines.generation import load_prompts
+
+    repo = Path(__file__).resolve().parents[1]
+    manifest = json.loads((repo / "data/prompts/manifest.json").read_text())
+    checked = 0
+    for name, entry in manifest.items():
+        if not entry["path"] or not (repo / entry["path"]).exists():
+            continue
+        prompts = read_prompt_list(repo / entry["path"], entry["sha256"])
+        assert len(prompts) == entry["num"], name
+        if entry["source"].startswith("domain:"):
+            assert load_prompts(entry["source"])[1]["sha256"] == entry["sha256"]
+        checked += 1
+    assert checked >= 1

@@ -81,14 +81,14 @@ def test_bad_records_are_counted_not_raised(tmp_path: Path) -> None:
 def test_corrupt_shards_keep_what_came_before(tmp_path: Path, damage: str) -> None:
     data = _shard_bytes(tmp_path, _samples(8))
     if damage == "truncated":
-        data = data[: 512 * 9 + 100]  # inside the 5th sample
+        data = data[: 2048 * 4 + 512 + 100]  # 4 blocks per sample: inside the 5th caption
     elif damage == "garbage":
         data = b"this is not a tar archive at all" * 64
     elif damage == "empty":
         data = b""
     else:
         flipped = bytearray(data)
-        flipped[512 * 8 + 3] ^= 0x20  # a header byte of the 5th sample: checksum mismatch
+        flipped[2048 * 4 + 3] ^= 0x20  # a header byte of the 5th sample: checksum mismatch
         data = bytes(flipped)
     parsed = parse_prompt_tar(data)
     assert parsed.bad["corrupt_shard"] == 1 and parsed.error

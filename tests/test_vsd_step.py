@@ -99,27 +99,30 @@ def test_guided_eps_combines_separate_conditional_and_null_forwards(sd_dir):
 def test_short_run_lowers_the_fake_loss_and_moves_the_student(sd_dir):
     from wadi_core.vsd import add_noise, fake_score_loss
 
-    d = _distiller(sd_dir)
+    d = _distiller(sd_dir, fake_lr=3e-2)
     updaters = make_updaters(d)
     cond = d.teacher.encode_prompts(PROMPTS * 2)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(8, *d.teacher.latent_shape, generator=torch.Generator().manual_seed(5))
-    # A fixed probe: the fake score's denoising loss on the initial student samples.
+    # A fixed probe: the fake score's (alphabar-weighted) loss on the initial student samples.
+    # On a random tiny UNet most of it is irreducible, so the drop is small but must be steady.
     with torch.no_grad():
         x0_probe = d.generate(z, cond)
-    t = torch.linspace(50, 950, 8).long()
+    t = torch.linspace(0, 999, 8).long()
     eps = torch.randn(x0_probe.shape, generator=torch.Generator().manual_seed(6))
 
     def probe() -> float:
         with torch.no_grad():
             return float(fake_score_loss(d.eps("fake", add_noise(x0_probe, eps, d.abar(t)), t, cond), eps, d.abar(t)))
 
-    before = probe()
-    for _ in range(25):
+    probes = [probe()]
+    for i in range(15):
         vsd_step(d, cond, updaters["student"], updaters["fake"], g)
-    assert probe() < 0.9 * before
+        if i % 5 == 4:
+            probes.append(probe())
+    assert all(b < a for a, b in zip(probes, probes[1:])), probes
     with torch.no_grad():
-        moved = (d.generate(z, cond) - x0_probe).abs().mean()
+        moved = (d.generate(z, cond) - x0_probe).abs().mean() / x0_probe.abs().mean()
     assert moved > 1e-3 and all(torch.isfinite(p).all() for p in d.parameters("student"))
 
 

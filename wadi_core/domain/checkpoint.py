@@ -40,7 +40,7 @@ def save_training_state(
     state_dir: str | os.PathLike,
     models: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer | None,
-    generator: torch.Generator,
+    generator: torch.Generator | dict[str, torch.Generator],
     meta: dict[str, Any],
 ) -> None:
     """Atomically (write to a temp dir, then rename) save everything needed to resume exactly."""
@@ -54,7 +54,9 @@ def save_training_state(
     if optimizer is not None:
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file({"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}, str(tmp / "rng.safetensors"))
+    gens = generator if isinstance(generator, dict) else {"generator": generator}
+    save_file({"torch_cpu": torch.get_rng_state(), **{k: g.get_state() for k, g in gens.items()}},
+              str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"meta": meta, "optimizer": opt_meta}, indent=1))
     old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -68,9 +70,12 @@ def load_training_state(
     state_dir: str | os.PathLike,
     models: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer | None,
-    generator: torch.Generator,
+    generator: torch.Generator | dict[str, torch.Generator],
 ) -> dict[str, Any]:
-    """Restore what ``save_training_state`` wrote into the given objects; returns ``meta``."""
+    """Restore what ``save_training_state`` wrote into the given objects; returns ``meta``.
+
+    Generators (one, or a dict by name) whose state is not in the checkpoint are left as they are.
+    """
     d = Path(state_dir)
     info = json.loads((d / "state.json").read_text())
     weights = load_file(str(d / "models.safetensors"))
@@ -82,5 +87,8 @@ def load_training_state(
         optimizer_from_flat(optimizer, load_file(str(d / "optimizer.safetensors")), info["optimizer"])
     rng = load_file(str(d / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
-    generator.set_state(rng["generator"])
+    gens = generator if isinstance(generator, dict) else {"generator": generator}
+    for name, g in gens.items():
+        if name in rng:
+            g.set_state(rng[name])
     return info["meta"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from wadi_core.domain.attributes import caption
 from wadi_core.domain.checkpoint import load_training_state, save_training_state
 from wadi_core.domain.data import RenderSet, make_render_set, to_tensor
+from wadi_core.domain.pretrain_denoiser import DenoiserData, _lr, run_denoiser_phase
 from wadi_core.domain.teacher import (TeacherArch, assemble_pipeline, build_text_encoder, build_training_scheduler,
                                       build_unet, build_vae)
 from wadi_core.domain.tokenizer import build_tokenizer
@@ -54,17 +55,12 @@ class PretrainConfig:
     denoiser_batch: int = 128
     denoiser_lr: float = 1e-3
     caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
     warmup_steps: int = 100
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     num_threads: int = 2
+    denoiser_workers: int = 1
     arch: TeacherArch = TeacherArch()
-
-
-def _lr(base: float, step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _vae_loss(vae, x: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig, decoder_only: bool) -> tuple[torch.Tensor, dict]:
@@ -208,43 +204,23 @@ def pretrain_teacher(
     empty = len(data.combos)
     combo = torch.from_numpy(data.combo.astype(np.int64))
     noise_sched = build_training_scheduler()
+    # Min-SNR-gamma weighting (Hang et al. 2023) for eps-prediction: min(SNR, gamma) / SNR stops
+    # the many easy low-noise steps from dominating; it converges several times faster.
+    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
+    snr_weight = (snr.clamp(max=cfg.min_snr_gamma) / snr) if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
     if meta["phase"] == "denoiser":
-        opt = phase_opt if phase_opt is not None else make_opt("denoiser")
-        phase_opt = opt
-        unet.train()
-        text_encoder.train()
-        total = cfg.denoiser_steps
-        bar = tqdm(range(meta["step"], total), desc="denoiser", disable=not progress, mininterval=5)
-        ema_loss = None
-        for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = _lr(cfg.denoiser_lr, step, total, cfg.warmup_steps)
-            idx = torch.randint(len(combo), (cfg.denoiser_batch,), generator=generator)
-            z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=generator)) * scaling
-            drop = torch.rand(len(idx), generator=generator) < cfg.caption_dropout
-            ids = combo_ids[torch.where(drop, torch.full_like(idx, empty), combo[idx])]
-            noise = torch.randn(z0.shape, generator=generator)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=generator)
-            z_t = noise_sched.add_noise(z0, noise, t)
-            cond = text_encoder(ids)[0]
-            loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=cond).sample, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-            opt.step()
-            meta["step"] = step + 1
-            steps_this_call += 1
-            ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{ema_loss:.4f}")
-                log({"denoiser/loss": loss.item(), "denoiser/loss_ema": ema_loss,
-                     "denoiser/lr": opt.param_groups[0]["lr"]}, cfg.vae_steps + cfg.vae_decoder_steps + step)
-            if (step + 1) % cfg.checkpoint_every == 0 and checkpoint():
-                return stopped
-        meta["phase"] = "done"
-        meta["step"] = 0
-        phase_opt = None
-        checkpoint()
+        data2 = DenoiserData(lat_mean, lat_std, combo, combo_ids, empty, scaling, snr_weight,
+                             noise_sched.alphas_cumprod.clone(), len(tokenizer), tokenizer.bos_token_id,
+                             tokenizer.eos_token_id)
+        if meta["step"] == 0:  # phase start: save it with the scaling factor (no optimizer yet)
+            meta["elapsed_s"] = elapsed0 + time.time() - started
+            save_training_state(state_dir, models, None, generator, meta)
+        if run_denoiser_phase(cfg, data2, state_dir, models, log, progress,
+                              None if stop_after_steps is None else max(1, stop_after_steps - steps_this_call),
+                              cfg.vae_steps + cfg.vae_decoder_steps):
+            return stopped
+        meta = load_training_state(state_dir, models, None, generator)
+        elapsed0, started = meta["elapsed_s"], time.time()
 
     unet.eval()
     text_encoder.eval()

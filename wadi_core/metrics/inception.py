@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -27,7 +28,9 @@ class InceptionExtractor:
                  expected_sha256: str | None = None, feature_dim: int = 2048, batch_size: int = 64):
         path, self.sha256 = resolve_weights(weights, "Inception-V3", expected_sha256)
         # TorchScript file the user supplied (clean-fid's release); not a pickle.
-        model = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; clean-fid ships TorchScript
+            model = torch.jit.load(str(path), map_location=device).eval()
         if not hasattr(model, "layers"):
             raise ValueError(f"{weights} is not clean-fid's inception-2015-12-05.pt (no 'layers' submodule)")
         self.layers = model.layers

@@ -124,7 +124,7 @@ def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fak
         losses_f.append(float(loss_f.detach()))
 
     return {
-        "loss_gen": float(loss_g),
+        "loss_gen": float(loss_g.detach()),
         "loss_fake": sum(losses_f) / len(losses_f),
         "grad_norm_student": grad_norm_student,
         "grad_norm_fake": sum(norms_f) / len(norms_f),

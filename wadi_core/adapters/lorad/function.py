@@ -3,8 +3,8 @@
 Memory: autograd on the plain formula would keep ``Theta``, ``cos``, ``sin`` (fp32, ``out x in/2``
 each) and ``W_rot`` alive for every adapted layer until backward. This Function saves only what the
 model holds anyway (``x`` in the compute dtype, ``W``, ``bias``, ``A``, ``B``) and recomputes the
-rotation in backward, row chunk by row chunk, so the fp32 transients stay small and are never
-stacked across layers. The base matmul is never run and discarded (the public code's hook does).
+rotation in backward, block by block (of output rows or of input columns), so the fp32
+transients stay small and are never stacked across layers. The base matmul is never run and discarded (the public code's hook does).
 
 Gradient of the angles, with ``a' = a cos - b sin`` and ``b' = a sin + b cos`` per column pair:
 ``dL/dTheta = dL/da' * (-a sin - b cos) + dL/db' * (a cos - b sin) = dL/db' * a' - dL/da' * b'``,
@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 __all__ = ["rotate_pairs", "lorad_linear", "angle_dtype"]
 
-# Rows per chunk are chosen so a chunk holds about this many weight elements (1 MB in fp32): the
-# fp32 transients of the rotation then stay far below one weight gradient.
-_CHUNK_ELEMENTS = 1 << 18
+# Blocks hold about this many weight elements (2 MB in fp32); see ``_plan``.
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def angle_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -53,52 +52,86 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
-def _chunk_rows(out_features: int, in_features: int) -> int:
-    return max(16, _CHUNK_ELEMENTS // max(1, in_features))
+def _round_width(n: int, total: int) -> int:
+    """GEMM-friendly chunk width: a multiple of 64, at least 128, at most ``total``."""
+    return min(total, max(128, n // 64 * 64))
+
+
+def _plan(out_features: int, in_features: int) -> tuple[bool, int]:
+    """``(by_rows, width)``: split the weight into blocks of output rows or of input columns.
+
+    Each block costs a re-read of an activation: blocks of rows re-read ``x`` and update ``dL/dx``
+    (~3 T*in), blocks of columns re-read ``g`` (~2 T*out); pick the cheaper one. A block holds about
+    ``_CHUNK_ELEMENTS`` weight elements and at most about a quarter of the layer, so the ~3
+    block-sized fp32 transients of backward stay near one weight gradient.
+    """
+    by_rows = out_features * 2 > in_features * 3
+    along, across = (out_features, in_features) if by_rows else (in_features, out_features)
+    width = min(along, _CHUNK_ELEMENTS // max(1, across), -(-along // 4))
+    width = _round_width(width, along)
+    return by_rows, width if by_rows else width // 2 * 2
 
 
 def _rotate_into(dst: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``dst = rotate_pairs(weight, theta)`` without temporaries beyond ``exp(i theta)``.
+    """``dst = rotate_pairs(weight, theta)`` in place, with ``dst`` of ``theta``'s dtype.
 
-    A column pair ``(a, b)`` is the complex number ``a + ib``; rotating it by ``theta`` is multiplying
-    by ``exp(i theta)``. ``dst`` is contiguous with ``theta``'s dtype.
+    A column pair ``(a, b)`` is the complex number ``a + ib``; rotating it by ``theta`` multiplies it by
+    ``exp(i theta)``. ``dst`` and ``weight`` may be row or column slices (last stride 1, even offsets).
     """
-    rows = dst.shape[0]
-    w = weight.to(dst.dtype).contiguous()
-    rot = torch.polar(torch.ones_like(theta), theta)
-    torch.mul(torch.view_as_complex(w.view(rows, -1, 2)), rot, out=torch.view_as_complex(dst.view(rows, -1, 2)))
+    shape = (dst.shape[0], -1, 2)
+    w = weight.to(dst.dtype)
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    out = torch.view_as_complex(dst.view(shape))
+    torch.polar(torch.ones((), dtype=theta.dtype, device=theta.device).expand_as(theta), theta, out=out)
+    out.mul_(torch.view_as_complex(w.view(shape)))
     return dst
+
+
+def _blocks(out_f: int, in_f: int, by_rows: bool, width: int) -> list[tuple[slice, slice, slice]]:
+    """``(rows, cols, pairs)`` slices of each block."""
+    if by_rows:
+        return [(slice(r, min(out_f, r + width)), slice(0, in_f), slice(0, in_f // 2))
+                for r in range(0, out_f, width)]
+    return [(slice(0, out_f), slice(c, min(in_f, c + width)), slice(c // 2, min(in_f, c + width) // 2))
+            for c in range(0, in_f, width)]
+
+
+def _dtheta(gw: torch.Tensor, w_rot: torch.Tensor) -> torch.Tensor:
+    """``dL/dTheta = dL/db' a' - dL/da' b'`` per pair, from ``dL/dW_rot`` and ``W_rot``."""
+    gp, wp = gw.view(gw.shape[0], -1, 2), w_rot.view(w_rot.shape[0], -1, 2)
+    dtheta = gp[..., 1] * wp[..., 0]
+    return dtheta.addcmul_(gp[..., 0], wp[..., 1], value=-1)
 
 
 class _LoRaDLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                A: torch.Tensor, B: torch.Tensor, cdt: torch.dtype, chunk_rows: int) -> torch.Tensor:
+                A: torch.Tensor, B: torch.Tensor, cdt: torch.dtype, plan: tuple[bool, int]) -> torch.Tensor:
         out_f, in_f = weight.shape
         adt = angle_dtype(A, B)
         with _no_autocast(x.device.type):
             w_rot = torch.empty((out_f, in_f), dtype=cdt, device=weight.device)
-            buf = None if cdt == adt else torch.empty((min(chunk_rows, out_f), in_f), dtype=adt, device=weight.device)
-            Bf = B.to(adt)
-            for r0 in range(0, out_f, chunk_rows):
-                r1 = min(out_f, r0 + chunk_rows)
-                theta = A[r0:r1].to(adt) @ Bf
-                if buf is None:
-                    _rotate_into(w_rot[r0:r1], weight[r0:r1], theta)
-                else:  # angles and rotation in fp32, result cast to the compute dtype
-                    w_rot[r0:r1] = _rotate_into(buf[: r1 - r0], weight[r0:r1], theta)
+            Af, Bf = A.to(adt), B.to(adt)
+            for rows, cols, pairs in _blocks(out_f, in_f, *plan):
+                theta = Af[rows] @ Bf[:, pairs]
+                if cdt == adt:
+                    _rotate_into(w_rot[rows, cols], weight[rows, cols], theta)
+                else:  # angles and rotation in fp32, the result cast to the compute dtype
+                    w_rot[rows, cols] = _rotate_into(torch.empty(theta.shape[0], 2 * theta.shape[1], dtype=adt,
+                                                                 device=weight.device), weight[rows, cols], theta)
                 del theta
             xc = x.to(cdt)
             y = F.linear(xc, w_rot, None if bias is None else bias.to(cdt))
         ctx.save_for_backward(xc, weight, bias, A, B)
-        ctx.cdt, ctx.chunk_rows, ctx.x_dtype = cdt, chunk_rows, x.dtype
+        ctx.cdt, ctx.plan, ctx.x_dtype = cdt, plan, x.dtype
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xc, weight, bias, A, B = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        cdt, chunk_rows = ctx.cdt, ctx.chunk_rows
+        cdt, (by_rows, width) = ctx.cdt, ctx.plan
         out_f, in_f = weight.shape
         adt = angle_dtype(A, B)
         grad_x = grad_w = grad_b = grad_A = grad_B = None
@@ -106,37 +139,44 @@ class _LoRaDLinear(torch.autograd.Function):
         with _no_autocast(gy.device.type):
             g = gy.reshape(-1, out_f).to(cdt)
             x2 = xc.reshape(-1, in_f)
-            Bf, Af = B.to(adt), A.to(adt)
-            if need_x:
-                grad_x = torch.zeros(x2.shape, dtype=cdt, device=dev)
+            Af, Bf = A.to(adt), B.to(adt)
+            if need_x:  # row blocks accumulate into it, column blocks fill disjoint columns
+                grad_x = (torch.zeros if by_rows else torch.empty)(x2.shape, dtype=cdt, device=dev)
             if need_w:
                 grad_w = torch.empty(weight.shape, dtype=adt, device=dev)
             if need_A:
-                grad_A = torch.empty(A.shape, dtype=adt, device=dev)
+                grad_A = (torch.empty if by_rows else torch.zeros)(A.shape, dtype=adt, device=dev)
             if need_B:
-                grad_B = torch.zeros(B.shape, dtype=adt, device=dev)
-            buf = torch.empty((min(chunk_rows, out_f), in_f), dtype=adt, device=dev)
-            for r0 in range(0, out_f, chunk_rows):
-                r1 = min(out_f, r0 + chunk_rows)
-                theta = Af[r0:r1] @ Bf
-                w_rot = _rotate_into(buf[: r1 - r0], weight[r0:r1], theta)  # recomputed: nothing fp32 saved
-                gs = g[:, r0:r1]
+                grad_B = (torch.zeros if by_rows else torch.empty)(B.shape, dtype=adt, device=dev)
+            buf = torch.empty(width * (in_f if by_rows else out_f), dtype=adt, device=dev)
+            for rows, cols, pairs in _blocks(out_f, in_f, by_rows, width):
+                theta = Af[rows] @ Bf[:, pairs]
+                n_rows, n_cols = theta.shape[0], 2 * theta.shape[1]
+                w_rot = _rotate_into(buf[: n_rows * n_cols].view(n_rows, n_cols), weight[rows, cols], theta)
+                gs = g[:, rows]
                 if need_x:
-                    grad_x.addmm_(gs, w_rot.to(cdt))
+                    if by_rows:
+                        grad_x.addmm_(gs, w_rot.to(cdt))
+                    else:
+                        torch.mm(gs, w_rot.to(cdt), out=grad_x[:, cols])
                 if not (need_w or need_A or need_B):
                     continue
-                gw = (gs.t() @ x2).to(adt)  # dL/dW_rot for these rows
+                gw = (gs.t() @ x2[:, cols]).to(adt)  # dL/dW_rot of this block
                 if need_A or need_B:
-                    gp, wp = gw.view(r1 - r0, -1, 2), w_rot.view(r1 - r0, -1, 2)
-                    dtheta = gp[..., 1] * wp[..., 0]  # dL/db' a' - dL/da' b'
-                    dtheta.addcmul_(gp[..., 0], wp[..., 1], value=-1)
+                    dtheta = _dtheta(gw, w_rot)
                     if need_A:
-                        grad_A[r0:r1] = dtheta @ Bf.t()
+                        if by_rows:
+                            torch.mm(dtheta, Bf.t(), out=grad_A[rows])
+                        else:
+                            grad_A.addmm_(dtheta, Bf[:, pairs].t())
                     if need_B:
-                        grad_B.addmm_(Af[r0:r1].t(), dtheta)
+                        if by_rows:
+                            grad_B.addmm_(Af[rows].t(), dtheta)
+                        else:
+                            torch.mm(Af.t(), dtheta, out=grad_B[:, pairs])
                     del dtheta
                 if need_w:  # the gradient rotated back by -theta
-                    _rotate_into(grad_w[r0:r1], gw, -theta)
+                    _rotate_into(grad_w[rows, cols], gw, -theta)
                 del theta, gw
             if need_b:
                 grad_b = g.sum(0).to(bias.dtype)
@@ -153,13 +193,15 @@ class _LoRaDLinear(torch.autograd.Function):
 
 def lorad_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  A: torch.Tensor, B: torch.Tensor, cdt: torch.dtype | None = None,
-                 chunk_rows: int | None = None) -> torch.Tensor:
+                 block: tuple[bool, int] | None = None) -> torch.Tensor:
     """``y = x @ W_rot^T + bias`` with ``W_rot = rotate_pairs(W, A @ B)`` cast to ``cdt``.
 
     ``cdt`` defaults to ``x.dtype``; angles, cos and sin are computed in fp32 (float64 for float64).
+    ``block`` = ``(by_rows, width)`` overrides the blocking (tests); width counts rows or columns.
     """
-    if weight.shape[1] % 2:
-        raise ValueError(f"LoRaD needs an even input width, got {weight.shape[1]}")
-    cdt = cdt or x.dtype
-    rows = chunk_rows or _chunk_rows(*weight.shape)
-    return _LoRaDLinear.apply(x, weight, bias, A, B, cdt, rows)
+    out_f, in_f = weight.shape
+    if in_f % 2:
+        raise ValueError(f"LoRaD needs an even input width, got {in_f}")
+    if block is not None and not block[0] and block[1] % 2:
+        raise ValueError("column blocks must hold whole pairs (an even width)")
+    return _LoRaDLinear.apply(x, weight, bias, A, B, cdt or x.dtype, block or _plan(out_f, in_f))

@@ -1,0 +1,177 @@
+"""Peak memory of one VSD iteration: one shared frozen base vs three separate model copies.
+
+    python benchmarks/bench_vsd_memory.py                      # CPU, SD1.5 layout at 0.4x width
+    python benchmarks/bench_vsd_memory.py --width 1.0 --latent 64 --batch 4 --device cuda   # real SD1.5 UNet
+
+Both variants run the same ``wadi_core.vsd.vsd_step`` (generator update + fake update, AdamW,
+same LoRaD student / fake adapters, same batch); only the role -> weights mapping differs:
+
+* ``shared``: ``WaDiDistiller``: teacher, fake and student are adapters "None", "fake",
+  "student" on ONE frozen UNet;
+* ``copies``: the layout of the public WaDi code and DMD2: three full UNets (frozen teacher,
+  fake = copy + LoRaD fake, student = copy + LoRaD student).
+
+Method. Each variant runs in a fresh Python subprocess, so allocator caches and freed-but-kept
+pages of one cannot leak into the other. On CUDA the number is ``torch.cuda.max_memory_allocated``
+after two steps (from a reset after imports). On CPU it is the growth of the process's peak
+resident set: ``ru_maxrss`` after two full steps minus ``ru_maxrss`` right after imports (before
+any model exists); this includes weights, adapters, AdamW states, activations and the allocator's
+slack, i.e. what the machine must really provide. Weights are random (built from config), the
+text conditioning is random embeddings (no text encoder or VAE: they are the same in both
+layouts). Printed: both peaks and the ratio shared / copies (target <= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _unet_config(width: float) -> dict:
+    from wadi_core.models import denoiser_config
+
+    cfg = denoiser_config("sd15")
+    cfg["block_out_channels"] = [int(round(c * width / 32)) * 32 for c in cfg["block_out_channels"]]
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _make_teacher(args):
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from torch import nn
+
+    from wadi_core.models import Cond, Teacher
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**_unet_config(args.width), "sample_size": args.latent})
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    stub = nn.Linear(2, 2)  # no VAE / text encoder: identical in both layouts, not measured
+    teacher = Teacher(unet, stub, stub, None, scheduler, "sd").to(args.device).freeze()
+    teacher._null = Cond(torch.zeros(1, 77, 768, device=args.device))
+    return teacher
+
+
+class ThreeCopiesDistiller:
+    """Same interface as WaDiDistiller, but every role is its own full UNet (public WaDi / DMD2)."""
+
+    def __new__(cls, teacher, cfg):
+        from wadi_core.adapters import add_adapter, set_adapter
+        from wadi_core.vsd import WaDiDistiller
+
+        class _Copies(WaDiDistiller):
+            def __init__(self, teacher, cfg):
+                self.teacher, self.cfg, self._active = teacher, cfg, None
+                self.alphas_cumprod = teacher.alphas_cumprod.to(teacher.device)
+                base = teacher.denoiser
+                self.models = {"teacher": base}
+                for role, spec in (("student", cfg.student), ("fake", cfg.fake)):
+                    m = copy.deepcopy(base)
+                    add_adapter(m, spec.kind, role, spec.rank, spec.resolved_targets("sd", role))
+                    set_adapter(m, role)
+                    if cfg.gradient_checkpointing:
+                        m.enable_gradient_checkpointing()
+                    self.models[role] = m
+
+            def parameters(self, role):
+                from wadi_core.adapters import adapter_parameters
+
+                return adapter_parameters(self.models[role], role)
+
+            def role(self, role):
+                import contextlib
+
+                @contextlib.contextmanager
+                def swap():
+                    previous = self.teacher.denoiser
+                    self.teacher.denoiser = self.models[role]
+                    try:
+                        yield
+                    finally:
+                        self.teacher.denoiser = previous
+
+                return swap()
+
+        return _Copies(teacher, cfg)
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, vsd_step
+    from wadi_core.vsd.train import make_updaters
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_bytes = torch.cuda.memory_allocated()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    teacher = _make_teacher(args)
+    cfg = VSDConfig(student=AdapterSpec("lorad", args.student_rank), fake=AdapterSpec("lorad", args.fake_rank),
+                    gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision)
+    distiller = WaDiDistiller(teacher, cfg) if args.variant == "shared" else ThreeCopiesDistiller(teacher, cfg)
+    updaters = make_updaters(distiller)
+    gen = torch.Generator(device="cuda" if cuda else "cpu").manual_seed(0)
+    cond_embeds = torch.randn(args.batch, 77, 768, generator=torch.Generator().manual_seed(1)).to(args.device)
+    from wadi_core.models import Cond
+
+    t0 = time.perf_counter()
+    for _ in range(2):  # the 2nd step runs with AdamW states allocated
+        vsd_step(distiller, Cond(cond_embeds), updaters["student"], updaters["fake"], gen)
+    seconds = (time.perf_counter() - t0) / 2
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base_bytes
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    n_base = sum(p.numel() for p in teacher.denoiser.parameters() if not p.requires_grad)
+    return {"variant": args.variant, "peak_bytes": peak, "seconds_per_step": seconds, "base_params": n_base,
+            "student_params": sum(p.numel() for p in distiller.parameters("student")),
+            "fake_params": sum(p.numel() for p in distiller.parameters("fake"))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=float, default=0.4, help="UNet width relative to SD1.5 (1.0 = the real one)")
+    ap.add_argument("--latent", type=int, default=32, help="latent side (SD1.5 at 512 px: 64)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--student-rank", type=int, default=0, help="0: 256 scaled by width")
+    ap.add_argument("--fake-rank", type=int, default=0, help="0: 32 scaled by width")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variant", choices=["shared", "copies"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.student_rank = args.student_rank or max(8, int(256 * args.width) // 8 * 8)
+    args.fake_rank = args.fake_rank or max(4, int(32 * args.width) // 4 * 4)
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    results = {}
+    for variant in ("shared", "copies"):
+        cmd = [sys.executable, __file__, "--variant", variant] + [
+            a for a in sys.argv[1:] if a != "--variant"]
+        cmd += ["--student-rank", str(args.student_rank), "--fake-rank", str(args.fake_rank)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+    s, c = results["shared"], results["copies"]
+    print(f"UNet: SD1.5 layout x{args.width} width, {s['base_params'] / 1e6:.1f} M base params, latent "
+          f"{args.latent}x{args.latent}, batch {args.batch}, LoRaD student r={args.student_rank} "
+          f"({s['student_params'] / 1e6:.2f} M), fake r={args.fake_rank} ({s['fake_params'] / 1e6:.2f} M), "
+          f"checkpointing={args.gradient_checkpointing}, precision={args.mixed_precision}, device={args.device}")
+    what = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS growth"
+    print(f"{what}: shared base {s['peak_bytes'] / 2**20:.0f} MiB, three copies {c['peak_bytes'] / 2**20:.0f} MiB")
+    print(f"step time: shared {s['seconds_per_step']:.2f} s, copies {c['seconds_per_step']:.2f} s")
+    print(f"ratio shared / copies = {s['peak_bytes'] / c['peak_bytes']:.2f}x (target <= 0.5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Compare the runs of MLflow experiments: a markdown table, a CSV and a PNG plot of their metrics.
+
+    python jobs/compare_runs.py --experiment wadi-eval --out docs/images/compare_runs
+    python jobs/compare_runs.py --experiment wadi-eval,wadi-distill --metrics fid,alignment,precision,recall \\
+        --filter "tags.\\`wadi.kind\\` = 'evaluation'"
+
+Writes ``<out>.md``, ``<out>.csv`` and ``<out>.png`` (one panel per metric, one bar per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines import tracking  # noqa: E402
+
+DEFAULT_METRICS = ("fid", "precision", "recall", "alignment", "clip_score", "hpsv2")
+COLUMNS = ("run", "run_id", "model", "steps", "guidance", "checkpoint")
+
+
+def fetch_runs(experiments: list[str], tracking_uri: str | None, filter_string: str = "") -> list[dict[str, Any]]:
+    """One dict per run: identity columns plus all its metrics, oldest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri or tracking.default_tracking_uri())
+    ids = []
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise SystemExit(f"no MLflow experiment named {name!r} at {tracking.redact_uri(client.tracking_uri)}")
+        ids.append(exp.experiment_id)
+    runs = client.search_runs(ids, filter_string=filter_string, order_by=["attributes.start_time ASC"],
+                              max_results=5000)
+    rows = []
+    for r in runs:
+        p, t = r.data.params, r.data.tags
+        rows.append({
+            "run": r.info.run_name, "run_id": r.info.run_id[:8],
+            "model": p.get("model.uri", t.get("wadi.model_uri", "")),
+            "steps": p.get("model.steps", ""), "guidance": p.get("model.guidance", ""),
+            "checkpoint": t.get("wadi.checkpoint_id", ""), **r.data.metrics,
+        })
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_table(rows: list[dict[str, Any]], metrics: list[str], out: Path) -> None:
+    cols = list(COLUMNS) + metrics
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    out.with_suffix(".csv").write_text(buf.getvalue())
+
+
+def plot(rows: list[dict[str, Any]], metrics: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['run']}" for r in rows]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(rows) + 1.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        values = [float(r.get(m, float("nan"))) for r in rows]
+        ax.barh(range(len(rows)), values, color="tab:blue")
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(labels if ax is axes[0][0] else [""] * len(rows), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(m + (" (lower is better)" if m == "fid" else ""))
+        for i, v in enumerate(values):
+            if v == v:  # not NaN
+                ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default="wadi-eval", help="comma-separated experiment names")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--metrics", default=None, help=f"comma list (default: those of {DEFAULT_METRICS} present)")
+    p.add_argument("--filter", default="", help="MLflow filter string")
+    p.add_argument("--out", default=str(REPO / "outputs" / "compare_runs"), help="path without extension")
+    args = p.parse_args(argv)
+    rows = fetch_runs([e for e in args.experiment.split(",") if e], args.tracking_uri, args.filter)
+    if not rows:
+        raise SystemExit("no runs matched")
+    metrics = ([m for m in args.metrics.split(",") if m] if args.metrics
+               else [m for m in DEFAULT_METRICS if any(m in r for r in rows)])
+    if not metrics:
+        raise SystemExit(f"the runs have none of the metrics {DEFAULT_METRICS}: pass --metrics")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_table(rows, metrics, out)
+    plot(rows, metrics, out)
+    print(out.with_suffix(".md").read_text())
+    print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

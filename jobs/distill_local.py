@@ -1,0 +1,139 @@
+"""Single-process WaDi distillation (no Ray): one frozen teacher, LoRaD student + fake score.
+
+    python jobs/distill_local.py                                  # embedded teacher, recipe embedded
+    python jobs/distill_local.py --steps 200 vsd.gen_lr=3e-4      # dotted overrides of the recipe's vsd
+    python jobs/distill_local.py --teacher /path/to/sd15 --prompts prompts.txt --device cuda
+    python jobs/distill_local.py --evaluate 5000 --teacher-report runs/eval_teacher_domain.json \
+        --compare-grid docs/images/student_vs_teacher.png         # the issue-4 measurement
+
+Reads the ``teacher`` and ``vsd`` sections of a recipe YAML (the Ray job reads the same file);
+the loop's own settings come from the flags. Rerunning with the same --out resumes. Writes
+``<out>/metrics.jsonl``, ``samples/``, ``state/`` and ``export/`` (merged one-step pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_config(args: argparse.Namespace):
+    import yaml
+
+    from wadi_core.config import from_dict, unflatten
+    from wadi_core.vsd import LocalTrainConfig, VSDConfig
+
+    recipe = Path(args.recipe)
+    if not recipe.is_file():
+        recipe = REPO / "recipes" / f"{args.recipe}.yaml"
+    if not recipe.is_file():
+        raise SystemExit(f"recipe {args.recipe!r} not found: pass a name in recipes/ or a YAML path")
+    data = yaml.safe_load(recipe.read_text()) or {}
+    vsd = dict(data.get("vsd") or {})
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if not key.startswith("vsd.") or not _:
+            raise SystemExit(f"override {item!r}: expected vsd.KEY=VALUE")
+        node, parts = vsd, key[4:].split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return LocalTrainConfig(
+        teacher=args.teacher or data.get("teacher", "embedded"), vsd=from_dict(VSDConfig, unflatten(vsd)),
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, prompts=args.prompts,
+        sample_every=args.sample_every, save_every=args.save_every, out_dir=args.out, device=args.device,
+    )
+
+
+def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | None, grid: str | None,
+             guidance: float) -> dict:
+    """Student (1 step, no CFG) vs teacher (25 steps CFG and 1 step CFG) on the domain protocol."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from wadi_core.domain.evaluator import load_domain_evaluator
+    from wadi_core.domain.pretrain import GRID_PROMPTS
+    from wadi_core.domain.quality import generated_report, real_feature_stats
+    from wadi_core.domain.teacher import image_grid, sample_images
+    from wadi_core.models import resolve_teacher_dir
+
+    evaluator = load_domain_evaluator()
+    real = real_feature_stats(evaluator, n=5000)
+    student = StableDiffusionPipeline.from_pretrained(export_dir)
+    teacher = StableDiffusionPipeline.from_pretrained(resolve_teacher_dir(teacher_dir))
+    out: dict = {"n": n, "n_real": 5000, "protocol": "wadi_core.domain.quality.generated_report, eval_prompts seed 1"}
+    out["student_1step"], _ = generated_report(student, evaluator, real, n, steps=1, guidance=1.0)
+    reused = json.loads(Path(teacher_report).read_text()) if teacher_report else {}
+    if reused.get("n") == n and "steps25" in reused and "steps1" in reused:
+        out["teacher_25step"], out["teacher_1step"] = reused["steps25"], reused["steps1"]
+        out["teacher_source"] = teacher_report
+    else:
+        out["teacher_25step"], _ = generated_report(teacher, evaluator, real, n, steps=25, guidance=guidance)
+        out["teacher_1step"], _ = generated_report(teacher, evaluator, real, n, steps=1, guidance=guidance)
+    s, t25, t1 = out["student_1step"], out["teacher_25step"], out["teacher_1step"]
+    out["fid_student_over_teacher25"] = s["fid"] / t25["fid"]
+    out["fid_teacher1_over_student"] = t1["fid"] / s["fid"]
+    out["alignment_student_over_teacher25"] = s["alignment"] / t25["alignment"]
+    if grid:
+        prompts = [p for p in GRID_PROMPTS for _ in range(6)]
+        rows = [sample_images(teacher, prompts, steps=25, guidance=guidance, seed=0),
+                sample_images(student, prompts, steps=1, guidance=1.0, seed=0),
+                sample_images(teacher, prompts, steps=1, guidance=guidance, seed=0)]
+        # one block per prompt row: teacher 25 steps | student 1 step | teacher 1 step
+        tiles = torch.cat([torch.cat([r[i * 6:(i + 1) * 6] for r in rows]) for i in range(len(GRID_PROMPTS))])
+        Path(grid).parent.mkdir(parents=True, exist_ok=True)
+        image_grid(tiles, nrow=len(GRID_PROMPTS)).save(grid)
+        out["grid"] = grid
+        out["grid_layout"] = "rows: prompts; columns: 6 teacher 25-step CFG | 6 student 1-step | 6 teacher 1-step CFG"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", metavar="vsd.KEY=VALUE")
+    ap.add_argument("--recipe", default="embedded", help="recipe name in recipes/ or a YAML path")
+    ap.add_argument("--teacher", default=None, help="overrides the recipe's teacher")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts", default="domain", help="'domain' or a text file with one prompt per line")
+    ap.add_argument("--sample-every", type=int, default=250)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--out", default=str(REPO / "outputs" / "distill_local"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--evaluate", type=int, default=0, metavar="N", help="domain FID/alignment on N prompts")
+    ap.add_argument("--teacher-report", default=None, help="reuse teacher numbers from jobs/eval_teacher_domain.py")
+    ap.add_argument("--compare-grid", default=None, help="PNG: teacher 25 steps | student 1 step | teacher 1 step")
+    ap.add_argument("--guidance", type=float, default=3.0, help="teacher CFG in the evaluation")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from wadi_core.config import to_flat_dict
+    from wadi_core.vsd import train_local
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = build_config(args)
+    print(json.dumps(to_flat_dict(cfg), indent=1), flush=True)
+    started = time.time()
+    result = train_local(cfg)
+    result.pop("distiller")
+    if args.evaluate:
+        result["eval"] = evaluate(Path(result["export"]), cfg.teacher, args.evaluate, args.teacher_report,
+                                  args.compare_grid, args.guidance)
+    result["wall_seconds"] = time.time() - started
+    Path(cfg.out_dir, "result.json").write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""End to end on a local Ray cluster (2 workers): S3 shards (moto) -> Ray Data -> Ray Train +
+DeepSpeed ZeRO-2 -> checkpoints on S3 -> MLflow (sqlite) -> registered one-step export.
+
+Two fits share one run name, so the second resumes the first:
+  fit 1: rank 1 kills itself before step 5 (checkpoint at 3) -> FailureConfig restarts the
+         group, which resumes from step 3 and stops at max_steps=8 (export v1);
+  fit 2: same run name, no max_steps -> resumes from 8 and finishes the epoch (export v2).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+N_GOOD = 98  # + 1 empty caption + 1 corrupt shard = 100 rows: splits evenly over 2 workers
+CHECKPOINT_EVERY, FAIL_AT, FIRST_STOP, KEEP = 3, 5, 8, 2
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):  # noqa: ANN001 - fixture
+    """A 2-CPU local Ray started after the moto env is set (workers inherit AWS_*)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def _lake(tmp_path: Path, uri: str) -> None:
+    from wadi_core import storage
+    from wadi_core.prompts import write_prompt_shards
+
+    colours, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
+    samples = [(f"{i:09d}", f"a {colours[i % 4]} {shapes[i % 3]} on the left", {}) for i in range(N_GOOD + 1)]
+    samples[17] = (samples[17][0], "", {})  # an empty caption
+    local = tmp_path / "lake"
+    write_prompt_shards(samples, str(local), shard_size=25)
+    (local / "prompts-broken.tar").write_bytes(b"definitely not a tar" * 100)  # a corrupt shard
+    storage.upload_dir(local, uri)
+
+
+def _history_steps(client, run_id: str, key: str) -> Counter:  # noqa: ANN001
+    return Counter(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: str, ray_local) -> None:  # noqa: ANN001
+    import mlflow
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from wadi_core import storage
+    from wadi_core.models.tiny import save_tiny_pipeline
+
+    from pipelines.config import load_config
+    from pipelines.run import run_distillation
+
+    teacher = save_tiny_pipeline(tmp_path / "teacher", "sd")
+    _lake(tmp_path, f"s3://{s3_bucket}/lake")
+    marker = tmp_path / "killed-once"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {
+        "teacher": str(teacher),
+        "vsd.student.rank": 4, "vsd.fake.rank": 2,
+        "data.prompts": f"s3://{s3_bucket}/lake", "data.epochs": 1, "data.max_steps": FIRST_STOP,
+        "train.run_name": "e2e", "train.global_batch": 8, "train.num_workers": 2, "train.cpus_per_worker": 0.5,
+        "train.zero_stage": 2, "train.checkpoint_every": CHECKPOINT_EVERY, "train.keep": KEEP,
+        "train.storage_path": f"s3://{s3_bucket}/ray", "train.max_failures": 1,
+        "tracking.uri": tracking_uri, "tracking.experiment": "e2e", "tracking.registered_model": "wadi-e2e",
+        "tracking.alias": "candidate", "tracking.sample_every": 4, "tracking.num_sample_prompts": 4,
+        "debug.fail_rank": 1, "debug.fail_at_step": FAIL_AT, "debug.fail_marker": str(marker),
+    }
+
+    # Fit 1: a worker dies before step 5; the group restarts from the checkpoint at step 3.
+    first = run_distillation(load_config("embedded", overrides))
+    assert marker.exists(), "the fault injection did not fire"
+    assert first.metrics["step"] == FIRST_STOP and first.metrics["resumed_from_step"] == CHECKPOINT_EVERY
+
+    # Fit 2: same run name, no step limit -> resumes from step 8 and finishes the epoch.
+    second = run_distillation(load_config("embedded", {**overrides, "data.max_steps": 0}))
+    last = second.metrics["step"]
+    assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run per run name
+    assert second.metrics["resumed_from_step"] == FIRST_STOP
+    assert N_GOOD // 8 - 1 <= last <= N_GOOD // 8  # one epoch of 98 good prompts at 8 per step
+    # The corrupt shard and the empty caption were skipped and counted exactly once.
+    assert second.metrics["data/bad_corrupt_shard"] == 1 and second.metrics["data/bad_empty_caption"] == 1
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(first.mlflow_run_id)
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["vsd.guidance_real"] == "1.5"
+    assert run.data.tags["wadi.teacher"] == str(teacher) and run.data.tags["ray.job_id"]
+    assert run.data.tags["wadi.adapter"].startswith("lorad r=4")
+    # Steps before a checkpoint are never redone: 1..3 once, 4 twice (after the kill), the rest once.
+    steps = _history_steps(client, run.info.run_id, "vsd/loss_fake")
+    assert steps == Counter({**{s: 1 for s in range(1, last + 1)}, FAIL_AT - 1: 2})
+    assert sorted(m.value for m in client.get_metric_history(run.info.run_id, "resume/from_step")) == [
+        CHECKPOINT_EVERY, FIRST_STOP]
+    for key in ("vsd/grad_norm_student", "vsd/grad_norm_fake", "perf/prompts_per_second"):
+        assert np.isfinite(run.data.metrics[key])
+    assert run.data.metrics["data/bad_corrupt_shard"] == 1 and run.data.metrics["data/bad_empty_caption"] == 1
+
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert "samples/step_000004.png" in samples and f"samples/step_{last:06d}.png" in samples
+    export_files = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+    assert {"export/model_index.json", "export/adapters", "export/unet"} <= export_files
+
+    # Checkpoints live on S3; num_to_keep kept the newest KEEP of them.
+    names = {f.split("/ray/e2e/", 1)[1].split("/")[0] for f in storage.list_files(f"s3://{s3_bucket}/ray/e2e")}
+    ckpts = sorted(n for n in names if n.startswith("checkpoint_"))
+    assert len(ckpts) == KEEP and ckpts[-1] == f"checkpoint_{last:08d}"
+
+    # The registered model (alias -> the second run's version) and the export sample in ONE step.
+    version = client.get_model_version_by_alias("wadi-e2e", "candidate")
+    assert int(version.version) == 2 and second.model and int(second.model["version"]) == 2
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="export",
+                                                tracking_uri=tracking_uri)
+    pipe = DiffusionPipeline.from_pretrained(local)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(1)
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    images = pipe(["a red circle on the left"], num_inference_steps=1, guidance_scale=1.0, output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()

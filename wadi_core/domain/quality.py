@@ -1,0 +1,56 @@
+"""Teacher quality on the domain: per-attribute alignment and domain FID (evaluator features)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from wadi_core.domain.attributes import ATTRIBUTE_NAMES, eval_prompts
+from wadi_core.domain.data import make_render_set
+from wadi_core.domain.evaluator import DomainEvaluator
+
+__all__ = ["real_feature_stats", "alignment_report", "generated_report"]
+
+REAL_SEED = 777
+
+
+def _stats(features: torch.Tensor):
+    from wadi_core.metrics import GaussianStats
+
+    return GaussianStats.from_features(features.double().numpy())
+
+
+@torch.no_grad()
+def real_feature_stats(evaluator: DomainEvaluator, n: int = 5000, split: str = "train", seed: int = REAL_SEED,
+                       batch: int = 500):
+    """GaussianStats of evaluator features of ``n`` real renders (combinations of ``split``)."""
+    data = make_render_set(n, seed, split)
+    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
+    return _stats(torch.cat([evaluator.features(x[i:i + batch]) for i in range(0, n, batch)]))
+
+
+@torch.no_grad()
+def alignment_report(evaluator: DomainEvaluator, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """Per-attribute accuracy, mean alignment and all-attributes-right rate of images vs prompts."""
+    matches = []
+    for i in range(0, len(images), 500):
+        matches += evaluator.attribute_matches(images[i:i + 500], prompts[i:i + 500])
+    out = {f"acc_{n}": float(np.mean([m[n] for m in matches])) for n in ATTRIBUTE_NAMES}
+    out["alignment"] = float(np.mean([np.mean(list(m.values())) for m in matches]))
+    out["all_correct"] = float(np.mean([all(m.values()) for m in matches]))
+    return out
+
+
+def generated_report(pipe, evaluator: DomainEvaluator, real_stats, n: int, steps: int, guidance: float,
+                     split: str = "train", seed: int = 1, progress: bool = True) -> tuple[dict[str, float], torch.Tensor]:
+    """Sample ``n`` images for ``eval_prompts(n, seed, split)``; alignment + FID vs ``real_stats``."""
+    from wadi_core.domain.teacher import sample_images
+    from wadi_core.metrics import frechet_distance
+
+    prompts = eval_prompts(n, seed=seed, split=split)
+    images = sample_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed, batch=250, progress=progress)
+    report = alignment_report(evaluator, images, prompts)
+    if real_stats is not None:
+        fake = torch.cat([evaluator.features(images[i:i + 500]) for i in range(0, n, 500)])
+        report["fid"] = float(frechet_distance(_stats(fake), real_stats))
+    return report, images
