@@ -12,8 +12,9 @@ Per layer (one ``nn.Linear``, input ``(batch, tokens, in)`` requiring grad as in
 
 Time: median over ``--reps`` interleaved repetitions (methods alternate, so load drift hits all
 alike). On CPU the clock is the process's CPU time (``time.process_time``): with one thread that is
-the compute time, and other jobs on a shared machine do not inflate it; on CUDA, synchronised wall
-time. Memory, CUDA: ``max_memory_allocated`` above what was allocated before the
+the compute time, and time the scheduler gives other jobs on a shared machine is not counted (they
+still compete for caches and memory bandwidth: rerun on a quiet machine for clean ratios); on CUDA,
+synchronised wall time. Memory, CUDA: ``max_memory_allocated`` above what was allocated before the
 step. Memory, CPU (no allocator statistics there): the process's peak resident set (``VmHWM``, reset
 through ``/proc/self/clear_refs``) above the resident set before the step, with glibc told to serve
 every block > 64 KiB by mmap so freed tensors really leave the RSS. Both count everything the step

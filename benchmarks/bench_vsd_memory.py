@@ -11,14 +11,18 @@ same LoRaD student / fake adapters, same batch); only the role -> weights mappin
 * ``copies``: the layout of the public WaDi code and DMD2: three full UNets (frozen teacher,
   fake = copy + LoRaD fake, student = copy + LoRaD student).
 
-Method. Each variant runs in a fresh Python subprocess, so allocator caches and freed-but-kept
-pages of one cannot leak into the other. On CUDA the number is ``torch.cuda.max_memory_allocated``
-after two steps (from a reset after imports). On CPU it is the growth of the process's peak
-resident set: ``ru_maxrss`` after two full steps minus ``ru_maxrss`` right after imports (before
-any model exists); this includes weights, adapters, AdamW states, activations and the allocator's
-slack, i.e. what the machine must really provide. Weights are random (built from config), the
-text conditioning is random embeddings (no text encoder or VAE: they are the same in both
-layouts). Printed: both peaks and the ratio shared / copies (target <= 0.5).
+Method. Each variant runs in a fresh Python subprocess, so allocator caches of one cannot leak
+into the other. On CUDA the number is ``torch.cuda.max_memory_allocated`` over build + two steps
+(reset after imports). On CPU, peak memory = the exact bytes of every tensor the models hold
+(base weights, copies, adapters, buffers; shared storage counted once) + the peak growth of the
+resident set during two full VSD steps: the kernel's peak-RSS mark (VmHWM) is reset through
+``/proc/self/clear_refs`` just before the first step and read after the second, minus the RSS
+at the reset. This counts gradients, AdamW states (allocated in step 1), activations, LoRaD's
+rotated weights and the allocator's slack, but not the transient garbage of building models
+from config (random init), which RSS would otherwise count once for the shared base and not
+for the deep copies. The raw RSS growth since imports is printed too. Weights are random (built
+from config), the text conditioning is random embeddings (no text encoder or VAE: they are the
+same in both layouts). Printed: both peaks and the ratio shared / copies (target <= 0.5).
 """
 
 from __future__ import annotations
@@ -102,9 +106,29 @@ class ThreeCopiesDistiller:
         return _Copies(teacher, cfg)
 
 
+def _proc_mib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _tensor_bytes(modules) -> int:
+    """Bytes of all parameters and buffers, each storage once."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
 def run_variant(args) -> dict:
     import torch
 
+    from wadi_core.models import Cond
     from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, vsd_step
     from wadi_core.vsd.train import make_updaters
 
@@ -113,28 +137,34 @@ def run_variant(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_bytes = torch.cuda.memory_allocated()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     teacher = _make_teacher(args)
     cfg = VSDConfig(student=AdapterSpec("lorad", args.student_rank), fake=AdapterSpec("lorad", args.fake_rank),
                     gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision)
     distiller = WaDiDistiller(teacher, cfg) if args.variant == "shared" else ThreeCopiesDistiller(teacher, cfg)
+    models = list(getattr(distiller, "models", {"teacher": teacher.denoiser}).values())
     updaters = make_updaters(distiller)
     gen = torch.Generator(device="cuda" if cuda else "cpu").manual_seed(0)
-    cond_embeds = torch.randn(args.batch, 77, 768, generator=torch.Generator().manual_seed(1)).to(args.device)
-    from wadi_core.models import Cond
-
+    cond = Cond(torch.randn(args.batch, 77, 768, generator=torch.Generator().manual_seed(1)).to(args.device))
+    if not cuda:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
+        rss_before = _proc_mib("VmRSS")
     t0 = time.perf_counter()
     for _ in range(2):  # the 2nd step runs with AdamW states allocated
-        vsd_step(distiller, Cond(cond_embeds), updaters["student"], updaters["fake"], gen)
+        vsd_step(distiller, cond, updaters["student"], updaters["fake"], gen)
     seconds = (time.perf_counter() - t0) / 2
+    weights = _tensor_bytes(models)
+    out = {"variant": args.variant, "seconds_per_step": seconds, "model_tensor_bytes": weights,
+           "base_params": sum(p.numel() for p in teacher.denoiser.parameters() if not p.requires_grad),
+           "student_params": sum(p.numel() for p in distiller.parameters("student")),
+           "fake_params": sum(p.numel() for p in distiller.parameters("fake"))}
     if cuda:
-        peak = torch.cuda.max_memory_allocated() - base_bytes
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - base_bytes
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    n_base = sum(p.numel() for p in teacher.denoiser.parameters() if not p.requires_grad)
-    return {"variant": args.variant, "peak_bytes": peak, "seconds_per_step": seconds, "base_params": n_base,
-            "student_params": sum(p.numel() for p in distiller.parameters("student")),
-            "fake_params": sum(p.numel() for p in distiller.parameters("fake"))}
+        out["step_growth_bytes"] = _proc_mib("VmHWM") - rss_before
+        out["peak_bytes"] = weights + out["step_growth_bytes"]
+        out["raw_rss_growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - import_rss
+    return out
 
 
 def main() -> None:
@@ -167,10 +197,18 @@ def main() -> None:
           f"{args.latent}x{args.latent}, batch {args.batch}, LoRaD student r={args.student_rank} "
           f"({s['student_params'] / 1e6:.2f} M), fake r={args.fake_rank} ({s['fake_params'] / 1e6:.2f} M), "
           f"checkpointing={args.gradient_checkpointing}, precision={args.mixed_precision}, device={args.device}")
-    what = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS growth"
-    print(f"{what}: shared base {s['peak_bytes'] / 2**20:.0f} MiB, three copies {c['peak_bytes'] / 2**20:.0f} MiB")
+    mib = 2 ** 20
+    if args.device.startswith("cuda"):
+        print(f"peak CUDA allocated: shared base {s['peak_bytes'] / mib:.0f} MiB, three copies {c['peak_bytes'] / mib:.0f} MiB")
+    else:
+        for name, r in (("shared base", s), ("three copies", c)):
+            print(f"{name}: model tensors {r['model_tensor_bytes'] / mib:.0f} MiB + peak growth during 2 steps "
+                  f"{r['step_growth_bytes'] / mib:.0f} MiB = {r['peak_bytes'] / mib:.0f} MiB "
+                  f"(raw RSS growth since imports {r['raw_rss_growth_bytes'] / mib:.0f} MiB)")
     print(f"step time: shared {s['seconds_per_step']:.2f} s, copies {c['seconds_per_step']:.2f} s")
     print(f"ratio shared / copies = {s['peak_bytes'] / c['peak_bytes']:.2f}x (target <= 0.5x)")
+    if not args.device.startswith("cuda"):
+        print(f"raw RSS-growth ratio = {s['raw_rss_growth_bytes'] / c['raw_rss_growth_bytes']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def fetch_runs(experiments: list[str], tracking_uri: str | None, filter_string: 
     """One dict per run: identity columns plus all its metrics, oldest first."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri or tracking.default_tracking_uri())
+    client = mlflow.MlflowClient(tracking_uri or tracking.default_tracking_uri(Path.cwd() / "runs"))
     ids = []
     for name in experiments:
         exp = client.get_experiment_by_name(name)

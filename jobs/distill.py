@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.format())
         return 0
 
+    import os
+
+    # An unreachable MLflow server should cost seconds, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from pipelines.run import run_distillation
 
     result = run_distillation(cfg, ray_address=args.address)

@@ -20,6 +20,7 @@ scheduled mode over a training run's checkpoints. Protocol: docs/EVALUATION.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         return ref.manifest if ref else {}
     if args.command == "schedule":
         if args.out is None:
-            cfg = type(cfg)(**{**cfg.__dict__, "out": str(REPO / "outputs" / "eval" / "schedule")})
+            cfg = dataclasses.replace(cfg, out=str(REPO / "outputs" / "eval" / "schedule"))
         done = run_schedule(cfg, args.checkpoints, args.teacher, args.limit)
         print(f"evaluated {len(done)} new checkpoint(s): {done}")
         return {"evaluated": done}

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["Progress", "save_training_state", "load_training_state", "TAG", "mark_complete",
-           "latest_complete_checkpoint", "checkpoint_step"]
+           "latest_complete_checkpoint", "checkpoint_step", "prune_untracked_checkpoints"]
 
 TAG = "state"
 _PROGRESS = "progress.json"
@@ -123,3 +123,23 @@ def latest_complete_checkpoint(storage_uri: str, run_name: str) -> Any | None:
         if fs.get_file_info(f"{d}/{COMPLETE}").type == pafs.FileType.File:
             return ray.train.Checkpoint(path=d, filesystem=fs)
     return None
+
+
+def prune_untracked_checkpoints(storage_uri: str, run_name: str, tracked: list[str]) -> list[str]:
+    """Driver, after the fit: delete ``checkpoint_*`` dirs Ray's manager does not track and that are
+    older than its newest one (reported just before a worker died, they escape ``num_to_keep``)."""
+    import pyarrow.fs as pafs
+
+    from pipelines.data import pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(storage_uri)
+    keep = {p.rstrip("/").rsplit("/", 1)[-1] for p in tracked}
+    newest = max((checkpoint_step(p) for p in tracked), default=-1)
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
+    removed = []
+    for info in infos:
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name not in keep and 0 <= checkpoint_step(name) < newest:
+            fs.delete_dir(info.path)
+            removed.append(name)
+    return removed

@@ -138,7 +138,6 @@ class PromptStream:
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
         self.bad: Counter[str] = Counter()
-        self.good = 0
 
     def batches(self, shard: Any, skip: int = 0) -> Iterator[list[str]]:
         """Yield lists of ``batch_size`` captions; the first ``skip`` batches are read and dropped
@@ -157,7 +156,6 @@ class PromptStream:
                 if skip > 0:
                     skip -= 1
                     continue
-                self.good += len(batch)
                 yield batch
 
     def counters(self) -> dict[str, int]:

@@ -24,7 +24,7 @@ from wadi_core.config import to_flat_dict
 
 from pipelines import tracking
 from pipelines.evaluation import (MetricsSpec, Reference, build_reference, compute_metrics, env_for_workers,
-                                  features_and_stats, sample_grid)
+                                  extractor_weights_sha256, features_and_stats, sample_grid)
 from pipelines.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
 
 __all__ = ["RayResources", "TrackingSpec", "EvalConfig", "run_evaluation", "ensure_reference", "init_ray",
@@ -46,7 +46,7 @@ class RayResources:
 @dataclass(frozen=True)
 class TrackingSpec:
     experiment: str = "wadi-eval"
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///<cwd>/runs/mlflow.db (as distill)
     run_name: str | None = None
     train_run_id: str | None = None  # link (nested run + metrics on the training run)
     checkpoint_id: str | None = None
@@ -92,8 +92,13 @@ def ensure_reference(cfg: EvalConfig) -> Reference | None:
         ref = Reference.load(cfg.reference)
         want = cfg.metrics.extractor
         if ref.manifest.get("extractor") != want:
-            raise ValueError(f"reference {cfg.reference} was computed with extractor {ref.manifest.get('extractor')!r}, "
-                             f"not {want!r}: pass a matching --reference")
+            raise ValueError(f"reference {cfg.reference} was computed with extractor "
+                             f"{ref.manifest.get('extractor')!r}, not {want!r}: pass a matching --reference")
+        sha = extractor_weights_sha256(cfg.metrics)
+        if sha and ref.manifest.get("extractor_weights_sha256") not in (None, sha):
+            raise ValueError(f"reference {cfg.reference} was computed with other {want} weights (sha256 "
+                             f"{ref.manifest.get('extractor_weights_sha256')}, now {sha}): delete it to rebuild it "
+                             "from --reference-images, or pass another --reference")
         return ref
     if not cfg.reference_images:
         return None
@@ -161,10 +166,10 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
     params = {**to_flat_dict(cfg), "prompts.sha256": prompt_info["sha256"], "prompts.num": prompt_info["num_prompts"]}
     if reference is not None:
         params.update({f"reference.{k}": v for k, v in reference.manifest.items()})
-    name = t.run_name or (f"{t.checkpoint_id}" if t.checkpoint_id else
-                          f"{Path(cfg.model.uri).name or cfg.model.uri}-{cfg.model.steps}step-cfg{cfg.model.guidance:g}")
-    with tracking.start_run(experiment, run_name=name, tracking_uri=t.tracking_uri, params=params,
-                            tags=tags) as run:
+    model_name = Path(cfg.model.uri.rstrip("/")).name or cfg.model.uri
+    name = t.run_name or t.checkpoint_id or f"{model_name}-{cfg.model.steps}step-cfg{cfg.model.guidance:g}"
+    with tracking.start_run(experiment, run_name=name, tracking_uri=resolve_tracking_uri(t.tracking_uri),
+                            params=params, tags=tags) as run:
         run.log_metrics(metrics)
         for f in ("grid.png", "metrics.json"):
             local = _local_copy(storage.join(cfg.out, f))
@@ -184,10 +189,15 @@ def _local_copy(uri: str) -> Path | None:
     return path
 
 
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    """The given URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/runs/mlflow.db`` (jobs/distill.py's)."""
+    return tracking_uri or tracking.default_tracking_uri(Path.cwd() / "runs")
+
+
 def _client(tracking_uri: str | None) -> Any:
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri or tracking.default_tracking_uri())
+    return mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
 
 
 def _experiment_of_run(run_id: str, tracking_uri: str | None) -> str | None:

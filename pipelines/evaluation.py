@@ -17,7 +17,7 @@ import hashlib
 import importlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +143,9 @@ class MetricActor:
         self.spec = MetricsSpec(**{**spec, "scorers": tuple(spec.get("scorers", ()))})
         self.extractor = build_extractor(self.spec)
         # the domain evaluator is both extractor and scorer: load it once
-        self.scorers = [self.extractor if (s == "domain" and self.extractor is not None and self.spec.extractor == "domain")
-                        else build_scorer(s, self.spec) for s in self.spec.scorers]
+        shared = self.extractor if self.spec.extractor == "domain" else None
+        self.scorers = [shared if (s == "domain" and shared is not None) else build_scorer(s, self.spec)
+                        for s in self.spec.scorers]
         self.grid_keys = set(grid_keys)
 
     @torch.no_grad()
@@ -260,6 +261,7 @@ def build_reference(image_source: str, spec: MetricsSpec, **ray_kwargs: Any) -> 
         rows = [{"idx": i, "key": f"real-{i:06d}", "group": "", "image": renders.images[i]}
                 for i in range(len(renders.images))]
         names = [f"{image_source}#{i}" for i in range(len(rows))]
+        extra = {"images_sha256": hashlib.sha256(np.ascontiguousarray(renders.images).tobytes()).hexdigest()}
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 512, 64)))
     else:
         files = [f for f in storage.list_files(image_source) if f.lower().endswith((".jpg", ".jpeg", ".png"))]
@@ -270,10 +272,11 @@ def build_reference(image_source: str, spec: MetricsSpec, **ray_kwargs: Any) -> 
         if not spec.protocol_size:
             raise ValueError("real photos come in many sizes: set protocol_size (256 for the COCO protocol)")
         rows = [{"idx": i, "key": f"real-{i:06d}", "group": "", "path": f} for i, f in enumerate(files)]
+        extra = {}
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 256, 256)))
         ds = ds.map_batches(_load_real_images, fn_kwargs={"size": spec.protocol_size}, batch_format="numpy",
                             num_cpus=0.25)
-    rows, stats = features_and_stats(ds, spec, **ray_kwargs)
+    rows, stats = features_and_stats(ds, replace(spec, scorers=()), **ray_kwargs)  # features only
     features = np.stack([np.asarray(r["features"], dtype=np.float32) for r in rows])
     manifest = {
         "image_source": image_source,
@@ -285,6 +288,7 @@ def build_reference(image_source: str, spec: MetricsSpec, **ray_kwargs: Any) -> 
         "extractor_weights_sha256": extractor_weights_sha256(spec),
         "feature_dim": int(features.shape[1]),
         "covariance": "float64 running sums, n - 1",
+        **extra,
     }
     stats.metadata.update({k: str(v) for k, v in manifest.items()})
     return Reference(stats, features, manifest)
@@ -329,7 +333,7 @@ def compute_metrics(rows: list[dict[str, Any]], stats: GaussianStats | None, ref
     if reference is not None and stats is not None:
         metrics["fid"] = frechet_distance(stats, reference.stats, method="eigh")
         fake = np.stack([np.asarray(r["features"], dtype=np.float32) for r in rows])
-        pr = precision_recall(reference.features, fake, k=spec.pr_k)
+        pr = precision_recall(reference.features, fake, k=spec.pr_k, device=_device(spec))
         metrics.update(precision=pr["precision"], recall=pr["recall"])
     score_cols = sorted({k for r in rows[:1] for k in r if k.startswith("score_")})
     groups = sorted({str(r.get("group", "")) for r in rows})

@@ -162,7 +162,8 @@ def resolve_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> P
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:")):
         import mlflow
 
-        cache = Path(cache_dir or storage.default_cache_dir()) / "mlflow" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        cache = Path(cache_dir or storage.default_cache_dir()) / "mlflow" / key
         if not cache.exists() or not any(cache.rglob("model_index.json")):
             cache.mkdir(parents=True, exist_ok=True)
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(cache))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -11,6 +12,7 @@ from typing import Any
 
 from wadi_core import storage
 
+from pipelines.checkpoint import prune_untracked_checkpoints
 from pipelines.config import DistillConfig
 from pipelines.data import count_prompts, list_shards, prompt_dataset, pyarrow_filesystem
 from pipelines.plan import resolve_prompts
@@ -18,7 +20,7 @@ from pipelines.tarshards import parse_prompt_tar
 from pipelines.tracking import default_tracking_uri, git_sha, redact_uri, start_run
 from pipelines.train import dataset_name, train_loop
 
-__all__ = ["DistillResult", "run_distillation", "ray_job_ids", "fixed_prompts"]
+__all__ = ["DistillResult", "run_distillation", "ray_job_ids", "fixed_prompts", "results_root", "absolute_paths"]
 
 
 @dataclass
@@ -91,8 +93,34 @@ def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str) -> str |
 def _storage(uri: str) -> tuple[str, Any]:
     """RunConfig (storage_path, storage_filesystem): pyarrow S3 with the endpoint from the env."""
     if storage.is_remote(uri):
-        return pyarrow_filesystem(uri)[1], pyarrow_filesystem(uri)[0]
-    return os.path.abspath(os.path.expanduser(uri)), None
+        fs, path = pyarrow_filesystem(uri)
+        return path, fs
+    return uri, None
+
+
+def results_root() -> Path:
+    """Where relative local paths of a job resolve: ``$WADI_HOME``; under ``ray job submit`` (whose
+    working directory is a temporary copy) ``~/wadi``; else the current directory."""
+    if os.environ.get("WADI_HOME"):
+        return Path(os.environ["WADI_HOME"]).expanduser().resolve()
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return Path.home() / "wadi"
+    return Path.cwd()
+
+
+def absolute_paths(cfg: DistillConfig, root: Path) -> DistillConfig:
+    """Relative local paths -> absolute (Ray workers run in other working directories)."""
+    def fix(p: str) -> str:
+        if not p or storage.is_remote(p) or p == "embedded" or Path(p).expanduser().is_absolute():
+            return p
+        return str((root / p).resolve())
+
+    teacher = cfg.teacher if cfg.teacher == "embedded" or not Path(cfg.teacher).exists() else fix(cfg.teacher)
+    return dataclasses.replace(
+        cfg, teacher=teacher, export_dir=fix(cfg.export_dir),
+        data=dataclasses.replace(cfg.data, prompts=fix(cfg.data.prompts)),
+        train=dataclasses.replace(cfg.train, storage_path=fix(cfg.train.storage_path)),
+    )
 
 
 def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str, Any]) -> Any:
@@ -122,10 +150,12 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None) -> Dist
     """Run (or resume, same ``train.run_name``) one distillation job; returns where results are."""
     import ray
 
+    root = results_root()
+    cfg = absolute_paths(cfg, root)
     prompts_uri = resolve_prompts(cfg.data.prompts)
     num_prompts = cfg.data.num_prompts or count_prompts(prompts_uri)
     num_epochs = cfg.epochs_needed(num_prompts) if num_prompts else cfg.data.epochs
-    tracking_uri = cfg.tracking.uri or default_tracking_uri(Path.cwd() / "runs")
+    tracking_uri = cfg.tracking.uri or default_tracking_uri(root / "runs")
     sample_prompts = fixed_prompts(prompts_uri, cfg.tracking.num_sample_prompts)
 
     if not ray.is_initialized():
@@ -151,6 +181,8 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None) -> Dist
         result = _trainer(cfg, loop_config, datasets).fit()
         if result.error is not None:
             raise RuntimeError(f"distillation run {cfg.train.run_name} failed: {result.error}")
+        prune_untracked_checkpoints(cfg.train.storage_path, cfg.train.run_name,
+                                    [c.path for c, _ in (result.best_checkpoints or [])])
         model = None
         if tracker.active:
             from pipelines.registry import log_and_register

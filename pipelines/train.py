@@ -94,7 +94,13 @@ class _Run:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         init_distributed()
         use_gpu = cfg.train.gpus_per_worker > 0 and torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
+        if use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()  # respects Ray's CUDA_VISIBLE_DEVICES
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
         # Same seed on every rank while the adapters are initialised, so all ranks start equal.
         torch.manual_seed(cfg.train.seed)
         self.teacher = load_teacher(cfg.teacher, device=self.device)

@@ -299,3 +299,36 @@ def test_clear_errors() -> None:
         load_adapter_state_dict(m, "a", {k + "x": v for k, v in state.items()})
     with pytest.raises(ValueError, match="wrong shapes"):
         load_adapter_state_dict(m, "a", {k: torch.zeros(v.shape[0] + 1, v.shape[1]) for k, v in state.items()})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_trains_under_bf16_autocast_on_cpu(kind: str) -> None:
+    _, model, (x,) = _setup(CASES[0], kind)
+    _perturb(model, "a")
+    set_adapter(model, "a")
+    want = model(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().square().mean().backward()
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)
+    for p in adapter_parameters(model, "a"):
+        assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_dora_matches_its_formula_with_detached_norm() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6))
+    add_adapter(model, "dora", "a", 3, ["0"], alpha=6.0)
+    _perturb(model, "a")
+    set_adapter(model, "a")
+    layer, ad = model[0], model[0].adapters["a"]
+    x = torch.randn(4, 10)
+    model(x).sum().backward()
+    got = [p.grad.clone() for p in (ad.m, ad.A, ad.B)]
+    for p in (ad.m, ad.A, ad.B):
+        p.grad = None
+    v = layer.weight + 2.0 * ad.B @ ad.A  # alpha / r = 2
+    w = ad.m.unsqueeze(1) * v / v.norm(dim=1, keepdim=True).detach()
+    torch.nn.functional.linear(x, w, layer.bias).sum().backward()
+    for g, p in zip(got, (ad.m, ad.A, ad.B)):
+        torch.testing.assert_close(g, p.grad)

@@ -9,12 +9,11 @@ Two fits share one run name, so the second resumes the first:
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
-
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 N_GOOD = 98  # + 1 empty caption + 1 corrupt shard = 100 rows: splits evenly over 2 workers
 CHECKPOINT_EVERY, FAIL_AT, FIRST_STOP, KEEP = 3, 5, 8, 2
@@ -46,6 +45,8 @@ def _history_steps(client, run_id: str, key: str) -> Counter:  # noqa: ANN001
     return Counter(m.step for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: str, ray_local) -> None:  # noqa: ANN001
     import mlflow
     import numpy as np
@@ -108,7 +109,7 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
 
     # Checkpoints live on S3; num_to_keep kept the newest KEEP of them.
     names = {f.split("/ray/e2e/", 1)[1].split("/")[0] for f in storage.list_files(f"s3://{s3_bucket}/ray/e2e")}
-    ckpts = sorted(n for n in names if n.startswith("checkpoint_"))
+    ckpts = sorted(n for n in names if re.fullmatch(r"checkpoint_\d+", n))
     assert len(ckpts) == KEEP and ckpts[-1] == f"checkpoint_{last:08d}"
 
     # The registered model (alias -> the second run's version) and the export sample in ONE step.
@@ -122,3 +123,39 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     assert pipe.scheduler.timesteps.tolist() == [999]
     images = pipe(["a red circle on the left"], num_inference_steps=1, guidance_scale=1.0, output_type="np").images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_checkpoint_discovery_and_pruning(tmp_path: Path) -> None:
+    """Resume looks for the newest *complete* checkpoint in storage; pruning spares tracked ones."""
+    pytest.importorskip("ray")
+    from pipelines.checkpoint import (checkpoint_step, latest_complete_checkpoint, mark_complete,
+                                      prune_untracked_checkpoints)
+
+    run = tmp_path / "run"
+    for step in (3, 6, 9):
+        (run / f"checkpoint_{step:08d}").mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert latest_complete_checkpoint(str(tmp_path), "run") is None  # nothing marked complete
+    for step in (3, 6):
+        mark_complete(str(tmp_path), "run", f"checkpoint_{step:08d}")
+    found = latest_complete_checkpoint(str(tmp_path), "run")
+    assert found is not None and checkpoint_step(found.path) == 6  # 9 is incomplete (a rank died)
+    assert latest_complete_checkpoint(str(tmp_path), "missing-run") is None
+
+    removed = prune_untracked_checkpoints(str(tmp_path), "run", [str(run / "checkpoint_00000006"),
+                                                                 str(run / "checkpoint_00000009")])
+    assert removed == ["checkpoint_00000003"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint_00000006", "checkpoint_00000009", "checkpoint_manager_snapshot.json"]
+
+
+def test_relative_paths_become_absolute(tmp_path: Path) -> None:
+    from pipelines.config import load_config
+    from pipelines.run import absolute_paths
+
+    cfg = absolute_paths(load_config("embedded", {"data.prompts": "lake", "export_dir": "out/export"}), tmp_path)
+    assert cfg.train.storage_path == str(tmp_path / "runs" / "ray")
+    assert cfg.data.prompts == str(tmp_path / "lake") and cfg.export_dir == str(tmp_path / "out" / "export")
+    assert cfg.teacher == "embedded"
+    s3 = absolute_paths(load_config("sd15"), tmp_path)
+    assert s3.train.storage_path.startswith("s3://") and s3.teacher == "stable-diffusion-v1-5/stable-diffusion-v1-5"

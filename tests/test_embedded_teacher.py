@@ -70,13 +70,15 @@ def test_load_teacher_local_and_s3(s3_bucket, tmp_path):
 
 
 @pytest.mark.slow
-def test_pretraining_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pretraining_resumes_exactly(tmp_path, workers):
     from wadi_core.domain.pretrain import PretrainConfig, pretrain_teacher
 
     arch = TeacherArch(vae_channels=(16, 16, 16), text_hidden=32, text_heads=2, unet_channels=(16, 32),
                        unet_heads=2, max_tokens=16)
     cfg = PretrainConfig(num_images=64, vae_steps=4, vae_decoder_steps=2, vae_batch=4, denoiser_steps=6,
-                         denoiser_batch=8, warmup_steps=2, checkpoint_every=2, num_threads=1, arch=arch)
+                         denoiser_batch=8, warmup_steps=2, checkpoint_every=2, num_threads=1, arch=arch,
+                         denoiser_workers=workers)
     full = pretrain_teacher(cfg, tmp_path / "a", tmp_path / "state_a", progress=False)
     part = pretrain_teacher(cfg, tmp_path / "b", tmp_path / "state_b", progress=False, stop_after_steps=7)
     assert part == {"stopped": 1.0} and not (tmp_path / "b").exists()

@@ -161,6 +161,23 @@ def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir
     assert ids == ["checkpoint_000010", "checkpoint_000020", "checkpoint_000030"]  # once each
     assert all(r.data.tags["mlflow.parentRunId"] == train_run for r in runs)
     assert all("fid" in r.data.metrics for r in runs)
+    # reference statistics from a folder of real photos of mixed sizes (COCO protocol resize)
+    import hashlib
+
+    from PIL import Image
+
+    from pipelines.evaluation import build_reference
+
+    photos = tmp_path / "val2014"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(30, 40), (50, 20), (24, 24), (33, 61), (40, 30), (16, 48)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"COCO_{i:03d}.png")
+    ref = build_reference(str(photos), replace(SPEC, protocol_size=16), batch_size=4, cpus_per_actor=0.5)
+    names = [f"COCO_{i:03d}.png" for i in range(6)]
+    assert ref.manifest["num_images"] == 6 and ref.stats.n == 6 and ref.features.shape == (6, 12)
+    assert ref.manifest["file_list_sha256"] == hashlib.sha256(("\n".join(names) + "\n").encode()).hexdigest()
+
     history = client.get_metric_history(train_run, "eval/fid")
     assert sorted(h.step for h in history) == [0, 10, 20, 30]
     assert client.get_run(train_run).info.status == "RUNNING"  # the training run is left alone

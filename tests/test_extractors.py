@@ -126,3 +126,18 @@ def test_hps_preprocess_pads_longest_side():
     black = -torch.tensor([0.48145466, 0.4578275, 0.40821073]) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
     torch.testing.assert_close(x[:, 112, 112], white, atol=1e-3, rtol=0)  # the image, centred
     torch.testing.assert_close(x[:, 5, 112], black, atol=1e-6, rtol=0)  # the zero padding above it
+
+
+def test_inception_weights_from_s3(tmp_path, s3_bucket, monkeypatch):
+    from wadi_core import storage
+
+    monkeypatch.setenv("WADI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(_StandInInception().eval()).save(str(path))
+    uri = f"s3://{s3_bucket}/weights/inception-2015-12-05.pt"
+    storage.write_bytes(uri, path.read_bytes())
+    local = InceptionExtractor(path, feature_dim=32)
+    remote = InceptionExtractor(uri, feature_dim=32)
+    assert remote.sha256 == local.sha256
+    images = _images(2)
+    torch.testing.assert_close(remote.features(images), local.features(images))

@@ -45,7 +45,7 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
 
     den = teacher.denoiser
     dtype = dtype or teacher.dtype
-    merged = type(den).from_config(den.config).to(dtype=torch.float32)
+    merged = type(den).from_config(den.config)  # fp32 on CPU
     wanted = merged.state_dict()
     base = {k: v.detach().to("cpu", torch.float32) for k, v in den.state_dict().items() if k in wanted}
     missing = merged.load_state_dict(base, strict=False).missing_keys
@@ -56,7 +56,9 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
     set_adapter(merged, "student")
     merge_adapter(merged, "student")  # merged in fp32, cast once at the end
     remove_adapters(merged)
-    return merged.to(dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        merged = merged.to(dtype)
+    return merged.eval().requires_grad_(False)
 
 
 def save_adapter_file(path: str | os.PathLike, state: Mapping[str, Tensor], spec: AdapterSpec, family: str,

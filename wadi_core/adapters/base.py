@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["AdapterModule", "register_adapter", "adapter_class", "ADAPTER_KINDS", "compute_dtype"]
+__all__ = ["AdapterModule", "register_adapter", "adapter_class", "ADAPTER_KINDS", "compute_dtype", "no_autocast"]
 
 ADAPTER_KINDS: dict[str, type["AdapterModule"]] = {}
 
@@ -47,6 +48,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
         if dev == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
     return x.dtype
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device_type`` (explicit dtypes inside), a no-op where autocast is unknown."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def default_adapter_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -220,7 +220,6 @@ def pretrain_teacher(
                               cfg.vae_steps + cfg.vae_decoder_steps):
             return stopped
         meta = load_training_state(state_dir, models, None, generator)
-        elapsed0, started = meta["elapsed_s"], time.time()
 
     unet.eval()
     text_encoder.eval()

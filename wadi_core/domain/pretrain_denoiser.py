@@ -50,6 +50,22 @@ def _lr(base: float, step: int, total: int, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _steps_override(state_dir: str, total: int, dist: Any) -> int:
+    """An operator may shorten or extend a running phase by writing a step count to ``<state_dir>.steps``."""
+    value = [total]
+    path = Path(f"{state_dir}.steps")
+    if dist is None or dist.get_rank() == 0:
+        try:
+            value = [int(path.read_text().strip())] if path.exists() else [total]
+        except ValueError:
+            value = [total]
+    if dist is not None:
+        dist.broadcast_object_list(value, src=0)
+    if value[0] != total:
+        print(f"denoiser phase: total steps {total} -> {value[0]} (from {path})", flush=True)
+    return value[0]
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     return seed + 7919 * rank
 
@@ -90,7 +106,7 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
     local_batch = cfg.denoiser_batch // world
     steps_this_call = 0
     ema_loss = None
-    bar = tqdm(range(meta["step"], total), desc="denoiser", disable=not (progress and rank == 0), mininterval=5)
+    bar = tqdm(total=total, initial=meta["step"], desc="denoiser", disable=not (progress and rank == 0), mininterval=5)
 
     def checkpoint() -> bool:
         if dist is not None:
@@ -110,7 +126,8 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
             dist.destroy_process_group()
         return stopped
 
-    for step in bar:
+    step = meta["step"]
+    while step < total:
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.denoiser_lr, step, total, cfg.warmup_steps)
         idx = torch.randint(len(data.combo), (local_batch,), generator=gen)
@@ -142,6 +159,7 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
             loss_value = loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        bar.update(1)
         meta["step"] = step + 1
         steps_this_call += 1
         ema_loss = loss_value if ema_loss is None else 0.98 * ema_loss + 0.02 * loss_value
@@ -150,8 +168,12 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
             if log is not None:
                 log({"denoiser/loss": loss_value, "denoiser/loss_ema": ema_loss,
                      "denoiser/lr": opt.param_groups[0]["lr"]}, step_offset + step)
-        if (step + 1) % cfg.checkpoint_every == 0 and checkpoint():
-            return finish(True)
+        if (step + 1) % cfg.checkpoint_every == 0:
+            if checkpoint():
+                return finish(True)
+            total = _steps_override(state_dir, total, dist)
+        step += 1
+    bar.close()
     meta["phase"] = "done"
     meta["step"] = 0
     checkpoint()

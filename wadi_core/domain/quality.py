@@ -41,14 +41,15 @@ def alignment_report(evaluator: DomainEvaluator, images: torch.Tensor, prompts: 
     return out
 
 
-def generated_report(pipe, evaluator: DomainEvaluator, real_stats, n: int, steps: int, guidance: float,
-                     split: str = "train", seed: int = 1, progress: bool = True) -> tuple[dict[str, float], torch.Tensor]:
+def generated_report(teacher_dir: str, evaluator: DomainEvaluator, real_stats, n: int, steps: int, guidance: float,
+                     split: str = "train", seed: int = 1, workers: int = 1) -> tuple[dict[str, float], torch.Tensor]:
     """Sample ``n`` images for ``eval_prompts(n, seed, split)``; alignment + FID vs ``real_stats``."""
-    from wadi_core.domain.teacher import sample_images
+    from wadi_core.domain.teacher import sample_images_parallel
     from wadi_core.metrics import frechet_distance
 
     prompts = eval_prompts(n, seed=seed, split=split)
-    images = sample_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed, batch=250, progress=progress)
+    images = sample_images_parallel(teacher_dir, prompts, steps=steps, guidance=guidance, seed=seed, batch=250,
+                                    workers=workers)
     report = alignment_report(evaluator, images, prompts)
     if real_stats is not None:
         fake = torch.cat([evaluator.features(images[i:i + 500]) for i in range(0, n, 500)])

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
-__all__ = ["sample_images", "image_grid", "folder_size_mb", "TeacherArch", "build_vae", "build_text_encoder", "build_unet", "build_scheduler",
+__all__ = ["sample_images", "sample_images_parallel", "image_grid", "folder_size_mb", "TeacherArch", "build_vae", "build_text_encoder", "build_unet", "build_scheduler",
            "build_training_scheduler", "assemble_pipeline", "SCHEDULE"]
 
 # SD 1.x noise schedule (shared by training and sampling).
@@ -130,3 +131,30 @@ def image_grid(images, nrow: int, scale: int = 4):
     arr = np.concatenate([arr, pad]).reshape(nrow, ncol, h, w, c).transpose(0, 2, 1, 3, 4).reshape(nrow * h, ncol * w, c)
     img = Image.fromarray(arr)
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def _sample_chunk(args: tuple) -> "Any":
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    teacher_dir, prompts, steps, guidance, seed, batch = args
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_dir)
+    return sample_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed, batch=batch)
+
+
+def sample_images_parallel(teacher_dir: str, prompts: list[str], steps: int = 25, guidance: float = 3.0,
+                           seed: int = 0, batch: int = 250, workers: int = 2):
+    """``sample_images`` split over ``workers`` spawned processes (one thread each); same result
+    as one process, since every batch is seeded by its start index."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    import torch
+
+    chunk = -(-len(prompts) // workers)
+    chunk = -(-chunk // batch) * batch  # whole batches per worker keep the seeds aligned
+    jobs = [(str(teacher_dir), prompts[i:i + chunk], steps, guidance, seed + i, batch)
+            for i in range(0, len(prompts), chunk)]
+    with cf.ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
+        return torch.cat(list(pool.map(_sample_chunk, jobs)))

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdapterModule, compute_dtype, default_adapter_dtype, register_adapter
-from ..lorad.function import _no_autocast
+from ..base import AdapterModule, compute_dtype, default_adapter_dtype, no_autocast, register_adapter
 
 
 @register_adapter("dora")
@@ -39,7 +38,7 @@ class DoRAAdapter(AdapterModule):
 
     def effective_weight(self, base: nn.Linear) -> torch.Tensor:
         """``m * V / |V|`` with ``|V|`` detached (DoRA section 4.3), in the adapter dtype."""
-        with _no_autocast(base.weight.device.type):
+        with no_autocast(base.weight.device.type):
             v = self._direction(base)
             norm = v.norm(dim=1).detach()
             return (self.m / norm).unsqueeze(1) * v
@@ -48,7 +47,7 @@ class DoRAAdapter(AdapterModule):
         cdt = compute_dtype(x)
         w = self.effective_weight(base).to(cdt)
         b = None if base.bias is None else base.bias.to(cdt)
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             return F.linear(x.to(cdt), w, b)
 
     @torch.no_grad()

@@ -36,8 +36,11 @@ class LoRAAdapter(AdapterModule):
 
     def forward(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
         y = F.linear(x, base.weight, base.bias)
-        low = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
-        return y + self.scaling * low
+        h = F.linear(x, self.A.to(x.dtype))
+        # y + s * h B^T in one addmm: no separate (tokens x out) temporaries for h B^T and its scaling
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), self.B.to(x.dtype).t(),
+                          alpha=self.scaling)
+        return out.view(y.shape)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -2,9 +2,12 @@
 
 Memory: autograd on the plain formula would keep ``Theta``, ``cos``, ``sin`` (fp32, ``out x in/2``
 each) and ``W_rot`` alive for every adapted layer until backward. This Function saves only what the
-model holds anyway (``x`` in the compute dtype, ``W``, ``bias``, ``A``, ``B``) and recomputes the
-rotation in backward, block by block (of output rows or of input columns), so the fp32
-transients stay small and are never stacked across layers. The base matmul is never run and discarded (the public code's hook does).
+model holds anyway (``x`` in the compute dtype, ``W``, ``bias``, ``A``, ``B``); forward builds
+``W_rot`` one block of rows at a time straight into the output's columns, and backward recomputes
+``Theta = A @ B`` and the rotation block by block (of output rows or of input columns), so fp32
+transients stay a few MB and are never stacked across layers. Recomputing ``Theta`` costs one
+``out x r x in/2`` matmul, small next to the three ``T x out x in`` ones once ``T >> r``.
+The base matmul is never run and discarded (the public code's hook does).
 
 Gradient of the angles, with ``a' = a cos - b sin`` and ``b' = a sin + b cos`` per column pair:
 ``dL/dTheta = dL/da' * (-a sin - b cos) + dL/db' * (a cos - b sin) = dL/db' * a' - dL/da' * b'``,
@@ -14,16 +17,17 @@ so backward needs the rotated pair and ``dL/dW_rot = g^T x`` only. ``dL/dA = dTh
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..base import no_autocast
+
 __all__ = ["rotate_pairs", "lorad_linear", "angle_dtype"]
 
-# Blocks hold about this many weight elements (2 MB in fp32); see ``_plan``.
-_CHUNK_ELEMENTS = 1 << 19
+# Blocks hold at most this many weight elements (8 MB in fp32); see ``_block_elements``.
+_CHUNK_ELEMENTS = 1 << 21
 
 
 def angle_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -45,31 +49,40 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
 
 
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type without autocast support
-        return contextlib.nullcontext()
-
-
 def _round_width(n: int, total: int) -> int:
-    """GEMM-friendly chunk width: a multiple of 64, at least 128, at most ``total``."""
-    return min(total, max(128, n // 64 * 64))
+    """A block width of at most about ``n`` that splits ``total`` into near-equal GEMM-friendly
+    blocks (multiples of 64, at least 128)."""
+    n = max(128, n // 64 * 64)
+    if n >= total:
+        return total
+    blocks = -(-total // n)
+    return min(total, -(-(-(-total // blocks)) // 64) * 64)
 
 
-def _plan(out_features: int, in_features: int) -> tuple[bool, int]:
-    """``(by_rows, width)``: split the weight into blocks of output rows or of input columns.
+def _block_elements(out_features: int, in_features: int, tokens: int) -> int:
+    """Most weight elements per block. Backward holds ~2.5 block-sized fp32 transients; keep them under
+    a quarter of the larger of the weight and this step's activations (``tokens * (in + out)``), so
+    memory stays at or below full fine-tuning's (its ``dL/dW`` alone is one weight), and never above
+    ``_CHUNK_ELEMENTS``. Fewer blocks are faster: each one re-reads an activation."""
+    weight = out_features * in_features
+    return max(1, min(_CHUNK_ELEMENTS, max(weight // 4, tokens * (in_features + out_features) // 8)))
 
-    Each block costs a re-read of an activation: blocks of rows re-read ``x`` and update ``dL/dx``
-    (~3 T*in), blocks of columns re-read ``g`` (~2 T*out); pick the cheaper one. A block holds about
-    ``_CHUNK_ELEMENTS`` weight elements and at most about a quarter of the layer, so the ~3
-    block-sized fp32 transients of backward stay near one weight gradient.
+
+def _plan(out_features: int, in_features: int, tokens: int) -> tuple[bool, int]:
+    """``(by_rows, width)`` for backward: blocks of output rows or of input columns.
+
+    Blocks of rows re-read ``x`` and update ``dL/dx`` (~3 T*in each), blocks of columns re-read ``g``
+    (~2 T*out each): pick the cheaper one.
     """
     by_rows = out_features * 2 > in_features * 3
     along, across = (out_features, in_features) if by_rows else (in_features, out_features)
-    width = min(along, _CHUNK_ELEMENTS // max(1, across), -(-along // 4))
-    width = _round_width(width, along)
+    width = _round_width(_block_elements(out_features, in_features, tokens) // across, along)
     return by_rows, width if by_rows else width // 2 * 2
+
+
+def _forward_rows(out_features: int, in_features: int, tokens: int) -> int:
+    """Rows per forward block (forward writes disjoint column blocks of ``y``)."""
+    return _round_width(_block_elements(out_features, in_features, tokens) // in_features, out_features)
 
 
 def _rotate_into(dst: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -108,24 +121,29 @@ class _LoRaDLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 A: torch.Tensor, B: torch.Tensor, cdt: torch.dtype, plan: tuple[bool, int]) -> torch.Tensor:
+        # Row blocks: y[:, rows] = x @ W_rot[rows]^T, so the full W_rot is never materialised.
         out_f, in_f = weight.shape
         adt = angle_dtype(A, B)
-        with _no_autocast(x.device.type):
-            w_rot = torch.empty((out_f, in_f), dtype=cdt, device=weight.device)
-            Af, Bf = A.to(adt), B.to(adt)
-            for rows, cols, pairs in _blocks(out_f, in_f, *plan):
-                theta = Af[rows] @ Bf[:, pairs]
-                if cdt == adt:
-                    _rotate_into(w_rot[rows, cols], weight[rows, cols], theta)
-                else:  # angles and rotation in fp32, the result cast to the compute dtype
-                    w_rot[rows, cols] = _rotate_into(torch.empty(theta.shape[0], 2 * theta.shape[1], dtype=adt,
-                                                                 device=weight.device), weight[rows, cols], theta)
-                del theta
+        dev = weight.device
+        with no_autocast(x.device.type):
             xc = x.to(cdt)
-            y = F.linear(xc, w_rot, None if bias is None else bias.to(cdt))
+            x2 = xc.reshape(-1, in_f)
+            y = torch.empty((x2.shape[0], out_f), dtype=cdt, device=dev)
+            bc = None if bias is None else bias.to(cdt)
+            Af, Bf = A.to(adt), B.to(adt)
+            width = plan[1] if plan[0] else _forward_rows(out_f, in_f, x2.shape[0])
+            buf = torch.empty(min(width, out_f) * in_f, dtype=adt, device=dev)
+            for rows, _, _ in _blocks(out_f, in_f, True, width):
+                theta = Af[rows] @ Bf
+                w_rot = _rotate_into(buf[: theta.shape[0] * in_f].view(-1, in_f), weight[rows], theta).to(cdt)
+                if bc is None:
+                    torch.mm(x2, w_rot.t(), out=y[:, rows])
+                else:
+                    torch.addmm(bc[rows], x2, w_rot.t(), out=y[:, rows])
+                del theta, w_rot
         ctx.save_for_backward(xc, weight, bias, A, B)
         ctx.cdt, ctx.plan, ctx.x_dtype = cdt, plan, x.dtype
-        return y
+        return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -136,7 +154,7 @@ class _LoRaDLinear(torch.autograd.Function):
         adt = angle_dtype(A, B)
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         dev = weight.device
-        with _no_autocast(gy.device.type):
+        with no_autocast(gy.device.type):
             g = gy.reshape(-1, out_f).to(cdt)
             x2 = xc.reshape(-1, in_f)
             Af, Bf = A.to(adt), B.to(adt)
@@ -153,6 +171,8 @@ class _LoRaDLinear(torch.autograd.Function):
                 theta = Af[rows] @ Bf[:, pairs]
                 n_rows, n_cols = theta.shape[0], 2 * theta.shape[1]
                 w_rot = _rotate_into(buf[: n_rows * n_cols].view(n_rows, n_cols), weight[rows, cols], theta)
+                if not need_w:
+                    del theta  # only the gradient wrt W needs the angles again
                 gs = g[:, rows]
                 if need_x:
                     if by_rows:
@@ -164,6 +184,8 @@ class _LoRaDLinear(torch.autograd.Function):
                 gw = (gs.t() @ x2[:, cols]).to(adt)  # dL/dW_rot of this block
                 if need_A or need_B:
                     dtheta = _dtheta(gw, w_rot)
+                    if not need_w:
+                        del gw
                     if need_A:
                         if by_rows:
                             torch.mm(dtheta, Bf.t(), out=grad_A[rows])
@@ -177,7 +199,7 @@ class _LoRaDLinear(torch.autograd.Function):
                     del dtheta
                 if need_w:  # the gradient rotated back by -theta
                     _rotate_into(grad_w[rows, cols], gw, -theta)
-                del theta, gw
+                    del theta, gw
             if need_b:
                 grad_b = g.sum(0).to(bias.dtype)
         if grad_x is not None:
@@ -204,4 +226,5 @@ def lorad_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"LoRaD needs an even input width, got {in_f}")
     if block is not None and not block[0] and block[1] % 2:
         raise ValueError("column blocks must hold whole pairs (an even width)")
-    return _LoRaDLinear.apply(x, weight, bias, A, B, cdt or x.dtype, block or _plan(out_f, in_f))
+    tokens = x.numel() // max(1, in_f)
+    return _LoRaDLinear.apply(x, weight, bias, A, B, cdt or x.dtype, block or _plan(out_f, in_f, tokens))

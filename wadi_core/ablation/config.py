@@ -1,0 +1,102 @@
+"""Typed configuration of the claims ablation (issue 8): budgets, grids, seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from wadi_core.vsd.config import AdapterSpec, VSDConfig
+
+__all__ = ["AblationBudget", "AblationConfig", "BUDGETS", "default_vsd"]
+
+AdapterKind = Literal["lorad", "lora", "dora", "full"]
+
+
+@dataclass(frozen=True)
+class AblationBudget:
+    """Per-run step budgets and evaluation sizes (what makes a run fit the wall-clock budget)."""
+
+    steps: int = 200                # VSD steps of every main / rank-sweep run
+    sweep_steps: int = 100          # VSD steps of each learning-rate sweep run
+    batch_size: int = 32
+    eval_images: int = 1000         # 1-step student images per FID (test prompts, eval seed)
+    sweep_eval_images: int = 500    # images per FID in the learning-rate sweep (validation prompts)
+    real_images: int = 5000         # real renders of the reference statistics
+    teacher_steps: int = 25         # the multi-step teacher baseline
+    teacher_guidance: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "sweep_steps", "batch_size", "eval_images", "sweep_eval_images", "real_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"budget.{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.eval_images, self.sweep_eval_images, self.real_images) < 2:
+            raise ValueError("FID needs at least 2 images per set")
+
+
+#: ``--budget full`` fits ~30-40 min of a 2-core CPU when alone; ``smoke`` is the CI version.
+BUDGETS: dict[str, AblationBudget] = {
+    "full": AblationBudget(),
+    "smoke": AblationBudget(steps=2, sweep_steps=1, batch_size=4, eval_images=24, sweep_eval_images=16,
+                            real_images=64, teacher_steps=2),
+}
+
+
+def default_vsd() -> VSDConfig:
+    """The embedded recipe's VSD settings (recipes/embedded.yaml): CFG 1.5/1.5, fake LoRaD r=8 at 1e-2."""
+    return VSDConfig(guidance_real=1.5, guidance_fake=1.5, gen_lr=1e-4, fake_lr=1e-2,
+                     student=AdapterSpec("lorad", 16), fake=AdapterSpec("lorad", 8))
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """What the ablation runs. Only the student adapter (kind, rank, lr) changes between runs;
+    the fake score, guidance, step budget, batch and prompts are the same for every run.
+
+    Learning rates: for each kind, the same multiplicative ``lr_grid`` is tried on ``sweep_seed``
+    for ``budget.sweep_steps`` steps and the best domain FID on *validation* prompts/noise
+    (``val_prompt_seed``) is kept; if the best is at an edge of the grid, the grid is extended by
+    one factor on that side (at most ``lr_extend`` times). Main runs are then scored on the test
+    prompts (``test_prompt_seed``, the project's domain protocol) with other noise.
+    """
+
+    teacher: str = "embedded"
+    vsd: VSDConfig = field(default_factory=default_vsd)
+    budget: AblationBudget = field(default_factory=AblationBudget)
+    kinds: tuple[str, ...] = ("lorad", "lora", "dora", "full")
+    rank: int = 16                              # student rank of the adapter comparison
+    ranks: tuple[int, ...] = (4, 8, 16, 32)     # LoRaD rank sweep (same lr as the comparison's LoRaD)
+    seeds: tuple[int, ...] = (0, 1)
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    lr_extend: int = 1
+    lr_factor: float = 3.0                      # spacing used when the grid is extended
+    fixed_lrs: tuple[tuple[str, float], ...] = ()  # (kind, lr) pairs that skip the sweep
+    sweep_seed: int = 100
+    val_prompt_seed: int = 2                    # eval_prompts(..., seed) for the lr choice
+    test_prompt_seed: int = 1                   # eval_prompts(..., seed) for every reported number
+    val_noise_seed: int = 2002
+    test_noise_seed: int = 1001
+    real_seed: int = 777                        # wadi_core.domain.quality.REAL_SEED
+    swaps: bool = True
+    out_dir: str = "runs/ablation"
+    threads: int = 0                            # torch threads (0: leave torch's default)
+
+    def __post_init__(self) -> None:
+        from wadi_core.adapters import ADAPTER_KINDS
+
+        bad = [k for k in self.kinds if k not in ADAPTER_KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {sorted(ADAPTER_KINDS)}, got {self.kinds}")
+        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if not self.lr_grid or any(lr <= 0 for lr in self.lr_grid):
+            raise ValueError(f"lr_grid must hold positive learning rates, got {self.lr_grid}")
+        if self.rank < 1 or any(r < 1 for r in self.ranks):
+            raise ValueError("ranks must be >= 1")
+        if self.val_prompt_seed == self.test_prompt_seed:
+            raise ValueError("val_prompt_seed must differ from test_prompt_seed (the lr is not chosen on the test set)")
+        if self.sweep_seed in self.seeds:
+            raise ValueError("sweep_seed must not be one of the main seeds")
+
+    def student_vsd(self, kind: str, rank: int, lr: float) -> VSDConfig:
+        """The shared recipe with this run's student adapter and generator learning rate."""
+        return replace(self.vsd, student=AdapterSpec(kind, rank, self.vsd.student.targets), gen_lr=lr)
