@@ -52,8 +52,9 @@ def build_config(args: argparse.Namespace):
 
 
 def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | None, grid: str | None,
-             guidance: float) -> dict:
-    """Student (1 step, no CFG) vs teacher (25 steps CFG and 1 step CFG) on the domain protocol."""
+             guidance: float, workers: int) -> dict:
+    """Student (1 step, no CFG) vs teacher (25 steps CFG and 1 step CFG), same domain protocol
+    as jobs/eval_teacher_domain.py (wadi_core.domain.quality.generated_report)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -63,29 +64,30 @@ def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | N
     from wadi_core.domain.teacher import image_grid, sample_images
     from wadi_core.models import resolve_teacher_dir
 
+    teacher_dir = str(resolve_teacher_dir(teacher_dir))
     evaluator = load_domain_evaluator()
     real = real_feature_stats(evaluator, n=5000)
-    student = StableDiffusionPipeline.from_pretrained(export_dir)
-    teacher = StableDiffusionPipeline.from_pretrained(resolve_teacher_dir(teacher_dir))
-    out: dict = {"n": n, "n_real": 5000, "protocol": "wadi_core.domain.quality.generated_report, eval_prompts seed 1"}
-    out["student_1step"], _ = generated_report(student, evaluator, real, n, steps=1, guidance=1.0)
+    out: dict = {"n": n, "n_real": 5000, "protocol": "wadi_core.domain.quality.generated_report (eval_prompts seed 1)"}
+    out["student_1step"], _ = generated_report(str(export_dir), evaluator, real, n, 1, 1.0, workers=workers)
     reused = json.loads(Path(teacher_report).read_text()) if teacher_report else {}
     if reused.get("n") == n and "steps25" in reused and "steps1" in reused:
         out["teacher_25step"], out["teacher_1step"] = reused["steps25"], reused["steps1"]
         out["teacher_source"] = teacher_report
     else:
-        out["teacher_25step"], _ = generated_report(teacher, evaluator, real, n, steps=25, guidance=guidance)
-        out["teacher_1step"], _ = generated_report(teacher, evaluator, real, n, steps=1, guidance=guidance)
+        out["teacher_25step"], _ = generated_report(teacher_dir, evaluator, real, n, 25, guidance, workers=workers)
+        out["teacher_1step"], _ = generated_report(teacher_dir, evaluator, real, n, 1, guidance, workers=workers)
     s, t25, t1 = out["student_1step"], out["teacher_25step"], out["teacher_1step"]
     out["fid_student_over_teacher25"] = s["fid"] / t25["fid"]
     out["fid_teacher1_over_student"] = t1["fid"] / s["fid"]
     out["alignment_student_over_teacher25"] = s["alignment"] / t25["alignment"]
     if grid:
+        student = StableDiffusionPipeline.from_pretrained(export_dir)
+        teacher = StableDiffusionPipeline.from_pretrained(teacher_dir)
         prompts = [p for p in GRID_PROMPTS for _ in range(6)]
         rows = [sample_images(teacher, prompts, steps=25, guidance=guidance, seed=0),
                 sample_images(student, prompts, steps=1, guidance=1.0, seed=0),
                 sample_images(teacher, prompts, steps=1, guidance=guidance, seed=0)]
-        # one block per prompt row: teacher 25 steps | student 1 step | teacher 1 step
+        # one row per prompt: 6 teacher 25-step | 6 student 1-step | 6 teacher 1-step
         tiles = torch.cat([torch.cat([r[i * 6:(i + 1) * 6] for r in rows]) for i in range(len(GRID_PROMPTS))])
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
         image_grid(tiles, nrow=len(GRID_PROMPTS)).save(grid)
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-report", default=None, help="reuse teacher numbers from jobs/eval_teacher_domain.py")
     ap.add_argument("--compare-grid", default=None, help="PNG: teacher 25 steps | student 1 step | teacher 1 step")
     ap.add_argument("--guidance", type=float, default=3.0, help="teacher CFG in the evaluation")
+    ap.add_argument("--eval-workers", type=int, default=2, help="sampling processes in the evaluation")
+    ap.add_argument("--eval-only", default=None, metavar="EXPORT_DIR", help="skip training; evaluate this export")
     args = ap.parse_args(argv)
 
     import torch
@@ -124,13 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)
     print(json.dumps(to_flat_dict(cfg), indent=1), flush=True)
     started = time.time()
-    result = train_local(cfg)
-    result.pop("distiller")
+    if args.eval_only:
+        result: dict = {"export": args.eval_only}
+    else:
+        result = train_local(cfg)
+        result.pop("distiller")
     if args.evaluate:
         result["eval"] = evaluate(Path(result["export"]), cfg.teacher, args.evaluate, args.teacher_report,
-                                  args.compare_grid, args.guidance)
+                                  args.compare_grid, args.guidance, args.eval_workers)
     result["wall_seconds"] = time.time() - started
-    Path(cfg.out_dir, "result.json").write_text(json.dumps(result, indent=1, default=str))
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.out_dir, "result.json" if not args.eval_only else "eval.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, indent=1, default=str))
     return 0
 

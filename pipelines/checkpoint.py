@@ -70,7 +70,9 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
         raise FileNotFoundError(f"{src} has no {_PROGRESS}: not a checkpoint written by pipelines.checkpoint")
     progress = Progress.from_json((src / _PROGRESS).read_text())
     for role, engine in engines.items():
-        # load_checkpoint on a missing path only warns and returns (None, None): check it.
+        if not (src / role / TAG).is_dir():
+            raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {progress.step})")
+        # load_checkpoint on a missing path only warns and returns (None, None): check it too.
         path, _ = engine.load_checkpoint(str(src / role), tag=TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
         if path is None:

@@ -146,6 +146,22 @@ def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str
     )
 
 
+def _check_cpu_headroom(cfg: DistillConfig, local: bool) -> None:
+    """Ray Data needs CPUs beside the train workers, or the run hangs (``budget=(cpu=0.0``)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    used = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if total - used >= 0.5:
+        return
+    msg = (f"train.num_workers x train.cpus_per_worker = {used:g} of the cluster's {total:g} CPUs leaves "
+           "Ray Data no CPU to read prompts with (the run would hang): lower train.cpus_per_worker "
+           f"(e.g. {max(0.1, (total - 1) / cfg.train.num_workers):.2g}) or add CPUs")
+    if local:
+        raise RuntimeError(msg)
+    warnings.warn(msg + " (an autoscaling cluster may still add nodes)")
+
+
 def run_distillation(cfg: DistillConfig, ray_address: str | None = None) -> DistillResult:
     """Run (or resume, same ``train.run_name``) one distillation job; returns where results are."""
     import ray
@@ -158,8 +174,12 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None) -> Dist
     tracking_uri = cfg.tracking.uri or default_tracking_uri(root / "runs")
     sample_prompts = fixed_prompts(prompts_uri, cfg.tracking.num_sample_prompts)
 
+    started_here = False
     if not ray.is_initialized():
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or None)
+        address = ray_address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address)
+        started_here = address is None
+    _check_cpu_headroom(cfg, local=started_here)
     datasets = {dataset_name(e): prompt_dataset(prompts_uri, cfg.data.shuffle_seed, e, cfg.data.read_tasks)
                 for e in range(num_epochs)}
     spec = cfg.vsd.student

@@ -123,6 +123,11 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     assert pipe.scheduler.timesteps.tolist() == [999]
     images = pipe(["a red circle on the left"], num_inference_steps=1, guidance_scale=1.0, output_type="np").images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    # ... and through the registry: the pyfunc model behind the alias samples in one step too.
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/wadi-e2e@candidate")
+    out = model.predict(["a blue square on the left", "a red circle on the left"])
+    assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
 
 
 def test_checkpoint_discovery_and_pruning(tmp_path: Path) -> None:
@@ -159,3 +164,56 @@ def test_relative_paths_become_absolute(tmp_path: Path) -> None:
     assert cfg.teacher == "embedded"
     s3 = absolute_paths(load_config("sd15"), tmp_path)
     assert s3.train.storage_path.startswith("s3://") and s3.teacher == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-process gloo world: the Updater protocol on a DeepSpeed ZeRO-2 engine, and the
+    training-state checkpoint (engine, progress, RNG) round trip."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    pytest.importorskip("deepspeed")
+    from wadi_core.vsd import Updater, VSDConfig
+
+    from pipelines.checkpoint import Progress, load_training_state, save_training_state
+    from pipelines.config import TrainConfig
+    from pipelines.engines import DeepSpeedUpdater, build_engine, init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        init_distributed()
+        torch.manual_seed(0)
+        module = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+        engine = build_engine(module, 1e-2, TrainConfig(global_batch=2, num_workers=1, zero_stage=2),
+                              VSDConfig(grad_clip=0.5))
+        updater = DeepSpeedUpdater(engine)
+        assert isinstance(updater, Updater)
+        before = module[0].weight.detach().clone()
+        updater.backward((module[0](torch.randn(2, 4)) * 100).pow(2).mean())
+        norm = updater.step()
+        assert norm > 0.5 and torch.isfinite(torch.tensor(norm))  # pre-clip norm, clipped to 0.5
+        assert not torch.equal(before, module[0].weight)
+
+        gen = torch.Generator().manual_seed(3)
+        saved_weight, saved_gen = module[0].weight.detach().clone(), gen.get_state()
+        save_training_state(tmp_path / "ckpt", {"student": engine}, gen,
+                            Progress(step=5, epoch=1, batches_in_epoch=2, bad_before_epoch={"empty_caption": 1}), 0)
+        with torch.no_grad():
+            module[0].weight.add_(1.0)
+        torch.randn(3, generator=gen)
+        progress = load_training_state(tmp_path / "ckpt", {"student": engine}, gen, 0)
+        assert (progress.step, progress.epoch, progress.batches_in_epoch) == (5, 1, 2)
+        assert progress.bad_before_epoch == {"empty_caption": 1}
+        assert torch.equal(module[0].weight, saved_weight) and torch.equal(gen.get_state(), saved_gen)
+        with pytest.raises(RuntimeError, match="no DeepSpeed state for 'fake'"):
+            load_training_state(tmp_path / "ckpt", {"fake": engine}, gen, 0)
+    finally:
+        dist.destroy_process_group()

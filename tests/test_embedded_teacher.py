@@ -94,3 +94,21 @@ def test_pretraining_resumes_exactly(tmp_path, workers):
         assert wa.keys() == wb.keys()
         for k in wa:
             assert torch.equal(wa[k], wb[k]), f"{part_name}.{k} differs after resume"
+
+
+@pytest.mark.slow
+def test_denoiser_steps_can_be_shortened_while_running(tmp_path):
+    from wadi_core.domain.pretrain import PretrainConfig, pretrain_teacher
+
+    arch = TeacherArch(vae_channels=(16, 16, 16), text_hidden=32, text_heads=2, unet_channels=(16, 32),
+                       unet_heads=2, max_tokens=16)
+    cfg = PretrainConfig(num_images=32, vae_steps=2, vae_decoder_steps=0, vae_batch=4, denoiser_steps=50,
+                         denoiser_batch=4, warmup_steps=2, checkpoint_every=2, num_threads=1, arch=arch)
+    (tmp_path / "state.steps").write_text("4\n")
+    pretrain_teacher(cfg, tmp_path / "out", tmp_path / "state", progress=False)
+    assert (tmp_path / "out" / "model_index.json").exists()
+    from safetensors.torch import load_file
+
+    # AdamW's step count in the final state: the phase ended at 4 steps instead of 50.
+    assert float(load_file(str(tmp_path / "state" / "optimizer.safetensors"))["0.step"]) == 4
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["meta"]["phase"] == "done"

@@ -71,12 +71,32 @@ def test_sqrtm_and_eigh_agree_and_identity_is_zero():
         frechet_distance(sa, sb, "svd")
 
 
-def test_sqrtm_retries_singular_covariances():
+def test_singular_covariances_give_a_finite_distance():
     # fewer samples than dims -> singular covariances; the result must still be finite
     a, b = _features(10, 32, 6), _features(10, 32, 7)
     sa, sb = GaussianStats.from_features(a), GaussianStats.from_features(b)
     for method in ("sqrtm", "eigh"):
         assert np.isfinite(frechet_distance(sa, sb, method))
+
+
+def test_sqrtm_retry_adds_eps_to_both_covariances(monkeypatch):
+    from wadi_core.metrics import stats as stats_mod
+
+    a, b = _features(500, 8, 10), _features(500, 8, 11, shift=0.2)
+    sa, sb = GaussianStats.from_features(a), GaussianStats.from_features(b)
+    calls = []
+    real_sqrtm = stats_mod.linalg.sqrtm
+
+    def flaky_sqrtm(m):
+        calls.append(m)
+        return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
+
+    monkeypatch.setattr(stats_mod.linalg, "sqrtm", flaky_sqrtm)
+    with pytest.warns(UserWarning, match="singular"):
+        d = frechet_distance(sa, sb, "sqrtm", eps=1e-6)
+    (_, s1), (_, s2) = sa.mean_cov(), sb.mean_cov()
+    np.testing.assert_allclose(calls[1], (s1 + 1e-6 * np.eye(8)) @ (s2 + 1e-6 * np.eye(8)), rtol=1e-12)
+    assert len(calls) == 2 and abs(d - frechet_distance(sa, sb, "eigh")) < 1e-3  # eps shifts it slightly
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])

@@ -5,6 +5,7 @@ cut-off job leaves a table and a rerun with the same ``out_dir`` continues where
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -91,8 +92,9 @@ class AblationContext:
         self.evaluator = load_domain_evaluator()
         b = cfg.budget
         self.real = cached_real_stats(self.evaluator, b.real_images, cfg.real_seed, self.out)
-        teacher = load_teacher(cfg.teacher)
-        self.latent_shape, self.family = teacher.latent_shape, teacher.family
+        # Loaded once; every run distils a deep copy (adapters are added in place).
+        self.teacher = load_teacher(cfg.teacher)
+        self.latent_shape, self.family = self.teacher.latent_shape, self.teacher.family
         self.val = DomainEval.build(self.evaluator, self.real, b.sweep_eval_images, cfg.val_prompt_seed,
                                     cfg.val_noise_seed, self.latent_shape)
         self.test = DomainEval.build(self.evaluator, self.real, b.eval_images, cfg.test_prompt_seed,
@@ -171,11 +173,13 @@ class _Runner:
         timer = _StepTimer()
         t0 = time.perf_counter()
         # A finished run resumes from its final TrainState without training (e.g. to redo the swaps).
-        result = train_local(local, progress=self.progress, on_metrics=timer, export=False)
+        result = train_local(local, teacher=copy.deepcopy(self.ctx.teacher), progress=self.progress,
+                             on_metrics=timer, export=False)
         train_s = time.perf_counter() - t0
         distiller = result.pop("distiller")
         den = distiller.denoiser
         row: Row | None = None
+        cmp = compare_student(den, svd_fraction=0.3 if spec.kind == "full" else None) if spec.evalset == "test" else None
         if spec.name not in self.done:
             wall, cpu = timer.per_step()
             ev = self.ctx.val if spec.evalset == "val" else self.ctx.test
@@ -185,18 +189,18 @@ class _Runner:
                    **{k: float(result[k]) for k in ("loss_fake", "g_abs_mean", "grad_norm_student", "x0_std")
                       if k in result}}
             row.update(_safe_score(ev, ev.student_images(distiller)))
-            if spec.evalset == "test":
-                row.update(_weight_summary(compare_student(den)))
+            if cmp is not None:
+                row.update(_weight_summary(cmp))
             self.emit(row)
         diverged = next(r for r in self.rows if r["name"] == spec.name)["diverged"] == 1.0
         if want_swaps and not diverged:
-            self.swaps(spec, distiller, compare_student(den, svd_fraction=0.3))
+            self.swaps(spec, distiller, cmp)
         return row
 
     def swaps(self, spec: RunSpec, distiller: Any, cmp: Any) -> None:
         """Weight analysis files and the swap-norm / swap-direction students of a full fine-tune."""
         from wadi_core.adapters import adapter_state_dict
-        from wadi_core.analysis import plot_histograms, plot_layer_scatter, plot_svd_energy
+        from wadi_core.analysis.plots import plot_histograms, plot_layer_scatter, plot_svd_energy
         from wadi_core.export import save_adapter_file
 
         den, ev = distiller.denoiser, self.ctx.test
@@ -211,8 +215,9 @@ class _Runner:
             writer.writerows(rows)
         plot_layer_scatter(cmp, wdir / "layer_scatter.png",
                            title=f"full fine-tune vs teacher ({spec.steps} steps, seed {spec.seed})")
-        plot_histograms(cmp, wdir / "histograms.png")
-        plot_svd_energy(cmp, wdir / "svd_energy.png")
+        if spec.seed == self.cfg.seeds[0]:  # histograms of one seed are enough (and plots are slow)
+            plot_histograms(cmp, wdir / "histograms.png")
+            plot_svd_energy(cmp, wdir / "svd_energy.png")
         spec_full = distiller.cfg.student
         save_adapter_file(wdir / "student_full.safetensors", adapter_state_dict(den, "student"), spec_full,
                           self.ctx.family)

@@ -64,7 +64,8 @@ def add_adapter(model: nn.Module, kind: str, name: str, rank: int, targets: Targ
                          "or remove_adapters(model) first")
     merged = {m.merged_adapter for m in adapted_layers(model).values()} - {None}
     if merged:
-        raise RuntimeError(f"adapter {sorted(merged)[0]!r} is merged into this model; unmerge it before adding adapters")
+        raise RuntimeError(f"adapter {sorted(merged)[0]!r} is merged into this model; "
+                           "unmerge it before adding adapters")
     names = resolve_targets(model, targets)
     for mod_name in names:
         layer = model.get_submodule(mod_name)

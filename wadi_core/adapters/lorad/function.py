@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..base import no_autocast
 
@@ -60,12 +59,13 @@ def _round_width(n: int, total: int) -> int:
 
 
 def _block_elements(out_features: int, in_features: int, tokens: int) -> int:
-    """Most weight elements per block. Backward holds ~2.5 block-sized fp32 transients; keep them under
-    a quarter of the larger of the weight and this step's activations (``tokens * (in + out)``), so
-    memory stays at or below full fine-tuning's (its ``dL/dW`` alone is one weight), and never above
-    ``_CHUNK_ELEMENTS``. Fewer blocks are faster: each one re-reads an activation."""
+    """Most weight elements per block. Backward holds at most two block-sized fp32 transients; a
+    quarter of the weight keeps them (plus A's and B's gradients) under full fine-tuning's ``dL/dW``.
+    When this step's activations (``tokens * (in + out)``) dwarf the weight, blocks may grow to 1/16
+    of them (a few % of the step's memory): fewer blocks are faster, each one re-reads an activation.
+    Never above ``_CHUNK_ELEMENTS``."""
     weight = out_features * in_features
-    return max(1, min(_CHUNK_ELEMENTS, max(weight // 4, tokens * (in_features + out_features) // 8)))
+    return max(1, min(_CHUNK_ELEMENTS, max(weight // 4, tokens * (in_features + out_features) // 16)))
 
 
 def _plan(out_features: int, in_features: int, tokens: int) -> tuple[bool, int]:
@@ -110,11 +110,13 @@ def _blocks(out_f: int, in_f: int, by_rows: bool, width: int) -> list[tuple[slic
             for c in range(0, in_f, width)]
 
 
-def _dtheta(gw: torch.Tensor, w_rot: torch.Tensor) -> torch.Tensor:
-    """``dL/dTheta = dL/db' a' - dL/da' b'`` per pair, from ``dL/dW_rot`` and ``W_rot``."""
+def _dtheta_(gw: torch.Tensor, w_rot: torch.Tensor) -> torch.Tensor:
+    """``dL/dTheta = dL/db' a' - dL/da' b'`` per pair, computed in place in ``gw`` (``dL/dW_rot``,
+    overwritten); returns it contiguous."""
     gp, wp = gw.view(gw.shape[0], -1, 2), w_rot.view(w_rot.shape[0], -1, 2)
-    dtheta = gp[..., 1] * wp[..., 0]
-    return dtheta.addcmul_(gp[..., 0], wp[..., 1], value=-1)
+    ga = gp[..., 0]
+    ga.mul_(wp[..., 1]).neg_().addcmul_(gp[..., 1], wp[..., 0])
+    return ga.contiguous()
 
 
 class _LoRaDLinear(torch.autograd.Function):
@@ -166,11 +168,10 @@ class _LoRaDLinear(torch.autograd.Function):
                 grad_A = (torch.empty if by_rows else torch.zeros)(A.shape, dtype=adt, device=dev)
             if need_B:
                 grad_B = (torch.zeros if by_rows else torch.empty)(B.shape, dtype=adt, device=dev)
-            buf = torch.empty(width * (in_f if by_rows else out_f), dtype=adt, device=dev)
             for rows, cols, pairs in _blocks(out_f, in_f, by_rows, width):
                 theta = Af[rows] @ Bf[:, pairs]
-                n_rows, n_cols = theta.shape[0], 2 * theta.shape[1]
-                w_rot = _rotate_into(buf[: n_rows * n_cols].view(n_rows, n_cols), weight[rows, cols], theta)
+                w_rot = _rotate_into(torch.empty(theta.shape[0], 2 * theta.shape[1], dtype=adt, device=dev),
+                                     weight[rows, cols], theta)  # recomputed, nothing fp32 was saved
                 if not need_w:
                     del theta  # only the gradient wrt W needs the angles again
                 gs = g[:, rows]
@@ -182,10 +183,12 @@ class _LoRaDLinear(torch.autograd.Function):
                 if not (need_w or need_A or need_B):
                     continue
                 gw = (gs.t() @ x2[:, cols]).to(adt)  # dL/dW_rot of this block
+                if need_w:  # the gradient rotated back by -theta
+                    _rotate_into(grad_w[rows, cols], gw, -theta)
+                    del theta
                 if need_A or need_B:
-                    dtheta = _dtheta(gw, w_rot)
-                    if not need_w:
-                        del gw
+                    dtheta = _dtheta_(gw, w_rot)
+                    del w_rot, gw  # peak: two block-sized fp32 tensors, then half of one
                     if need_A:
                         if by_rows:
                             torch.mm(dtheta, Bf.t(), out=grad_A[rows])
@@ -197,9 +200,6 @@ class _LoRaDLinear(torch.autograd.Function):
                         else:
                             torch.mm(Af.t(), dtheta, out=grad_B[:, pairs])
                     del dtheta
-                if need_w:  # the gradient rotated back by -theta
-                    _rotate_into(grad_w[rows, cols], gw, -theta)
-                    del theta, gw
             if need_b:
                 grad_b = g.sum(0).to(bias.dtype)
         if grad_x is not None:
