@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (0, 1, ...)")
     p.add_argument("--out", default=str(REPO / "runs" / "ablation"))
     p.add_argument("--teacher", default="embedded", help="diffusers dir, s3:// prefix or 'embedded'")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel single-run processes (2 x 1 thread beats 1 x 2 threads on a shared 2-core box)")
     p.add_argument("--kinds", nargs="+", default=None, help="student adapter kinds (default: all four)")
     p.add_argument("--rank", type=int, default=None, help="student rank of the adapter comparison")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="LoRaD rank sweep")
@@ -77,7 +79,8 @@ def build_config(args: argparse.Namespace) -> AblationConfig:
         defaults, teacher=args.teacher, budget=budget, seeds=tuple(range(args.seeds)),
         kinds=tuple(args.kinds or defaults.kinds), rank=args.rank or defaults.rank,
         ranks=tuple(args.ranks or defaults.ranks), lr_grid=tuple(args.lr_grid or defaults.lr_grid),
-        fixed_lrs=tuple(fixed), swaps=not args.no_swaps, out_dir=str(args.out), threads=args.threads)
+        fixed_lrs=tuple(fixed), swaps=not args.no_swaps, out_dir=str(args.out), threads=args.threads,
+        workers=args.workers)
 
 
 _PARAM_KEYS = ("name", "group", "variant", "kind", "rank", "lr", "seed", "steps", "evalset", "batch_size", "source")

@@ -48,6 +48,7 @@ def build_config(args: argparse.Namespace):
         teacher=args.teacher or data.get("teacher", "embedded"), vsd=from_dict(VSDConfig, unflatten(vsd)),
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, prompts=args.prompts,
         sample_every=args.sample_every, save_every=args.save_every, out_dir=args.out, device=args.device,
+        max_minutes=args.max_minutes,
     )
 
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--out", default=str(REPO / "outputs" / "distill_local"))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0: off)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--evaluate", type=int, default=0, metavar="N", help="domain FID/alignment on N prompts")
     ap.add_argument("--teacher-report", default=None, help="reuse teacher numbers from jobs/eval_teacher_domain.py")

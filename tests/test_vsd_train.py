@@ -49,7 +49,7 @@ def test_distill_local_job_reads_recipe_and_overrides(tmp_path):
     import argparse
 
     ns = argparse.Namespace(recipe=str(recipe), teacher=None, steps=7, batch_size=4, seed=0, prompts="domain",
-                            sample_every=0, save_every=0, out=str(tmp_path / "o"), device="cpu",
+                            sample_every=0, save_every=0, out=str(tmp_path / "o"), device="cpu", max_minutes=0.0,
                             overrides=ap_args[-2:])
     cfg = mod.build_config(ns)
     assert cfg.teacher == "/some/dir" and cfg.steps == 7

@@ -78,7 +78,8 @@ class AblationConfig:
     real_seed: int = 777                        # wadi_core.domain.quality.REAL_SEED
     swaps: bool = True
     out_dir: str = "runs/ablation"
-    threads: int = 0                            # torch threads (0: leave torch's default)
+    threads: int = 0                            # torch threads per process (0: torch's default; workers: 1)
+    workers: int = 1                            # processes running independent runs in parallel
 
     def __post_init__(self) -> None:
         from wadi_core.adapters import ADAPTER_KINDS
@@ -94,6 +95,8 @@ class AblationConfig:
             raise ValueError("ranks must be >= 1")
         if self.val_prompt_seed == self.test_prompt_seed:
             raise ValueError("val_prompt_seed must differ from test_prompt_seed (the lr is not chosen on the test set)")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.sweep_seed in self.seeds:
             raise ValueError("sweep_seed must not be one of the main seeds")
 

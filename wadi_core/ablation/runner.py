@@ -1,14 +1,21 @@
 """Run the ablation: baselines, per-adapter learning-rate sweep, adapter comparison with swap
 students, LoRaD rank sweep. Rows are appended to ``results.jsonl`` as each run finishes, so a
 cut-off job leaves a table and a rerun with the same ``out_dir`` continues where it stopped.
+
+Independent runs can go to ``cfg.workers`` single-threaded processes: on a shared 2-core machine
+two 1-thread processes were ~10x faster than one process with 2 OpenMP threads (which spin
+while waiting for each other under load; ../shared/spec/STACK.md). Results do not depend on
+the number of workers: every run is seeded and scored on fixed prompts and noise.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +27,8 @@ from wadi_core.ablation.evaluate import DomainEval, cached_real_stats, teacher_i
 from wadi_core.ablation.weights import compare_student, swapped_full_state, use_student_state
 from wadi_core.config import to_flat_dict
 
-__all__ = ["RunSpec", "AblationContext", "run_ablation", "choose_lr", "load_rows"]
+__all__ = ["RunSpec", "AblationContext", "run_ablation", "choose_lr", "load_rows", "train_and_score",
+           "score_baselines"]
 
 Row = dict[str, Any]
 OnRow = Callable[[Row, AblationConfig], None]
@@ -81,7 +89,8 @@ def choose_lr(rows: list[Row], kind: str) -> float | None:
 
 
 class AblationContext:
-    """Evaluator, real statistics and the validation / test evaluation sets (built once)."""
+    """Evaluator, real statistics, the teacher and the validation / test evaluation sets (built once
+    per process)."""
 
     def __init__(self, cfg: AblationConfig) -> None:
         from wadi_core.domain.evaluator import load_domain_evaluator
@@ -117,12 +126,142 @@ def _weight_summary(cmp: Any) -> dict[str, float]:
     return out
 
 
+def score_baselines(ctx: AblationContext, done: frozenset[str]) -> list[Row]:
+    """The FID floor (real vs real renders) and the teacher (K-step and 1-step CFG) on the test set."""
+    from wadi_core.domain.quality import real_feature_stats
+    from wadi_core.metrics import frechet_distance
+
+    cfg, b, ev = ctx.cfg, ctx.cfg.budget, ctx.test
+    rows: list[Row] = []
+    if "real_floor" not in done:
+        # The FID floor at this sample size: fresh real renders (other seed) against the reference.
+        real = real_feature_stats(ctx.evaluator, n=len(ev), split="train", seed=cfg.real_seed + 1)
+        rows.append({"name": "real_floor", "group": "baseline", "variant": "real", "kind": "real renders",
+                     "fid": float(frechet_distance(real, ctx.real)), "alignment": math.nan})
+    pipe = None
+    for steps in (b.teacher_steps, 1):
+        name = f"teacher_{steps}step_cfg{b.teacher_guidance:g}"
+        if name in done:
+            continue
+        pipe = pipe or teacher_pipeline(cfg.teacher)
+        t0 = time.perf_counter()
+        images = teacher_images(pipe, ev, steps, b.teacher_guidance)
+        rows.append({"name": name, "group": "baseline", "variant": f"teacher_{steps}step",
+                     "kind": f"teacher {steps}-step CFG {b.teacher_guidance:g}", "steps": steps,
+                     "sample_s": time.perf_counter() - t0, **_safe_score(ev, images)})
+    return rows
+
+
+def train_and_score(ctx: AblationContext, spec: RunSpec, group: str, done: frozenset[str],
+                    progress: bool = True) -> list[Row]:
+    """Train (or resume) and score one run; a full fine-tune on the test set also yields its
+    swap-norm / swap-direction rows. Rows whose name is in ``done`` are not produced again."""
+    from wadi_core.adapters import count_trainable
+    from wadi_core.vsd.train import LocalTrainConfig, train_local
+
+    cfg, b = ctx.cfg, ctx.cfg.budget
+    want_swaps = spec.kind == "full" and spec.evalset == "test" and cfg.swaps
+    if spec.name in done and (not want_swaps or f"swap_direction_of_{spec.name}" in done):
+        return []
+    local = LocalTrainConfig(teacher=cfg.teacher, vsd=cfg.student_vsd(spec.kind, spec.rank, spec.lr),
+                             steps=spec.steps, batch_size=b.batch_size, seed=spec.seed, prompts="domain",
+                             sample_every=0, save_every=0, out_dir=str(ctx.out / "runs" / spec.name))
+    timer = _StepTimer()
+    t0 = time.perf_counter()
+    # A finished run resumes from its final TrainState without training (e.g. to redo the swaps).
+    result = train_local(local, teacher=copy.deepcopy(ctx.teacher), progress=progress, on_metrics=timer,
+                         export=False)
+    train_s = time.perf_counter() - t0
+    distiller = result.pop("distiller")
+    den = distiller.denoiser
+    rows: list[Row] = []
+    cmp = compare_student(den, svd_fraction=0.3 if spec.kind == "full" else None) if spec.evalset == "test" else None
+    diverged = False
+    if spec.name not in done:
+        wall, cpu = timer.per_step()
+        ev = ctx.val if spec.evalset == "val" else ctx.test
+        row: Row = {"name": spec.name, "group": group, "variant": "student", **asdict(spec),
+                    "batch_size": b.batch_size, "params": count_trainable(den, "student"),
+                    "s_per_step": wall, "cpu_s_per_step": cpu, "train_s": train_s,
+                    **{k: float(result[k]) for k in ("loss_fake", "g_abs_mean", "grad_norm_student", "x0_std")
+                       if k in result}}
+        row.update(_safe_score(ev, ev.student_images(distiller)))
+        if cmp is not None:
+            row.update(_weight_summary(cmp))
+        rows.append(row)
+        diverged = row["diverged"] == 1.0
+    if want_swaps and not diverged:
+        rows += _swap_rows(ctx, spec, distiller, cmp)
+    return rows
+
+
+def _swap_rows(ctx: AblationContext, spec: RunSpec, distiller: Any, cmp: Any) -> list[Row]:
+    """Weight-analysis files and the swap-norm / swap-direction students of a full fine-tune."""
+    from wadi_core.adapters import adapter_state_dict
+    from wadi_core.analysis.plots import plot_histograms, plot_layer_scatter, plot_svd_energy
+    from wadi_core.export import save_adapter_file
+
+    den, ev = distiller.denoiser, ctx.test
+    wdir = ctx.out / "weights" / spec.name
+    wdir.mkdir(parents=True, exist_ok=True)
+    per_layer = cmp.per_layer_rows()
+    with open(wdir / "per_layer.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(per_layer[0]))
+        writer.writeheader()
+        writer.writerows(per_layer)
+    plot_layer_scatter(cmp, wdir / "layer_scatter.png",
+                       title=f"full fine-tune vs teacher ({spec.steps} steps, seed {spec.seed})")
+    if spec.seed == ctx.cfg.seeds[0]:  # histograms of one seed are enough (and plots are slow)
+        plot_histograms(cmp, wdir / "histograms.png")
+        plot_svd_energy(cmp, wdir / "svd_energy.png")
+    spec_full = distiller.cfg.student
+    save_adapter_file(wdir / "student_full.safetensors", adapter_state_dict(den, "student"), spec_full, ctx.family)
+    rows = []
+    for what in ("norm", "direction"):
+        state = swapped_full_state(den, what)
+        ckpt = wdir / f"swap_{what}.safetensors"
+        save_adapter_file(ckpt, state, spec_full, ctx.family)
+        with use_student_state(den, state):
+            scores = _safe_score(ev, ev.student_images(distiller))
+            swapped = _weight_summary(compare_student(den))
+        rows.append({"name": f"swap_{what}_of_{spec.name}", "group": "swap", "variant": f"swap_{what}",
+                     "kind": "full", "rank": spec.rank, "lr": spec.lr, "seed": spec.seed, "steps": spec.steps,
+                     "evalset": "test", "source": spec.name, "checkpoint": str(ckpt), **scores, **swapped})
+    return rows
+
+
+# -- worker processes (one context per process, built by the pool initializer) -------------------
+_WORKER_CONTEXT: list[AblationContext] = []
+
+
+def _init_worker(cfg: AblationConfig) -> None:
+    torch.set_num_threads(max(cfg.threads, 1))
+    _WORKER_CONTEXT.append(AblationContext(cfg))
+
+
+def _worker_train(spec: RunSpec, group: str, done: frozenset[str]) -> list[Row]:
+    return train_and_score(_WORKER_CONTEXT[0], spec, group, done, progress=False)
+
+
+def _worker_baselines(done: frozenset[str]) -> list[Row]:
+    return score_baselines(_WORKER_CONTEXT[0], done)
+
+
 class _Runner:
-    def __init__(self, cfg: AblationConfig, ctx: AblationContext, on_row: OnRow | None, progress: bool) -> None:
-        self.cfg, self.ctx, self.on_row, self.progress = cfg, ctx, on_row, progress
+    def __init__(self, cfg: AblationConfig, on_row: OnRow | None, progress: bool) -> None:
+        self.cfg, self.on_row, self.progress = cfg, on_row, progress
         self.out = Path(cfg.out_dir)
         self.rows = load_rows(self.out)
         self.done = {r["name"] for r in self.rows}
+        self.pool: ProcessPoolExecutor | None = None
+        self.ctx: AblationContext | None = None
+        if cfg.workers > 1:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(cfg,))
+        else:
+            self.ctx = AblationContext(cfg)
 
     def emit(self, row: Row) -> None:
         self.rows.append(row)
@@ -132,165 +271,102 @@ class _Runner:
         if self.on_row is not None:
             self.on_row(row, self.cfg)
 
-    # -- baselines ------------------------------------------------------------------------------
-    def baselines(self) -> None:
-        from wadi_core.domain.quality import real_feature_stats
-        from wadi_core.metrics import frechet_distance
-
-        b, ev = self.cfg.budget, self.ctx.test
-        if "real_floor" not in self.done:
-            # The FID floor at this sample size: fresh real renders (other seed) against the reference.
-            real = real_feature_stats(self.ctx.evaluator, n=len(ev), split="train", seed=self.cfg.real_seed + 1)
-            self.emit({"name": "real_floor", "group": "baseline", "variant": "real", "kind": "real renders",
-                       "fid": float(frechet_distance(real, self.ctx.real)), "alignment": math.nan})
-        pipe = None
-        for steps in (b.teacher_steps, 1):
-            name = f"teacher_{steps}step_cfg{b.teacher_guidance:g}"
-            if name in self.done:
-                continue
-            pipe = pipe or teacher_pipeline(self.cfg.teacher)
-            t0 = time.perf_counter()
-            images = teacher_images(pipe, ev, steps, b.teacher_guidance)
-            self.emit({"name": name, "group": "baseline", "variant": f"teacher_{steps}step",
-                       "kind": f"teacher {steps}-step CFG {b.teacher_guidance:g}", "steps": steps,
-                       "sample_s": time.perf_counter() - t0, **_safe_score(ev, images)})
-
-    # -- one distillation run -------------------------------------------------------------------
-    def train(self, spec: RunSpec, group: str) -> Row | None:
-        """Train (or resume) and score one run; full fine-tunes on the test set also get the swaps."""
-        want_swaps = spec.kind == "full" and spec.evalset == "test" and self.cfg.swaps
-        swaps_done = f"swap_direction_of_{spec.name}" in self.done
-        if spec.name in self.done and (not want_swaps or swaps_done):
-            return None
-        from wadi_core.adapters import count_trainable
-        from wadi_core.vsd.train import LocalTrainConfig, train_local
-
-        b = self.cfg.budget
-        run_dir = self.out / "runs" / spec.name
-        local = LocalTrainConfig(teacher=self.cfg.teacher, vsd=self.cfg.student_vsd(spec.kind, spec.rank, spec.lr),
-                                 steps=spec.steps, batch_size=b.batch_size, seed=spec.seed, prompts="domain",
-                                 sample_every=0, save_every=0, out_dir=str(run_dir))
-        timer = _StepTimer()
-        t0 = time.perf_counter()
-        # A finished run resumes from its final TrainState without training (e.g. to redo the swaps).
-        result = train_local(local, teacher=copy.deepcopy(self.ctx.teacher), progress=self.progress,
-                             on_metrics=timer, export=False)
-        train_s = time.perf_counter() - t0
-        distiller = result.pop("distiller")
-        den = distiller.denoiser
-        row: Row | None = None
-        cmp = compare_student(den, svd_fraction=0.3 if spec.kind == "full" else None) if spec.evalset == "test" else None
-        if spec.name not in self.done:
-            wall, cpu = timer.per_step()
-            ev = self.ctx.val if spec.evalset == "val" else self.ctx.test
-            row = {"name": spec.name, "group": group, "variant": "student", **asdict(spec),
-                   "batch_size": b.batch_size, "params": count_trainable(den, "student"),
-                   "s_per_step": wall, "cpu_s_per_step": cpu, "train_s": train_s,
-                   **{k: float(result[k]) for k in ("loss_fake", "g_abs_mean", "grad_norm_student", "x0_std")
-                      if k in result}}
-            row.update(_safe_score(ev, ev.student_images(distiller)))
-            if cmp is not None:
-                row.update(_weight_summary(cmp))
-            self.emit(row)
-        diverged = next(r for r in self.rows if r["name"] == spec.name)["diverged"] == 1.0
-        if want_swaps and not diverged:
-            self.swaps(spec, distiller, cmp)
-        return row
-
-    def swaps(self, spec: RunSpec, distiller: Any, cmp: Any) -> None:
-        """Weight analysis files and the swap-norm / swap-direction students of a full fine-tune."""
-        from wadi_core.adapters import adapter_state_dict
-        from wadi_core.analysis.plots import plot_histograms, plot_layer_scatter, plot_svd_energy
-        from wadi_core.export import save_adapter_file
-
-        den, ev = distiller.denoiser, self.ctx.test
-        wdir = self.out / "weights" / spec.name
-        wdir.mkdir(parents=True, exist_ok=True)
-        rows = cmp.per_layer_rows()
-        import csv
-
-        with open(wdir / "per_layer.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        plot_layer_scatter(cmp, wdir / "layer_scatter.png",
-                           title=f"full fine-tune vs teacher ({spec.steps} steps, seed {spec.seed})")
-        if spec.seed == self.cfg.seeds[0]:  # histograms of one seed are enough (and plots are slow)
-            plot_histograms(cmp, wdir / "histograms.png")
-            plot_svd_energy(cmp, wdir / "svd_energy.png")
-        spec_full = distiller.cfg.student
-        save_adapter_file(wdir / "student_full.safetensors", adapter_state_dict(den, "student"), spec_full,
-                          self.ctx.family)
-        for what in ("norm", "direction"):
-            state = swapped_full_state(den, what)
-            save_adapter_file(wdir / f"swap_{what}.safetensors", state, spec_full, self.ctx.family)
-            with use_student_state(den, state):
-                scores = _safe_score(ev, ev.student_images(distiller))
-                swapped = _weight_summary(compare_student(den))
-            self.emit({"name": f"swap_{what}_of_{spec.name}", "group": "swap", "variant": f"swap_{what}",
-                       "kind": "full", "rank": spec.rank, "lr": spec.lr, "seed": spec.seed, "steps": spec.steps,
-                       "evalset": "test", "source": spec.name, "checkpoint": str(wdir / f"swap_{what}.safetensors"),
-                       **scores, **swapped})
-
-    # -- the plan -------------------------------------------------------------------------------
-    def lr_sweep(self, kind: str) -> float:
-        cfg, b = self.cfg, self.cfg.budget
-        fixed = dict(cfg.fixed_lrs)
-        if kind in fixed:
-            return float(fixed[kind])
-        grid = sorted(cfg.lr_grid)
-        for lr in grid:
-            self.train(RunSpec(kind, cfg.rank, lr, cfg.sweep_seed, b.sweep_steps, "val"), "lr_sweep")
-        for _ in range(cfg.lr_extend):
-            best = choose_lr(self.rows, kind)
-            tried = sorted({r["lr"] for r in self.rows if r["group"] == "lr_sweep" and r["kind"] == kind})
-            if best == tried[0]:
-                new = best / cfg.lr_factor
-            elif best == tried[-1]:
-                new = best * cfg.lr_factor
-            else:
-                break
-            self.train(RunSpec(kind, cfg.rank, new, cfg.sweep_seed, b.sweep_steps, "val"), "lr_sweep")
-        return float(choose_lr(self.rows, kind))
-
-    def run(self) -> dict[str, float]:
+    def run_batch(self, runs: list[tuple[RunSpec, str]], baselines: bool = False, desc: str = "runs") -> None:
+        """Run ``runs`` (and the baselines) inline or on the pool; rows are emitted as they finish."""
         from tqdm.auto import tqdm
 
+        done = frozenset(self.done)
+        bar = tqdm(total=len(runs) + baselines, desc=desc, disable=not self.progress, dynamic_ncols=True)
+        if self.pool is None:
+            assert self.ctx is not None
+            if baselines:
+                for row in score_baselines(self.ctx, done):
+                    self.emit(row)
+                bar.update(1)
+            for spec, group in runs:
+                for row in train_and_score(self.ctx, spec, group, frozenset(self.done), progress=self.progress):
+                    self.emit(row)
+                bar.update(1)
+        else:
+            futures: list[Future] = []
+            if baselines:
+                futures.append(self.pool.submit(_worker_baselines, done))
+            futures += [self.pool.submit(_worker_train, spec, group, done) for spec, group in runs]
+            for fut in as_completed(futures):
+                for row in fut.result():
+                    self.emit(row)
+                bar.update(1)
+        bar.close()
+
+    def lr_sweeps(self) -> dict[str, float]:
+        """Per kind: the grid on the sweep seed, then (up to ``lr_extend`` times) one more lr past
+        the edge of the grid when the best is at that edge; returns the chosen lr per kind."""
         cfg, b = self.cfg, self.cfg.budget
-        self.baselines()
-        lrs = {kind: self.lr_sweep(kind) for kind in dict.fromkeys((*cfg.kinds, "lorad"))}
-        (self.out / "lr_choice.json").write_text(json.dumps(lrs, indent=1))
-        plan: list[tuple[RunSpec, str]] = []
-        for seed in cfg.seeds:  # seeds outer: a cut-off run still has every kind once
-            plan += [(RunSpec(k, cfg.rank, lrs[k], seed, b.steps, "test"), "adapter") for k in cfg.kinds]
-        for seed in cfg.seeds:
-            plan += [(RunSpec("lorad", r, lrs["lorad"], seed, b.steps, "test"), "rank")
-                     for r in cfg.ranks if not (r == cfg.rank and "lorad" in cfg.kinds)]
-        for spec, group in tqdm(plan, desc="ablation runs", disable=not self.progress, dynamic_ncols=True):
-            self.train(spec, group)
+        fixed = dict(cfg.fixed_lrs)
+        kinds = [k for k in dict.fromkeys((*cfg.kinds, "lorad")) if k not in fixed]
+
+        def spec(kind: str, lr: float) -> tuple[RunSpec, str]:
+            return RunSpec(kind, cfg.rank, lr, cfg.sweep_seed, b.sweep_steps, "val"), "lr_sweep"
+
+        self.run_batch([spec(k, lr) for k in kinds for lr in sorted(cfg.lr_grid)], baselines=True, desc="lr sweep")
+        for _ in range(cfg.lr_extend):
+            extra = []
+            for kind in kinds:
+                best = choose_lr(self.rows, kind)
+                tried = sorted({r["lr"] for r in self.rows if r["group"] == "lr_sweep" and r["kind"] == kind})
+                if best == tried[0]:
+                    extra.append(spec(kind, best / cfg.lr_factor))
+                elif best == tried[-1]:
+                    extra.append(spec(kind, best * cfg.lr_factor))
+            if not extra:
+                break
+            self.run_batch(extra, desc="lr sweep (extended)")
+        lrs = {k: float(choose_lr(self.rows, k)) for k in kinds}
+        return {**lrs, **{k: float(v) for k, v in fixed.items()}}
+
+    def run(self) -> dict[str, float]:
+        cfg, b = self.cfg, self.cfg.budget
+        try:
+            lrs = self.lr_sweeps()
+            (self.out / "lr_choice.json").write_text(json.dumps(lrs, indent=1))
+            plan: list[tuple[RunSpec, str]] = []
+            for seed in cfg.seeds:  # seeds outer: a cut-off run still has every kind once
+                plan += [(RunSpec(k, cfg.rank, lrs[k], seed, b.steps, "test"), "adapter") for k in cfg.kinds]
+            for seed in cfg.seeds:
+                plan += [(RunSpec("lorad", r, lrs["lorad"], seed, b.steps, "test"), "rank")
+                         for r in cfg.ranks if not (r == cfg.rank and "lorad" in cfg.kinds)]
+            self.run_batch(plan, desc="adapter comparison + rank sweep")
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
         return lrs
 
 
 def run_ablation(cfg: AblationConfig, on_row: OnRow | None = None, progress: bool = True) -> list[Row]:
     """Run (or continue) the whole ablation in ``cfg.out_dir``; returns all result rows.
 
-    ``on_row(row, cfg)`` is called after each row is written (e.g. to refresh the report and
-    log to MLflow). Refuses to continue an ``out_dir`` written with another configuration.
+    ``on_row(row, cfg)`` is called in this process after each row is written (e.g. to refresh the
+    report and log to MLflow). Refuses to continue an ``out_dir`` written with another configuration.
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    flat = {k: v for k, v in to_flat_dict(cfg).items() if k not in ("out_dir", "threads")}
+    flat = json.loads(json.dumps({k: v for k, v in to_flat_dict(cfg).items()
+                                  if k not in ("out_dir", "threads", "workers")}))
     cfg_file = out / "config.json"
     if cfg_file.exists():
         old = json.loads(cfg_file.read_text())
-        if old != json.loads(json.dumps(flat)):
-            diff = sorted(k for k in set(old) | set(flat) if old.get(k) != json.loads(json.dumps(flat)).get(k))
+        if old != flat:
+            diff = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k))
             raise ValueError(f"{out} holds an ablation with another configuration (differs in {diff[:6]}); "
                              "use another --out or delete that directory")
     else:
         cfg_file.write_text(json.dumps(flat, indent=1))
-    runner = _Runner(cfg, AblationContext(cfg), on_row, progress)
+    if cfg.workers > 1:  # the workers read the cached real statistics instead of each rendering them
+        from wadi_core.domain.evaluator import load_domain_evaluator
+
+        cached_real_stats(load_domain_evaluator(), cfg.budget.real_images, cfg.real_seed, out)
+    runner = _Runner(cfg, on_row, progress)
     runner.run()
     return runner.rows

@@ -41,6 +41,7 @@ class LocalTrainConfig:
     out_dir: str = "outputs/distill_local"
     device: str = "cpu"
     teacher_dtype: str = "float32"
+    max_minutes: float = 0.0           # > 0: stop (and export) once training has run this long
 
     def __post_init__(self) -> None:
         if self.teacher_dtype not in _DTYPES:
@@ -141,6 +142,8 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
     with open(out / "metrics.jsonl", "a") as log, tqdm(total=cfg.steps, initial=step, disable=not progress,
                                                         desc="vsd", dynamic_ncols=True) as bar:
         while step < cfg.steps:
+            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                break  # wall-clock budget spent: stop here, still save state and export
             batch = [next(prompts) for _ in range(cfg.batch_size)]
             position += cfg.batch_size
             cond = teacher.encode_prompts(batch)
