@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--eval-images", type=int, default=None)
     p.add_argument("--no-swaps", action="store_true")
+    p.add_argument("--no-snapshot", action="store_true",
+                   help="use the teacher in place instead of a copy under --out (teacher_manifest.json)")
     p.add_argument("--docs-images", default=None, help="also copy the PNGs here as ablation_*.png")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-tracking", action="store_true")
@@ -108,11 +110,31 @@ def _row_logger(tracker_factory):
     return on_row
 
 
+def snapshot_teacher(uri: str, out: Path) -> str:
+    """Copy the teacher into ``out/teacher_snapshot`` (once) and record its files' sha256, so a
+    teacher retrained while the job runs (or before a rerun continues it) cannot mix into the table."""
+    import hashlib
+
+    from wadi_core.models import resolve_teacher_dir
+
+    dest = out / "teacher_snapshot"
+    if not dest.exists():
+        src = resolve_teacher_dir(uri)
+        shutil.copytree(src, dest)
+        files = sorted(p for p in dest.rglob("*") if p.is_file())
+        manifest = {"source": uri, "resolved": str(src), "copied": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "sha256": {str(p.relative_to(dest)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
+        (out / "teacher_manifest.json").write_text(json.dumps(manifest, indent=1))
+    return str(dest.resolve())
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    cfg = build_config(args)
-    out = Path(cfg.out_dir)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.no_snapshot:
+        args.teacher = snapshot_teacher(args.teacher, out)
+    cfg = build_config(args)
     started = time.time()
     print(json.dumps(to_flat_dict(cfg), indent=1), flush=True)
 

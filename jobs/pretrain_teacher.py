@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=d.num_threads)
     p.add_argument("--denoiser-workers", type=int, default=d.denoiser_workers,
                    help="data-parallel processes (gloo) for the denoiser phase")
+    p.add_argument("--unet-channels", type=int, nargs="+", default=list(d.arch.unet_channels),
+                   help="UNet block widths; each extra block halves the 8x8 latent once more")
     p.add_argument("--experiment", default="embedded-teacher")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--grid", default=None, help="also write the sample grid PNG here")
@@ -43,10 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    d = PretrainConfig()
     cfg = dataclasses.replace(
         PretrainConfig(), seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
         vae_decoder_steps=args.vae_decoder_steps, denoiser_steps=args.denoiser_steps,
         checkpoint_every=args.checkpoint_every, num_threads=args.threads, denoiser_workers=args.denoiser_workers,
+        arch=dataclasses.replace(d.arch, unet_channels=tuple(args.unet_channels)),
     )
     with start_run(args.experiment, run_name=f"pretrain-seed{cfg.seed}", tracking_uri=args.tracking_uri,
                    params=to_flat_dict(cfg)) as tracker:
