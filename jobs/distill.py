@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wadi_core.config import ConfigError  # noqa: E402
 
-from pipelines.config import available_recipes, load_config, parse_overrides  # noqa: E402
+from pipelines.config import (absolute_paths, available_recipes, load_config, parse_overrides,  # noqa: E402
+                              results_root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from pipelines.plan import build_plan
 
-        plan = build_plan(cfg)
+        plan = build_plan(absolute_paths(cfg, results_root()))
         print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.format())
         return 0
 

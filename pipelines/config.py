@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -15,6 +16,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from wadi_core.config import ConfigError, from_dict, to_flat_dict, unflatten
+from wadi_core.storage import is_remote
 from wadi_core.vsd import VSDConfig
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "available_recipes",
     "load_config",
     "parse_overrides",
+    "results_root",
+    "absolute_paths",
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -220,7 +224,26 @@ def load_config(recipe: str = "embedded", overrides: Mapping[str, Any] | Sequenc
     return from_dict(DistillConfig, data)
 
 
-def with_overrides(cfg: DistillConfig, **sections: Mapping[str, Any]) -> DistillConfig:
-    """Copy of ``cfg`` with whole-section field replacements, e.g. ``train={"keep": 3}``."""
-    changes = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()}
-    return dataclasses.replace(cfg, **changes)
+def results_root() -> Path:
+    """Where relative local paths of a job resolve: ``$WADI_HOME``; under ``ray job submit`` (whose
+    working directory is a temporary copy) ``~/wadi``; else the current directory."""
+    if os.environ.get("WADI_HOME"):
+        return Path(os.environ["WADI_HOME"]).expanduser().resolve()
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return Path.home() / "wadi"
+    return Path.cwd()
+
+
+def absolute_paths(cfg: DistillConfig, root: Path) -> DistillConfig:
+    """Relative local paths -> absolute (Ray workers run in other working directories)."""
+    def fix(p: str) -> str:
+        if not p or is_remote(p) or p == "embedded" or Path(p).expanduser().is_absolute():
+            return p
+        return str((root / p).resolve())
+
+    teacher = cfg.teacher if cfg.teacher == "embedded" or not Path(cfg.teacher).exists() else fix(cfg.teacher)
+    return dataclasses.replace(
+        cfg, teacher=teacher, export_dir=fix(cfg.export_dir),
+        data=dataclasses.replace(cfg.data, prompts=fix(cfg.data.prompts)),
+        train=dataclasses.replace(cfg.train, storage_path=fix(cfg.train.storage_path)),
+    )

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from wadi_core import storage
 
 from pipelines.checkpoint import prune_untracked_checkpoints
-from pipelines.config import DistillConfig
+from pipelines.config import DistillConfig, absolute_paths, results_root
 from pipelines.data import count_prompts, list_shards, prompt_dataset, pyarrow_filesystem
 from pipelines.plan import resolve_prompts
 from pipelines.tarshards import parse_prompt_tar
 from pipelines.tracking import default_tracking_uri, git_sha, redact_uri, start_run
 from pipelines.train import dataset_name, train_loop
 
-__all__ = ["DistillResult", "run_distillation", "ray_job_ids", "fixed_prompts", "results_root", "absolute_paths"]
+__all__ = ["DistillResult", "run_distillation", "ray_job_ids", "fixed_prompts"]
 
 
 @dataclass
@@ -96,31 +94,6 @@ def _storage(uri: str) -> tuple[str, Any]:
         fs, path = pyarrow_filesystem(uri)
         return path, fs
     return uri, None
-
-
-def results_root() -> Path:
-    """Where relative local paths of a job resolve: ``$WADI_HOME``; under ``ray job submit`` (whose
-    working directory is a temporary copy) ``~/wadi``; else the current directory."""
-    if os.environ.get("WADI_HOME"):
-        return Path(os.environ["WADI_HOME"]).expanduser().resolve()
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        return Path.home() / "wadi"
-    return Path.cwd()
-
-
-def absolute_paths(cfg: DistillConfig, root: Path) -> DistillConfig:
-    """Relative local paths -> absolute (Ray workers run in other working directories)."""
-    def fix(p: str) -> str:
-        if not p or storage.is_remote(p) or p == "embedded" or Path(p).expanduser().is_absolute():
-            return p
-        return str((root / p).resolve())
-
-    teacher = cfg.teacher if cfg.teacher == "embedded" or not Path(cfg.teacher).exists() else fix(cfg.teacher)
-    return dataclasses.replace(
-        cfg, teacher=teacher, export_dir=fix(cfg.export_dir),
-        data=dataclasses.replace(cfg.data, prompts=fix(cfg.data.prompts)),
-        train=dataclasses.replace(cfg.train, storage_path=fix(cfg.train.storage_path)),
-    )
 
 
 def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str, Any]) -> Any:

@@ -75,7 +75,8 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     }
 
     # Fit 1: a worker dies before step 5; the group restarts from the checkpoint at step 3.
-    first = run_distillation(load_config("embedded", overrides))
+    cfg = load_config("embedded", overrides)
+    first = run_distillation(cfg)
     assert marker.exists(), "the fault injection did not fire"
     assert first.metrics["step"] == FIRST_STOP and first.metrics["resumed_from_step"] == CHECKPOINT_EVERY
 
@@ -90,7 +91,9 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
 
     client = mlflow.MlflowClient(tracking_uri)
     run = client.get_run(first.mlflow_run_id)
-    assert run.data.params["train.zero_stage"] == "2" and run.data.params["vsd.guidance_real"] == "1.5"
+    assert run.data.params["train.zero_stage"] == "2"
+    assert run.data.params["vsd.guidance_real"] == str(cfg.vsd.guidance_real)
+    assert run.data.params["data.prompts"] == f"s3://{s3_bucket}/lake"
     assert run.data.tags["wadi.teacher"] == str(teacher) and run.data.tags["ray.job_id"]
     assert run.data.tags["wadi.adapter"].startswith("lorad r=4")
     # Steps before a checkpoint are never redone: 1..3 once, 4 twice (after the kill), the rest once.
@@ -155,8 +158,7 @@ def test_checkpoint_discovery_and_pruning(tmp_path: Path) -> None:
 
 
 def test_relative_paths_become_absolute(tmp_path: Path) -> None:
-    from pipelines.config import load_config
-    from pipelines.run import absolute_paths
+    from pipelines.config import absolute_paths, load_config
 
     cfg = absolute_paths(load_config("embedded", {"data.prompts": "lake", "export_dir": "out/export"}), tmp_path)
     assert cfg.train.storage_path == str(tmp_path / "runs" / "ray")

@@ -16,7 +16,7 @@ AdapterKind = Literal["lorad", "lora", "dora", "full"]
 class AblationBudget:
     """Per-run step budgets and evaluation sizes (what makes a run fit the wall-clock budget)."""
 
-    steps: int = 200                # VSD steps of every main / rank-sweep run
+    steps: int = 300                # VSD steps of every main / rank-sweep run
     sweep_steps: int = 100          # VSD steps of each learning-rate sweep run
     batch_size: int = 32
     eval_images: int = 1000         # 1-step student images per FID (test prompts, eval seed)
