@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-snapshot", action="store_true",
                    help="use the teacher in place instead of a copy under --out (teacher_manifest.json)")
     p.add_argument("--docs-images", default=None, help="also copy the PNGs here as ablation_*.png")
+    p.add_argument("--docs-md", default=None, help="fill the ablation-table block of this markdown file")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the report (and docs) from --out's results.jsonl; trains nothing")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-tracking", action="store_true")
     p.add_argument("--experiment", default="wadi-ablation")
@@ -128,6 +131,36 @@ def snapshot_teacher(uri: str, out: Path) -> str:
     return str(dest.resolve())
 
 
+DOCS_BEGIN, DOCS_END = "<!-- ablation-table:begin -->", "<!-- ablation-table:end -->"
+
+
+def publish(cfg: AblationConfig, args: argparse.Namespace) -> dict:
+    """Write the report into --out; copy the PNGs to --docs-images and the tables into --docs-md
+    (between the ablation-table markers)."""
+    out = Path(cfg.out_dir)
+    report = write_report(load_rows(out), cfg)
+    if args.docs_images:
+        dest = Path(args.docs_images)
+        dest.mkdir(parents=True, exist_ok=True)
+        for png in report["plots"]:
+            shutil.copy(png, dest / png.name)
+        scatter = sorted((out / "weights").glob("full_*_seed0_*/layer_scatter.png"))
+        if scatter:
+            shutil.copy(scatter[0], dest / "ablation_weights_scatter.png")
+    if args.docs_md:
+        doc = Path(args.docs_md)
+        text = doc.read_text() if doc.exists() else f"# Ablation\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
+        if DOCS_BEGIN not in text or DOCS_END not in text:
+            raise SystemExit(f"{doc} has no {DOCS_BEGIN} ... {DOCS_END} block to fill")
+        body = report["markdown"].read_text().split("\n", 1)[1].replace("\n## ", "\n### ")
+        wall = json.loads((out / "wall_time.json").read_text())["wall_s"] if (out / "wall_time.json").exists() else None
+        stamp = f"_Generated {time.strftime('%Y-%m-%d %H:%M')} from `{out}`" + (
+            f"; wall time of the last invocation {wall / 60:.1f} min" if wall else "") + "._\n"
+        head, rest = text.split(DOCS_BEGIN, 1)
+        doc.write_text(head + DOCS_BEGIN + "\n" + stamp + body + "\n" + DOCS_END + rest.split(DOCS_END, 1)[1])
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -137,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = build_config(args)
     started = time.time()
     print(json.dumps(to_flat_dict(cfg), indent=1), flush=True)
+
+    if args.report_only:
+        report = publish(cfg, args)
+        print((out / "ablation.md").read_text())
+        return {"rows": load_rows(out), "report": report, "wall_s": 0.0}
 
     import contextlib
 
@@ -155,17 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             rows = run_ablation(cfg, on_row=_row_logger(factory), progress=not args.quiet)
         finally:
-            report = write_report(load_rows(out), cfg)
             wall = time.time() - started
             (out / "wall_time.json").write_text(json.dumps({"wall_s": wall, "finished": time.time()}, indent=1))
-            if args.docs_images:
-                dest = Path(args.docs_images)
-                dest.mkdir(parents=True, exist_ok=True)
-                for png in report["plots"]:
-                    shutil.copy(png, dest / png.name)
-                scatter = sorted((out / "weights").glob("full_*_seed0_*/layer_scatter.png"))
-                if scatter:
-                    shutil.copy(scatter[0], dest / "ablation_weights_scatter.png")
+            report = publish(cfg, args)
             if tracker is not None:
                 tracker.log_metrics({"wall_s": wall})
                 for key in ("results_csv", "summary_csv", "markdown"):

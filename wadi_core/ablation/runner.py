@@ -15,7 +15,7 @@ import csv
 import json
 import math
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -247,12 +247,31 @@ def _worker_baselines(done: frozenset[str]) -> list[Row]:
     return score_baselines(_WORKER_CONTEXT[0], done)
 
 
+@dataclass
+class _Task:
+    """One entry of the ordered plan. ``what``: "baselines", "run" (a fixed spec), "ext" (maybe one
+    more sweep lr for ``kind``), "main" (``kind`` at its chosen lr) or "rank" (LoRaD at ``rank``)."""
+
+    what: str
+    kind: str = ""
+    seed: int = 0
+    rank: int = 0
+    spec: RunSpec | None = None
+    group: str = ""
+    round: int = 0
+
+
 class _Runner:
+    """Runs the plan in priority order on ``cfg.workers`` processes (or inline): a task starts as
+    soon as what it needs (a kind's chosen lr) is known, so the most informative runs come first
+    and a cut-off job has answered as many claims as it could."""
+
     def __init__(self, cfg: AblationConfig, on_row: OnRow | None, progress: bool) -> None:
         self.cfg, self.on_row, self.progress = cfg, on_row, progress
         self.out = Path(cfg.out_dir)
         self.rows = load_rows(self.out)
         self.done = {r["name"] for r in self.rows}
+        self.lr: dict[str, float] = {k: float(v) for k, v in cfg.fixed_lrs}
         self.pool: ProcessPoolExecutor | None = None
         self.ctx: AblationContext | None = None
         if cfg.workers > 1:
@@ -271,75 +290,140 @@ class _Runner:
         if self.on_row is not None:
             self.on_row(row, self.cfg)
 
-    def run_batch(self, runs: list[tuple[RunSpec, str]], baselines: bool = False, desc: str = "runs") -> None:
-        """Run ``runs`` (and the baselines) inline or on the pool; rows are emitted as they finish."""
-        from tqdm.auto import tqdm
+    # -- the plan -----------------------------------------------------------------------------
+    def _sweep_spec(self, kind: str, lr: float) -> RunSpec:
+        return RunSpec(kind, self.cfg.rank, lr, self.cfg.sweep_seed, self.cfg.budget.sweep_steps, "val")
 
-        done = frozenset(self.done)
-        bar = tqdm(total=len(runs) + baselines, desc=desc, disable=not self.progress, dynamic_ncols=True)
+    def plan(self) -> list[_Task]:
+        """Priority order: the full fine-tune (carries two claims) and LoRaD first, then the
+        baselines, the other kinds, the second seed, the rank sweep."""
+        cfg, b = self.cfg, self.cfg.budget
+        order = sorted(dict.fromkeys((*cfg.kinds, "lorad")), key=lambda k: ["full", "lorad", "lora", "dora"].index(k)
+                       if k in ("full", "lorad", "lora", "dora") else 9)
+        tasks: list[_Task] = []
+
+        def kind_tasks(kind: str) -> list[_Task]:
+            out = []
+            if kind not in self.lr:
+                out += [_Task("run", kind, spec=self._sweep_spec(kind, lr), group="lr_sweep") for lr in sorted(cfg.lr_grid)]
+                out.append(_Task("ext", kind))  # fixes the kind's lr (after extending the grid if needed)
+            if kind in cfg.kinds:
+                out.append(_Task("main", kind, seed=cfg.seeds[0]))
+            return out
+
+        for kind in order[:2]:
+            tasks += kind_tasks(kind)
+        tasks.append(_Task("baselines"))
+        for kind in order[2:]:
+            tasks += kind_tasks(kind)
+        tasks += [_Task("main", k, seed=s) for s in cfg.seeds[1:] for k in order if k in cfg.kinds]
+        tasks += [_Task("rank", "lorad", seed=s, rank=r) for s in cfg.seeds for r in cfg.ranks
+                  if not (r == cfg.rank and "lorad" in cfg.kinds)]
+        return tasks
+
+    def _sweep_done(self, kind: str) -> bool:
+        return all(self._sweep_spec(kind, lr).name in self.done for lr in self.cfg.lr_grid)
+
+    def _resolve(self, task: _Task, running: set[str]) -> tuple[bool, _Task | None]:
+        """(ready, concrete task or None when there is nothing to run) for ``task``."""
+        cfg, b = self.cfg, self.cfg.budget
+        if task.what in ("run", "baselines"):
+            return True, task
+        if task.what == "ext":
+            if not self._sweep_done(task.kind) or any(n in running for n in self._kind_sweep_names(task.kind)):
+                return False, None
+            best = choose_lr(self.rows, task.kind)
+            tried = sorted({r["lr"] for r in self.rows if r["group"] == "lr_sweep" and r["kind"] == task.kind})
+            new = (best / cfg.lr_factor if best == tried[0] else best * cfg.lr_factor if best == tried[-1] else None)
+            if new is None or task.round >= cfg.lr_extend:
+                self.lr[task.kind] = float(best)
+                return True, None
+            ext = _Task("run", task.kind, spec=self._sweep_spec(task.kind, new), group="lr_sweep")
+            return True, ext
+        kind = task.kind
+        if kind not in self.lr:
+            return False, None
+        if task.what == "main":
+            return True, _Task("run", kind, spec=RunSpec(kind, cfg.rank, self.lr[kind], task.seed, b.steps, "test"),
+                               group="adapter")
+        return True, _Task("run", kind, spec=RunSpec(kind, task.rank, self.lr[kind], task.seed, b.steps, "test"),
+                           group="rank")
+
+    def _kind_sweep_names(self, kind: str) -> list[str]:
+        return [self._sweep_spec(kind, lr).name for lr in self._tried_or_grid(kind)]
+
+    def _tried_or_grid(self, kind: str) -> list[float]:
+        tried = {r["lr"] for r in self.rows if r["group"] == "lr_sweep" and r["kind"] == kind}
+        return sorted(tried | set(self.cfg.lr_grid))
+
+    def _execute(self, task: _Task, done: frozenset[str]) -> Any:
         if self.pool is None:
             assert self.ctx is not None
-            if baselines:
-                for row in score_baselines(self.ctx, done):
-                    self.emit(row)
-                bar.update(1)
-            for spec, group in runs:
-                for row in train_and_score(self.ctx, spec, group, frozenset(self.done), progress=self.progress):
-                    self.emit(row)
-                bar.update(1)
-        else:
-            futures: list[Future] = []
-            if baselines:
-                futures.append(self.pool.submit(_worker_baselines, done))
-            futures += [self.pool.submit(_worker_train, spec, group, done) for spec, group in runs]
-            for fut in as_completed(futures):
-                for row in fut.result():
-                    self.emit(row)
-                bar.update(1)
-        bar.close()
-
-    def lr_sweeps(self) -> dict[str, float]:
-        """Per kind: the grid on the sweep seed, then (up to ``lr_extend`` times) one more lr past
-        the edge of the grid when the best is at that edge; returns the chosen lr per kind."""
-        cfg, b = self.cfg, self.cfg.budget
-        fixed = dict(cfg.fixed_lrs)
-        kinds = [k for k in dict.fromkeys((*cfg.kinds, "lorad")) if k not in fixed]
-
-        def spec(kind: str, lr: float) -> tuple[RunSpec, str]:
-            return RunSpec(kind, cfg.rank, lr, cfg.sweep_seed, b.sweep_steps, "val"), "lr_sweep"
-
-        self.run_batch([spec(k, lr) for k in kinds for lr in sorted(cfg.lr_grid)], baselines=True, desc="lr sweep")
-        for _ in range(cfg.lr_extend):
-            extra = []
-            for kind in kinds:
-                best = choose_lr(self.rows, kind)
-                tried = sorted({r["lr"] for r in self.rows if r["group"] == "lr_sweep" and r["kind"] == kind})
-                if best == tried[0]:
-                    extra.append(spec(kind, best / cfg.lr_factor))
-                elif best == tried[-1]:
-                    extra.append(spec(kind, best * cfg.lr_factor))
-            if not extra:
-                break
-            self.run_batch(extra, desc="lr sweep (extended)")
-        lrs = {k: float(choose_lr(self.rows, k)) for k in kinds}
-        return {**lrs, **{k: float(v) for k, v in fixed.items()}}
+            if task.what == "baselines":
+                return score_baselines(self.ctx, done)
+            return train_and_score(self.ctx, task.spec, task.group, done, progress=self.progress)
+        if task.what == "baselines":
+            return self.pool.submit(_worker_baselines, done)
+        return self.pool.submit(_worker_train, task.spec, task.group, done)
 
     def run(self) -> dict[str, float]:
-        cfg, b = self.cfg, self.cfg.budget
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        from tqdm.auto import tqdm
+
+        pending = self.plan()
+        in_flight: dict[Any, _Task] = {}
+        ext_rounds: dict[str, int] = {}
+        slots = max(self.cfg.workers, 1)
+        bar = tqdm(total=len(pending), desc="ablation tasks", disable=not self.progress, dynamic_ncols=True)
+
+        def finished(task: _Task, rows: list[Row]) -> None:
+            for row in rows:
+                self.emit(row)
+            if task.group == "lr_sweep" and task.spec is not None and task.spec.lr not in self.cfg.lr_grid:
+                # an extension run finished: maybe extend again (up to lr_extend rounds)
+                ext_rounds[task.kind] = ext_rounds.get(task.kind, 0) + 1
+                pending.insert(0, _Task("ext", task.kind, round=ext_rounds[task.kind]))
+            bar.update(1)
+
         try:
-            lrs = self.lr_sweeps()
-            (self.out / "lr_choice.json").write_text(json.dumps(lrs, indent=1))
-            plan: list[tuple[RunSpec, str]] = []
-            for seed in cfg.seeds:  # seeds outer: a cut-off run still has every kind once
-                plan += [(RunSpec(k, cfg.rank, lrs[k], seed, b.steps, "test"), "adapter") for k in cfg.kinds]
-            for seed in cfg.seeds:
-                plan += [(RunSpec("lorad", r, lrs["lorad"], seed, b.steps, "test"), "rank")
-                         for r in cfg.ranks if not (r == cfg.rank and "lorad" in cfg.kinds)]
-            self.run_batch(plan, desc="adapter comparison + rank sweep")
+            while pending or in_flight:
+                started = False
+                running = {t.spec.name for t in in_flight.values() if t.spec is not None}
+                while len(in_flight) < slots:
+                    for i, task in enumerate(pending):
+                        ready, concrete = self._resolve(task, running)
+                        if not ready:
+                            continue
+                        pending.pop(i)
+                        if concrete is None or (concrete.spec is not None and concrete.spec.name in running):
+                            bar.update(1)
+                            started = True
+                            break
+                        if concrete.what == "baselines" or concrete.spec is not None:
+                            done = frozenset(self.done)
+                            if self.pool is None:
+                                finished(concrete, self._execute(concrete, done))
+                            else:
+                                in_flight[self._execute(concrete, done)] = concrete
+                                running.add(concrete.spec.name if concrete.spec else "baselines")
+                            started = True
+                            break
+                    else:
+                        break  # nothing ready: wait for a running task
+                if not in_flight:
+                    if pending and not started:
+                        raise RuntimeError(f"ablation plan is stuck: {[t.what + ':' + t.kind for t in pending][:5]}")
+                    continue
+                complete, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                for fut in complete:
+                    finished(in_flight.pop(fut), fut.result())
         finally:
+            bar.close()
             if self.pool is not None:
                 self.pool.shutdown(wait=False, cancel_futures=True)
-        return lrs
+        (self.out / "lr_choice.json").write_text(json.dumps(self.lr, indent=1))
+        return dict(self.lr)
 
 
 def run_ablation(cfg: AblationConfig, on_row: OnRow | None = None, progress: bool = True) -> list[Row]:
