@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (0, 1, ...)")
     p.add_argument("--out", default=str(REPO / "runs" / "ablation"))
     p.add_argument("--teacher", default="embedded", help="diffusers dir, s3:// prefix or 'embedded'")
+    p.add_argument("--recipe", default="embedded",
+                   help="recipe whose vsd section every run uses (student kind/rank/lr are the ablated part)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--workers", type=int, default=1,
                    help="parallel single-run processes (2 x 1 thread beats 1 x 2 threads on a shared 2-core box)")
@@ -63,15 +65,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def recipe_vsd(recipe: str):
+    """The ``vsd`` section of a recipe (name in recipes/ or a YAML path) as a VSDConfig."""
+    import yaml
+
+    from wadi_core.config import from_dict
+    from wadi_core.vsd import VSDConfig
+
+    path = Path(recipe)
+    if not path.is_file():
+        path = REPO / "recipes" / f"{recipe}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"recipe {recipe!r} not found: pass a name in recipes/ or a YAML path")
+    return from_dict(VSDConfig, (yaml.safe_load(path.read_text()) or {}).get("vsd") or {})
+
+
 def build_config(args: argparse.Namespace) -> AblationConfig:
     budget = BUDGETS[args.budget]
     over = {k: v for k, v in {"steps": args.steps, "sweep_steps": args.sweep_steps, "batch_size": args.batch_size,
                               "eval_images": args.eval_images}.items() if v is not None}
     budget = dataclasses.replace(budget, **over)
-    defaults = AblationConfig()
-    if args.budget == "smoke":  # CI: 2 kinds (+ full for the swaps), 2 ranks, 2-point lr grid
+    vsd = recipe_vsd(args.recipe)
+    defaults = AblationConfig(vsd=vsd, rank=vsd.student.rank)
+    if args.budget == "smoke":  # CI: 2 kinds (+ full for the swaps), 2 ranks, a 1-point lr "sweep"
         defaults = dataclasses.replace(defaults, kinds=("lorad", "lora", "full"), rank=4, ranks=(2, 4),
-                                       lr_grid=(1e-4, 1e-3), lr_extend=0)
+                                       lr_grid=(1e-3,), lr_extend=0)
     fixed = []
     for item in args.fixed_lr:
         kind, _, lr = item.partition("=")

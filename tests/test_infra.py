@@ -321,6 +321,7 @@ def entrypoint_commands() -> list[tuple[str, str]]:
     """(where, command) for every job command in the manifests and the cluster doc."""
     found = [(where, spec["entrypoint"]) for where, spec in rayjob_specs()]
     for line in CLUSTER_DOC.read_text().replace("\\\n", " ").splitlines():
+        line = line.split(" #", 1)[0]  # a shell comment after the command is prose
         for m in re.finditer(r"python (jobs/\S+\.py[^`|]*)", line):
             found.append(("docs/CLUSTER.md", "python " + m.group(1).strip()))
     return found
@@ -337,7 +338,7 @@ def test_entrypoints_name_jobs_recipes_and_flags_that_exist() -> None:
             continue
         source = (ROOT / job).read_text()
         args = command.split(job, 1)[1].split()
-        if args and not args[0].startswith("-") and f'"{args[0]}"' not in source:
+        if args and not args[0].startswith("-") and "=" not in args[0] and f'"{args[0]}"' not in source:
             missing.append(f"{where}: {job} has no subcommand {args[0]}")
         for flag in (a for a in args if a.startswith("--")):
             if f'"{flag.split("=")[0]}"' not in source:

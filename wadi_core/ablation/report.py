@@ -219,9 +219,13 @@ def markdown(summary: dict[str, list[Aggregate]], cfg: AblationConfig, rows: lis
                           _fmt(a.mean("norm_change_pct")), _fmt(a.mean("dir_norm_ratio")),
                           _fmt(a.mean("svd_energy_30pct"), ".1%")] for a in summary["swaps"]]))
     parts.append("\n## Learning-rate sweep (validation prompts and noise, one seed)\n")
-    parts.append(_table(["run", "val FID", "val alignment", "diverged"],
+    from wadi_core.ablation.runner import choose_lr
+
+    chosen = {k: choose_lr(rows, k) for k in {a.first("kind") for a in summary["lr_sweep"]}}
+    parts.append(_table(["run", "val FID", "val alignment", "diverged", "lowest val FID"],
                         [[a.label, _fmt(a.mean("fid"), ".2f"), _fmt(a.mean("alignment")),
-                          _fmt(a.mean("diverged"), ".0f")] for a in summary["lr_sweep"]]))
+                          _fmt(a.mean("diverged"), ".0f"), "yes" if chosen[a.first("kind")] == a.first("lr") else ""]
+                         for a in summary["lr_sweep"]]))
     parts.append("\n## Claims\n")
     parts += [f"- **{c}**: {v}. {e}." for c, v, e in verdicts(summary)]
     done = sum(1 for r in rows if r.get("variant") == "student")
