@@ -171,11 +171,23 @@ class _Run:
         name = f"checkpoint_{step:08d}"
         with tempfile.TemporaryDirectory(prefix="wadi-ckpt-") as tmp:
             save_training_state(tmp, self.engines, self.generator, self.progress, self.rank)
+            self.save_student_adapter(Path(tmp) / "adapters" / "student.safetensors")
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         # report() uploads synchronously; once every rank is past it the directory is whole.
         torch.distributed.barrier()
         if self.rank == 0:
             mark_complete(self.cfg.train.storage_path, self.cfg.train.run_name, name)
+
+    def save_student_adapter(self, path: Path) -> None:
+        """Rank 0 adds the student adapter as a plain safetensors file, so a checkpoint can be
+        evaluated (``jobs/evaluate.py schedule``) without DeepSpeed. Collective under ZeRO-3."""
+        from wadi_core.adapters import adapter_state_dict
+        from wadi_core.export import save_adapter_file
+
+        with _full_params(self.engines, self.cfg.train.zero_stage):
+            if self.rank == 0:
+                save_adapter_file(path, adapter_state_dict(self.distiller.denoiser, "student"),
+                                  self.cfg.vsd.student, self.distiller.teacher.family, "student")
 
     def export(self) -> str | None:
         """Rank 0 writes the merged one-step pipeline (+ adapters) and uploads it to export_uri."""

@@ -114,6 +114,14 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     names = {f.split("/ray/e2e/", 1)[1].split("/")[0] for f in storage.list_files(f"s3://{s3_bucket}/ray/e2e")}
     ckpts = sorted(n for n in names if re.fullmatch(r"checkpoint_\d+", n))
     assert len(ckpts) == KEEP and ckpts[-1] == f"checkpoint_{last:08d}"
+    # ... each with the student adapter as plain safetensors (what evaluate.py schedule reads).
+    from wadi_core.export import load_adapter_file
+
+    adapter_file = storage.materialize(f"s3://{s3_bucket}/ray/e2e/{ckpts[-1]}/adapters/student.safetensors",
+                                       cache_dir=tmp_path / "ckpt-cache")
+    adapter_state, adapter_spec = load_adapter_file(adapter_file)
+    assert adapter_spec.kind == "lorad" and adapter_state
+    assert any(v.abs().sum() > 0 for k, v in adapter_state.items() if k.endswith(".A"))  # trained, not init
 
     # The registered model (alias -> the second run's version) and the export sample in ONE step.
     version = client.get_model_version_by_alias("wadi-e2e", "candidate")

@@ -63,6 +63,12 @@ def test_export_loads_with_from_pretrained_and_samples_in_one_step(tmp_path, fam
     assert spec.kind == "lorad" and spec.rank == 8
     assert all(torch.equal(state[k], v) for k, v in adapter_state_dict(d.denoiser, "student").items())
     assert (out / "adapters" / "fake.safetensors").exists() and (out / "wadi_export.json").exists()
+    # One adapter file format: the generic loader adds the export's adapter onto a fresh teacher.
+    from wadi_core.adapters import load_adapter
+
+    fresh = load_teacher(tmp_path / "teacher").denoiser
+    load_adapter(fresh, "student", out / "adapters" / "student.safetensors")
+    assert all(torch.equal(adapter_state_dict(fresh, "student")[k], v) for k, v in state.items())
 
 
 def test_export_from_teacher_and_adapter_state(tmp_path):

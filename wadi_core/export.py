@@ -63,22 +63,32 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
 
 def save_adapter_file(path: str | os.PathLike, state: Mapping[str, Tensor], spec: AdapterSpec, family: str,
                       role: str = "student") -> None:
-    """Adapter weights as safetensors; kind/rank/targets in the metadata."""
+    """Adapter weights from a bare state dict (e.g. a DeepSpeed engine's), in the same
+    ``wadi-adapter-v1`` format as :func:`wadi_core.adapters.save_adapter`, so
+    ``wadi_core.adapters.load_adapter`` reads it too; family and role go in the metadata."""
+    from wadi_core.adapters.io import FORMAT
+
     targets = spec.resolved_targets(family, "student" if role == "student" else "fake")
-    meta = {"kind": spec.kind, "rank": str(spec.rank), "targets": targets, "family": family, "role": role}
+    meta = {"format": FORMAT, "kind": spec.kind, "rank": str(spec.rank), "options": "{}",
+            "targets": json.dumps(targets), "family": family, "role": role}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=meta)
 
 
 def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], AdapterSpec]:
-    """Inverse of :func:`save_adapter_file`: (state dict, AdapterSpec with explicit targets)."""
+    """(state dict, AdapterSpec) of a ``wadi-adapter-v1`` file whose targets are a preset or regex."""
     from safetensors import safe_open
+
+    from wadi_core.adapters.io import FORMAT
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if "kind" not in meta:
-        raise ValueError(f"{path} has no adapter metadata: was it written by save_adapter_file?")
-    return load_file(str(path)), AdapterSpec(meta["kind"], int(meta["rank"]), meta["targets"])
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a WaDi adapter file (metadata format={meta.get('format')!r})")
+    targets = json.loads(meta["targets"])
+    if not isinstance(targets, str):
+        raise ValueError(f"{path} lists explicit layers: load it onto a model with wadi_core.adapters.load_adapter")
+    return load_file(str(path)), AdapterSpec(meta["kind"], int(meta["rank"]), targets)
 
 
 def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VSDConfig | None = None,
