@@ -21,8 +21,8 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2 / CLIP's reversible byte -> printable unicode map.
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable-unicode map (the byte-level BPE alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -49,7 +49,7 @@ def write_tokenizer_files(out_dir: str | os.PathLike, words: Iterable[str] | Non
     """Write ``vocab.json`` and ``merges.txt`` for a CLIP BPE whose whole-word tokens are ``words``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab: list[str] = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     known = set(vocab)

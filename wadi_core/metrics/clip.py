@@ -37,6 +37,19 @@ def _cosine(model: Any, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     return (img * txt).sum(-1).float().cpu()
 
 
+
+def _batched_cosine(scorer: Any, images: torch.Tensor, texts: list[str], preprocess: Any) -> torch.Tensor:
+    """Per-image cosine of ``scorer.model``'s image and text embeddings, ``scorer.batch_size`` at a time."""
+    if len(texts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(texts)} prompts")
+    pils = tensor_to_pils(images)
+    out = []
+    for s in range(0, len(pils), scorer.batch_size):
+        pixels = torch.stack([preprocess(p) for p in pils[s:s + scorer.batch_size]]).to(scorer.device)
+        tokens = scorer.tokenizer(texts[s:s + scorer.batch_size]).to(scorer.device)
+        out.append(_cosine(scorer.model, pixels, tokens))
+    return torch.cat(out)
+
 class ClipScorer:
     """CLIP score: cosine of ``"A photo depicts " + caption`` and the image, raw (no x100, no clamp).
 
@@ -60,15 +73,7 @@ class ClipScorer:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        pils = tensor_to_pils(images)
-        out = []
-        for s in range(0, len(pils), self.batch_size):
-            pixels = torch.stack([self.preprocess(p) for p in pils[s:s + self.batch_size]]).to(self.device)
-            tokens = self.tokenizer([self.prefix + p for p in prompts[s:s + self.batch_size]]).to(self.device)
-            out.append(_cosine(self.model, pixels, tokens))
-        return torch.cat(out)
+        return _batched_cosine(self, images, [self.prefix + p for p in prompts], self.preprocess)
 
 
 def hps_preprocess(img: Image.Image, size: int = 224) -> torch.Tensor:
@@ -131,12 +136,4 @@ class HPSv2Scorer:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        pils = tensor_to_pils(images)
-        out = []
-        for s in range(0, len(pils), self.batch_size):
-            pixels = torch.stack([hps_preprocess(p, self.image_size) for p in pils[s:s + self.batch_size]])
-            tokens = self.tokenizer(list(prompts[s:s + self.batch_size])).to(self.device)
-            out.append(_cosine(self.model, pixels.to(self.device), tokens))
-        return torch.cat(out)
+        return _batched_cosine(self, images, list(prompts), lambda img: hps_preprocess(img, self.image_size))

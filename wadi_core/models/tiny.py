@@ -13,28 +13,17 @@ from pathlib import Path
 
 import torch
 
+from wadi_core.domain.tokenizer import bytes_to_unicode
+
 __all__ = ["tiny_clip_tokenizer", "tiny_t5_tokenizer", "build_tiny_sd_pipeline",
            "build_tiny_pixart_pipeline", "save_tiny_pipeline"]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable-unicode table (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def tiny_clip_tokenizer():
     """A character-level CLIPTokenizer (514 tokens: 2 x 256 byte symbols + bos/eos), offline."""
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)

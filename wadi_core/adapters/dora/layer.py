@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdapterModule, compute_dtype, default_adapter_dtype, no_autocast, register_adapter
+from ..base import compute_dtype, no_autocast, register_adapter
+from ..lora.layer import LoRAAdapter
 
 
 @register_adapter("dora")
-class DoRAAdapter(AdapterModule):
+class DoRAAdapter(LoRAAdapter):
     """LoRA's ``A``, ``B`` plus a trainable per-row magnitude ``m`` initialised to the row norms of ``W``."""
 
     def __init__(self, base: nn.Linear, rank: int, dtype: torch.dtype | None = None,
                  alpha: float | None = None, **options: Any):
-        super().__init__(base, rank, dtype, **options)
-        dev = base.weight.device
-        dt = dtype or default_adapter_dtype(base.weight)
-        self.alpha = float(alpha) if alpha is not None else float(self.rank)
-        self.scaling = self.alpha / self.rank
-        self.A = nn.Parameter(torch.empty(self.rank, base.in_features, device=dev, dtype=dt))
-        self.B = nn.Parameter(torch.zeros(base.out_features, self.rank, device=dev, dtype=dt))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        super().__init__(base, rank, dtype, alpha, **options)
         with torch.no_grad():
-            self.m = nn.Parameter(base.weight.to(dt).norm(dim=1))
+            self.m = nn.Parameter(base.weight.to(self.A.dtype).norm(dim=1))
         self._merge_norm: torch.Tensor | None = None
-
-    def options(self) -> dict[str, Any]:
-        return {"alpha": self.alpha}
 
     def _direction(self, base: nn.Linear) -> torch.Tensor:
         return base.weight.to(self.A.dtype) + self.scaling * (self.B @ self.A)
@@ -66,6 +56,3 @@ class DoRAAdapter(AdapterModule):
         v = base.weight.to(self.A.dtype) * (self._merge_norm / self.m).unsqueeze(1)
         base.weight.data.copy_((v - self.scaling * (self.B @ self.A)).to(base.weight.dtype))
         self._merge_norm = None
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", alpha={self.alpha:g}"

@@ -81,8 +81,14 @@ def _plan(out_features: int, in_features: int, tokens: int) -> tuple[bool, int]:
 
 
 def _forward_rows(out_features: int, in_features: int, tokens: int) -> int:
-    """Rows per forward block (forward writes disjoint column blocks of ``y``)."""
-    return _round_width(_block_elements(out_features, in_features, tokens) // in_features, out_features)
+    """Rows per forward block (forward writes disjoint column blocks of ``y``).
+
+    Forward holds one block-sized fp32 transient, and full fine-tuning's backward holds a whole
+    ``dL/dW``: a block as large as the weight (up to ``4 * _CHUNK_ELEMENTS``) stays under that
+    peak, and one block re-reads ``x`` only once."""
+    elements = max(_block_elements(out_features, in_features, tokens),
+                   min(out_features * in_features, 4 * _CHUNK_ELEMENTS))
+    return _round_width(elements // in_features, out_features)
 
 
 def _rotate_into(dst: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -111,18 +117,18 @@ def _blocks(out_f: int, in_f: int, by_rows: bool, width: int) -> list[tuple[slic
 
 
 def _dtheta_(gw: torch.Tensor, w_rot: torch.Tensor) -> torch.Tensor:
-    """``dL/dTheta = dL/db' a' - dL/da' b'`` per pair, computed in place in ``gw`` (``dL/dW_rot``,
-    overwritten); returns it contiguous."""
+    """``dL/dTheta = dL/db' a' - dL/da' b'`` per pair, as a new contiguous tensor (``gw`` is
+    ``dL/dW_rot``; neither input is changed)."""
     gp, wp = gw.view(gw.shape[0], -1, 2), w_rot.view(w_rot.shape[0], -1, 2)
-    ga = gp[..., 0]
-    ga.mul_(wp[..., 1]).neg_().addcmul_(gp[..., 1], wp[..., 0])
-    return ga.contiguous()
+    # Two passes straight into a contiguous result (no in-place pass, negation or copy).
+    return torch.mul(gp[..., 1], wp[..., 0]).addcmul_(gp[..., 0], wp[..., 1], value=-1)
 
 
 class _LoRaDLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                A: torch.Tensor, B: torch.Tensor, cdt: torch.dtype, plan: tuple[bool, int]) -> torch.Tensor:
+                A: torch.Tensor, B: torch.Tensor, cdt: torch.dtype, plan: tuple[bool, int],
+                fwd_rows: int) -> torch.Tensor:
         # Row blocks: y[:, rows] = x @ W_rot[rows]^T, so the full W_rot is never materialised.
         out_f, in_f = weight.shape
         adt = angle_dtype(A, B)
@@ -133,7 +139,7 @@ class _LoRaDLinear(torch.autograd.Function):
             y = torch.empty((x2.shape[0], out_f), dtype=cdt, device=dev)
             bc = None if bias is None else bias.to(cdt)
             Af, Bf = A.to(adt), B.to(adt)
-            width = plan[1] if plan[0] else _forward_rows(out_f, in_f, x2.shape[0])
+            width = fwd_rows
             buf = torch.empty(min(width, out_f) * in_f, dtype=adt, device=dev)
             for rows, _, _ in _blocks(out_f, in_f, True, width):
                 theta = Af[rows] @ Bf
@@ -210,7 +216,7 @@ class _LoRaDLinear(torch.autograd.Function):
             grad_A = grad_A.to(A.dtype)
         if grad_B is not None:
             grad_B = grad_B.to(B.dtype)
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
 
 
 def lorad_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -227,4 +233,6 @@ def lorad_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if block is not None and not block[0] and block[1] % 2:
         raise ValueError("column blocks must hold whole pairs (an even width)")
     tokens = x.numel() // max(1, in_f)
-    return _LoRaDLinear.apply(x, weight, bias, A, B, cdt or x.dtype, block or _plan(out_f, in_f, tokens))
+    fwd_rows = block[1] if block is not None and block[0] else _forward_rows(out_f, in_f, tokens)
+    return _LoRaDLinear.apply(x, weight, bias, A, B, cdt or x.dtype, block or _plan(out_f, in_f, tokens),
+                              fwd_rows)
