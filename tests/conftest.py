@@ -76,3 +76,12 @@ def s3_bucket(s3_server):
 
     fsspec.filesystem("s3").invalidate_cache()
     return name
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """A 2-CPU local Ray per test module, started after the moto env is set (workers inherit AWS_*)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -19,15 +19,6 @@ N_GOOD = 98  # + 1 empty caption + 1 corrupt shard = 100 rows: splits evenly ove
 CHECKPOINT_EVERY, FAIL_AT, FIRST_STOP, KEEP = 3, 5, 8, 2
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):  # noqa: ANN001 - fixture
-    """A 2-CPU local Ray started after the moto env is set (workers inherit AWS_*)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def _lake(tmp_path: Path, uri: str) -> None:
     from wadi_core import storage
     from wadi_core.prompts import write_prompt_shards

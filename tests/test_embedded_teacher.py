@@ -5,7 +5,6 @@ Also: the pretraining job resumes exactly (tiny config).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest

@@ -110,14 +110,6 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
 
 
 # ------------------------------------------------------------------------------ Ray (slow)
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir, tmp_path):

@@ -111,14 +111,6 @@ def test_model_spec_rejects_bad_values():
 
 
 # ------------------------------------------------------------------------------ Ray (slow)
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_images_do_not_depend_on_worker_count(s3_bucket, ray_local, tiny_pipeline, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from wadi_core.models import load_teacher
 from wadi_core.models.tiny import save_tiny_pipeline
 from wadi_core.vsd import (AdapterSpec, TorchUpdater, TrainState, VSDConfig, WaDiDistiller, capture_train_state,
-                           restore_train_state, vsd_step, x0_from_eps)
+                           restore_train_state, vsd_step)
 from wadi_core.vsd.train import make_updaters
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a green triangle", "a large yellow circle"]

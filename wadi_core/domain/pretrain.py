@@ -9,7 +9,6 @@ The training renders and their latents are recomputed deterministically from the
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tempfile
 import time

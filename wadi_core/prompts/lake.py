@@ -18,7 +18,7 @@ from wadi_core import storage
 from wadi_core.prompts.coco import write_coco_captions
 from wadi_core.prompts.journeydb import (JOURNEYDB_SEED, JourneyDBStats, dedupe_sort_shuffle,
                                          iter_journeydb_captions)
-from wadi_core.prompts.shards import MANIFEST, write_prompt_shards
+from wadi_core.prompts.shards import write_prompt_shards
 
 __all__ = ["journeydb_to_shards", "domain_to_shards", "EmbeddedLake", "ensure_embedded_lake", "LAKE_VERSION"]
 
