@@ -46,9 +46,10 @@ from wadi_core.adapters import add_adapter, merge_adapter, set_adapter
 from wadi_core.adapters.lorad import rotate_pairs
 
 # (in, out, tokens per image, batch): SD1.5 attention at 64x64 latents (320 ch), feed-forward GEGLU
-# projection at 32x32 (640 -> 2*4*640), attention at 16x16 and 8x8 (1280 ch); last: paper's batch 16.
-SHAPES = [(320, 320, 4096, 2), (640, 5120, 1024, 2), (1280, 1280, 256, 2), (1280, 1280, 64, 2),
-          (1280, 1280, 256, 16)]
+# projection at 32x32 (640 -> 2*4*640), attention at 16x16 and 8x8 (1280 ch); batch 16 = the paper's
+# batch per GPU (the realistic case), batch 2 = small-batch cases where the rank-r matmuls weigh most.
+SHAPES = [(320, 320, 4096, 2), (640, 5120, 1024, 2), (1280, 1280, 256, 2), (1280, 1280, 64, 16),
+          (1280, 1280, 256, 16), (640, 5120, 1024, 16)]
 
 
 class HookLoRaD(nn.Module):

@@ -3,9 +3,10 @@
 Memory: autograd on the plain formula would keep ``Theta``, ``cos``, ``sin`` (fp32, ``out x in/2``
 each) and ``W_rot`` alive for every adapted layer until backward. This Function saves only what the
 model holds anyway (``x`` in the compute dtype, ``W``, ``bias``, ``A``, ``B``); forward builds
-``W_rot`` one block of rows at a time straight into the output's columns, and backward recomputes
-``Theta = A @ B`` and the rotation block by block (of output rows or of input columns), so fp32
-transients stay a few MB and are never stacked across layers. Recomputing ``Theta`` costs one
+``W_rot`` in blocks of rows (with their angles, no larger than full fine-tuning's ``dL/dW``)
+straight into the output's columns, and backward recomputes ``Theta = A @ B`` and the rotation
+block by block (of output rows or of input columns), so fp32 transients stay a few MB and are never
+stacked across layers. Recomputing ``Theta`` costs one
 ``out x r x in/2`` matmul, small next to the three ``T x out x in`` ones once ``T >> r``.
 The base matmul is never run and discarded (the public code's hook does).
 
@@ -83,11 +84,11 @@ def _plan(out_features: int, in_features: int, tokens: int) -> tuple[bool, int]:
 def _forward_rows(out_features: int, in_features: int, tokens: int) -> int:
     """Rows per forward block (forward writes disjoint column blocks of ``y``).
 
-    Forward holds one block-sized fp32 transient, and full fine-tuning's backward holds a whole
-    ``dL/dW``: a block as large as the weight (up to ``4 * _CHUNK_ELEMENTS``) stays under that
-    peak, and one block re-reads ``x`` only once."""
+    Forward holds a block of ``W_rot`` and its angles (1.5 blocks of fp32) while full fine-tuning's
+    backward holds a whole ``dL/dW``: blocks of 2/3 of the weight (at most ``4 * _CHUNK_ELEMENTS``)
+    stay under that peak, and fewer blocks re-read ``x`` fewer times."""
     elements = max(_block_elements(out_features, in_features, tokens),
-                   min(out_features * in_features, 4 * _CHUNK_ELEMENTS))
+                   min(out_features * in_features * 2 // 3, 4 * _CHUNK_ELEMENTS))
     return _round_width(elements // in_features, out_features)
 
 
@@ -116,7 +117,7 @@ def _blocks(out_f: int, in_f: int, by_rows: bool, width: int) -> list[tuple[slic
             for c in range(0, in_f, width)]
 
 
-def _dtheta_(gw: torch.Tensor, w_rot: torch.Tensor) -> torch.Tensor:
+def _dtheta(gw: torch.Tensor, w_rot: torch.Tensor) -> torch.Tensor:
     """``dL/dTheta = dL/db' a' - dL/da' b'`` per pair, as a new contiguous tensor (``gw`` is
     ``dL/dW_rot``; neither input is changed)."""
     gp, wp = gw.view(gw.shape[0], -1, 2), w_rot.view(w_rot.shape[0], -1, 2)
@@ -129,7 +130,8 @@ class _LoRaDLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 A: torch.Tensor, B: torch.Tensor, cdt: torch.dtype, plan: tuple[bool, int],
                 fwd_rows: int) -> torch.Tensor:
-        # Row blocks: y[:, rows] = x @ W_rot[rows]^T, so the full W_rot is never materialised.
+        # Row blocks: y[:, rows] = x @ W_rot[rows]^T; one fp32 block (with its angles) at a time, a
+        # transient no larger than full fine-tuning's dL/dW, never saved for backward.
         out_f, in_f = weight.shape
         adt = angle_dtype(A, B)
         dev = weight.device
@@ -193,7 +195,7 @@ class _LoRaDLinear(torch.autograd.Function):
                     _rotate_into(grad_w[rows, cols], gw, -theta)
                     del theta
                 if need_A or need_B:
-                    dtheta = _dtheta_(gw, w_rot)
+                    dtheta = _dtheta(gw, w_rot)
                     del w_rot, gw  # peak: two block-sized fp32 tensors, then half of one
                     if need_A:
                         if by_rows:
