@@ -5,6 +5,7 @@ Also: the pretraining job resumes exactly (tiny config).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -93,6 +94,10 @@ def test_pretraining_resumes_exactly(tmp_path, workers):
         assert wa.keys() == wb.keys()
         for k in wa:
             assert torch.equal(wa[k], wb[k]), f"{part_name}.{k} differs after resume"
+    # a state folder of another architecture is refused with a clear message, not a shape error
+    other = dataclasses.replace(cfg, arch=dataclasses.replace(arch, unet_channels=(16, 32, 32)))
+    with pytest.raises(ValueError, match="another architecture"):
+        pretrain_teacher(other, tmp_path / "c", tmp_path / "state_b", progress=False)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Architecture of the embedded teacher: a tiny Stable Diffusion-format pipeline.
 
 32x32 RGB images, an ``AutoencoderKL`` to 8x8x4 latents, a 2-layer x 64 ``CLIPTextModel`` with
-the domain tokenizer, a ~1 M-parameter ``UNet2DConditionModel`` with cross-attention, and SD's
+the domain tokenizer, a 1.76 M-parameter ``UNet2DConditionModel`` with cross-attention (three
+resolution levels, 8x8 -> 4x4 -> 2x2), and SD's
 noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps). Sampling uses DDIM with
 "trailing" timestep spacing, so a 1-step sample starts at t = 999.
 """
@@ -32,7 +33,7 @@ class TeacherArch:
     text_layers: int = 2
     text_heads: int = 4
     max_tokens: int = 32
-    unet_channels: tuple[int, ...] = (32, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 64)  # 8x8 -> 4x4 -> 2x2: the 2x2 level knows where 'left' is
     unet_layers_per_block: int = 1
     unet_heads: int = 4
 
