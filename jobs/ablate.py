@@ -1,7 +1,7 @@
 """Check WaDi's claims on the embedded domain: adapter ablation, LoRaD rank sweep, weight directions.
 
-    python jobs/ablate.py --budget full --seeds 2 --threads 2 --out runs/ablation \
-        --docs-images docs/images                     # the table of docs/ABLATION.md (~30 min, 2 idle CPUs)
+    OMP_NUM_THREADS=1 python jobs/ablate.py --budget full --seeds 2 --workers 2 --threads 1 \
+        --out runs/ablation --docs-images docs/images --docs-md docs/ABLATION.md   # ~30 min, 2 idle CPUs
     python jobs/ablate.py --budget smoke --out /tmp/ablation_smoke   # CI-sized (seconds)
 
 Runs, on the embedded teacher with the same VSD recipe and step budget for every student:

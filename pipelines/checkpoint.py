@@ -12,6 +12,7 @@ DeepSpeed's own files use torch.save; they are training state this job wrote, no
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["Progress", "save_training_state", "load_training_state", "TAG", "mark_complete",
+__all__ = ["Progress", "model_fingerprint", "IncompatibleCheckpoint", "save_training_state", "load_training_state", "TAG", "mark_complete",
            "latest_complete_checkpoint", "checkpoint_step", "prune_untracked_checkpoints"]
 
 TAG = "state"
@@ -42,11 +43,47 @@ class Progress:
     prompts_seen: int = 0
     bad_before_epoch: dict[str, int] = field(default_factory=dict)  # bad rows of finished epochs
     mlflow_run_id: str | None = None
+    fingerprint: dict[str, str] = field(default_factory=dict)  # what the state was trained for
 
     @classmethod
     def from_json(cls, text: str) -> "Progress":
         data = json.loads(text)
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class IncompatibleCheckpoint(RuntimeError):
+    """A checkpoint written for another teacher or other adapters than this run's."""
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(teacher_source: str, denoiser: torch.nn.Module, roles: Mapping[str, torch.nn.Module]) -> dict[str, str]:
+    """What a training state belongs to: the teacher (its source, its parameter shapes and the
+    bytes of its first weight tensor, which a retrained teacher changes) and, per role, the names
+    and shapes of the trainable adapter tensors. Cheap (no pass over all the weights)."""
+    params = list(denoiser.named_parameters())
+    first = params[0][1].detach().to("cpu", torch.float32).contiguous() if params else torch.zeros(0)
+    teacher = _digest([teacher_source] + [f"{n}:{tuple(p.shape)}" for n, p in params]
+                      + [hashlib.sha256(first.numpy().tobytes()).hexdigest()])
+    out = {"teacher": teacher}
+    for role, module in roles.items():
+        out[role] = _digest([f"{n}:{tuple(p.shape)}" for n, p in module.named_parameters()])
+    return out
+
+
+def check_fingerprint(saved: Mapping[str, str], current: Mapping[str, str], where: str) -> None:
+    """Raise :class:`IncompatibleCheckpoint` when a checkpoint belongs to another model."""
+    if not saved:  # written before fingerprints existed: nothing to compare
+        return
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {where} was written for another {' / '.join(diff)} than this run's "
+            f"(the teacher or the adapter config changed since). Resuming would load mismatched "
+            f"weights: give this run a new train.run_name (or train.storage_path), or delete the "
+            f"old run's folder to start over.")
 
 
 def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
@@ -63,18 +100,29 @@ def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
 
 
 def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
-                        rank: int) -> Progress:
-    """Inverse of :func:`save_training_state`; raises if an engine's state is missing."""
+                        rank: int, fingerprint: Mapping[str, str] | None = None) -> Progress:
+    """Inverse of :func:`save_training_state`; raises if an engine's state is missing, or
+    :class:`IncompatibleCheckpoint` if ``fingerprint`` differs from the one saved with it."""
     src = Path(directory)
     if not (src / _PROGRESS).exists():
         raise FileNotFoundError(f"{src} has no {_PROGRESS}: not a checkpoint written by pipelines.checkpoint")
     progress = Progress.from_json((src / _PROGRESS).read_text())
+    if fingerprint is not None:
+        check_fingerprint(progress.fingerprint, fingerprint, str(src))
     for role, engine in engines.items():
         if not (src / role / TAG).is_dir():
             raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {progress.step})")
         # load_checkpoint on a missing path only warns and returns (None, None): check it too.
-        path, _ = engine.load_checkpoint(str(src / role), tag=TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+        try:
+            path, _ = engine.load_checkpoint(str(src / role), tag=TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        except RuntimeError as e:  # a checkpoint from before fingerprints, of another model
+            if "state_dict" not in str(e):
+                raise
+            raise IncompatibleCheckpoint(
+                f"checkpoint {src} does not fit this run's {role} adapters (the teacher or the adapter "
+                f"config changed since): give this run a new train.run_name (or train.storage_path), or "
+                f"delete the old run's folder to start over. DeepSpeed said: {str(e)[:300]}") from e
         if path is None:
             raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {progress.step})")
     rng_file = src / f"rng_rank{rank}.safetensors"

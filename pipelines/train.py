@@ -19,7 +19,7 @@ import torch
 
 from wadi_core.config import from_dict
 
-from pipelines.checkpoint import Progress, load_training_state, mark_complete, save_training_state
+from pipelines.checkpoint import Progress, load_training_state, mark_complete, model_fingerprint, save_training_state
 from pipelines.config import DistillConfig
 from pipelines.data import PromptStream
 from pipelines.tarshards import BAD_REASONS
@@ -105,20 +105,24 @@ class _Run:
         torch.manual_seed(cfg.train.seed)
         self.teacher = load_teacher(cfg.teacher, device=self.device)
         self.distiller = WaDiDistiller(self.teacher, cfg.vsd)
+        # Before ZeRO partitions anything: what a checkpoint of this run must have been made for.
+        self.fingerprint = model_fingerprint(str(cfg.teacher), self.teacher.denoiser,
+                                             {r: self.distiller.modules(r) for r in ROLES})
         torch.manual_seed(cfg.train.seed + 7919 * self.rank)
         lrs = {"student": cfg.vsd.gen_lr, "fake": cfg.vsd.fake_lr}
         self.engines = {r: build_engine(self.distiller.modules(r), lrs[r], cfg.train, cfg.vsd) for r in ROLES}
         self.updaters = {r: DeepSpeedUpdater(e) for r, e in self.engines.items()}
         # Different noise per rank; restored from the checkpoint on resume.
         self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
-        self.progress = Progress(mlflow_run_id=loop_config.get("mlflow_run_id"))
+        self.progress = Progress(mlflow_run_id=loop_config.get("mlflow_run_id"), fingerprint=self.fingerprint)
         self.resumed_from = 0
         self.last_saved_step = -1
         checkpoint = self._latest_checkpoint()
         if checkpoint is not None:
             # Load everything now: num_to_keep may delete this directory once newer ones exist.
             with checkpoint.as_directory() as d:
-                self.progress = load_training_state(d, self.engines, self.generator, self.rank)
+                self.progress = load_training_state(d, self.engines, self.generator, self.rank, self.fingerprint)
+            self.progress.fingerprint = self.fingerprint
             self.resumed_from = self.last_saved_step = self.progress.step
         prompts = list(loop_config.get("sample_prompts") or [])
         self.sample_prompts = prompts[: cfg.tracking.num_sample_prompts]

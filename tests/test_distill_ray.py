@@ -178,7 +178,8 @@ def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch
     pytest.importorskip("deepspeed")
     from wadi_core.vsd import Updater, VSDConfig
 
-    from pipelines.checkpoint import Progress, load_training_state, save_training_state
+    from pipelines.checkpoint import (IncompatibleCheckpoint, Progress, load_training_state, model_fingerprint,
+                                      save_training_state)
     from pipelines.config import TrainConfig
     from pipelines.engines import DeepSpeedUpdater, build_engine, init_distributed
 
@@ -205,12 +206,23 @@ def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch
 
         gen = torch.Generator().manual_seed(3)
         saved_weight, saved_gen = module[0].weight.detach().clone(), gen.get_state()
+        teacher = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(8, 8))
+        fp = model_fingerprint("embedded", teacher, {"student": module})
         save_training_state(tmp_path / "ckpt", {"student": engine}, gen,
-                            Progress(step=5, epoch=1, batches_in_epoch=2, bad_before_epoch={"empty_caption": 1}), 0)
+                            Progress(step=5, epoch=1, batches_in_epoch=2, bad_before_epoch={"empty_caption": 1},
+                                     fingerprint=fp), 0)
         with torch.no_grad():
             module[0].weight.add_(1.0)
         torch.randn(3, generator=gen)
-        progress = load_training_state(tmp_path / "ckpt", {"student": engine}, gen, 0)
+        # A retrained teacher (same shapes, other weights) or other adapter shapes: refused, nothing loaded.
+        retrained = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(8, 8))
+        for other in (model_fingerprint("embedded", retrained, {"student": module}),
+                      model_fingerprint("embedded", teacher, {"student": torch.nn.ModuleList([torch.nn.Linear(4, 2)])})):
+            with pytest.raises(IncompatibleCheckpoint, match="new train.run_name"):
+                load_training_state(tmp_path / "ckpt", {"student": engine}, gen, 0, other)
+        assert not torch.equal(module[0].weight, saved_weight)
+        progress = load_training_state(tmp_path / "ckpt", {"student": engine}, gen, 0, fp)
+        assert progress.fingerprint == fp
         assert (progress.step, progress.epoch, progress.batches_in_epoch) == (5, 1, 2)
         assert progress.bad_before_epoch == {"empty_caption": 1}
         assert torch.equal(module[0].weight, saved_weight) and torch.equal(gen.get_state(), saved_gen)
