@@ -67,17 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def recipe_vsd(recipe: str):
     """The ``vsd`` section of a recipe (name in recipes/ or a YAML path) as a VSDConfig."""
-    import yaml
-
-    from wadi_core.config import from_dict
+    from wadi_core.config import ConfigError, from_dict
     from wadi_core.vsd import VSDConfig
 
-    path = Path(recipe)
-    if not path.is_file():
-        path = REPO / "recipes" / f"{recipe}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"recipe {recipe!r} not found: pass a name in recipes/ or a YAML path")
-    return from_dict(VSDConfig, (yaml.safe_load(path.read_text()) or {}).get("vsd") or {})
+    from pipelines.config import read_recipe
+
+    try:
+        _, data = read_recipe(recipe)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from e
+    return from_dict(VSDConfig, data.get("vsd") or {})
 
 
 def build_config(args: argparse.Namespace) -> AblationConfig:

@@ -26,15 +26,15 @@ sys.path.insert(0, str(REPO))
 def build_config(args: argparse.Namespace):
     import yaml
 
-    from wadi_core.config import from_dict, unflatten
+    from wadi_core.config import ConfigError, from_dict, unflatten
     from wadi_core.vsd import LocalTrainConfig, VSDConfig
 
-    recipe = Path(args.recipe)
-    if not recipe.is_file():
-        recipe = REPO / "recipes" / f"{args.recipe}.yaml"
-    if not recipe.is_file():
-        raise SystemExit(f"recipe {args.recipe!r} not found: pass a name in recipes/ or a YAML path")
-    data = yaml.safe_load(recipe.read_text()) or {}
+    from pipelines.config import read_recipe  # YAML only: imports neither Ray nor DeepSpeed
+
+    try:
+        _, data = read_recipe(args.recipe)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from e
     vsd = dict(data.get("vsd") or {})
     for item in args.overrides:
         key, _, value = item.partition("=")

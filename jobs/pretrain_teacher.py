@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     d = PretrainConfig()
     cfg = dataclasses.replace(
-        PretrainConfig(), seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
+        d, seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
         vae_decoder_steps=args.vae_decoder_steps, denoiser_steps=args.denoiser_steps,
         checkpoint_every=args.checkpoint_every, num_threads=args.threads, denoiser_workers=args.denoiser_workers,
         arch=dataclasses.replace(d.arch, unet_channels=tuple(args.unet_channels)),

@@ -24,8 +24,9 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["Progress", "model_fingerprint", "IncompatibleCheckpoint", "save_training_state", "load_training_state", "TAG", "mark_complete",
-           "latest_complete_checkpoint", "checkpoint_step", "prune_untracked_checkpoints"]
+__all__ = ["Progress", "model_fingerprint", "check_fingerprint", "IncompatibleCheckpoint", "save_training_state",
+           "load_training_state", "TAG", "mark_complete", "latest_complete_checkpoint", "checkpoint_step",
+           "prune_untracked_checkpoints"]
 
 TAG = "state"
 _PROGRESS = "progress.json"
@@ -55,6 +56,10 @@ class IncompatibleCheckpoint(RuntimeError):
     """A checkpoint written for another teacher or other adapters than this run's."""
 
 
+_RESTART_ADVICE = ("(the teacher or the adapter config changed since): give this run a new train.run_name "
+                   "(or train.storage_path), or delete the old run's folder to start over.")
+
+
 def _digest(items: list[str]) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 
@@ -81,9 +86,7 @@ def check_fingerprint(saved: Mapping[str, str], current: Mapping[str, str], wher
     if diff:
         raise IncompatibleCheckpoint(
             f"checkpoint {where} was written for another {' / '.join(diff)} than this run's "
-            f"(the teacher or the adapter config changed since). Resuming would load mismatched "
-            f"weights: give this run a new train.run_name (or train.storage_path), or delete the "
-            f"old run's folder to start over.")
+            f"{_RESTART_ADVICE}")
 
 
 def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
@@ -120,9 +123,8 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
             if "state_dict" not in str(e):
                 raise
             raise IncompatibleCheckpoint(
-                f"checkpoint {src} does not fit this run's {role} adapters (the teacher or the adapter "
-                f"config changed since): give this run a new train.run_name (or train.storage_path), or "
-                f"delete the old run's folder to start over. DeepSpeed said: {str(e)[:300]}") from e
+                f"checkpoint {src} does not fit this run's {role} adapters {_RESTART_ADVICE} "
+                f"DeepSpeed said: {str(e)[:300]}") from e
         if path is None:
             raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {progress.step})")
     rng_file = src / f"rng_rank{rank}.safetensors"

@@ -27,6 +27,7 @@ __all__ = [
     "DebugConfig",
     "DistillConfig",
     "available_recipes",
+    "read_recipe",
     "load_config",
     "parse_overrides",
     "results_root",
@@ -176,7 +177,8 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def _read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
+def read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
+    """A recipe (name in ``recipes/`` or a path to a .yaml file) -> (name, parsed mapping)."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") and path.exists():
         name = path.stem
@@ -216,7 +218,7 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_config(recipe: str = "embedded", overrides: Mapping[str, Any] | Sequence[str] = ()) -> DistillConfig:
     """Recipe YAML (name in ``recipes/`` or a path) + dotted overrides -> validated ``DistillConfig``."""
-    name, data = _read_recipe(recipe)
+    name, data = read_recipe(recipe)
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(list(overrides))
     data = _merge(data, unflatten(dict(overrides)))

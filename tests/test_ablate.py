@@ -158,6 +158,17 @@ def test_verdict_rules_follow_the_numbers():
     assert v["The"].startswith("does not hold")
 
 
+def test_default_vsd_is_the_embedded_recipe():
+    """The library default and recipes/embedded.yaml (what jobs/ablate.py reads) must not drift."""
+    from wadi_core.ablation import default_vsd
+    from wadi_core.config import from_dict
+    from wadi_core.vsd import VSDConfig
+
+    from pipelines.config import read_recipe
+
+    assert default_vsd() == from_dict(VSDConfig, read_recipe("embedded")[1]["vsd"])
+
+
 def test_choose_lr_ignores_diverged_runs():
     rows = [{"group": "lr_sweep", "variant": "student", "kind": "lora", "lr": lr, "fid": fid}
             for lr, fid in [(1e-4, 30.0), (1e-3, 20.0), (1e-2, float("nan"))]]
