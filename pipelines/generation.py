@@ -174,11 +174,12 @@ def resolve_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> P
     return root if (root / "model_index.json").exists() else _find_pipeline_dir(root)
 
 
-def apply_student_adapter(teacher: Any, uri: str) -> None:
+def apply_student_adapter(teacher: Any, uri: str) -> float | None:
     """Load a student adapter file onto the teacher's denoiser and make it active.
 
     Accepts both ``wadi_core.adapters.save_adapter`` files (metadata ``format``) and
     ``wadi_core.export.save_adapter_file`` files (the export's ``adapters/student.safetensors``).
+    Returns the ``a`` of the student's one-step parametrisation when the file records it.
     """
     from safetensors import safe_open
 
@@ -205,6 +206,7 @@ def apply_student_adapter(teacher: Any, uri: str) -> None:
         raise ValueError(f"{uri} is not a WaDi adapter file (no kind/format metadata)")
     set_adapter(teacher.denoiser, "student")
     teacher.freeze()
+    return float(meta["student_alphabar"]) if "student_alphabar" in meta else None
 
 
 class ImageGenerator:
@@ -219,11 +221,17 @@ class ImageGenerator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         root = resolve_model_dir(spec.uri)
         self.teacher = load_teacher(root, dtype=getattr(torch, spec.dtype), device=self.device)
+        scheduler = self.teacher.scheduler
         if spec.adapter:
-            apply_student_adapter(self.teacher, spec.adapter)
+            student_alphabar = apply_student_adapter(self.teacher, spec.adapter)
+            if student_alphabar is not None:  # the student's own x0 = (z - sqrt(1 - a) eps) / sqrt(a)
+                from wadi_core.export import one_step_scheduler
+
+                scheduler = one_step_scheduler(scheduler, student_alphabar)
         final_alpha_one = True if spec.final_x0 else bool(self.teacher.scheduler.config.get("set_alpha_to_one", False))
-        self.scheduler = DDIMScheduler.from_config(self.teacher.scheduler.config, timestep_spacing="trailing",
-                                                   set_alpha_to_one=final_alpha_one)
+        # predict_eps returns eps (v-prediction already converted): the sampler must not convert again.
+        self.scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing",
+                                                   set_alpha_to_one=final_alpha_one, prediction_type="epsilon")
         self.scheduler.set_timesteps(spec.steps, device=self.device)
 
     @torch.no_grad()
@@ -293,8 +301,8 @@ def generation_dataset(records: list[PromptRecord], spec: ModelSpec, seed: int =
     ds = ray.data.from_items(rows, override_num_blocks=num_blocks or max(1, min(len(rows) // batch_size, 256)))
     return ds.map_batches(
         GeneratorActor, fn_constructor_kwargs={"spec": asdict(spec), "seed": seed},
-        concurrency=concurrency, batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency), batch_size=batch_size, num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor, batch_format="numpy",
     )
 
 

@@ -37,6 +37,8 @@ PAPER = [
     pytest.param(_sd15, "lorad", 256, "unet_student", 83.80, 2, id="sd15-lorad-r256"),
     pytest.param(_sd21, "lorad", 256, "unet_student", 94.43, 2, id="sd21-lorad-r256"),
     pytest.param(_pixart_xl_256, "lorad", 128, "dit_student", 81.22, 2, id="pixart256-lorad-r128"),
+    # The official code also adapts adaln_single's three Linears (train_dkd_dit.py): 82.56 M.
+    pytest.param(_pixart_xl_256, "lorad", 128, "dit_student_adaln", 82.56, 2, id="pixart256-lorad-r128-adaln"),
     pytest.param(_sd15, "lora", 256, "unet_student", 108.1, 1, id="sd15-lora-r256"),
 ]
 

@@ -38,6 +38,12 @@ def test_export_loads_with_from_pretrained_and_samples_in_one_step(tmp_path, fam
     assert pipe.scheduler.config.timestep_spacing == "trailing"
     pipe.scheduler.set_timesteps(1)
     assert pipe.scheduler.timesteps.tolist() == [999]
+    # The official a = 0.0047, for PixArt too, whose own schedule ends at alphabar_999 = 4.0e-5:
+    # a plain DDIM step at t=999 would not be the student's generator there.
+    teacher_a999 = float(d.teacher.alphas_cumprod[999])
+    assert teacher_a999 == pytest.approx(0.00466 if family == "sd" else 4.04e-5, rel=0.01)
+    assert float(pipe.scheduler.alphas_cumprod[999]) == pytest.approx(0.0047, rel=1e-6)
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod[:999], d.teacher.alphas_cumprod[:999])
 
     z = torch.randn(2, *d.teacher.latent_shape, generator=torch.Generator().manual_seed(0))
     kwargs = dict(num_inference_steps=1, guidance_scale=1.0, latents=z.clone(), output_type="pt",
@@ -87,3 +93,61 @@ def test_export_from_teacher_and_adapter_state(tmp_path):
     torch.testing.assert_close(img.float(), d.sample(PROMPTS[:1], z=z), rtol=0, atol=2e-4)
     with pytest.raises(ValueError, match="cfg= and student_state="):
         export_one_step_pipeline(load_teacher(src), tmp_path / "x")
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_export_x0_is_the_training_generator_for_each_alphabar_choice(tmp_path, family):
+    """The exported 1-step latent equals the training-time x0 = (z - sqrt(1-a) eps_hat) / sqrt(a),
+    for the official a = 0.0047 and for the schedule's own alphabar_999."""
+    from diffusers import DiffusionPipeline
+
+    src = save_tiny_pipeline(tmp_path / "teacher", family)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for choice in (0.0047, "schedule"):
+        torch.manual_seed(0)
+        cfg = VSDConfig(student=AdapterSpec("lorad", 8), fake=AdapterSpec("lorad", 4), student_alphabar=choice)
+        d = WaDiDistiller(load_teacher(src), cfg)
+        with torch.no_grad():
+            for p in d.parameters("student"):
+                p.add_(0.05 * torch.randn_like(p))
+            cond = d.teacher.encode_prompts(PROMPTS)
+            x0_train = d.generate(z, cond)
+            eps_hat = d.eps("student", z, torch.full((2,), 999), cond)
+        a = 0.0047 if choice == 0.0047 else float(d.teacher.alphas_cumprod[999])
+        assert d.student_alphabar == pytest.approx(a, rel=1e-7)
+        torch.testing.assert_close(x0_train, (z - (1 - a) ** 0.5 * eps_hat) / a ** 0.5, rtol=1e-5, atol=1e-5)
+        out = export_one_step_pipeline(d, tmp_path / f"export_{choice}")
+        pipe = DiffusionPipeline.from_pretrained(out)
+        kwargs = dict(num_inference_steps=1, guidance_scale=1.0, latents=z.clone(), output_type="latent")
+        if family == "pixart":
+            kwargs["use_resolution_binning"] = False
+        with torch.no_grad():
+            latents = pipe(PROMPTS, **kwargs).images
+        torch.testing.assert_close(latents.float(), x0_train, rtol=1e-4, atol=1e-4)
+
+
+def test_v_prediction_teacher_needs_the_schedule_alphabar(tmp_path):
+    from diffusers import DDPMScheduler
+
+    src = save_tiny_pipeline(tmp_path / "teacher", "sd")
+    teacher = load_teacher(src)
+    teacher.scheduler = DDPMScheduler.from_config(teacher.scheduler.config, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="student_alphabar=schedule"):
+        WaDiDistiller(teacher, VSDConfig(student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 4)))
+    # With the schedule's alphabar the export (a v-prediction DDIM) reproduces the training x0.
+    torch.manual_seed(0)
+    d = WaDiDistiller(teacher, VSDConfig(student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 4),
+                                         student_alphabar="schedule"))
+    assert d.student_alphabar == pytest.approx(float(d.teacher.alphas_cumprod[999]))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in d.parameters("student"):
+            p.add_(0.05 * torch.randn_like(p))
+        x0_train = d.generate(z, d.teacher.encode_prompts(PROMPTS))
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(export_one_step_pipeline(d, tmp_path / "export"))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    with torch.no_grad():
+        latents = pipe(PROMPTS, num_inference_steps=1, guidance_scale=1.0, latents=z.clone(), output_type="latent").images
+    torch.testing.assert_close(latents.float(), x0_train, rtol=1e-4, atol=1e-4)

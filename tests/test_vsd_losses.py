@@ -89,11 +89,12 @@ def test_dmd2_gradient_matches_its_formula():
         torch.testing.assert_close(p_real - p_fake, gap, rtol=1e-4, atol=1e-5)
 
 
-def test_fake_score_loss_is_alphabar_weighted_mse():
+def test_fake_score_loss_weights_each_sample_by_alphabar_not_its_square():
+    # Official update: mse(sqrt(abar) e_fake, sqrt(abar) eps), i.e. weight abar per squared error.
     abar_t = torch.tensor([0.5, 0.1])
     e_pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(2, 1, 1, 2)
     eps = torch.zeros(2, 1, 1, 2)
-    expected = ((0.5 * 1) ** 2 + (0.5 * 2) ** 2 + (0.1 * 3) ** 2 + (0.1 * 4) ** 2) / 4
+    expected = (0.5 * 1 ** 2 + 0.5 * 2 ** 2 + 0.1 * 3 ** 2 + 0.1 * 4 ** 2) / 4
     assert fake_score_loss(e_pred, eps, abar_t).item() == pytest.approx(expected)
 
 

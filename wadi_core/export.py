@@ -2,8 +2,11 @@
 
 The output directory loads with ``DiffusionPipeline.from_pretrained(out)`` and samples with
 ``num_inference_steps=1, guidance_scale=1.0``: its scheduler is DDIM with "trailing" spacing
-and ``set_alpha_to_one``, so the single step starts at t = T-1 and returns exactly
-x0 = (z - sqrt(1 - abar_T) eps) / sqrt(abar_T), the distiller's generator.
+and ``set_alpha_to_one``, so the single step starts at t = T-1 and returns
+x0 = (z - sqrt(1 - a) eps) / sqrt(a), the distiller's generator. The student's ``a`` (0.0047 in
+the official code) is not the schedule's alphabar_{T-1} in general (PixArt: 4.0e-5), so the
+exported schedule's last beta is set to make alphabar_{T-1} = a; every other timestep keeps the
+teacher's schedule.
 """
 
 from __future__ import annotations
@@ -25,13 +28,32 @@ __all__ = ["export_one_step_pipeline", "one_step_scheduler", "merged_student_den
            "save_adapter_file", "load_adapter_file"]
 
 
-def one_step_scheduler(teacher_scheduler: Any) -> Any:
-    """DDIM on the teacher's noise schedule whose 1-step sample starts at t = T-1 and returns x0."""
+def one_step_betas(alphas_cumprod: Tensor, alphabar_last: float) -> list[float]:
+    """Betas of the schedule ``alphas_cumprod`` with only the last changed so that its
+    float32 cumulative product ends exactly at ``alphabar_last`` (as diffusers computes it).
+
+    The last beta may be negative (alpha > 1) when ``alphabar_last`` > alphabar_{T-2}, as for
+    PixArt; schedulers only ever use the cumulative product, never that beta alone.
+    """
+    abar = alphas_cumprod.to(torch.float64)
+    betas = torch.cat([1 - abar[:1], 1 - abar[1:] / abar[:-1]]).to(torch.float32)
+    prev32 = torch.cumprod(1.0 - betas[:-1], dim=0)[-1]  # the float32 product diffusers will form
+    betas[-1] = float(1.0 - alphabar_last / float(prev32))
+    return betas.tolist()
+
+
+def one_step_scheduler(teacher_scheduler: Any, student_alphabar: float | None = None) -> Any:
+    """DDIM on the teacher's noise schedule whose 1-step sample starts at t = T-1 and returns
+    x0 = (z - sqrt(1 - a) eps) / sqrt(a) with ``a = student_alphabar`` (default: the schedule's)."""
     from diffusers import DDIMScheduler
 
+    extra: dict[str, Any] = {}
+    abar = teacher_scheduler.alphas_cumprod.detach().cpu()
+    if student_alphabar is not None and abs(float(abar[-1]) - student_alphabar) > 1e-7 * student_alphabar:
+        extra = {"trained_betas": one_step_betas(abar, student_alphabar), "beta_schedule": "linear"}
     return DDIMScheduler.from_config(
         teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
-        clip_sample=False, thresholding=False, steps_offset=1,
+        clip_sample=False, thresholding=False, steps_offset=1, **extra,
     )
 
 
@@ -62,15 +84,18 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
 
 
 def save_adapter_file(path: str | os.PathLike, state: Mapping[str, Tensor], spec: AdapterSpec, family: str,
-                      role: str = "student") -> None:
+                      role: str = "student", student_alphabar: float | None = None) -> None:
     """Adapter weights from a bare state dict (e.g. a DeepSpeed engine's), in the same
     ``wadi-adapter-v1`` format as :func:`wadi_core.adapters.save_adapter`, so
-    ``wadi_core.adapters.load_adapter`` reads it too; family and role go in the metadata."""
+    ``wadi_core.adapters.load_adapter`` reads it too; family, role and (for a student) the
+    ``a`` of its one-step parametrisation go in the metadata."""
     from wadi_core.adapters.io import FORMAT
 
     targets = spec.resolved_targets(family, "student" if role == "student" else "fake")
     meta = {"format": FORMAT, "kind": spec.kind, "rank": str(spec.rank), "options": "{}",
             "targets": json.dumps(targets), "family": family, "role": role}
+    if student_alphabar is not None:
+        meta["student_alphabar"] = repr(float(student_alphabar))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=meta)
 
@@ -113,10 +138,13 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
     if cfg.student_timestep != teacher.num_train_timesteps - 1:
         raise ValueError(f"the one-step export starts at t={teacher.num_train_timesteps - 1}, but the student was "
                          f"trained at t={cfg.student_timestep}: train with student_timestep=T-1")
+    from wadi_core.vsd.distiller import resolve_student_alphabar
+
+    alphabar = resolve_student_alphabar(cfg, teacher.alphas_cumprod)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     denoiser = merged_student_denoiser(teacher, cfg.student, student_state, dtype)
-    scheduler = one_step_scheduler(teacher.scheduler)
+    scheduler = one_step_scheduler(teacher.scheduler, alphabar)
     if teacher.family == "pixart":
         from diffusers import PixArtAlphaPipeline
 
@@ -129,11 +157,12 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
             vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=denoiser,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    save_adapter_file(out / "adapters" / "student.safetensors", student_state, cfg.student, teacher.family, "student")
+    save_adapter_file(out / "adapters" / "student.safetensors", student_state, cfg.student, teacher.family, "student",
+                      student_alphabar=alphabar)
     if fake_state is not None:
         save_adapter_file(out / "adapters" / "fake.safetensors", fake_state, cfg.fake, teacher.family, "fake")
     info = {"format": "wadi-one-step/1", "teacher": teacher.source, "family": teacher.family,
-            "student_timestep": cfg.student_timestep, "sample_with": {"num_inference_steps": 1, "guidance_scale": 1.0},
+            "student_timestep": cfg.student_timestep, "student_alphabar": alphabar, "sample_with": {"num_inference_steps": 1, "guidance_scale": 1.0},
             "vsd": to_flat_dict(cfg)}
     (out / "wadi_export.json").write_text(json.dumps(info, indent=2))
     return out

@@ -136,7 +136,8 @@ class Teacher:
 
     # -- denoiser -----------------------------------------------------------------------------
     def predict_eps(self, x_t: Tensor, t: Tensor | int, cond: Cond) -> Tensor:
-        """epsilon prediction of the (currently active) denoiser; v-prediction is converted."""
+        """epsilon prediction of the (currently active) denoiser; v-prediction is converted to eps
+        in fp32 (so a sampler fed this output must be told ``prediction_type="epsilon"``)."""
         b = x_t.shape[0]
         if not torch.is_tensor(t):
             t = torch.tensor([t], device=x_t.device)
@@ -150,9 +151,9 @@ class Teacher:
             out = out[:, : x_t.shape[1]]
         else:
             out = self.denoiser(x_t, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
-        if self.prediction_type == "v_prediction":
+        if self.prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t, in fp32
             abar = self.alphas_cumprod.to(x_t.device)[t.long()].view(-1, 1, 1, 1)
-            out = abar.sqrt().to(out.dtype) * out + (1 - abar).sqrt().to(out.dtype) * x_t
+            out = abar.sqrt() * out.float() + (1 - abar).sqrt() * x_t.float()
         elif self.prediction_type != "epsilon":
             raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (epsilon or v_prediction)")
         return out

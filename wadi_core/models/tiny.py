@@ -44,9 +44,12 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=120)
 
 
-def _scheduler():
+def _scheduler(family: str = "sd"):
     from diffusers import DDPMScheduler
 
+    if family == "pixart":  # PixArt-alpha's linear schedule (alphabar_999 ~ 4.0e-5)
+        return DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                             prediction_type="epsilon", clip_sample=False)
     # SD's scaled-linear schedule (alphabar_999 ~ 0.0047).
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
@@ -105,7 +108,7 @@ def build_tiny_pixart_pipeline(seed: int = 0, latent_size: int = 8):
         cross_attention_dim=32, sample_size=latent_size, patch_size=2, caption_channels=32,
     )
     return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae(latent_size),
-                               transformer=transformer, scheduler=_scheduler())
+                               transformer=transformer, scheduler=_scheduler("pixart"))
 
 
 def save_tiny_pipeline(out_dir: str | os.PathLike, family: str = "sd", seed: int = 0) -> Path:

@@ -56,6 +56,9 @@ class VSDConfig:
     t_min: int = 20                   # generator-loss timesteps t ~ U{t_min..t_max}
     t_max: int = 980
     student_timestep: int = 999       # the one-step generator evaluates the student here
+    # alphabar of the one-step parametrisation x0 = (z - sqrt(1 - a) eps_hat) / sqrt(a): the official
+    # code uses 0.0047 for SD and PixArt alike; "schedule" takes the teacher's alphabar at student_timestep.
+    student_alphabar: float | Literal["schedule"] = 0.0047
     null_prob: float = 0.1            # fake-score loss: share of prompts replaced by ""
     fake_steps_per_gen: int = 1       # TTUR: fake-score updates per generator update (DMD2: 10)
     gen_lr: float = 1e-4
@@ -75,8 +78,13 @@ class VSDConfig:
             raise ValueError(f"null_prob must be in [0, 1], got {self.null_prob}")
         if self.fake_steps_per_gen < 1:
             raise ValueError(f"fake_steps_per_gen must be >= 1, got {self.fake_steps_per_gen}")
+        if self.student_alphabar != "schedule" and not 0.0 < float(self.student_alphabar) < 1.0:
+            raise ValueError(f"student_alphabar must be in (0, 1) or 'schedule', got {self.student_alphabar!r}")
         if self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 (use a large value to disable), got {self.grad_clip}")
+        for name, lr in (("gen_lr", self.gen_lr), ("fake_lr", self.fake_lr)):
+            if not 0.0 < lr < float("inf"):
+                raise ValueError(f"{name} must be a positive, finite learning rate, got {lr}")
 
     @property
     def effective_guidance(self) -> tuple[float, float]:

@@ -10,12 +10,19 @@ from torch import Tensor, nn
 
 from wadi_core.models.teacher import Cond, Teacher
 from wadi_core.vsd.config import VSDConfig
-from wadi_core.vsd.losses import cfg_combine, x0_from_eps
+from wadi_core.vsd.losses import at_least_fp32, cfg_combine, x0_from_eps
 
-__all__ = ["Role", "WaDiDistiller"]
+__all__ = ["Role", "WaDiDistiller", "resolve_student_alphabar"]
 
 Role = Literal["teacher", "student", "fake"]
 _ADAPTER_OF_ROLE: dict[str, str | None] = {"teacher": None, "student": "student", "fake": "fake"}
+
+
+def resolve_student_alphabar(cfg: VSDConfig, alphas_cumprod: Tensor) -> float:
+    """``cfg.student_alphabar`` as a number ("schedule": alphabar at ``cfg.student_timestep``)."""
+    if cfg.student_alphabar == "schedule":
+        return float(alphas_cumprod[cfg.student_timestep])
+    return float(cfg.student_alphabar)
 
 
 class WaDiDistiller:
@@ -30,6 +37,12 @@ class WaDiDistiller:
 
         self.teacher = teacher.freeze()
         self.cfg = cfg
+        schedule_a = float(teacher.alphas_cumprod[cfg.student_timestep])
+        if teacher.prediction_type == "v_prediction" and abs(self.student_alphabar - schedule_a) > 1e-6 * schedule_a:
+            # A merged v-prediction student outputs v; a diffusers scheduler turns v into x0 with the
+            # schedule's alphabar only, so any other ``a`` could not be reproduced by the export.
+            raise ValueError(f"a v-prediction teacher needs vsd.student_alphabar=schedule (alphabar_"
+                             f"{cfg.student_timestep} = {schedule_a:.3g}), got {cfg.student_alphabar}")
         den = teacher.denoiser
         for role, spec in (("student", cfg.student), ("fake", cfg.fake)):
             add_adapter(den, spec.kind, role, spec.rank, spec.resolved_targets(teacher.family, role))
@@ -89,7 +102,7 @@ class WaDiDistiller:
         """epsilon prediction of one role, in fp32 (autocast inside when mixed precision is on)."""
         with self.role(role), self.autocast():
             out = self.teacher.predict_eps(x_t.to(self.teacher.dtype), t, cond)
-        return out.float()
+        return at_least_fp32(out)
 
     def guided_eps(self, role: Role, x_t: Tensor, t: Tensor, cond: Cond, scale: float) -> Tensor:
         """CFG prediction e_u + w (e_c - e_u); one batched forward for both halves."""
@@ -100,11 +113,21 @@ class WaDiDistiller:
         e_uncond, e_cond = e.chunk(2)
         return cfg_combine(e_uncond, e_cond, scale)
 
+    @property
+    def student_alphabar(self) -> float:
+        """The ``a`` of the one-step generator (0.0047 in the official code, or the schedule's)."""
+        return resolve_student_alphabar(self.cfg, self.teacher.alphas_cumprod)
+
     def generate(self, z: Tensor, cond: Cond) -> Tensor:
-        """One-step generator: x0 = (z - sqrt(1 - abar_T) eps_hat) / sqrt(abar_T), eps_hat = student(z, T, c)."""
+        """One-step generator: x0 = (z - sqrt(1 - a) eps_hat) / sqrt(a), eps_hat = student(z, T, c).
+
+        fp32 throughout, whatever the compute dtype: eps_hat is cast before the division by
+        sqrt(a) ~ 0.07, which would amplify half-precision rounding 15x.
+        """
         t = torch.full((z.shape[0],), self.cfg.student_timestep, device=z.device, dtype=torch.long)
-        eps_hat = self.eps("student", z, t, cond)
-        return x0_from_eps(z.float(), eps_hat, self.abar(t))
+        eps_hat = self.eps("student", z, t, cond)  # fp32
+        a = torch.full((z.shape[0],), self.student_alphabar, device=z.device, dtype=eps_hat.dtype)
+        return x0_from_eps(at_least_fp32(z), eps_hat, a)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | None = None,

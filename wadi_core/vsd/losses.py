@@ -9,8 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["expand_like", "x0_from_eps", "add_noise", "cfg_combine", "vsd_gradient",
+__all__ = ["at_least_fp32", "expand_like", "x0_from_eps", "add_noise", "cfg_combine", "vsd_gradient",
            "dmd2_gradient", "generator_loss", "fake_score_loss"]
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32, or kept in float64 (half-precision outputs are upcast before any maths)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
@@ -55,11 +60,16 @@ def dmd2_gradient(x0: Tensor, x_t: Tensor, e_real: Tensor, e_fake: Tensor, abar_
 
 def generator_loss(x0: Tensor, g: Tensor) -> Tensor:
     """0.5 * mse(x0, stopgrad(x0 - g)): its gradient w.r.t. x0 is exactly g / numel."""
-    x0 = x0.float()
-    return 0.5 * F.mse_loss(x0, (x0 - g.float()).detach())
+    x0 = at_least_fp32(x0)
+    return 0.5 * F.mse_loss(x0, (x0 - g.to(x0.dtype)).detach())
 
 
 def fake_score_loss(e_fake: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
-    """mse(abar_t * e_fake, abar_t * eps): alphabar-weighted denoising loss of the fake score."""
-    w = expand_like(abar_t, eps).to(torch.float32)
-    return F.mse_loss(w * e_fake.float(), w * eps.float())
+    """mse(sqrt(abar_t) e_fake, sqrt(abar_t) eps): the fake score's denoising loss, per-sample weight abar_t.
+
+    The official code multiplies both sides by ``alpha_t = alphas_cumprod[t] ** 0.5``, so the
+    squared error is weighted by abar_t (not abar_t^2): high-noise timesteps still train.
+    """
+    e_fake, eps = at_least_fp32(e_fake), at_least_fp32(eps)
+    w = expand_like(abar_t, eps).to(eps.dtype).sqrt()
+    return F.mse_loss(w * e_fake, w * eps)
