@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
+from pipelines.cluster import init_ray  # noqa: E402
 from pipelines.data import prompt_dataset  # noqa: E402
 from pipelines.tarshards import write_prompt_shard  # noqa: E402
 
@@ -122,7 +123,7 @@ def main() -> None:
     size_gb = sum(p.stat().st_size for p in shards) / 1e9
     print(f"{len(shards)} shards, {size_gb:.2f} GB of tar in {root}", flush=True)
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -149,7 +150,7 @@ def main() -> None:
             print(f"upload: {time.perf_counter() - t0:.1f} s", flush=True)
             # Ray workers started before the env change: pass it explicitly via the dataset's remote args.
             ray.shutdown()
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+            init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
             DataContext.get_current().enable_progress_bars = False
             results.append(time_driver(lambda: prompt_dataset("s3://prompts/lake", seed=0),
                                        "s3 (moto), fast tar parser, driver"))

@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO))
 from wadi_core.ablation import BUDGETS, AblationConfig, load_rows, run_ablation, write_report  # noqa: E402
 from wadi_core.config import to_flat_dict  # noqa: E402
 
+from pipelines.tracking import redact  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.teacher = snapshot_teacher(args.teacher, out)
     cfg = build_config(args)
     started = time.time()
-    print(json.dumps(to_flat_dict(cfg), indent=1), flush=True)
+    print(json.dumps(redact(to_flat_dict(cfg)), indent=1), flush=True)  # URI user info hidden
 
     if args.report_only:
         report = publish(cfg, args)

@@ -25,7 +25,22 @@ DEFAULT_METRICS = ("fid", "precision", "recall", "alignment", "clip_score", "hps
 COLUMNS = ("run", "run_id", "model", "steps", "guidance", "checkpoint")
 
 
-def fetch_runs(experiments: list[str], tracking_uri: str | None, filter_string: str = "") -> list[dict[str, Any]]:
+def search_all_runs(client: Any, experiment_ids: list[str], filter_string: str = "",
+                    order_by: list[str] | None = None, page_size: int = 1000) -> list[Any]:
+    """Every matching run, page by page (a tracking server returns at most 1000 runs per call;
+    ``page_token`` continues where the last page ended)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, order_by=order_by,
+                                  max_results=page_size, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def fetch_runs(experiments: list[str], tracking_uri: str | None, filter_string: str = "",
+               page_size: int = 1000) -> list[dict[str, Any]]:
     """One dict per run: identity columns plus all its metrics, oldest first."""
     import mlflow
 
@@ -36,8 +51,9 @@ def fetch_runs(experiments: list[str], tracking_uri: str | None, filter_string: 
         if exp is None:
             raise SystemExit(f"no MLflow experiment named {name!r} at {tracking.redact_uri(client.tracking_uri)}")
         ids.append(exp.experiment_id)
-    runs = client.search_runs(ids, filter_string=filter_string, order_by=["attributes.start_time ASC"],
-                              max_results=5000)
+    # run_id breaks ties of start_time, so that pages never repeat or skip a run
+    runs = search_all_runs(client, ids, filter_string, ["attributes.start_time ASC", "attributes.run_id ASC"],
+                           page_size)
     rows = []
     for r in runs:
         p, t = r.data.params, r.data.tags
@@ -97,9 +113,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--metrics", default=None, help=f"comma list (default: those of {DEFAULT_METRICS} present)")
     p.add_argument("--filter", default="", help="MLflow filter string")
+    p.add_argument("--page-size", type=int, default=1000, help="runs per search request (server maximum 1000)")
     p.add_argument("--out", default=str(REPO / "outputs" / "compare_runs"), help="path without extension")
     args = p.parse_args(argv)
-    rows = fetch_runs([e for e in args.experiment.split(",") if e], args.tracking_uri, args.filter)
+    if not 1 <= args.page_size <= 1000:
+        raise SystemExit(f"--page-size must be 1..1000, got {args.page_size}")
+    rows = fetch_runs([e for e in args.experiment.split(",") if e], args.tracking_uri, args.filter, args.page_size)
     if not rows:
         raise SystemExit("no runs matched")
     metrics = ([m for m in args.metrics.split(",") if m] if args.metrics

@@ -6,7 +6,11 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py
 
 Rerunning with the same run name (``--run-name`` or ``train.run_name=``) resumes from its latest
-checkpoint. Every config error is raised here, before any cluster resources are requested.
+checkpoint. Every config error is raised here, before any cluster resources are requested:
+values (``pipelines.config``), then the teacher, the tracking server and the CPUs
+(``pipelines.preflight``, inside ``run_distillation`` before Ray starts). With neither
+``--address`` nor ``RAY_ADDRESS`` a private local Ray is started. URI user info
+(``s3://KEY:SECRET@...``) is redacted in everything printed, logged or tracked.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from wadi_core.config import ConfigError  # noqa: E402
 
 from pipelines.config import (absolute_paths, available_recipes, load_config, parse_overrides,  # noqa: E402
                               results_root)
+from pipelines.tracking import install_log_redaction, redact  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
+    install_log_redaction()
 
     try:
         overrides = parse_overrides(args.overrides)
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["train.run_name"] = args.run_name
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(redact(f"config error: {e}"), file=sys.stderr)
         return 2
 
     if args.dry_run:
@@ -58,11 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from pipelines.run import run_distillation
 
-    result = run_distillation(cfg, ray_address=args.address)
+    try:
+        result = run_distillation(cfg, ray_address=args.address)
+    except ConfigError as e:  # pipelines.preflight: teacher, tracking server, CPUs (before Ray starts)
+        print(redact(f"config error: {e}"), file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps({"run_name": result.run_name, "mlflow_run_id": result.mlflow_run_id,
-                          "tracking_uri": result.tracking_uri, "export_uri": result.export_uri,
-                          "checkpoint": result.checkpoint, "model": result.model}, default=str))
+        print(json.dumps(redact({"run_name": result.run_name, "mlflow_run_id": result.mlflow_run_id,
+                                 "tracking_uri": result.tracking_uri, "export_uri": result.export_uri,
+                                 "checkpoint": result.checkpoint, "model": result.model,
+                                 "evaluation": {k: v for k, v in (result.evaluation or {}).items() if k != "table"}}),
+                         default=str))
     else:
         print("\n" + result.summary())
     return 0

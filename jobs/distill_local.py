@@ -48,7 +48,8 @@ def build_config(args: argparse.Namespace):
         teacher=args.teacher or data.get("teacher", "embedded"), vsd=from_dict(VSDConfig, unflatten(vsd)),
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, prompts=args.prompts,
         sample_every=args.sample_every, save_every=args.save_every, out_dir=args.out, device=args.device,
-        max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes, max_nonfinite_in_a_row=getattr(args, "max_nonfinite_in_a_row", 5),
+        export_live=getattr(args, "export_live", False),
     )
 
 
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0: off)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--max-nonfinite-in-a-row", type=int, default=5,
+                    help="stop after this many VSD steps in a row skipped for a non-finite loss/gradient (0: never)")
+    ap.add_argument("--export-live", action="store_true",
+                    help="with vsd.student_ema: also export the live student to <out>/export_live")
     ap.add_argument("--evaluate", type=int, default=0, metavar="N", help="domain FID/alignment on N prompts")
     ap.add_argument("--teacher-report", default=None, help="reuse teacher numbers from jobs/eval_teacher_domain.py")
     ap.add_argument("--compare-grid", default=None, help="PNG: teacher 25 steps | student 1 step | teacher 1 step")
@@ -128,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(args)
-    print(json.dumps(to_flat_dict(cfg), indent=1), flush=True)
+    from pipelines.tracking import redact  # no Ray, DeepSpeed or MLflow import
+
+    print(json.dumps(redact(to_flat_dict(cfg)), indent=1), flush=True)  # URI user info hidden
     started = time.time()
     if args.eval_only:
         result: dict = {"export": args.eval_only}

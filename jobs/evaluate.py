@@ -32,6 +32,7 @@ from pipelines.eval_runs import (EvalConfig, RayResources, TrackingSpec, ensure_
                                  init_ray, run_evaluation, run_schedule)
 from pipelines.evaluation import MetricsSpec  # noqa: E402
 from pipelines.generation import ModelSpec  # noqa: E402
+from pipelines.tracking import redact  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -142,11 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out is None:
             cfg = dataclasses.replace(cfg, out=str(REPO / "outputs" / "eval" / "schedule"))
         done = run_schedule(cfg, args.checkpoints, args.teacher, args.limit)
-        print(f"evaluated {len(done)} new checkpoint(s): {done}")
+        print(redact(f"evaluated {len(done)} new checkpoint(s): {done}"))
         return {"evaluated": done}
     result = run_evaluation(cfg)
     print(json.dumps(result["metrics"], indent=2))
-    print(f"outputs: {result['out']}  (grid.png, metrics.json); MLflow experiment: {cfg.tracking.experiment}")
+    print(redact(f"outputs: {result['out']}  (grid.png, metrics.json); MLflow experiment: {cfg.tracking.experiment}"))
     return result
 
 

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines.eval_runs import init_ray  # noqa: E402
+from pipelines.tracking import redact  # noqa: E402
 from pipelines.generation import (ModelSpec, generation_dataset, load_prompts, prompt_seed,  # noqa: E402
                                   write_png_files)
 from wadi_core import storage  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
                "num_images": len(records)}
     (tmp / "generation.json").write_text(json.dumps(summary, indent=2))
     storage.upload_dir(tmp, args.out)
-    print(f"wrote {len(records)} images to {args.out} ({args.format})")
+    print(redact(f"wrote {len(records)} images to {args.out} ({args.format})"))
     return summary
 
 

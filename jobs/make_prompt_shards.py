@@ -20,6 +20,8 @@ sys.path.insert(0, str(REPO))
 from wadi_core import storage  # noqa: E402
 from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions  # noqa: E402
 
+from pipelines.tracking import redact  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,18 +39,26 @@ def main(argv: list[str] | None = None) -> None:
     for sp in (j, d):
         sp.add_argument("--out", required=True, help="output folder or s3:// prefix for the shards")
         sp.add_argument("--shard-size", type=int, default=10_000)
+        sp.add_argument("--writer", default="webdataset", choices=["webdataset", "tarfile"],
+                        help="webdataset.ShardWriter (default) or the dependency-free tarfile writer in wadi_core")
     args = p.parse_args(argv)
+    if args.writer == "webdataset":
+        from pipelines.wds_shards import write_prompt_shards_webdataset as writer
+    else:
+        from wadi_core.prompts import write_prompt_shards as writer
 
     if args.source == "journeydb":
-        manifest = journeydb_to_shards(args.input, args.out, args.shard_size, seed=args.seed, progress=True)
+        manifest = journeydb_to_shards(args.input, args.out, args.shard_size, seed=args.seed, progress=True,
+                                       writer=writer)
     else:
         from wadi_core.domain.attributes import eval_prompts
 
-        manifest = domain_to_shards(args.num, args.out, seed=args.seed, split=args.split, shard_size=args.shard_size)
+        manifest = domain_to_shards(args.num, args.out, seed=args.seed, split=args.split, shard_size=args.shard_size,
+                                    writer=writer)
         if args.eval_num:
             eval_uri = storage.join(args.out, "eval_captions.json")
             write_coco_captions(eval_prompts(args.eval_num, args.eval_seed, args.eval_split), eval_uri)
-            print(f"wrote {args.eval_num} COCO-format eval prompts to {eval_uri}")
+            print(redact(f"wrote {args.eval_num} COCO-format eval prompts to {eval_uri}"))
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=1))
 
 

@@ -6,32 +6,50 @@ Layout of one checkpoint directory (merged by Ray from every rank's local copy):
                                  ZeRO shard, rank 0 the adapter weights
     rng_rank<r>.safetensors      torch global RNG + the VSD noise generator of rank r
     progress.json                step, epoch, batches consumed in that epoch, counters (rank 0)
+    COMPLETE                     written last, by rank 0: JSON manifest, SHA-256 + size of every file
 
-DeepSpeed's own files use torch.save; they are training state this job wrote, not user input.
+Files in storage are not trusted: a checkpoint is verified against its manifest before anything
+is loaded (a truncated upload or a flipped byte is refused, and resume falls back to the previous
+complete checkpoint), and DeepSpeed's ``.pt`` files (torch.save pickles) are read with
+``torch.load(weights_only=True)`` plus an allow-list of the few DeepSpeed types they hold
+(``install_safe_loading``): a crafted pickle is refused, never executed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
+import pickle
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["Progress", "model_fingerprint", "check_fingerprint", "IncompatibleCheckpoint", "save_training_state",
            "load_training_state", "TAG", "mark_complete", "latest_complete_checkpoint", "checkpoint_step",
-           "prune_untracked_checkpoints"]
+           "prune_untracked_checkpoints", "CheckpointRejected", "CorruptCheckpoint", "UnsafeCheckpoint",
+           "file_manifest", "merge_manifests", "verify_checkpoint", "install_safe_loading", "safe_torch_load",
+           "complete_checkpoints", "load_first_good_checkpoint", "DEEPSPEED_SAFE_GLOBALS", "upload_checkpoint"]
 
 TAG = "state"
 _PROGRESS = "progress.json"
 COMPLETE = "COMPLETE"
+_MANIFEST_FORMAT = "wadi-checkpoint-manifest/1"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
+#: The only non-builtin types DeepSpeed 0.19's ZeRO-0/1/2/3 checkpoint files hold (fp32 and bf16;
+#: found with torch.serialization.get_unsafe_globals_in_checkpoint). Plain config/record objects.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16 (GPU) runs
+)
 
 
 @dataclass
@@ -45,6 +63,7 @@ class Progress:
     bad_before_epoch: dict[str, int] = field(default_factory=dict)  # bad rows of finished epochs
     mlflow_run_id: str | None = None
     fingerprint: dict[str, str] = field(default_factory=dict)  # what the state was trained for
+    nonfinite_steps: int = 0  # VSD steps skipped for a non-finite loss / gradient
 
     @classmethod
     def from_json(cls, text: str) -> "Progress":
@@ -54,6 +73,18 @@ class Progress:
 
 class IncompatibleCheckpoint(RuntimeError):
     """A checkpoint written for another teacher or other adapters than this run's."""
+
+
+class CheckpointRejected(RuntimeError):
+    """A checkpoint that must not be loaded (resume falls back to the previous complete one)."""
+
+
+class CorruptCheckpoint(CheckpointRejected):
+    """A file is missing, truncated or altered: it does not match the checkpoint's manifest."""
+
+
+class UnsafeCheckpoint(CheckpointRejected):
+    """A pickled file asks for objects outside the allow-list (it could run code when loaded)."""
 
 
 _RESTART_ADVICE = ("(the teacher or the adapter config changed since): give this run a new train.run_name "
@@ -89,6 +120,151 @@ def check_fingerprint(saved: Mapping[str, str], current: Mapping[str, str], wher
             f"{_RESTART_ADVICE}")
 
 
+def _safe_globals() -> list[Any]:
+    out = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that type is not needed
+            pass
+    return out
+
+
+def _unsafe_refusal(path: str | os.PathLike, what: str) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(
+        f"refused to load {path}: {what}. Nothing in it was executed. A checkpoint this pipeline "
+        "wrote holds only tensors, plain data and the DeepSpeed types in "
+        "pipelines.checkpoint.DEEPSPEED_SAFE_GLOBALS, so the file was replaced or written by another "
+        "program (or another DeepSpeed version): delete this checkpoint directory, or resume from a "
+        "checkpoint you trust.")
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's allow-listed types; refuses anything else."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _unsafe_refusal(path, f"its pickle needs objects outside the allow-list "
+                                    f"({str(e).strip().splitlines()[0][:300]})") from None
+
+
+class _SafeLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` is :func:`safe_torch_load`; the rest is delegated.
+    Every file ``engine.load_checkpoint`` reads (model states, ZeRO shards, optimizer) goes through
+    ``engine.checkpoint_engine.load`` in DeepSpeed 0.19, which otherwise uses ``weights_only=False``."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location=map_location)
+
+
+def install_safe_loading(engine: Any) -> None:
+    """Make ``engine.load_checkpoint`` unpickle tensors and plain data only (idempotent)."""
+    if not isinstance(engine.checkpoint_engine, _SafeLoads):
+        engine.checkpoint_engine = _SafeLoads(engine.checkpoint_engine)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` of every file under ``directory`` (but COMPLETE)."""
+    root = Path(directory)
+    return {f.relative_to(root).as_posix(): {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            for f in sorted(root.rglob("*")) if f.is_file() and f.relative_to(root).as_posix() != COMPLETE}
+
+
+def merge_manifests(manifests: list[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One manifest from every rank's: Ray merges the ranks' directories into one."""
+    out: dict[str, dict[str, Any]] = {}
+    for rank, manifest in enumerate(manifests):
+        for name, entry in manifest.items():
+            if name in out and out[name] != dict(entry):
+                raise RuntimeError(f"rank {rank} and an earlier rank both wrote checkpoint file {name!r} with "
+                                   "different contents: Ray keeps only one of them; write per-rank names")
+            out[name] = dict(entry)
+    return out
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    """Check every file against the ``COMPLETE`` manifest and every ``.pt`` pickle against the
+    allow-list, before anything is loaded. Raises :class:`CorruptCheckpoint` /
+    :class:`UnsafeCheckpoint`; a checkpoint without a manifest (written before manifests existed,
+    or not marked complete) only warns."""
+    src = Path(directory)
+    marker = src / COMPLETE
+    manifest = None
+    if marker.is_file():
+        try:
+            manifest = json.loads(marker.read_text()).get("files")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            manifest = None  # the old plain-text marker
+    if manifest is None:
+        warnings.warn(f"checkpoint {src} has no file manifest in {COMPLETE}: its files cannot be verified "
+                      "(DeepSpeed files are still read with weights_only=True)")
+    else:
+        for name, entry in sorted(manifest.items()):
+            f = src / name
+            if not f.is_file():
+                raise CorruptCheckpoint(f"checkpoint {src}: {name} is missing (the manifest in {COMPLETE} lists it): "
+                                        "the upload was cut short or the file was deleted")
+            size = f.stat().st_size
+            if size != entry["bytes"]:
+                raise CorruptCheckpoint(f"checkpoint {src}: {name} has {size} bytes, the manifest says "
+                                        f"{entry['bytes']}: the file was truncated or replaced after it was written")
+            if _sha256(f) != entry["sha256"]:
+                raise CorruptCheckpoint(f"checkpoint {src}: the SHA-256 of {name} differs from the manifest's: "
+                                        "the file was altered (bit rot, a partial overwrite) after it was written")
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
+    for f in sorted(src.rglob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) - allowed
+        except Exception as e:  # noqa: BLE001 - not a torch zip archive (a raw pickle, garbage)
+            raise _unsafe_refusal(f, f"it is not a torch zip archive ({type(e).__name__}: {str(e)[:200]})") from None
+        if unsafe:
+            raise _unsafe_refusal(f, f"its pickle asks for {', '.join(sorted(unsafe))}")
+
+
+def load_first_good_checkpoint(candidates: Iterable[Any], load: Callable[[Path], Progress],
+                               agree: Callable[[bool], bool] = bool) -> tuple[Progress | None, list[str]]:
+    """Newest first, the first checkpoint (``ray.train.Checkpoint``-like: ``.path``, ``.as_directory()``)
+    that passes :func:`verify_checkpoint` on every rank (``agree``: a collective AND) is loaded with
+    ``load``; rejected ones are skipped with a warning. Returns (progress or None, reasons skipped);
+    raises :class:`CheckpointRejected` if checkpoints exist but none passes (rather than start over)."""
+    rejected: list[str] = []
+    for checkpoint in candidates:
+        with checkpoint.as_directory() as d:
+            why = ""
+            try:
+                verify_checkpoint(d)
+            except CheckpointRejected as e:
+                why = str(e)
+            if not agree(not why):  # every rank falls back together
+                rejected.append(why or f"checkpoint {checkpoint.path} was rejected on another rank")
+                warnings.warn(f"skipping a checkpoint that failed verification: {rejected[-1]} "
+                              "-- trying the previous complete checkpoint")
+                continue
+            return load(Path(d)), rejected
+    if rejected:
+        raise CheckpointRejected(
+            f"none of the run's {len(rejected)} complete checkpoints passed verification, so nothing was loaded "
+            "(starting over would hide this): " + " || ".join(rejected)
+            + " -- delete the damaged checkpoint directories to start over, or set a new train.run_name")
+    return None, rejected
+
+
 def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
                         progress: Progress, rank: int) -> None:
     """Every rank: its engine shards and RNG; rank 0 also the progress. Collective (all ranks call)."""
@@ -103,10 +279,14 @@ def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
 
 
 def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
-                        rank: int, fingerprint: Mapping[str, str] | None = None) -> Progress:
-    """Inverse of :func:`save_training_state`; raises if an engine's state is missing, or
-    :class:`IncompatibleCheckpoint` if ``fingerprint`` differs from the one saved with it."""
+                        rank: int, fingerprint: Mapping[str, str] | None = None, verify: bool = True) -> Progress:
+    """Inverse of :func:`save_training_state`; raises if an engine's state is missing,
+    :class:`IncompatibleCheckpoint` if ``fingerprint`` differs from the one saved with it, and
+    :class:`CheckpointRejected` if a file fails :func:`verify_checkpoint` (``verify=False``: the
+    caller has verified it) or the unpickling allow-list."""
     src = Path(directory)
+    if verify:
+        verify_checkpoint(src)
     if not (src / _PROGRESS).exists():
         raise FileNotFoundError(f"{src} has no {_PROGRESS}: not a checkpoint written by pipelines.checkpoint")
     progress = Progress.from_json((src / _PROGRESS).read_text())
@@ -116,6 +296,7 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
         if not (src / role / TAG).is_dir():
             raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {progress.step})")
         # load_checkpoint on a missing path only warns and returns (None, None): check it too.
+        install_safe_loading(engine)
         try:
             path, _ = engine.load_checkpoint(str(src / role), tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
@@ -143,13 +324,68 @@ def checkpoint_step(path: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def mark_complete(storage_uri: str, run_name: str, dir_name: str) -> None:
-    """Rank 0, after every rank's upload (barrier): write the ``COMPLETE`` marker in storage."""
+UPLOAD_ATTEMPTS = 4  # per file, on top of the AWS SDK's own retries (pipelines.data.S3_MAX_ATTEMPTS)
+
+
+def _retried(fn: Callable[[], Any], what: str, attempts: int = UPLOAD_ATTEMPTS) -> Any:
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt + 1 == attempts:
+                raise OSError(f"{what} failed {attempts} times, last: {e}") from e
+            warnings.warn(f"{what} failed ({str(e)[:200]}), retrying")
+            time.sleep(min(0.5 * 2 ** attempt, 8.0))
+    return None
+
+
+def upload_checkpoint(local_dir: str | os.PathLike, storage_uri: str, run_name: str, dir_name: str) -> Any:
+    """``ray.train.report(checkpoint_upload_fn=...)``: copy this rank's checkpoint files to
+    ``<storage>/<run_name>/<dir_name>`` file by file, each retried; returns the persisted
+    ``ray.train.Checkpoint``. Unlike Ray's default copy, the filesystem is built here, in the
+    worker, so it keeps the S3 retry strategy (pyarrow drops it when pickled). Raises if a file
+    cannot be uploaded: then no rank reaches :func:`mark_complete` and the checkpoint never
+    becomes COMPLETE."""
+    import ray.train
+
     from pipelines.data import pyarrow_filesystem
 
     fs, root = pyarrow_filesystem(storage_uri)
-    with fs.open_output_stream(f"{root}/{run_name}/{dir_name}/{COMPLETE}") as f:
-        f.write(b"all ranks uploaded\n")
+    local = fs.type_name == "local"
+    dest = f"{root}/{run_name}/{dir_name}"
+    src = Path(local_dir)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = f.relative_to(src).as_posix()
+        data = f.read_bytes()
+
+        def put(path: str = f"{dest}/{rel}", data: bytes = data) -> None:
+            if local:
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(path) as out:
+                out.write(data)
+
+        _retried(put, f"upload of checkpoint file {dir_name}/{rel}")
+    return ray.train.Checkpoint(path=dest, filesystem=fs)
+
+
+def mark_complete(storage_uri: str, run_name: str, dir_name: str,
+                  manifest: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Rank 0, after every rank's upload (barrier): write the ``COMPLETE`` marker in storage,
+    holding the manifest (:func:`file_manifest` of every rank, merged) the files are checked against."""
+    from pipelines.data import pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(storage_uri)
+    body = {"format": _MANIFEST_FORMAT, "algorithm": "sha256",
+            "files": None if manifest is None else {k: dict(v) for k, v in manifest.items()}}
+    data = json.dumps(body, indent=0, sort_keys=True).encode()
+
+    def put() -> None:
+        with fs.open_output_stream(f"{root}/{run_name}/{dir_name}/{COMPLETE}") as f:
+            f.write(data)
+
+    _retried(put, f"writing {dir_name}/{COMPLETE}")
 
 
 def latest_complete_checkpoint(storage_uri: str, run_name: str) -> Any | None:
@@ -159,6 +395,12 @@ def latest_complete_checkpoint(storage_uri: str, run_name: str) -> Any | None:
     failure may not be registered yet (``get_checkpoint()`` then returns None and the run would
     start over); the storage itself is the source of truth.
     """
+    found = complete_checkpoints(storage_uri, run_name)
+    return found[0] if found else None
+
+
+def complete_checkpoints(storage_uri: str, run_name: str) -> list[Any]:
+    """Every ``checkpoint_*`` of the run in storage with a ``COMPLETE`` marker, newest first."""
     import pyarrow.fs as pafs
     import ray.train
 
@@ -168,13 +410,11 @@ def latest_complete_checkpoint(storage_uri: str, run_name: str) -> Any | None:
     try:
         infos = fs.get_file_info(pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True))
     except OSError:
-        return None
+        return []
     dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and checkpoint_step(i.path) >= 0),
                   key=checkpoint_step, reverse=True)
-    for d in dirs:
-        if fs.get_file_info(f"{d}/{COMPLETE}").type == pafs.FileType.File:
-            return ray.train.Checkpoint(path=d, filesystem=fs)
-    return None
+    return [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs
+            if fs.get_file_info(f"{d}/{COMPLETE}").type == pafs.FileType.File]
 
 
 def prune_untracked_checkpoints(storage_uri: str, run_name: str, tracked: list[str]) -> list[str]:

@@ -1,7 +1,10 @@
 """Typed configuration of a distillation job, loaded from a recipe YAML plus overrides.
 
 Every check that can fail runs here, on the driver, before any Ray resources are requested:
-an unknown recipe, an unknown key, ZeRO stage 4, a batch that does not split over the workers.
+an unknown recipe, a YAML syntax error (file and line), an unknown key, ZeRO stage 4, a batch
+that does not split over the workers, out-of-range values (log_every, timesteps, learning rates,
+ranks). Checks that need the outside world (teacher, tracking server, CPUs) are in
+``pipelines.preflight``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from wadi_core.config import ConfigError, from_dict, to_flat_dict, unflatten
 from wadi_core.storage import is_remote
 from wadi_core.vsd import VSDConfig
 
-__all__ = [
+__all__ = ["EvaluationConfig", 
     "RECIPES_DIR",
     "DataConfig",
     "TrainConfig",
@@ -35,6 +38,8 @@ __all__ = [
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+#: DDPM training timesteps of every supported teacher (SD 1.5 / 2.1, PixArt-alpha, the embedded one).
+NUM_TRAIN_TIMESTEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,15 @@ class DataConfig:
     # Text encoding runs in the train worker (see pipelines/data.py for why); Ray Data streams strings.
     text_encoding: Literal["worker"] = "worker"
     read_tasks: int = 0  # Ray Data read parallelism (0 = one task per shard)
+    max_caption_bytes: int = 16 * 1024  # longer captions are dropped and counted (data/bad_too_long)
+    max_shard_bytes: int = 1 << 30  # larger shards are skipped (each is read whole into memory)
 
     def __post_init__(self) -> None:
+        if self.max_caption_bytes < 1 or self.max_shard_bytes < 1024:
+            raise ConfigError(f"data.max_caption_bytes must be >= 1 and data.max_shard_bytes >= 1024, got "
+                              f"{self.max_caption_bytes} and {self.max_shard_bytes}")
+        if self.read_tasks < 0 or self.num_prompts < 0:
+            raise ConfigError("data.read_tasks and data.num_prompts must be >= 0 (0 = automatic)")
         if self.epochs < 1:
             raise ConfigError(f"data.epochs must be >= 1, got {self.epochs}")
         if self.max_steps < 0:
@@ -78,6 +90,7 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts (FailureConfig)
     seed: int = 0
     log_every: int = 1
+    max_nonfinite_in_a_row: int = 5  # non-finite VSD steps (skipped) in a row that stop the run (0: never)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -99,6 +112,13 @@ class TrainConfig:
             raise ConfigError("train.checkpoint_every must be >= 0 and train.keep >= 1")
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"train.run_name={self.run_name!r} must be a non-empty name without '/'")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1 (steps between metric logs), got {self.log_every}")
+        if self.max_failures < 0:
+            raise ConfigError(f"train.max_failures must be >= 0, got {self.max_failures}")
+        if self.max_nonfinite_in_a_row < 0:
+            raise ConfigError(f"train.max_nonfinite_in_a_row must be >= 0 (0: never stop), "
+                              f"got {self.max_nonfinite_in_a_row}")
 
     @property
     def per_worker_batch(self) -> int:
@@ -115,15 +135,54 @@ class TrackingConfig:
     alias: str = "candidate"
     sample_every: int = 50  # steps between sample grids (0 = only at the end)
     num_sample_prompts: int = 8
+    # An explicitly set server (uri or MLFLOW_TRACKING_URI) that is down or refuses the credentials
+    # stops the job before Ray starts; false = warn and run untracked (pipelines.preflight).
+    require_server: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sample_every < 0 or self.num_sample_prompts < 0:
+            raise ConfigError("tracking.sample_every and tracking.num_sample_prompts must be >= 0")
 
 
 @dataclass(frozen=True)
 class DebugConfig:
-    """Fault injection for tests: rank ``fail_rank`` exits at ``fail_at_step`` once (marker file)."""
+    """Fault injection for tests: rank ``fail_rank`` exits at ``fail_at_step`` once (marker file);
+    rank ``nan_rank`` (-1: every rank) gets NaN text embeddings at step ``nan_at_step`` (0: never)."""
 
     fail_rank: int = -1
     fail_at_step: int = 0
     fail_marker: str = ""
+    nan_rank: int = -1
+    nan_at_step: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The exported student against the teacher at the end of the job (``pipelines.final_eval``).
+
+    Same protocol as ``jobs/evaluate.py run``; the teacher's numbers are computed once and cached.
+    ``num_prompts: 0`` turns it off (the paper recipes: COCO needs your Inception weights there).
+    """
+
+    num_prompts: int = 0
+    prompts: str = "domain:1000:1:train"       # see pipelines.generation.load_prompts
+    seed: int = 0                              # per-prompt noise seed
+    teacher_steps: int = 25
+    teacher_guidance: float = 3.0
+    extractor: str = "domain"                  # domain | inception:URI | ...
+    scorers: str = "domain"                    # comma list
+    reference: str = "outputs/eval/reference/domain-5000-777-train"
+    reference_images: str = "domain:5000:777:train"
+    grid: int = 32
+    gen_workers: int = 1
+    batch_size: int = 64
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 0 or self.teacher_steps < 1 or self.teacher_guidance < 0 or self.gen_workers < 1:
+            raise ConfigError("evaluation: need num_prompts >= 0 (0: off), teacher_steps >= 1, "
+                              "teacher_guidance >= 0 and gen_workers >= 1")
 
 
 @dataclass(frozen=True)
@@ -140,6 +199,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export_dir: str = ""  # "" = <storage_path>/<run_name>/export
 
     def __post_init__(self) -> None:
@@ -147,6 +207,12 @@ class DistillConfig:
             raise ConfigError("vsd.mixed_precision=fp16 needs GPUs (DeepSpeed on CPU has no fp16): use bf16 or no")
         if self.vsd.student_timestep < 1:
             raise ConfigError("vsd.student_timestep must be the last training timestep (e.g. 999)")
+        n = NUM_TRAIN_TIMESTEPS
+        if not self.vsd.t_max < n or not self.vsd.student_timestep < n:
+            raise ConfigError(
+                f"vsd.t_max={self.vsd.t_max} and vsd.student_timestep={self.vsd.student_timestep} must be < the "
+                f"teacher's num_train_timesteps ({n}): e.g. vsd.t_max=980, vsd.student_timestep={n - 1}"
+            )
 
     @property
     def export_uri(self) -> str:
@@ -189,7 +255,15 @@ def read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
             raise ConfigError(
                 f"unknown recipe {recipe!r}: pass one of {available_recipes()} or a path to a .yaml file"
             )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {where}: YAML syntax error ({problem}); fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
     return name, data
@@ -202,8 +276,25 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.zero_stage=2)")
-        out[key.strip()] = yaml.safe_load(value) if value != "" else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it (key='value')") from None
     return out
+
+
+def _check_full_has_no_rank(data: Mapping[str, Any]) -> None:
+    """``kind: full`` trains every weight: a rank given with it would be silently ignored."""
+    vsd = data.get("vsd")
+    if not isinstance(vsd, Mapping):
+        return
+    for role in ("student", "fake"):
+        spec = vsd.get(role)
+        if isinstance(spec, Mapping) and spec.get("kind") == "full" and spec.get("rank") not in (None, 0):
+            raise ConfigError(
+                f"vsd.{role}.kind=full trains every weight and has no rank, but vsd.{role}.rank={spec['rank']} "
+                f"is set: drop the rank (vsd.{role}.rank=0), or use a low-rank kind (lorad, lora, dora)"
+            )
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,6 +314,7 @@ def load_config(recipe: str = "embedded", overrides: Mapping[str, Any] | Sequenc
         overrides = parse_overrides(list(overrides))
     data = _merge(data, unflatten(dict(overrides)))
     data.setdefault("recipe", name)
+    _check_full_has_no_rank(data)
     return from_dict(DistillConfig, data)
 
 
@@ -248,4 +340,5 @@ def absolute_paths(cfg: DistillConfig, root: Path) -> DistillConfig:
         cfg, teacher=teacher, export_dir=fix(cfg.export_dir),
         data=dataclasses.replace(cfg.data, prompts=fix(cfg.data.prompts)),
         train=dataclasses.replace(cfg.train, storage_path=fix(cfg.train.storage_path)),
+        evaluation=dataclasses.replace(cfg.evaluation, reference=fix(cfg.evaluation.reference)),
     )

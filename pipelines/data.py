@@ -4,10 +4,11 @@ Layout: a folder (local or ``s3://bucket/prefix``) of WebDataset tar shards whos
 ``<key>.txt`` (the caption) + ``<key>.json`` (meta, not read here), optionally a ``manifest.json``
 with ``{"num_prompts": N}``.
 
-Reading: shards are read whole as binary files (one shard = one row) and parsed by
-``pipelines.tarshards`` inside the fused read task, so Ray Data moves only caption strings.
+Reading: shards are read whole (one shard = one row, retried on transient S3 faults) and parsed
+by ``pipelines.tarshards`` in the same task, so Ray Data moves only caption strings.
 This is ~5-10x faster than ``ray.data.read_webdataset`` here (tarfile's per-member cost
-dominates a prompt lake), and a broken shard becomes a counted row instead of a failed task.
+dominates a prompt lake), and a broken or unreadable shard becomes a counted row instead of a
+failed task.
 
 Where text encoding happens: in the train worker, with the teacher's own text encoder. The
 encoder is small next to the denoiser (CLIP-L is ~123 M parameters vs 860 M for SD1.5's UNet)
@@ -21,19 +22,29 @@ drops bad rows and counts them so the run can log ``data/bad_<reason>``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlparse
 
 from wadi_core.storage import is_remote, s3_endpoint
 
-from pipelines.tarshards import BAD_REASONS, parse_prompt_tar
+from pipelines.tarshards import BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, parse_prompt_tar
 
 if TYPE_CHECKING:
     import pyarrow
     import pyarrow.fs
     import ray.data
+
+log = logging.getLogger(__name__)
+
+#: Attempts per S3 request (AWS SDK standard retry mode: exponential backoff with jitter).
+S3_MAX_ATTEMPTS = 8
+#: Whole-shard reads retried on top of the SDK's retries (a body cut off mid-stream is not
+#: retried by the SDK); a shard that still fails is counted as ``data/bad_unreadable_shard``.
+SHARD_READ_ATTEMPTS = 3
 
 __all__ = [
     "pyarrow_filesystem",
@@ -41,6 +52,7 @@ __all__ = [
     "count_prompts",
     "prompt_dataset",
     "parse_shard_batch",
+    "read_shard_batch",
     "PromptStream",
 ]
 
@@ -65,11 +77,21 @@ def pyarrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    # Transient faults (503 SlowDown, connection resets, timeouts) are retried by the AWS SDK with
+    # exponential backoff. The retry strategy is NOT kept when the filesystem is pickled to another
+    # process (pyarrow 25), so code in Ray tasks calls this function there instead.
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+    kwargs.setdefault("connect_timeout", 10.0)
+    kwargs.setdefault("request_timeout", 120.0)
     return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
 
 
-def list_shards(uri: str) -> tuple["pyarrow.fs.FileSystem", list[str]]:
-    """Filesystem and sorted shard paths (``*.tar``) under ``uri``; raises if there are none."""
+def list_shards(uri: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple["pyarrow.fs.FileSystem", list[str]]:
+    """Filesystem and sorted shard paths (``*.tar``) under ``uri``; raises if there are none.
+
+    Shards larger than ``max_shard_bytes`` are left out with a warning: a shard is read whole
+    into one read task's memory, so one stray multi-GB file must not be loaded.
+    """
     import pyarrow.fs as pafs
 
     fs, root = pyarrow_filesystem(uri)
@@ -80,9 +102,17 @@ def list_shards(uri: str) -> tuple["pyarrow.fs.FileSystem", list[str]]:
             f"cannot list prompt shards under {uri} ({type(e).__name__}): check the path, bucket "
             "and AWS_ENDPOINT_URL"
         ) from None
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".tar"))
+    shards = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".tar")]
+    too_big = sorted(i.path for i in shards if i.size is not None and i.size > max_shard_bytes)
+    if too_big:
+        msg = (f"{len(too_big)} prompt shard(s) under {uri} are over data.max_shard_bytes={max_shard_bytes:,} "
+               f"and are skipped (first: {too_big[0]}): split them, or raise data.max_shard_bytes")
+        warnings.warn(msg)
+        log.warning(msg)
+    paths = sorted(i.path for i in shards if i.path not in too_big)
     if not paths:
-        raise FileNotFoundError(f"no .tar prompt shards under {uri}: write them with wadi_core.prompts")
+        raise FileNotFoundError(f"no usable .tar prompt shards under {uri}: write them with wadi_core.prompts"
+                                + (" (every shard is over data.max_shard_bytes)" if too_big else ""))
     return fs, paths
 
 
@@ -98,14 +128,16 @@ def count_prompts(uri: str) -> int | None:
     return int(n) if n is not None else None
 
 
-def parse_shard_batch(batch: "pyarrow.Table") -> "pyarrow.Table":
+def parse_shard_batch(batch: "pyarrow.Table", max_caption_bytes: int = MAX_CAPTION_BYTES,
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> "pyarrow.Table":
     """Ray Data map_batches fn: a batch of whole shards (``bytes``) -> rows ``caption``, ``bad``."""
     import pyarrow as pa
 
     captions: list[str] = []
     codes: list[int] = []
     for raw in batch.column("bytes").to_pylist():
-        parsed = parse_prompt_tar(raw if raw is not None else b"")
+        parsed = parse_prompt_tar(raw if raw is not None else b"", max_caption_bytes=max_caption_bytes,
+                                  max_shard_bytes=max_shard_bytes)
         captions.extend(parsed.captions)
         codes.extend([0] * len(parsed.captions))
         for i, reason in enumerate(BAD_REASONS):
@@ -116,20 +148,70 @@ def parse_shard_batch(batch: "pyarrow.Table") -> "pyarrow.Table":
     return pa.table({"caption": pa.array(captions, pa.string()), "bad": pa.array(codes, pa.uint8())})
 
 
-def prompt_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0) -> "ray.data.Dataset":
-    """Lazy Ray dataset of one epoch: shard files shuffled with ``seed + epoch``, parsed to captions."""
-    import ray.data
-    from ray.data import FileShuffleConfig
+def _read_shard(fs: "pyarrow.fs.FileSystem", path: str, attempts: int = SHARD_READ_ATTEMPTS) -> bytes | None:
+    """The shard's bytes, or None when every attempt failed (logged; the caller counts it)."""
+    import time
 
-    fs, paths = list_shards(uri)
-    ds = ray.data.read_binary_files(
-        paths,
-        filesystem=fs,
-        shuffle=FileShuffleConfig(seed=seed + epoch, reseed_after_execution=False),
-        override_num_blocks=read_tasks or len(paths),
-    )
-    # batch_size=None: a whole block (one or a few shards) per call; fused into the read task.
-    return ds.map_batches(parse_shard_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    for attempt in range(attempts):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except OSError as e:
+            if attempt + 1 == attempts:
+                log.warning("prompt shard %s is unreadable after %d attempts, skipped: %s", path, attempts, e)
+                return None
+            time.sleep(min(0.5 * 2 ** attempt, 8.0))
+    return None
+
+
+_FS_CACHE: dict[str, "pyarrow.fs.FileSystem"] = {}
+
+
+def read_shard_batch(batch: "pyarrow.Table", uri: str, max_caption_bytes: int = MAX_CAPTION_BYTES,
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> "pyarrow.Table":
+    """Ray Data map_batches fn: shard paths -> rows ``caption``, ``bad``. Reads with retries; a
+    shard that keeps failing becomes one ``unreadable_shard`` row instead of failing the run."""
+    import pyarrow as pa
+
+    fs = _FS_CACHE.get(uri)
+    if fs is None:
+        fs = _FS_CACHE[uri] = pyarrow_filesystem(uri)[0]  # built here: keeps the retry strategy
+    raws, unreadable = [], 0
+    for path in batch.column("path").to_pylist():
+        raw = _read_shard(fs, path)
+        if raw is None:
+            unreadable += 1
+        else:
+            raws.append(raw)
+    out = parse_shard_batch(pa.table({"bytes": pa.array(raws, pa.binary())}), max_caption_bytes, max_shard_bytes)
+    if not unreadable:
+        return out
+    code = 1 + BAD_REASONS.index("unreadable_shard")
+    return pa.concat_tables([out, pa.table({"caption": pa.array([""] * unreadable, pa.string()),
+                                            "bad": pa.array([code] * unreadable, pa.uint8())})])
+
+
+def prompt_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0,
+                   max_caption_bytes: int = MAX_CAPTION_BYTES,
+                   max_shard_bytes: int = MAX_SHARD_BYTES) -> "ray.data.Dataset":
+    """Lazy Ray dataset of one epoch: shard files shuffled with ``seed + epoch``, read (with
+    retries) and parsed to captions in the same task.
+
+    The file order is fixed here, and the trainer runs Ray Data with ``preserve_order`` so each
+    worker's split is the same on every attempt: a resumed run skips exactly the batches it
+    already trained on (``pipelines.run``)."""
+    import random
+
+    import ray.data
+
+    _, paths = list_shards(uri, max_shard_bytes)
+    order = list(paths)
+    random.Random(seed + epoch).shuffle(order)
+    ds = ray.data.from_items([{"path": p} for p in order], override_num_blocks=read_tasks or len(order))
+    # batch_size=None: a whole block (one or a few shards) per call.
+    return ds.map_batches(read_shard_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          fn_kwargs={"uri": uri, "max_caption_bytes": max_caption_bytes,
+                                     "max_shard_bytes": max_shard_bytes})
 
 
 class PromptStream:

@@ -8,13 +8,15 @@ and the engine only owns backward / clip / step / checkpoint of its adapter's pa
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
 
-from wadi_core.vsd import VSDConfig
+from wadi_core.vsd import StepResult, VSDConfig
 
+from pipelines.checkpoint import install_safe_loading
 from pipelines.config import TrainConfig
 
 __all__ = ["deepspeed_config", "init_distributed", "build_engine", "DeepSpeedUpdater"]
@@ -71,21 +73,71 @@ def build_engine(module: torch.nn.Module, lr: float, train: TrainConfig, vsd: VS
         model=module, optimizer=optimizer, config=deepspeed_config(train, vsd),
         dist_init_required=False,
     )
+    install_safe_loading(engine)  # DeepSpeed's own loader would unpickle anything found in storage
     return engine
 
 
 class DeepSpeedUpdater:
-    """``wadi_core.vsd.Updater`` backed by a DeepSpeed engine (clip + step + zero grad in ``step``)."""
+    """``wadi_core.vsd.Updater`` backed by a DeepSpeed engine (check + clip + step + zero grad in ``step``).
+
+    Before ``engine.step()`` every rank checks its loss and the gradients it holds (all of them
+    under ZeRO-0, its partition under ZeRO-1/2/3) and one all-reduce agrees on finiteness and the
+    global norm, so a non-finite step is skipped on every rank. DeepSpeed's own skip covers only
+    some precisions and stages (ZeRO-0 fp32 would step into NaN weights) and counts nothing.
+    """
 
     def __init__(self, engine: Any):
         self.engine = engine
+        self._loss_finite = torch.ones((), dtype=torch.bool)
 
     def backward(self, loss: torch.Tensor) -> None:
+        self._loss_finite = torch.isfinite(loss.detach()).all()
         self.engine.backward(loss)
 
-    def step(self) -> float:
-        self.engine.step()  # clips to gradient_clipping, steps the optimizer, zeroes grads
-        norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            return float("nan")
-        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+    def _local_grads(self) -> tuple[list[torch.Tensor], bool]:
+        """The gradients this rank holds after backward, and whether every rank holds all of them
+        (ZeRO-0: all-reduced ``param.grad``) or a disjoint partition (ZeRO-1/2/3)."""
+        partitions = getattr(self.engine.optimizer, "averaged_gradients", None)
+        if self.engine.zero_optimization_stage() > 0 and partitions is not None:
+            groups = partitions.values() if isinstance(partitions, dict) else partitions
+            return [g for group in groups if group is not None for g in group if g is not None], False
+        return [p.grad for p in self.engine.module.parameters() if p.grad is not None], True
+
+    def step(self) -> StepResult:
+        import torch.distributed as dist
+
+        grads, replicated = self._local_grads()
+        sq = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        for g in grads:
+            sq += g.detach().double().pow(2).sum().to(sq.device)
+        bad = (~self._loss_finite).to(sq.device, torch.float64)
+        stats = torch.stack([bad, sq])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)  # nan / inf on any rank reach every rank
+        norm = float((stats[1] / (world if replicated else 1)).sqrt())
+        fp16 = self.engine.fp16_enabled()  # fp16 overflows are DeepSpeed's loss-scaler business
+        if stats[0] == 0 and (fp16 or math.isfinite(norm)):
+            self.engine.step()  # clips to gradient_clipping, steps the optimizer, zeroes grads
+            if fp16:
+                ds_norm = self.engine.get_global_grad_norm()
+                norm = float(ds_norm) if ds_norm is not None else norm
+            return StepResult(norm, True)
+        self._drop_gradients(grads)
+        return StepResult(norm if not math.isfinite(norm) else float("nan"), False)
+
+    def _drop_gradients(self, grads: list[torch.Tensor]) -> None:
+        """Skip this step on this rank (every rank calls it: the decision was all-reduced)."""
+        if not hasattr(self.engine.optimizer, "overflow"):  # a plain torch optimizer (ZeRO-0, fp32)
+            self.engine.zero_grad()
+            return
+        # DeepSpeed's optimizers (ZeRO-1/2/3, ZeRO-0 bf16) free their gradient buffers on their own
+        # overflow path, taken when the global grad norm is not finite: make sure it is (the loss
+        # alone may have been the non-finite part), and let that path unwind their state.
+        if grads:
+            grads[0].mul_(float("nan"))
+        self.engine.step()
+        if self.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied an optimizer step that every rank agreed to skip "
+                               "(non-finite loss or gradient): its overflow handling changed; "
+                               "check pipelines/engines.py against the installed DeepSpeed version")

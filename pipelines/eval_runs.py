@@ -11,7 +11,6 @@ to the training run at the checkpoint's step (``eval/fid`` etc.).
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import time
@@ -73,15 +72,9 @@ class EvalConfig:
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; workers get the S3 / MLflow env."""
-    import ray
+    from pipelines.cluster import init_ray as start_or_join
 
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_for_workers()}, "include_dashboard": False}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=kwargs["runtime_env"])
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+    start_or_join(num_cpus=num_cpus, runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
 
 
 def ensure_reference(cfg: EvalConfig) -> Reference | None:
@@ -131,7 +124,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     metrics = compute_metrics(rows, stats, reference, cfg.metrics)
     metrics["eval_seconds"] = seconds  # generation + metrics, actor start-up included
     _write_outputs(cfg, rows, stats, metrics, prompt_info, reference)
-    _log_mlflow(cfg, metrics, prompt_info, reference)
+    _log_mlflow(cfg, metrics, prompt_info, reference, records)
     return {"metrics": metrics, "out": cfg.out, "prompts": prompt_info}
 
 
@@ -153,8 +146,40 @@ def _write_outputs(cfg: EvalConfig, rows: list[dict[str, Any]], stats: Any, metr
     storage.upload_dir(tmp, cfg.out)
 
 
+def prompt_dataset(records: list[Any], prompt_info: dict[str, Any], seed: int) -> Any:
+    """The prompt list as an MLflow dataset: one row per prompt (key, group, prompt, seed), named
+    and digested by the list's sha256, so runs on the same prompts share one dataset."""
+    import mlflow.data
+    import pandas as pd
+
+    sha = str(prompt_info["sha256"])
+    df = pd.DataFrame({"key": [str(r.key) for r in records], "group": [str(r.group) for r in records],
+                       "prompt": [str(r.prompt) for r in records],
+                       "seed": [prompt_seed(seed, str(r.key)) for r in records]})
+    # MLflow stores at most 36 characters of digest; the name carries the whole hash.
+    return mlflow.data.from_pandas(df, name=f"prompts-{sha}", digest=sha[:32])
+
+
+def logged_model_id(model_uri: str, tracking_uri: str | None) -> str | None:
+    """The MLflow 3 LoggedModel id behind ``models:/<name>@<alias>``, ``models:/<name>/<version>``
+    or ``models:/<model_id>``; None for anything else (a folder, a checkpoint's adapter file)."""
+    if not model_uri.startswith("models:/"):
+        return None
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+        return mlflow.models.get_model_info(model_uri).model_id
+    except Exception as e:  # tracking never takes the job down
+        import warnings
+
+        warnings.warn(f"cannot resolve the logged model of {model_uri} ({type(e).__name__}: {e}); "
+                      "its metrics are not linked to it")
+        return None
+
+
 def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[str, Any],
-                reference: Reference | None) -> None:
+                reference: Reference | None, records: list[Any] | None = None) -> None:
     t = cfg.tracking
     experiment, tags = t.experiment, {"wadi.kind": "evaluation", "wadi.model_uri": cfg.model.uri,
                                       "wadi.git_sha": tracking.git_sha()}
@@ -168,9 +193,24 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
         params.update({f"reference.{k}": v for k, v in reference.manifest.items()})
     model_name = Path(cfg.model.uri.rstrip("/")).name or cfg.model.uri
     name = t.run_name or t.checkpoint_id or f"{model_name}-{cfg.model.steps}step-cfg{cfg.model.guidance:g}"
+    model_id = logged_model_id(cfg.model.uri, t.tracking_uri)
+    if model_id:
+        tags["wadi.model_id"] = model_id
     with tracking.start_run(experiment, run_name=name, tracking_uri=resolve_tracking_uri(t.tracking_uri),
                             params=params, tags=tags) as run:
-        run.log_metrics(metrics)
+        dataset = None
+        if run.active and records:
+            try:
+                dataset = prompt_dataset(records, prompt_info, cfg.seed)
+            except Exception as e:  # noqa: BLE001 - the metrics matter more than the link
+                import warnings
+
+                warnings.warn(f"prompt dataset not logged ({type(e).__name__}: {e})")
+        if dataset is not None:
+            run.log_input(dataset, context="evaluation", model_id=model_id,
+                          tags={"prompts.source": prompt_info.get("source", cfg.prompts)})
+        # Metrics tied to the evaluated LoggedModel (its page lists them) and to the prompt set.
+        run.log_metrics(metrics, model_id=model_id, dataset=dataset)
         for f in ("grid.png", "metrics.json"):
             local = _local_copy(storage.join(cfg.out, f))
             if local is not None:
@@ -314,6 +354,18 @@ def evaluated_checkpoint_ids(cfg: EvalConfig, source: str) -> set[str]:
     return {d for d in done if d}
 
 
+def checkpoint_train_run_id(source: str, checkpoint_id: str) -> str | None:
+    """The MLflow run that wrote a checkpoint, from its own record (``progress.json``'s
+    ``mlflow_run_id``, pipelines.checkpoint); None when the checkpoint has no such record."""
+    if source.startswith(("runs:/", "models:/")):
+        return None
+    try:
+        record = json.loads(storage.read_bytes(storage.join(source, checkpoint_id, "progress.json")))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return record.get("mlflow_run_id") or None
+
+
 def run_schedule(cfg: EvalConfig, source: str, teacher: str, limit: int | None = None) -> list[str]:
     """Evaluate every checkpoint under ``source`` not evaluated yet; returns the ids evaluated now.
 
@@ -325,8 +377,9 @@ def run_schedule(cfg: EvalConfig, source: str, teacher: str, limit: int | None =
     evaluated = []
     for ckpt in todo:
         model = replace(cfg.model, uri=ckpt.pipeline or teacher, adapter=ckpt.adapter)
+        train_run = cfg.tracking.train_run_id or checkpoint_train_run_id(source, ckpt.id)
         tracking_spec = replace(cfg.tracking, checkpoint_id=ckpt.id, checkpoint_source=source,
-                                checkpoint_step=ckpt.step)
+                                checkpoint_step=ckpt.step, train_run_id=train_run)
         run_evaluation(replace(cfg, model=model, tracking=tracking_spec, out=storage.join(cfg.out, ckpt.id)))
         evaluated.append(ckpt.id)
     return evaluated

@@ -230,10 +230,12 @@ def features_and_stats(ds: Any, spec: MetricsSpec, *, concurrency: int = 1, batc
                        cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, grid_keys: tuple[str, ...] = (),
                        stats_rows: int = 4096) -> tuple[list[dict[str, Any]], GaussianStats | None]:
     """Run :class:`MetricActor` over an image dataset; return per-row results and merged stats."""
+    import ray.data
+
     feats = ds.map_batches(
         MetricActor, fn_constructor_kwargs={"spec": asdict(spec), "grid_keys": tuple(grid_keys)},
-        concurrency=concurrency, batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency), batch_size=batch_size, num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor, batch_format="numpy",
     ).materialize()
     stats = None
     if spec.extractor != "none":

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import DistillConfig
+from pipelines.tracking import redact
 
 __all__ = ["Plan", "build_plan", "resolve_prompts"]
 
@@ -23,6 +24,7 @@ class Plan:
     total_steps: int | None
     epochs: int
     trainable: dict[str, int]  # role -> trainable parameters
+    layer_sets: dict[str, str]  # role -> adapter kind, rank and layer set (preset or regex)
     base_params: int
     resources_per_worker: dict[str, float]
     zero_stage: int
@@ -44,14 +46,15 @@ class Plan:
             f"denoiser params   {self.base_params / 1e6:,.2f} M (frozen, shared)",
         ]
         for role, count in self.trainable.items():
-            lines.append(f"trainable {role:<8}{count / 1e6:,.2f} M ({count:,})")
+            lines.append(f"trainable {role:<8}{count / 1e6:,.2f} M ({count:,}) {self.layer_sets.get(role, '')}".rstrip())
         lines.append(f"checkpoints       {self.storage}")
-        return "\n".join(lines)
+        return redact("\n".join(lines))
 
     def as_dict(self) -> dict[str, Any]:
+        """Plain dict for ``--json`` (URI user info redacted, as in ``format``)."""
         from dataclasses import asdict
 
-        return asdict(self)
+        return redact(asdict(self))
 
 
 def resolve_prompts(uri: str) -> str:
@@ -78,8 +81,11 @@ def build_plan(cfg: DistillConfig, count_shards: bool = True) -> Plan:
     with torch.device("meta"):
         denoiser = build_denoiser_on_meta(config)
         base = sum(p.numel() for p in denoiser.parameters())
+        layer_sets = {}
         for role, spec in (("student", cfg.vsd.student), ("fake", cfg.vsd.fake)):
-            add_adapter(denoiser, spec.kind, role, spec.rank, spec.resolved_targets(family, role))
+            targets = spec.resolved_targets(family, role)
+            add_adapter(denoiser, spec.kind, role, spec.rank, targets)
+            layer_sets[role] = f"{spec.kind} r={spec.rank} on {targets}"
     trainable = {role: count_trainable(denoiser, role) for role in ("student", "fake")}
 
     num_prompts: int | None = cfg.data.num_prompts or None
@@ -100,6 +106,6 @@ def build_plan(cfg: DistillConfig, count_shards: bool = True) -> Plan:
         per_worker_batch=cfg.train.per_worker_batch, global_batch=cfg.train.global_batch,
         num_prompts=num_prompts, steps_per_epoch=per_epoch, total_steps=total,
         epochs=cfg.epochs_needed(num_prompts) if num_prompts else cfg.data.epochs,
-        trainable=trainable, base_params=base, resources_per_worker=resources,
+        trainable=trainable, layer_sets=layer_sets, base_params=base, resources_per_worker=resources,
         zero_stage=cfg.train.zero_stage, storage=f"{cfg.train.storage_path}/{cfg.train.run_name}",
     )

@@ -15,7 +15,10 @@ from pipelines.config import DistillConfig, absolute_paths, results_root
 from pipelines.data import count_prompts, list_shards, prompt_dataset, pyarrow_filesystem
 from pipelines.plan import resolve_prompts
 from pipelines.tarshards import parse_prompt_tar
-from pipelines.tracking import default_tracking_uri, git_sha, redact_uri, start_run
+from pipelines.cluster import init_ray, local_cpus
+from pipelines.cluster import ray_address as resolve_ray_address
+from pipelines.preflight import check_cpu_headroom, preflight
+from pipelines.tracking import default_tracking_uri, git_sha, redact, redact_uri, start_run
 from pipelines.train import dataset_name, train_loop
 
 __all__ = ["DistillResult", "run_distillation", "ray_job_ids", "fixed_prompts"]
@@ -30,6 +33,7 @@ class DistillResult:
     checkpoint: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None  # pipelines.final_eval: teacher vs student table
 
     def summary(self) -> str:
         lines = [
@@ -42,8 +46,11 @@ class DistillResult:
         if self.model:
             lines.append(f"registered model  models:/{self.model['name']}@{self.model['alias']} "
                          f"(version {self.model['version']})")
-        if self.tracking_uri.startswith("sqlite:"):
+        if self.tracking_uri.startswith("sqlite:"):  # a local file: no user info to redact
             lines.append(f"browse with       mlflow ui --backend-store-uri {self.tracking_uri}")
+        if self.evaluation:
+            lines += ["", self.evaluation["table"], f"grids             {self.evaluation['teacher_out']}/grid.png | "
+                      f"{self.evaluation['student_out']}/grid.png"]
         return "\n".join(lines)
 
 
@@ -96,20 +103,26 @@ def _storage(uri: str) -> tuple[str, Any]:
     return uri, None
 
 
-def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str, Any]) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str, Any],
+             worker_resources: dict[str, float] | None = None, placement_strategy: str = "PACK") -> Any:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **(worker_resources or {})}
     if t.gpus_per_worker:
         resources["GPU"] = t.gpus_per_worker
+    # preserve_order: Ray Data hands each worker the same rows on every attempt (its splitter
+    # then ignores locality and deals blocks in order), so resume skips exactly what was trained.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     storage_path, storage_fs = _storage(t.storage_path)
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=placement_strategy),
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(
             name=t.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -119,41 +132,36 @@ def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str
     )
 
 
-def _check_cpu_headroom(cfg: DistillConfig, local: bool) -> None:
-    """Ray Data needs CPUs beside the train workers, or the run hangs (``budget=(cpu=0.0``)."""
-    import ray
+def run_distillation(cfg: DistillConfig, ray_address: str | None = None, *,
+                     worker_resources: dict[str, float] | None = None,
+                     placement_strategy: str = "PACK") -> DistillResult:
+    """Run (or resume, same ``train.run_name``) one distillation job; returns where results are.
 
-    total = ray.cluster_resources().get("CPU", 0.0)
-    used = cfg.train.num_workers * cfg.train.cpus_per_worker
-    if total - used >= 0.5:
-        return
-    msg = (f"train.num_workers x train.cpus_per_worker = {used:g} of the cluster's {total:g} CPUs leaves "
-           "Ray Data no CPU to read prompts with (the run would hang): lower train.cpus_per_worker "
-           f"(e.g. {max(0.1, (total - 1) / cfg.train.num_workers):.2g}) or add CPUs")
-    if local:
-        raise RuntimeError(msg)
-    warnings.warn(msg + " (an autoscaling cluster may still add nodes)")
-
-
-def run_distillation(cfg: DistillConfig, ray_address: str | None = None) -> DistillResult:
-    """Run (or resume, same ``train.run_name``) one distillation job; returns where results are."""
+    Ray is joined only at ``ray_address`` / ``RAY_ADDRESS``; otherwise a local Ray is started.
+    ``pipelines.preflight`` runs first: a bad teacher, tracking server or CPU layout raises
+    ``ConfigError`` before any Ray resources are requested. ``worker_resources`` (custom Ray
+    resources added to each worker's, e.g. one ``{"trainer_slot": 1}`` per node) and
+    ``placement_strategy`` (``PACK`` / ``SPREAD`` / ``STRICT_SPREAD``) place the workers on a cluster.
+    """
     import ray
 
     root = results_root()
     cfg = absolute_paths(cfg, root)
+    start_local = not ray.is_initialized() and resolve_ray_address(ray_address) == "local"
+    preflight(cfg, local_cpus=local_cpus() if start_local else None)
     prompts_uri = resolve_prompts(cfg.data.prompts)
     num_prompts = cfg.data.num_prompts or count_prompts(prompts_uri)
     num_epochs = cfg.epochs_needed(num_prompts) if num_prompts else cfg.data.epochs
     tracking_uri = cfg.tracking.uri or default_tracking_uri(root / "runs")
     sample_prompts = fixed_prompts(prompts_uri, cfg.tracking.num_sample_prompts)
 
-    started_here = False
-    if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address)
-        started_here = address is None
-    _check_cpu_headroom(cfg, local=started_here)
-    datasets = {dataset_name(e): prompt_dataset(prompts_uri, cfg.data.shuffle_seed, e, cfg.data.read_tasks)
+    started_here = init_ray(ray_address, num_cpus=local_cpus())
+    # Joined or already running: check the CPUs Ray really has (a remote cluster may autoscale).
+    joined_remote = not started_here and resolve_ray_address(ray_address) != "local"
+    check_cpu_headroom(cfg, ray.cluster_resources().get("CPU", 0.0), strict=not joined_remote)
+    datasets = {dataset_name(e): prompt_dataset(prompts_uri, cfg.data.shuffle_seed, e, cfg.data.read_tasks,
+                                                max_caption_bytes=cfg.data.max_caption_bytes,
+                                                max_shard_bytes=cfg.data.max_shard_bytes)
                 for e in range(num_epochs)}
     spec = cfg.vsd.student
     tags = {
@@ -171,9 +179,9 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None) -> Dist
             "export_uri": cfg.export_uri, "sample_prompts": sample_prompts, "num_epochs": num_epochs,
             "total_steps": cfg.total_steps(num_prompts) if num_prompts else None,
         }
-        result = _trainer(cfg, loop_config, datasets).fit()
+        result = _trainer(cfg, loop_config, datasets, worker_resources, placement_strategy).fit()
         if result.error is not None:
-            raise RuntimeError(f"distillation run {cfg.train.run_name} failed: {result.error}")
+            raise RuntimeError(redact(f"distillation run {cfg.train.run_name} failed: {result.error}"))
         prune_untracked_checkpoints(cfg.train.storage_path, cfg.train.run_name,
                                     [c.path for c, _ in (result.best_checkpoints or [])])
         model = None
@@ -181,13 +189,20 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None) -> Dist
             from pipelines.registry import log_and_register
 
             local_export = storage.materialize(cfg.export_uri)
-            tracker.log_artifacts(local_export, "export")
+            # One copy in MLflow: the logged model (its "pipeline" artifact is the export); the run
+            # points at it instead of holding the same files again as run artifacts.
             model = log_and_register(local_export, cfg.tracking.registered_model, cfg.tracking.alias, tracking_uri)
             if model:
-                tracker.set_tags({"wadi.registered_model": f"{model['name']}/{model['version']}"})
+                tracker.set_tags({"wadi.registered_model": f"{model['name']}/{model['version']}",
+                                  "wadi.export_model_uri": model["model_uri"]})
         elif cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
             warnings.warn("MLflow was unreachable: the export was not logged or registered")
+    from pipelines.final_eval import final_evaluation
+
+    # After the training run is closed: the evaluation nests its own run under it, then adds final/*.
+    evaluation = final_evaluation(cfg, cfg.export_uri, tracker.run_id if tracker.active else None, root,
+                                  tracking_uri=tracking_uri, step=(result.metrics or {}).get("step"))
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistillResult(run_name=cfg.train.run_name, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id,
                          export_uri=cfg.export_uri, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
-                         model=model)
+                         model=model, evaluation=evaluation)

@@ -5,9 +5,12 @@ and Python's ``tarfile`` spends most of its time building ``TarInfo`` objects (~
 ``read_webdataset`` pass here). This parser walks the headers of a shard already in memory with
 bytes slicing only, checks each header's checksum, and keeps just the captions.
 
-A shard that is not a tar, has a bad header or is truncated is *corrupt*: the samples parsed
-before the damage are kept and the shard is counted once. Bad records (no caption, an empty
-caption, a caption that is not UTF-8) are counted and dropped; nothing here raises on bad data.
+A shard that is not a tar, has a bad header (checksum, a negative or oversized size field, a
+zero or malformed PAX record length), is truncated or is larger than ``max_shard_bytes`` is
+*corrupt*: the samples parsed before the damage are kept and the shard is counted once. Bad
+records (no caption, an empty caption, a caption that is not UTF-8, a caption longer than
+``max_caption_bytes``) are counted and dropped; nothing here raises on bad data, and every
+header moves the read position forward by at least one block, so a parse always ends.
 """
 
 from __future__ import annotations
@@ -21,11 +24,19 @@ __all__ = ["ParsedShard", "BAD_REASONS", "parse_prompt_tar", "write_prompt_shard
 
 BLOCK = 512
 #: Reasons a record (or shard) is dropped; these become metric names ``data/bad_<reason>``.
-BAD_REASONS = ("corrupt_shard", "empty_caption", "undecodable", "missing_caption")
+BAD_REASONS = ("corrupt_shard", "empty_caption", "undecodable", "missing_caption", "too_long",
+               "unreadable_shard")  # the last: storage kept failing on every retry (pipelines.data)
+#: Defaults of the recipe keys ``data.max_caption_bytes`` and ``data.max_shard_bytes``.
+MAX_CAPTION_BYTES = 16 * 1024
+MAX_SHARD_BYTES = 1 << 30
+MAX_META_BYTES = 64 * 1024  # GNU long-name / PAX header payloads (names, not data)
 
 
 class CorruptTar(ValueError):
     """The bytes are not a well-formed tar from this point on."""
+
+
+TOO_LONG = b"\0too-long\0"  # sentinel (compared by identity) for a caption over the cap
 
 
 @dataclass
@@ -44,14 +55,23 @@ def _octal(field_bytes: bytes) -> int:
 
 
 def _pax_path(data: bytes) -> bytes | None:
-    """The ``path`` record of a PAX extended header (``"<len> path=<value>\\n"`` records)."""
+    """The ``path`` record of a PAX extended header (``"<len> path=<value>\\n"`` records).
+
+    ``<len>`` counts the whole record, its own digits and the newline included; a length that
+    is not decimal, too short to hold ``"<len> k=\\n"``, or runs past the header is corrupt.
+    """
+    data = data.rstrip(b"\0")
     pos = 0
     while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        record = data[space + 1 : pos + length - 1]
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise CorruptTar(f"bad PAX record length {data[pos:pos + 20]!r}")
+        length = int(digits)
+        end = pos + length
+        if length < len(digits) + 3 or end > len(data) or data[end - 1] != 10:
+            raise CorruptTar(f"bad PAX record length {length} at offset {pos} of a {len(data)}-byte header")
+        record = data[space + 1 : end - 1]
         key, _, value = record.partition(b"=")
         if key == b"path":
             return value
@@ -82,13 +102,23 @@ def _verify_checksums(buf: bytes, offsets: list[int], stored: list[int]) -> int:
     return int(bad[0]) if bad.size else -1
 
 
-def parse_prompt_tar(buf: bytes | bytearray | memoryview, caption_ext: str = "txt") -> ParsedShard:
+def parse_prompt_tar(
+    buf: bytes | bytearray | memoryview,
+    caption_ext: str = "txt",
+    max_caption_bytes: int = MAX_CAPTION_BYTES,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> ParsedShard:
     """Captions of every sample in an in-memory tar shard; never raises on bad data.
 
     One pass with bytes slicing collects members; header checksums are then verified in one
-    vectorised pass, and samples from the first bad header on are dropped.
+    vectorised pass, and samples from the first bad header on are dropped. Captions longer than
+    ``max_caption_bytes`` count as ``too_long``; a shard over ``max_shard_bytes`` is corrupt.
     """
     out = ParsedShard()
+    if len(buf) > max_shard_bytes:
+        out.error = f"shard of {len(buf):,} bytes is over data.max_shard_bytes={max_shard_bytes:,}"
+        out.bad["corrupt_shard"] += 1
+        return out
     buf = bytes(buf)
     want = caption_ext.encode()
     n = len(buf)
@@ -118,6 +148,8 @@ def parse_prompt_tar(buf: bytes | bytearray | memoryview, caption_ext: str = "tx
                     size, chk = _octal(buf[off + 124 : off + 136]), _octal(buf[off + 148 : off + 156])
                 except ValueError:
                     raise CorruptTar(f"unreadable header at byte {off}") from None
+            if size < 0 or chk < 0:
+                raise CorruptTar(f"negative size or checksum field in the header at byte {off}")
             offsets.append(off)
             stored.append(chk)
             kind = buf[off + 156]
@@ -126,6 +158,8 @@ def parse_prompt_tar(buf: bytes | bytearray | memoryview, caption_ext: str = "tx
             if end > n:
                 raise CorruptTar(f"member at byte {off} runs past the end of the shard (truncated)")
             hdr_off, off = off, start + (size + BLOCK - 1) // BLOCK * BLOCK
+            if kind in (76, 120) and size > MAX_META_BYTES:
+                raise CorruptTar(f"{size:,}-byte long-name/PAX header at byte {hdr_off} (at most {MAX_META_BYTES:,})")
             if kind == 76:  # b"L": GNU long name of the next member
                 long_name = buf[start:end].rstrip(b"\0")
                 continue
@@ -151,7 +185,8 @@ def parse_prompt_tar(buf: bytes | bytearray | memoryview, caption_ext: str = "tx
                     samples.append((cur_first, cur_caption))
                 cur_key, cur_first, cur_caption = key, len(offsets) - 1, None
             if ext == want:
-                cur_caption = buf[start:end]
+                # An over-long member is never copied: a 50 MB "caption" costs nothing.
+                cur_caption = buf[start:end] if size <= max_caption_bytes else TOO_LONG
     except CorruptTar as e:
         error = str(e)
     except Exception as e:  # noqa: BLE001 - a shard must never take the run down
@@ -170,6 +205,9 @@ def parse_prompt_tar(buf: bytes | bytearray | memoryview, caption_ext: str = "tx
     for _, raw in samples:
         if raw is None:
             bad["missing_caption"] += 1
+            continue
+        if raw is TOO_LONG:
+            bad["too_long"] += 1
             continue
         try:
             text = raw.decode("utf-8").strip()

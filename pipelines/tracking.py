@@ -1,7 +1,10 @@
 """MLflow tracking that never takes a job down.
 
-An unreachable tracking server is a warning: the run goes on and logs nothing. Params are
-filtered so that nothing that looks like a credential reaches MLflow.
+An unreachable tracking server is a warning here: the run goes on and logs nothing (a job that
+must be tracked checks the server first, ``pipelines.preflight``). Params are filtered so that
+nothing that looks like a credential reaches MLflow, and user info in any URI
+(``s3://KEY:SECRET@bucket``, ``http://user:pw@host``) is redacted by ``redact`` in every param,
+tag, warning and printed line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,64 @@ from typing import Any, Iterator, Mapping
 log = logging.getLogger(__name__)
 
 _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|session_key|api_key)", re.I)
+# A URI token: scheme "://" then everything up to whitespace, a quote or an angle bracket.
+_URI = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"<>]+)")
+
+
+def _redact_match(m: re.Match[str]) -> str:
+    scheme, rest = m.group("scheme"), m.group("rest")
+    end = len(rest)
+    for sep in "/?#":
+        i = rest.find(sep)
+        if i >= 0:
+            end = min(end, i)
+    authority = rest[:end]
+    at = authority.rfind("@")
+    if at < 0:
+        # A secret with an unescaped "/" (common in AWS keys) ends the authority early:
+        # "KEY:SEC/RET@bucket". "user:<not a port>" followed by a later "@" is user info too.
+        _, colon, after = authority.partition(":")
+        later = rest.find("@", end)
+        if not colon or after.isdigit() or later < 0:
+            return m.group(0)
+        at = later
+    return f"{scheme}***{rest[at:]}"
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the user info of every URI in it replaced by ``***`` (strings, and the
+    strings inside lists, tuples and dicts); other values are returned as they are."""
+    if isinstance(value, str):
+        return _URI.sub(_redact_match, value) if "://" in value else value
+    if isinstance(value, Mapping):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter (install it on handlers) that redacts URI user info in every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = redact(message), None
+        return True
+
+
+def install_log_redaction(loggers: tuple[str, ...] = ("", "ray", "mlflow")) -> None:
+    """Redact URI user info in what the handlers of these loggers print (a job calls this once;
+    the root logger gets a WARNING handler like Python's last-resort one if it has none)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        root.addHandler(handler)
+    for name in loggers:
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())
 
 
 def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
@@ -31,12 +92,13 @@ def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
 
 
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Drop keys that look like credentials; stringify and truncate values (MLflow limit)."""
+    """Drop keys that look like credentials, redact URI user info; stringify and truncate values
+    (MLflow limit)."""
     out = {}
     for k, v in params.items():
         if _SECRET.search(k):
             continue
-        out[k] = str(v)[:6000]
+        out[k] = redact(str(v))[:6000]
     return out
 
 
@@ -74,17 +136,32 @@ class Tracker:
         try:
             return getattr(self._mlflow, fn)(*args, **kwargs)
         except Exception as e:  # tracking must never crash training
-            warnings.warn(f"MLflow {fn} failed ({type(e).__name__}: {e}); continuing without it")
+            warnings.warn(redact(f"MLflow {fn} failed ({type(e).__name__}: {e}); continuing without it"))
             return None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._call("log_params", safe_params(params))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._call("log_metrics", {k: float(v) for k, v in metrics.items()}, step=step)
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, model_id: str | None = None,
+                    dataset: Any | None = None) -> None:
+        """Metrics of the run; ``model_id`` / ``dataset`` also tie them to an MLflow 3 LoggedModel and
+        the data they were computed on."""
+        links = {k: v for k, v in (("model_id", model_id), ("dataset", dataset)) if v is not None}
+        self._call("log_metrics", {k: float(v) for k, v in metrics.items()}, step=step, **links)
+
+    def log_input(self, dataset: Any, context: str, model_id: str | None = None,
+                  tags: Mapping[str, Any] | None = None) -> None:
+        """A dataset input of the run (``mlflow.log_input``), optionally as the input of a LoggedModel."""
+        model = None
+        if model_id and self._mlflow is not None:
+            from mlflow.entities import LoggedModelInput
+
+            model = LoggedModelInput(model_id)
+        self._call("log_input", dataset, context=context, model=model,
+                   tags={k: redact(str(v)) for k, v in (tags or {}).items()} or None)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._call("set_tags", {k: str(v) for k, v in tags.items()})
+        self._call("set_tags", {k: redact(str(v)) for k, v in tags.items()})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log_artifact", str(path), artifact_path=artifact_path)
@@ -92,8 +169,9 @@ class Tracker:
     def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log_artifacts", str(path), artifact_path=artifact_path)
 
-    def log_image(self, image: Any, artifact_file: str) -> None:
-        self._call("log_image", image, artifact_file=artifact_file)
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A step-aware image (MLflow 3: the UI's image slider per ``key``)."""
+        self._call("log_image", image, key=key, step=int(step))
 
 
 @contextlib.contextmanager
@@ -105,8 +183,13 @@ def start_run(
     tags: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     nested: bool = False,
+    log_system_metrics: bool = False,
 ) -> Iterator[Tracker]:
     """Open (or resume, with ``run_id``) an MLflow run; yields a Tracker.
+
+    ``log_system_metrics``: MLflow samples CPU / memory / disk / network, and GPUs when
+    ``nvidia-ml-py`` is installed (extra ``system-metrics``), as ``system/*`` metrics of the run
+    while it is open in this process.
 
     If MLflow is missing or the server cannot be reached, warns and yields an inactive
     Tracker so the job continues.
@@ -120,8 +203,8 @@ def start_run(
     uri = tracking_uri or default_tracking_uri()
     reason = unreachable_reason(uri)
     if reason:
-        warnings.warn(f"MLflow tracking at {redact_uri(uri)} is unreachable ({reason}); "
-                      "the job continues without tracking")
+        warnings.warn(redact(f"MLflow tracking at {uri} is unreachable ({reason}); "
+                             "the job continues without tracking"))
         yield Tracker(None, None)
         return
     try:
@@ -130,11 +213,14 @@ def start_run(
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(
             experiment, artifact_location=_sqlite_artifact_location(uri, experiment))
+        # A resumed run that had FINISHED stays FINISHED if this attempt fails (see below).
+        prior_status = client.get_run(run_id).info.status if run_id else None
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                               run_name=run_name, nested=nested)
+                               run_name=run_name, nested=nested,
+                               log_system_metrics=log_system_metrics or None)
     except Exception as e:
-        warnings.warn(f"MLflow tracking at {redact_uri(uri)} is unreachable ({type(e).__name__}: {e}); "
-                      "the job continues without tracking")
+        warnings.warn(redact(f"MLflow tracking at {uri} is unreachable ({type(e).__name__}: {e}); "
+                             "the job continues without tracking"))
         yield Tracker(None, None)
         return
     tracker = Tracker(run, mlflow)
@@ -144,9 +230,13 @@ def start_run(
         tracker.set_tags(tags)
     try:
         yield tracker
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):
-            mlflow.end_run(status="FAILED")
+            if prior_status == "FINISHED":  # its results stand; the failed resume is a tag, not a status
+                mlflow.set_tag("wadi.last_resume_error", redact(f"{type(e).__name__}: {e}")[:5000])
+                mlflow.end_run(status="FINISHED")
+            else:
+                mlflow.end_run(status="FAILED")
         raise
     else:
         with contextlib.suppress(Exception):
@@ -183,5 +273,5 @@ def _sqlite_artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def redact_uri(uri: str) -> str:
-    """Hide ``user:password@`` in URIs before they are printed."""
-    return re.sub(r"//[^/@]+@", "//***@", uri)
+    """Hide ``user:password@`` in URIs before they are printed (``redact`` for one string)."""
+    return redact(str(uri))

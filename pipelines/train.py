@@ -19,7 +19,9 @@ import torch
 
 from wadi_core.config import from_dict
 
-from pipelines.checkpoint import Progress, load_training_state, mark_complete, model_fingerprint, save_training_state
+from pipelines.checkpoint import (Progress, file_manifest, load_first_good_checkpoint, load_training_state,
+                                  mark_complete, merge_manifests, model_fingerprint, save_training_state,
+                                  upload_checkpoint)
 from pipelines.config import DistillConfig
 from pipelines.data import PromptStream
 from pipelines.tarshards import BAD_REASONS
@@ -34,21 +36,32 @@ def dataset_name(epoch: int) -> str:
     return f"prompts_epoch_{epoch}"
 
 
-def _all_ranks_true(flag: bool) -> bool:
-    """Collective AND: an epoch ends for everyone when any rank runs out of full batches."""
+def _all_ranks_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Collective AND: an epoch ends for everyone when any rank runs out of full batches.
+    ``device``: the training device (NCCL reduces CUDA tensors only)."""
     import torch.distributed as dist
 
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 
-def _sum_over_ranks(values: list[int]) -> list[int]:
+def _any_rank_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Collective OR (rank clocks differ: one step for everyone)."""
+    return not _all_ranks_true(not flag, device)
+
+
+def _sum_over_ranks(values: list[int], device: torch.device | str = "cpu") -> list[int]:
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.int64)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [int(v) for v in t.tolist()]
+
+
+#: Steps between polls of Ray Train's drain notice (``ray.train.get_preemption_info``, a barrier
+#: through Ray's synchronization actor: ~ms; Ray's own watcher polls the GCS every 5 s).
+PREEMPTION_POLL_EVERY = int(os.environ.get("WADI_PREEMPTION_POLL_EVERY", "1"))
 
 
 @contextlib.contextmanager
@@ -62,6 +75,14 @@ def _full_params(engines: dict[str, Any], zero_stage: int) -> Iterator[None]:
     params = [p for e in engines.values() for p in e.module.parameters()]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def _maybe_nan(cfg: DistillConfig, rank: int, step: int, cond: Any) -> Any:
+    """Fault injection for tests: NaN text embeddings on ``debug.nan_rank`` at ``debug.nan_at_step``."""
+    d = cfg.debug
+    if d.nan_at_step != step or d.nan_rank not in (-1, rank):
+        return cond
+    return type(cond)(cond.embeds * float("nan"), cond.mask)
 
 
 def _maybe_fail(cfg: DistillConfig, rank: int, next_step: int) -> None:
@@ -117,11 +138,18 @@ class _Run:
         self.progress = Progress(mlflow_run_id=loop_config.get("mlflow_run_id"), fingerprint=self.fingerprint)
         self.resumed_from = 0
         self.last_saved_step = -1
-        checkpoint = self._latest_checkpoint()
-        if checkpoint is not None:
-            # Load everything now: num_to_keep may delete this directory once newer ones exist.
-            with checkpoint.as_directory() as d:
-                self.progress = load_training_state(d, self.engines, self.generator, self.rank, self.fingerprint)
+        self.checkpoint_seconds = 0.0  # the last checkpoint's save + upload time
+        self.notice_step: int | None = None  # step at which a drain (preemption) notice was seen
+        self.saved_before_deadline = False
+        # Newest checkpoint first; one that fails verification (manifest, pickle allow-list) on any
+        # rank is skipped on all. Load everything now: num_to_keep may delete the directory later.
+        progress, rejected = load_first_good_checkpoint(
+            self._resume_candidates(),
+            lambda d: load_training_state(d, self.engines, self.generator, self.rank, self.fingerprint, verify=False),
+            agree=lambda ok: _all_ranks_true(ok, self.device))
+        self.corrupt_checkpoints_skipped = len(rejected)
+        if progress is not None:
+            self.progress = progress
             self.progress.fingerprint = self.fingerprint
             self.resumed_from = self.last_saved_step = self.progress.step
         prompts = list(loop_config.get("sample_prompts") or [])
@@ -129,15 +157,18 @@ class _Run:
         self.sample_z = torch.randn(len(self.sample_prompts), *self.teacher.latent_shape,
                                     generator=torch.Generator().manual_seed(cfg.train.seed + 1))
 
-    def _latest_checkpoint(self) -> Any | None:
-        """Ray's checkpoint for this attempt, or a newer complete one found in storage."""
+    def _resume_candidates(self) -> list[Any]:
+        """Ray's checkpoint for this attempt and every complete one in storage, newest first."""
         import ray.train
 
-        from pipelines.checkpoint import checkpoint_step, latest_complete_checkpoint
+        from pipelines.checkpoint import checkpoint_step, complete_checkpoints
 
-        candidates = [c for c in (ray.train.get_checkpoint(), latest_complete_checkpoint(
-            self.cfg.train.storage_path, self.cfg.train.run_name)) if c is not None]
-        return max(candidates, key=lambda c: checkpoint_step(c.path), default=None)
+        found = complete_checkpoints(self.cfg.train.storage_path, self.cfg.train.run_name)
+        ray_checkpoint = ray.train.get_checkpoint()
+        names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in found}
+        if ray_checkpoint is not None and ray_checkpoint.path.rstrip("/").rsplit("/", 1)[-1] not in names:
+            found.append(ray_checkpoint)
+        return sorted(found, key=lambda c: checkpoint_step(c.path), reverse=True)
 
     # -- logging --------------------------------------------------------------------------------
     def samples(self, tracker: Any, step: int) -> None:
@@ -151,13 +182,43 @@ class _Run:
             images = self.distiller.sample(self.sample_prompts, z=self.sample_z)
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                path = save_image_grid([images], Path(tmp) / f"step_{step:06d}.png")
-                tracker.log_artifact(path, "samples")
+                path = save_image_grid([images], Path(tmp) / f"step_{step:06d}.png", scale=None)
+                from PIL import Image
+
+                with Image.open(path) as grid:  # MLflow 3's step-aware images: one slider per key
+                    tracker.log_image(grid.copy(), key="samples", step=step)
 
     def bad_counts(self, stream: PromptStream) -> dict[str, int]:
         """Bad rows over all ranks and all epochs so far (a collective)."""
         local = [self.progress.bad_before_epoch.get(r, 0) * (self.rank == 0) + stream.bad[r] for r in BAD_REASONS]
-        return dict(zip(BAD_REASONS, _sum_over_ranks(local)))
+        return dict(zip(BAD_REASONS, _sum_over_ranks(local, self.device)))
+
+    # -- preemption -----------------------------------------------------------------------------
+    def preemption_checkpoint_due(self, step_seconds: float) -> bool:
+        """All ranks, every ``PREEMPTION_POLL_EVERY`` steps: True when a checkpoint must be written
+        now because a node of this run is being drained (spot reclaim, autoscaler, ``ray
+        drain-node --reason PREEMPTION``): once at the notice, and once more just before the
+        reclaim deadline, so a reclaim loses only the steps after that. Training goes on in
+        between; at the deadline Ray Train restarts the group, which resumes from the newest."""
+        import ray.train
+
+        info = ray.train.get_preemption_info()  # a collective: the same answer on every rank
+        if info is None:
+            return False
+        if self.notice_step is None:
+            self.notice_step = self.progress.step
+            print(f"[wadi] rank {self.rank}: drain notice for nodes {info.preempted_node_ids} (ranks "
+                  f"{info.preempted_ranks}, deadline_ms {info.deadline_ms}) at step {self.notice_step}: "
+                  "checkpointing now", flush=True)
+            return True
+        if self.saved_before_deadline or not info.deadline_ms:
+            return False
+        left_s = info.deadline_ms / 1000 - time.time()
+        due = left_s < 2 * (self.checkpoint_seconds + step_seconds) + 1.0
+        if _any_rank_true(due, self.device):
+            self.saved_before_deadline = True
+            return True
+        return False
 
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint(self, metrics: dict[str, float], stream: PromptStream) -> None:
@@ -165,9 +226,13 @@ class _Run:
         one: re-reporting the same directory name would let num_to_keep delete it."""
         import ray.train
 
+        started = time.perf_counter()
         step = self.progress.step
         report = {**metrics, **{f"data/bad_{k}": float(v) for k, v in self.bad_counts(stream).items()},
-                  "resumed_from_step": float(self.resumed_from), "step": step, "epoch": self.progress.epoch}
+                  "resumed_from_step": float(self.resumed_from), "step": step, "epoch": self.progress.epoch,
+                  "preemption/notice_step": float(-1 if self.notice_step is None else self.notice_step),
+                  "vsd/nonfinite_steps": float(self.progress.nonfinite_steps),
+                  "resume/corrupt_checkpoints_skipped": float(self.corrupt_checkpoints_skipped)}
         if step == self.last_saved_step:
             ray.train.report(report)
             return
@@ -176,11 +241,18 @@ class _Run:
         with tempfile.TemporaryDirectory(prefix="wadi-ckpt-") as tmp:
             save_training_state(tmp, self.engines, self.generator, self.progress, self.rank)
             self.save_student_adapter(Path(tmp) / "adapters" / "student.safetensors")
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            # What every rank wrote, hashed before upload: COMPLETE holds it, resume checks it.
+            manifests: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(manifests, file_manifest(tmp))
+            # Our upload: every file retried on transient storage faults (pipelines.checkpoint).
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                             checkpoint_upload_fn=lambda c, n: upload_checkpoint(
+                                 c.path, self.cfg.train.storage_path, self.cfg.train.run_name, n))
         # report() uploads synchronously; once every rank is past it the directory is whole.
         torch.distributed.barrier()
         if self.rank == 0:
-            mark_complete(self.cfg.train.storage_path, self.cfg.train.run_name, name)
+            mark_complete(self.cfg.train.storage_path, self.cfg.train.run_name, name, merge_manifests(manifests))
+        self.checkpoint_seconds = time.perf_counter() - started
 
     def save_student_adapter(self, path: Path) -> None:
         """Rank 0 adds the student adapter as a plain safetensors file, so a checkpoint can be
@@ -191,7 +263,8 @@ class _Run:
         with _full_params(self.engines, self.cfg.train.zero_stage):
             if self.rank == 0:
                 save_adapter_file(path, adapter_state_dict(self.distiller.denoiser, "student"),
-                                  self.cfg.vsd.student, self.distiller.teacher.family, "student")
+                                  self.cfg.vsd.student, self.distiller.teacher.family, "student",
+                                  student_alphabar=self.distiller.student_alphabar)
 
     def export(self) -> str | None:
         """Rank 0 writes the merged one-step pipeline (+ adapters) and uploads it to export_uri."""
@@ -223,6 +296,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from tqdm.auto import tqdm
 
     from wadi_core.vsd import vsd_step
+    from wadi_core.vsd.train import NonFiniteGuard
 
     from pipelines.tracking import start_run
 
@@ -232,12 +306,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     max_steps = cfg.data.max_steps
     tracking = contextlib.nullcontext(None)
     if run.rank == 0 and loop_config.get("mlflow_run_id"):
+        # System metrics from rank 0's node (a GPU worker; the driver's head node has none).
         tracking = start_run(cfg.tracking.experiment, tracking_uri=loop_config["tracking_uri"],
-                             run_id=loop_config["mlflow_run_id"])
+                             run_id=loop_config["mlflow_run_id"], log_system_metrics=True)
     with tracking as tracker:
         tracker = tracker or _NullTracker()
         if run.resumed_from:
             tracker.log_metrics({"resume/from_step": run.resumed_from}, step=run.resumed_from)
+        if run.corrupt_checkpoints_skipped:
+            tracker.log_metrics({"resume/corrupt_checkpoints_skipped": run.corrupt_checkpoints_skipped},
+                                step=run.resumed_from)
+        nonfinite = NonFiniteGuard(t.max_nonfinite_in_a_row, total=p.nonfinite_steps)
         metrics: dict[str, float] = {}
         bar = tqdm(total=max_steps or loop_config.get("total_steps"), initial=p.step, desc=f"vsd rank {run.rank}",
                    disable=run.rank != 0, mininterval=5)
@@ -251,12 +330,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             t_last = time.perf_counter()
             while True:
                 batch = next(batches, None)
-                if not _all_ranks_true(batch is not None):
+                if not _all_ranks_true(batch is not None, run.device):
                     break
                 _maybe_fail(cfg, run.rank, p.step + 1)
                 cond = run.teacher.encode_prompts(batch)  # text encoding here: see pipelines/data.py
+                cond = _maybe_nan(cfg, run.rank, p.step + 1, cond)
                 metrics = vsd_step(run.distiller, cond, run.updaters["student"], run.updaters["fake"], run.generator)
                 p.step += 1
+                # A non-finite step was skipped on every rank (Updater.step): count it, stop after N in a row.
+                nonfinite.update(metrics, p.step)
+                p.nonfinite_steps = nonfinite.total
                 p.batches_in_epoch += 1
                 p.prompts_seen += t.global_batch
                 now = time.perf_counter()
@@ -265,7 +348,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 if p.step % t.log_every == 0:
                     bad = run.bad_counts(stream)
                     tracker.log_metrics({
-                        **{f"vsd/{k}": v for k, v in metrics.items()},
+                        **{f"vsd/{k}": v for k, v in metrics.items()}, "vsd/nonfinite_steps": p.nonfinite_steps,
                         "perf/step_seconds": step_s, "perf/prompts_per_second": t.global_batch / step_s,
                         "progress/epoch": epoch, "progress/prompts_seen": p.prompts_seen,
                         **{f"data/bad_{k}": v for k, v in bad.items()},
@@ -275,6 +358,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 done = bool(max_steps) and p.step >= max_steps
                 if t.checkpoint_every and p.step % t.checkpoint_every == 0 and not done:
                     run.checkpoint(metrics, stream)
+                if (PREEMPTION_POLL_EVERY and p.step % PREEMPTION_POLL_EVERY == 0 and not done
+                        and run.preemption_checkpoint_due(step_s)):
+                    run.checkpoint(metrics, stream)  # a step already saved is not saved twice
+                    tracker.log_metrics({"preemption/checkpoint_step": p.step}, step=p.step)
                 if done:
                     break
             if not done:

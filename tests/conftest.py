@@ -80,8 +80,32 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """A 2-CPU local Ray per test module, started after the moto env is set (workers inherit AWS_*)."""
+    """A 2-CPU local Ray per test module, started after the moto env is set (workers inherit AWS_*).
+
+    Never the cluster of Ray's current-cluster file (another ``ray start --head`` on this machine):
+    ``pipelines.cluster.init_ray`` starts a private one unless RAY_ADDRESS is set.
+    """
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from pipelines.cluster import init_ray
+
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def reset_process_group() -> None:
+    """Destroy the default torch.distributed group and DeepSpeed's cached handle on it, so a later
+    test's ``init_process_group`` + ``pipelines.engines.init_distributed`` starts clean."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    try:
+        import deepspeed.comm.comm as ds_comm
+        import deepspeed.utils.groups as ds_groups
+    except ImportError:
+        return
+    ds_comm.cdb = None
+    for name, value in list(vars(ds_groups).items()):  # cached handles on the destroyed world group
+        if name.startswith("_") and name.endswith("_GROUP") and not isinstance(value, dict):
+            setattr(ds_groups, name, None)

@@ -98,3 +98,19 @@ def test_tracking_sqlite_logs(tmp_path):
         run_id = run.run_id
     data = mlflow.MlflowClient(uri).get_run(run_id).data
     assert data.params == {"vsd.lr": "0.1"} and data.metrics["loss"] == 2.0
+
+
+def test_sample_grid_upscales_only_small_tiles(tmp_path):
+    """Grids stay readable without blowing up large images: 32 px tiles x4, 64 px x2, 512 px x1."""
+    import torch
+    from PIL import Image
+
+    from wadi_core.vsd.train import grid_scale, save_image_grid
+
+    assert [grid_scale(s) for s in (16, 32, 64, 100, 128, 256, 512)] == [8, 4, 2, 1, 1, 1, 1]
+    for size, expected in ((32, 128), (512, 512)):
+        path = save_image_grid([torch.rand(2, 3, size, size)], tmp_path / f"g{size}.png")
+        with Image.open(path) as img:
+            assert img.size == (2 * expected, expected)
+    with Image.open(save_image_grid([torch.rand(1, 3, 32, 32)], tmp_path / "x.png", scale=1)) as img:
+        assert img.size == (32, 32)

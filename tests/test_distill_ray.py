@@ -2,9 +2,11 @@
 DeepSpeed ZeRO-2 -> checkpoints on S3 -> MLflow (sqlite) -> registered one-step export.
 
 Two fits share one run name, so the second resumes the first:
-  fit 1: rank 1 kills itself before step 5 (checkpoint at 3) -> FailureConfig restarts the
-         group, which resumes from step 3 and stops at max_steps=8 (export v1);
-  fit 2: same run name, no max_steps -> resumes from 8 and finishes the epoch (export v2).
+  fit 1: rank 1 gets NaN text embeddings at step 2 (skipped on both ranks, counted), then kills
+         itself before step 5 (checkpoint at 3) -> FailureConfig restarts the group, which
+         resumes from step 3 and stops at max_steps=8 (export v1);
+  fit 2: same run name, no max_steps, the newest checkpoint (8) truncated in S3 -> falls back to
+         the previous complete one (6) and finishes the epoch (export v2).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 
 N_GOOD = 98  # + 1 empty caption + 1 corrupt shard = 100 rows: splits evenly over 2 workers
 CHECKPOINT_EVERY, FAIL_AT, FIRST_STOP, KEEP = 3, 5, 8, 2
+NAN_AT, FALLBACK = 2, 6  # a NaN batch on rank 1; the checkpoint before FIRST_STOP's
 
 
 def _lake(tmp_path: Path, uri: str) -> None:
@@ -41,6 +44,7 @@ def _history_steps(client, run_id: str, key: str) -> Counter:  # noqa: ANN001
 def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: str, ray_local) -> None:  # noqa: ANN001
     import mlflow
     import numpy as np
+    import torch
     from diffusers import DiffusionPipeline
 
     from wadi_core import storage
@@ -63,6 +67,7 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
         "tracking.uri": tracking_uri, "tracking.experiment": "e2e", "tracking.registered_model": "wadi-e2e",
         "tracking.alias": "candidate", "tracking.sample_every": 4, "tracking.num_sample_prompts": 4,
         "debug.fail_rank": 1, "debug.fail_at_step": FAIL_AT, "debug.fail_marker": str(marker),
+        "debug.nan_rank": 1, "debug.nan_at_step": NAN_AT,
     }
 
     # Fit 1: a worker dies before step 5; the group restarts from the checkpoint at step 3.
@@ -71,11 +76,20 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     assert marker.exists(), "the fault injection did not fire"
     assert first.metrics["step"] == FIRST_STOP and first.metrics["resumed_from_step"] == CHECKPOINT_EVERY
 
-    # Fit 2: same run name, no step limit -> resumes from step 8 and finishes the epoch.
+    # Fit 2: same run name, no step limit, the newest checkpoint damaged in storage (a truncated
+    # upload) -> falls back to the previous complete one (6) and finishes the epoch.
+    import boto3
+
+    s3 = boto3.client("s3")
+    key = f"ray/e2e/checkpoint_{FIRST_STOP:08d}/rng_rank1.safetensors"
+    body = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=body[: len(body) // 2])
     second = run_distillation(load_config("embedded", {**overrides, "data.max_steps": 0}))
     last = second.metrics["step"]
     assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run per run name
-    assert second.metrics["resumed_from_step"] == FIRST_STOP
+    assert second.metrics["resumed_from_step"] == FALLBACK
+    assert second.metrics["resume/corrupt_checkpoints_skipped"] == 1
+    assert second.metrics["vsd/nonfinite_steps"] == 1  # the NaN step of fit 1, carried in the checkpoints
     assert N_GOOD // 8 - 1 <= last <= N_GOOD // 8  # one epoch of 98 good prompts at 8 per step
     # The corrupt shard and the empty caption were skipped and counted exactly once.
     assert second.metrics["data/bad_corrupt_shard"] == 1 and second.metrics["data/bad_empty_caption"] == 1
@@ -87,19 +101,28 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     assert run.data.params["data.prompts"] == f"s3://{s3_bucket}/lake"
     assert run.data.tags["wadi.teacher"] == str(teacher) and run.data.tags["ray.job_id"]
     assert run.data.tags["wadi.adapter"].startswith("lorad r=4")
-    # Steps before a checkpoint are never redone: 1..3 once, 4 twice (after the kill), the rest once.
+    # Steps before a checkpoint are never redone: 1..3 once, 4 twice (after the kill), 7..8 twice
+    # (after the fallback), the rest once.
     steps = _history_steps(client, run.info.run_id, "vsd/loss_fake")
-    assert steps == Counter({**{s: 1 for s in range(1, last + 1)}, FAIL_AT - 1: 2})
+    assert steps == Counter({**{s: 1 for s in range(1, last + 1)}, FAIL_AT - 1: 2, 7: 2, 8: 2})
     assert sorted(m.value for m in client.get_metric_history(run.info.run_id, "resume/from_step")) == [
-        CHECKPOINT_EVERY, FIRST_STOP]
+        CHECKPOINT_EVERY, FALLBACK]
+    assert run.data.metrics["resume/corrupt_checkpoints_skipped"] == 1
+    nonfinite = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "vsd/nonfinite_steps")}
+    assert nonfinite[NAN_AT - 1] == 0 and nonfinite[NAN_AT] == 1 and nonfinite[last] == 1
     for key in ("vsd/grad_norm_student", "vsd/grad_norm_fake", "perf/prompts_per_second"):
         assert np.isfinite(run.data.metrics[key])
     assert run.data.metrics["data/bad_corrupt_shard"] == 1 and run.data.metrics["data/bad_empty_caption"] == 1
 
-    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert "samples/step_000004.png" in samples and f"samples/step_{last:06d}.png" in samples
-    export_files = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
-    assert {"export/model_index.json", "export/adapters", "export/unet"} <= export_files
+    # Sample grids are step-aware images (key "samples"); the export is logged once, as the model.
+    samples = {int(m.group(1)) for a in client.list_artifacts(run.info.run_id, "images")
+               if (m := re.search(r"/samples[+%]step[+%](\d+)[+%]", a.path))}
+    assert {4, last} <= samples, samples
+    assert not client.list_artifacts(run.info.run_id, "export"), "the export is logged twice"
+    model_uri = run.data.tags["wadi.export_model_uri"]
+    model_files = {p.name for p in Path(mlflow.artifacts.download_artifacts(
+        model_uri, tracking_uri=client.tracking_uri)).rglob("*")}
+    assert {"model_index.json", "student.safetensors"} <= model_files
 
     # Checkpoints live on S3; num_to_keep kept the newest KEEP of them.
     names = {f.split("/ray/e2e/", 1)[1].split("/")[0] for f in storage.list_files(f"s3://{s3_bucket}/ray/e2e")}
@@ -112,6 +135,7 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
                                        cache_dir=tmp_path / "ckpt-cache")
     adapter_state, adapter_spec = load_adapter_file(adapter_file)
     assert adapter_spec.kind == "lorad" and adapter_state
+    assert all(torch.isfinite(v).all() for v in adapter_state.values())  # the NaN batch left no trace
     assert any(v.abs().sum() > 0 for k, v in adapter_state.items() if k.endswith(".A"))  # trained, not init
 
     # The registered model (alias -> the second run's version) and the export sample in ONE step.
@@ -200,8 +224,8 @@ def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch
         assert isinstance(updater, Updater)
         before = module[0].weight.detach().clone()
         updater.backward((module[0](torch.randn(2, 4)) * 100).pow(2).mean())
-        norm = updater.step()
-        assert norm > 0.5 and torch.isfinite(torch.tensor(norm))  # pre-clip norm, clipped to 0.5
+        result = updater.step()
+        assert result.stepped and result.grad_norm > 0.5  # pre-clip norm, clipped to 0.5
         assert not torch.equal(before, module[0].weight)
 
         gen = torch.Generator().manual_seed(3)
@@ -229,4 +253,6 @@ def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch
         with pytest.raises(RuntimeError, match="no DeepSpeed state for 'fake'"):
             load_training_state(tmp_path / "ckpt", {"fake": engine}, gen, 0)
     finally:
-        dist.destroy_process_group()
+        from conftest import reset_process_group
+
+        reset_process_group()

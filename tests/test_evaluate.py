@@ -137,14 +137,21 @@ def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir
     summary = json.loads((tmp_path / "eval" / "single" / "metrics.json").read_text())
     assert summary["metrics"]["fid"] == pytest.approx(m["fid"]) and len(summary["prompts"]["sha256"]) == 64
 
-    # scheduled mode over a checkpoint folder: each checkpoint once, new ones picked up later
+    # scheduled mode over a checkpoint folder: each checkpoint once, new ones picked up later; no
+    # --train-run-id: each evaluation finds its training run in the checkpoint's own progress.json
     ckpts = tmp_path / "ckpts"
-    shutil.copytree(tiny_pipeline_dir, ckpts / "checkpoint_000010" / "export")
-    shutil.copytree(tiny_pipeline_dir, ckpts / "checkpoint_000020" / "export")
-    sched = replace(cfg, out=str(tmp_path / "eval" / "sched"), save_images="none")
+
+    def add_checkpoint(name: str) -> None:
+        shutil.copytree(tiny_pipeline_dir, ckpts / name / "export")
+        (ckpts / name / "progress.json").write_text(json.dumps({"step": int(name[-6:]), "mlflow_run_id": train_run}))
+
+    add_checkpoint("checkpoint_000010")
+    add_checkpoint("checkpoint_000020")
+    sched = replace(cfg, out=str(tmp_path / "eval" / "sched"), save_images="none",
+                    tracking=replace(cfg.tracking, train_run_id=None))
     assert run_schedule(sched, str(ckpts), teacher=tiny_pipeline_dir) == ["checkpoint_000010", "checkpoint_000020"]
     assert run_schedule(sched, str(ckpts), teacher=tiny_pipeline_dir) == []
-    shutil.copytree(tiny_pipeline_dir, ckpts / "checkpoint_000030" / "export")
+    add_checkpoint("checkpoint_000030")
     assert run_schedule(sched, str(ckpts), teacher=tiny_pipeline_dir) == ["checkpoint_000030"]
 
     runs = mlflow.search_runs(experiment_ids=[train_exp], output_format="list",
@@ -199,3 +206,66 @@ def test_compare_runs_table_and_plot(tmp_path):
     csv_lines = (tmp_path / "cmp.csv").read_text().splitlines()
     assert csv_lines[0].endswith("fid,alignment") and len(csv_lines) == 3
     assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_compare_runs_pages_through_more_runs_than_one_page(tmp_path):
+    import importlib.util
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("many")
+    for i in range(7):
+        run = client.create_run(exp, run_name=f"r{i}", start_time=1_000 + i // 2).info.run_id  # ties too
+        client.log_metric(run, "fid", float(i))
+    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parents[1] / "jobs/compare_runs.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    rows = job.fetch_runs(["many"], uri, page_size=3)  # 3 + 3 + 1
+    assert sorted(r["run"] for r in rows) == [f"r{i}" for i in range(7)]
+    assert {r["run"] for r in rows[:2]} == {"r0", "r1"} and rows[-1]["run"] == "r6"  # oldest first
+    with pytest.raises(SystemExit, match="page-size"):
+        job.main(["--experiment", "many", "--tracking-uri", uri, "--page-size", "5000"])
+
+
+def test_evaluation_run_links_prompt_dataset_logged_model_and_training_run(tmp_path, tiny_pipeline_dir):
+    """An evaluation of a registered model: the prompt set is a dataset input (named and digested by
+    its sha256), the metrics belong to the model's LoggedModel, the run sits under the training run."""
+    import mlflow
+
+    from pipelines.eval_runs import _log_mlflow
+    from pipelines.generation import load_prompts
+    from pipelines.registry import log_and_register
+    from pipelines.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with start_run("train", run_name="distill", tracking_uri=uri) as train:
+        model = log_and_register(tiny_pipeline_dir, "tiny-wadi", "candidate", uri)
+    assert model is not None and model["model_id"]
+    records, prompt_info = load_prompts("domain:6:0:train")
+    cfg = EvalConfig(model=ModelSpec(uri="models:/tiny-wadi@candidate", steps=1), prompts="domain:6:0:train",
+                     metrics=SPEC, out=str(tmp_path / "empty-out"),
+                     tracking=TrackingSpec(tracking_uri=uri, train_run_id=train.run_id, checkpoint_id="final"))
+    _log_mlflow(cfg, {"fid": 12.5, "mean_intensity": 0.4}, prompt_info, None, records)
+
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_run(train.run_id).info.experiment_id],
+                                filter_string="tags.`wadi.kind` = 'evaluation'")
+    assert run.data.tags["mlflow.parentRunId"] == train.run_id and run.data.tags["wadi.model_id"] == model["model_id"]
+    (dataset_input,) = run.inputs.dataset_inputs
+    sha = prompt_info["sha256"]
+    assert dataset_input.dataset.name == f"prompts-{sha}" and dataset_input.dataset.digest == sha[:32]
+    tags = {t.key: t.value for t in dataset_input.tags}
+    assert tags["mlflow.data.context"] == "evaluation" and tags["prompts.source"] == "domain:6:0:train"
+    assert json.loads(dataset_input.dataset.schema)["mlflow_colspec"][2]["name"] == "prompt"
+    model_inputs = client.get_run(run.info.run_id).inputs.model_inputs  # search_runs leaves them out
+    assert [m.model_id for m in model_inputs] == [model["model_id"]]
+    logged = client.get_logged_model(model["model_id"])
+    by_key = {m.key: m for m in logged.metrics}
+    assert by_key["fid"].value == 12.5 and by_key["fid"].run_id == run.info.run_id
+    assert by_key["fid"].dataset_digest == sha[:32]
+    # a checkpoint folder is not a logged model: no link, no warning-free failure
+    from pipelines.eval_runs import logged_model_id
+
+    assert logged_model_id(tiny_pipeline_dir, uri) is None

@@ -32,20 +32,9 @@ EC2_SPECS = {"p4d.24xlarge": (96, 8), "p5.48xlarge": (192, 8), "g5.12xlarge": (4
              "m6i.4xlarge": (16, 0)}
 TRAINING_TYPES = {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge", "p5e.48xlarge", "p5en.48xlarge"}
 
-# Fields of the KubeRay ray.io/v1 API (apis/ray/v1/*_types.go); a typo is an unknown field.
-RAYJOB_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
-    "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
-    "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend"}
-RAYCLUSTER_FIELDS = {
-    "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
-    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions"}
-HEAD_GROUP_FIELDS = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
-WORKER_GROUP_FIELDS = {
-    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
-    "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
-RAYCRONJOB_FIELDS = {"schedule", "jobTemplate", "suspend"}
+# KubeRay's ray.io/v1 CRD schemas (vendored, infra/kuberay/crds/README.md): unknown fields and
+# wrong types fail here as they fail `kubectl apply` (strict field validation) on a cluster.
+CRD_SCHEMA = KUBERAY / "crds" / "ray.io_v1.schema.json"
 
 
 def pinned(package: str) -> str:
@@ -237,16 +226,13 @@ def pod_templates(cluster_spec: dict) -> Iterator[tuple[str, dict]]:
 
 
 def check_ray_cluster_spec(spec: dict, where: str, service_accounts: set[str]) -> None:
-    assert set(spec) <= RAYCLUSTER_FIELDS, f"{where}: unknown {set(spec) - RAYCLUSTER_FIELDS}"
     assert spec["rayVersion"] == pinned("ray"), where
     head = spec["headGroupSpec"]
-    assert set(head) <= HEAD_GROUP_FIELDS, where
     assert head["rayStartParams"].get("num-cpus") == "0", f"{where}: head must run no work"
     for group in [head, *spec.get("workerGroupSpecs", [])]:
         # `ray start` flags; KubeRay rejects non-string values.
         assert all(isinstance(v, str) for v in group["rayStartParams"].values()), where
     for group in spec.get("workerGroupSpecs", []):
-        assert set(group) <= WORKER_GROUP_FIELDS, f"{where}: {set(group) - WORKER_GROUP_FIELDS}"
         assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], where
     groups = list(pod_templates(spec))
     assert any("nvidia.com/gpu" in str(pod) for _, pod in groups), f"{where}: no GPU group"
@@ -263,25 +249,224 @@ def check_ray_cluster_spec(spec: dict, where: str, service_accounts: set[str]) -
                     f"{where}/{name}: GPU pod without nvidia.com/gpu toleration"
 
 
-def test_ray_objects_fields_versions_images_gpus_and_secrets() -> None:
+def test_ray_objects_versions_images_gpus_and_secrets() -> None:
     service_accounts = {o["metadata"]["name"] for _, o in all_objects() if o["kind"] == "ServiceAccount"}
     checked = 0
     for path, obj in all_objects():
         if obj["kind"] == "RayCluster":
             check_ray_cluster_spec(obj["spec"], f"{path.name}:RayCluster", service_accounts)
             checked += 1
-        if obj["kind"] == "RayCronJob":
-            assert set(obj["spec"]) <= RAYCRONJOB_FIELDS, path
     workdir = re.findall(r"^WORKDIR (\S+)", DOCKERFILE.read_text(), re.M)[-1]
     for where, spec in rayjob_specs():
-        assert set(spec) <= RAYJOB_FIELDS, f"{where}: unknown {set(spec) - RAYJOB_FIELDS}"
-        assert spec["shutdownAfterJobFinishes"] is True, where
-        assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
         assert spec.get("submissionMode", "K8sJobMode") in {"K8sJobMode", "HTTPMode", "InteractiveMode"}
-        assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == workdir, where
+        # Code from the image: no working_dir upload, the entrypoint runs in the image's project dir.
+        assert "working_dir" not in yaml.safe_load(spec.get("runtimeEnvYAML") or "{}"), where
+        assert spec["entrypoint"].startswith(f"cd {workdir} && python jobs/"), where
         check_ray_cluster_spec(spec["rayClusterSpec"], where, service_accounts)
         checked += 1
     assert checked >= 4
+
+
+# ---------------------------------------------------------------- KubeRay CRD schema
+
+
+@pytest.fixture(scope="module")
+def crd_validators() -> dict[str, Any]:
+    jsonschema = pytest.importorskip("jsonschema")
+    defs = json.loads(CRD_SCHEMA.read_text())["$defs"]
+    out = {}
+    for kind in ("RayCluster", "RayJob", "RayCronJob"):
+        schema = {"$defs": defs, "$ref": f"#/$defs/{kind}"}
+        jsonschema.Draft202012Validator.check_schema(schema)
+        out[kind] = jsonschema.Draft202012Validator(schema)
+    return out
+
+
+def ray_objects() -> list[tuple[str, dict]]:
+    return [(f"{p.name}:{o['kind']}", o) for p, o in all_objects() if o["apiVersion"] == "ray.io/v1"]
+
+
+def schema_errors(validators: dict[str, Any], obj: dict) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validators[obj["kind"]].iter_errors(obj)]
+
+
+def test_crd_schema_is_vendored_with_its_provenance() -> None:
+    readme = (CRD_SCHEMA.parent / "README.md").read_text()
+    assert "ray-project/kuberay" in readme and "ray-operator/config/crd/bases/" in readme
+    defs = json.loads(CRD_SCHEMA.read_text())["$defs"]
+    assert {"RayCluster", "RayJob", "RayCronJob", "V1PodTemplateSpec", "V1Container"} <= set(defs)
+
+
+def test_ray_manifests_match_kuberays_crd_schema(crd_validators: dict) -> None:
+    objects = ray_objects()
+    assert {o["kind"] for _, o in objects} == {"RayCluster", "RayJob", "RayCronJob"}
+    bad = {where: errs for where, o in objects if (errs := schema_errors(crd_validators, o))}
+    assert not bad, bad
+
+
+def _first(kind: str) -> dict:
+    return copy.deepcopy(next(o for _, o in ray_objects() if o["kind"] == kind))
+
+
+def _pod(obj: dict, group: int = 0) -> dict:
+    spec = obj["spec"]["jobTemplate"] if obj["kind"] == "RayCronJob" else obj["spec"]
+    cluster = spec if obj["kind"] == "RayCluster" else spec["rayClusterSpec"]
+    return cluster["workerGroupSpecs"][group]["template"]["spec"]
+
+
+def _mutations() -> list[tuple[str, str, Any]]:
+    """(kind, what, mutate(obj)) cases that a real API server rejects."""
+    def rename(path: list, old: str, new: str):
+        def f(obj: dict) -> None:
+            d = obj
+            for k in path:
+                d = d[k]
+            d[new] = d.pop(old)
+        return f
+
+    def set_(getter, key: str, value: Any):
+        def f(obj: dict) -> None:
+            getter(obj)[key] = value
+        return f
+
+    return [
+        ("RayJob", "misspelt spec field", rename(["spec"], "activeDeadlineSeconds", "activeDeadlineSecond")),
+        ("RayJob", "unknown top-level spec field", set_(lambda o: o["spec"], "workingDir", "/home/ray/wadi")),
+        ("RayJob", "string for an integer", set_(lambda o: o["spec"], "backoffLimit", "2")),
+        ("RayJob", "unknown deletion policy", lambda o: o["spec"]["deletionStrategy"]["deletionRules"][0]
+         .update(policy="DeleteEverything")),
+        ("RayJob", "rules and legacy policies together", lambda o: o["spec"]["deletionStrategy"]
+         .update(onSuccess={"policy": "DeleteCluster"}, onFailure={"policy": "DeleteCluster"})),
+        ("RayJob", "misspelt worker group field", rename(["spec", "rayClusterSpec", "workerGroupSpecs", 0],
+                                                         "maxReplicas", "maxReplica")),
+        ("RayJob", "misspelt pod field", lambda o: _pod(o).update(nodeSelecter=_pod(o).pop("nodeSelector"))),
+        ("RayJob", "misspelt toleration field", lambda o: _pod(o)["tolerations"][0].update(efect="NoSchedule")),
+        ("RayJob", "integer for a string map value", lambda o: _pod(o)["nodeSelector"].update(gpus=8)),
+        ("RayJob", "bad GPU quantity", lambda o: _pod(o)["containers"][0]["resources"]["limits"]
+         .update({"nvidia.com/gpu": "eight"})),
+        ("RayCluster", "misspelt cluster field", rename(["spec"], "enableInTreeAutoscaling",
+                                                        "enableInTreeAutoScaling")),
+        ("RayCluster", "list for a string map", set_(lambda o: o["spec"]["headGroupSpec"], "rayStartParams",
+                                                      ["num-cpus=0"])),
+        ("RayCronJob", "misspelt cron field", rename(["spec"], "timeZone", "timezone")),
+        ("RayCronJob", "missing schedule", lambda o: o["spec"].pop("schedule")),
+        ("RayCronJob", "misspelt job template field", rename(["spec", "jobTemplate"], "entrypoint", "entrypont")),
+    ]
+
+
+@pytest.mark.parametrize("kind, what, mutate", _mutations(), ids=[m[1] for m in _mutations()])
+def test_crd_schema_rejects_wrong_manifests(crd_validators: dict, kind: str, what: str, mutate: Any) -> None:
+    obj = _first(kind)
+    assert not schema_errors(crd_validators, obj)
+    mutate(obj)
+    assert schema_errors(crd_validators, obj), f"{what} passed the schema"
+
+
+# ---------------------------------------------------------------- KubeRay placement, clean-up, GPUs
+
+
+def worker_groups(obj: dict) -> list[dict]:
+    if obj["kind"] == "RayCluster":
+        return obj["spec"]["workerGroupSpecs"]
+    spec = obj["spec"]["jobTemplate"] if obj["kind"] == "RayCronJob" else obj["spec"]
+    return spec["rayClusterSpec"]["workerGroupSpecs"]
+
+
+def _tolerates_spot(pod: dict) -> bool:
+    return any(t.get("key") == "karpenter.sh/capacity-type" and t.get("value") in ("spot", None)
+               for t in pod.get("tolerations", []))
+
+
+def test_training_on_demand_evaluation_on_spot() -> None:
+    seen = set()
+    for where, obj in ray_objects():
+        for group in worker_groups(obj):
+            pod, labels = group["template"]["spec"], group["template"]["metadata"]["labels"]
+            market = pod.get("nodeSelector", {}).get("karpenter.sh/capacity-type")
+            role = labels["wadi/role"]
+            seen.add((where.split(":")[0], role))
+            assert labels["wadi/market"] == market, f"{where}/{group['groupName']}"
+            if role == "train":
+                assert market == "on-demand" and not _tolerates_spot(pod), f"{where}: training may land on spot"
+                assert pod["nodeSelector"]["karpenter.k8s.aws/instance-gpu-count"] == "8"
+            else:
+                assert role == "eval" and market == "spot" and _tolerates_spot(pod), where
+                assert pod["nodeSelector"]["karpenter.k8s.aws/instance-gpu-count"] == "4"
+    assert {("rayjob-distill.yaml", "train"), ("raycluster.yaml", "train"), ("raycluster.yaml", "eval"),
+            ("raycronjob-evaluate.yaml", "eval"), ("cronjob-evaluate.yaml", "eval")} <= seen
+
+
+def _rules(spec: dict) -> dict[tuple, dict[str, int]]:
+    """{condition: {policy: ttlSeconds}} of a RayJob spec's deletion rules."""
+    out: dict[tuple, dict[str, int]] = {}
+    for rule in spec["deletionStrategy"]["deletionRules"]:
+        cond = rule["condition"]
+        key = ("jobStatus", cond["jobStatus"]) if "jobStatus" in cond else \
+            ("jobDeploymentStatus", cond["jobDeploymentStatus"])
+        out.setdefault(key, {})[rule["policy"]] = cond.get("ttlSeconds", 0)
+    return out
+
+
+def test_rayjobs_clean_up_after_success_and_failure() -> None:
+    order = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]
+    for where, spec in rayjob_specs():
+        # KubeRay refuses deletionRules together with shutdownAfterJobFinishes (and so TTL).
+        assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec, where
+        rules = _rules(spec)
+        for outcome in (("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")):
+            policies = rules.get(outcome, {})
+            assert "DeleteCluster" in policies or "DeleteSelf" in policies, f"{where}: {outcome} leaks a cluster"
+            ttls = [policies[p] for p in order if p in policies]
+            assert ttls == sorted(ttls), f"{where}: {outcome} deletes the larger thing first"
+        if "RayCronJob" in where or "cronjob-evaluate" in where:  # scheduled ones remove themselves
+            assert all("DeleteSelf" in p for p in rules.values()), where
+        else:  # a training run's RayJob stays for its status
+            assert not any("DeleteSelf" in p for p in rules.values()), where
+
+
+def test_cron_schedules_have_a_time_zone() -> None:
+    (cron,) = [o for _, o in ray_objects() if o["kind"] == "RayCronJob"]
+    (kube_cron,) = [o for _, o in all_objects() if o["kind"] == "CronJob"]
+    zoneinfo = pytest.importorskip("zoneinfo")
+    for obj in (cron, kube_cron):
+        zoneinfo.ZoneInfo(obj["spec"]["timeZone"])  # a real IANA name
+        assert "TZ=" not in obj["spec"]["schedule"], "time zone in the schedule string and timeZone"
+
+
+def _flag(args: list[str], name: str, default: float) -> float:
+    return float(args[args.index(name) + 1]) if name in args else default
+
+
+def test_evaluation_actors_fit_the_evaluation_pods() -> None:
+    """Generation and feature actors stream at once: their GPUs must add up on the pods."""
+    from pipelines.eval_runs import RayResources
+
+    defaults = RayResources()
+    for where, spec in rayjob_specs():
+        if "jobs/evaluate.py" not in spec["entrypoint"]:
+            continue
+        args = spec["entrypoint"].split()
+        per_actor = _flag(args, "--gpus-per-actor", defaults.gpus_per_actor)
+        actors = _flag(args, "--gen-workers", defaults.gen_workers) + _flag(args, "--metric-workers",
+                                                                              defaults.metric_workers)
+        groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+        pod_gpus = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+                    for g in groups]
+        total = sum(n * g["maxReplicas"] for n, g in zip(pod_gpus, groups))
+        assert per_actor * actors <= total, f"{where}: {actors:g} actors x {per_actor:g} GPU > {total} GPUs"
+        assert per_actor <= max(pod_gpus), where
+
+
+def test_distill_world_size_fits_the_training_pods() -> None:
+    from pipelines.config import load_config
+
+    (job,) = [o for w, o in ray_objects() if w == "rayjob-distill.yaml:RayJob"]
+    recipe = re.search(r"--config (\S+)", job["spec"]["entrypoint"]).group(1)
+    train = load_config(str(ROOT / recipe)).train
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert train.num_workers * train.gpus_per_worker <= gpus * group["maxReplicas"]
 
 
 def test_both_scheduled_evaluations_run_the_same_job() -> None:
@@ -429,7 +614,9 @@ def find_secrets(text: str) -> list[str]:
 
 def scanned_files() -> list[Path]:
     files = [CLUSTER_YAML, CLUSTER_DOC] + [p for p in (ROOT / "infra").rglob("*") if p.is_file()]
-    return [p for p in files if p.name != ".env"]  # a local .env is git-ignored by design
+    # A local .env is git-ignored by design; the vendored CRD schema and its generator name fields
+    # such as redisPassword / serviceAccountToken (no values): checked for key patterns only, below.
+    return [p for p in files if p.name != ".env" and p.parent != CRD_SCHEMA.parent]
 
 
 def test_secret_scanner_catches_planted_secrets() -> None:
@@ -449,6 +636,8 @@ def test_no_secrets_in_infrastructure_files() -> None:
     assert not hits, f"possible credentials: {hits}"
     for _, obj in all_objects():
         assert obj["kind"] != "Secret", "create secrets with kubectl, never from a manifest"
+    for path in CRD_SCHEMA.parent.iterdir():
+        assert not any(p.search(path.read_text()) for p in SECRET_PATTERNS), path
 
 
 def test_entrypoint_is_executable() -> None:

@@ -145,7 +145,9 @@ def test_ray_data_reads_local_and_s3_and_skips_a_corrupt_shard(tmp_path: Path, s
     storage.upload_dir(local, remote)
     assert count_prompts(remote) == 25
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from pipelines.cluster import init_ray
+
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for uri in (str(local), remote):
             rows = prompt_dataset(uri, seed=0, epoch=0).take_all()

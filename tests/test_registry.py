@@ -32,3 +32,46 @@ def test_registered_model_loads_from_code_and_samples(tmp_path):
     assert "one_step_model.py" in files and not any(f.endswith((".pkl", ".cloudpickle")) for f in files)
     images = mlflow.pyfunc.load_model("models:/tiny-wadi@candidate").predict(["a red circle", "a blue square"])
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+
+    # signature: prompts in, uint8 images out, a seed param
+    model_info = mlflow.models.get_model_info(info["model_uri"])
+    assert info["model_id"] == model_info.model_id
+    signature = model_info.signature
+    assert len(signature.inputs.inputs) == 1 and signature.inputs.input_types()[0].name == "string"
+    assert signature.outputs.inputs[0].type == np.dtype("uint8") and signature.outputs.inputs[0].shape[-1] == 3
+    assert [(p.name, p.default) for p in signature.params.params] == [("seed", 0)]
+    # requirements pinned to constraints.txt (not bare names)
+    reqs = (Path(model_dir) / "requirements.txt").read_text().split()
+    pins = dict(r.split("==", 1) for r in reqs if "==" in r)
+    assert all("==" in r for r in reqs if not r.startswith("-")), reqs
+    assert pins["torch"] == _pinned("torch") and pins["diffusers"] == _pinned("diffusers")
+    assert pins["transformers"] == _pinned("transformers")
+    # device / dtype from the model config, overridable at load time; same seed, same images
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(info["model_uri"], model_config={"device": "cpu", "dtype": "bfloat16"})
+    assert model.model_config == {"device": "cpu", "dtype": "bfloat16"}
+    df = pd.DataFrame({"prompt": ["a red circle"]})
+    a, b = model.predict(df, params={"seed": 3}), model.predict(df, params={"seed": 3})
+    assert a.shape == (1, 32, 32, 3) and np.array_equal(a, b)
+    with __import__("pytest").raises(Exception, match="dtype"):
+        mlflow.pyfunc.load_model(info["model_uri"], model_config={"dtype": "float8"})
+
+
+def _pinned(package: str) -> str:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "constraints.txt").read_text()
+    return re.search(rf"^{re.escape(package)}==(\S+)", text, re.M).group(1)
+
+
+def test_pinned_requirements_refuse_unknown_packages(tmp_path):
+    import pytest
+
+    from pipelines.registry import pinned_requirements
+
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("torch==2.14.1\nSome_Pkg==1.2  # comment\n")
+    assert pinned_requirements(("torch", "some-pkg"), constraints) == ["torch==2.14.1", "some-pkg==1.2"]
+    with pytest.raises(ValueError, match="neither pinned"):
+        pinned_requirements(("surely-not-installed-pkg",), constraints)

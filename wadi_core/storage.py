@@ -8,7 +8,9 @@ config files; nothing here logs them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,9 @@ __all__ = [
     "list_files",
     "join",
     "default_cache_dir",
+    "cache_path",
+    "UnsafeKeyError",
+    "retry_io",
 ]
 
 
@@ -51,20 +56,113 @@ def filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
         endpoint = s3_endpoint()
         if endpoint:
             kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+        # botocore retries 5xx / throttling / connection errors with backoff (standard mode).
+        kwargs["config_kwargs"] = {"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                                   "connect_timeout": 10, "read_timeout": 120}
         fs = fsspec.filesystem("s3", skip_instance_cache=False, **kwargs)
         return fs, uri[len("s3://"):].rstrip("/")
     return fsspec.filesystem("file"), str(Path(uri).expanduser().resolve())
+
+
+#: Attempts per S3 request (botocore) and per file upload (``upload_dir``, on top of botocore's).
+S3_MAX_ATTEMPTS = 8
+UPLOAD_ATTEMPTS = 4
+
+
+def retry_io(fn: Any, what: str, attempts: int = UPLOAD_ATTEMPTS, base_s: float = 0.5) -> Any:
+    """``fn()`` retried on ``OSError`` (what s3fs raises for a failed request) with exponential
+    backoff; the last error is raised with ``what`` and the number of attempts."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt + 1 == attempts:
+                raise OSError(f"{what} failed {attempts} times, last: {type(e).__name__}: {e}") from e
+            time.sleep(min(base_s * 2 ** attempt, 16.0))
+    return None
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("WADI_CACHE", Path.home() / ".cache" / "wadi"))
 
 
+class UnsafeKeyError(ValueError):
+    """An object key would land outside the local cache folder (absolute, or contains ``..``)."""
+
+
+def cache_path(root: str | os.PathLike, key: str) -> Path:
+    """``root / key`` for an object key relative to the mirrored prefix, refused if it could escape.
+
+    Keys that are absolute or have a ``..`` (or empty) component are refused, and the joined path
+    is checked to stay inside ``root`` after resolving symlinks.
+    """
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise UnsafeKeyError(
+            f"refusing object key {key!r}: keys that are absolute or contain '..', '.' or empty parts "
+            "could be written outside the cache folder; rename or delete that object"
+        )
+    root = Path(root).resolve()
+    dest = (root / key).resolve()
+    if not dest.is_relative_to(root):
+        raise UnsafeKeyError(f"refusing object key {key!r}: it resolves to {dest}, outside the cache {root}")
+    return dest
+
+
+def _etag(info: dict[str, Any]) -> str:
+    return str(info.get("ETag") or info.get("etag") or "").strip('"')
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _fetch(fs: Any, remote: str, dest: Path, etag: str) -> dict[str, Any]:
+    """Download to a temporary file, check the MD5 when the ETag is one, then move into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    try:
+        retry_io(lambda: fs.get(remote, str(tmp)), f"download of {remote}")
+        # A single-part upload's ETag is the MD5 of the object (multipart ones end in "-<parts>").
+        if re.fullmatch(r"[0-9a-f]{32}", etag):
+            md5 = hashlib.md5(usedforsecurity=False)
+            with open(tmp, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    md5.update(chunk)
+            if md5.hexdigest() != etag:
+                raise OSError(f"download of {remote} is corrupt (MD5 {md5.hexdigest()} != ETag {etag}): retry")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    st = dest.stat()
+    return {"etag": etag, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _valid(entry: Any, dest: Path, etag: str) -> bool:
+    """A cached file is reused only if the object's ETag is the one it was downloaded with and the
+    local file is the one written then (size and mtime); an object without an ETag is re-read."""
+    if not etag or not isinstance(entry, dict) or entry.get("etag") != etag:
+        return False
+    try:
+        st = dest.stat()
+    except OSError:
+        return False
+    return st.st_size == entry.get("size") and st.st_mtime_ns == entry.get("mtime_ns")
+
+
 def materialize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a local path holding the content of ``uri``.
 
     Local paths are returned as they are. An ``s3://`` prefix (or object) is mirrored into
-    ``cache_dir/<hash of uri>``; files whose size already matches are not downloaded again.
+    ``cache_dir/<hash of uri>``; a cached file is reused only while the object's ETag is the one
+    recorded when it was downloaded (``<hash>.json`` beside the folder). Object keys that would
+    land outside the cache (absolute, ``..``) raise ``UnsafeKeyError``.
     """
     if not is_remote(uri):
         path = Path(uri).expanduser()
@@ -72,24 +170,40 @@ def materialize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = No
             raise FileNotFoundError(f"{path} does not exist: pass a local path or an s3:// URI")
         return path
     fs, path = filesystem(uri)
-    root = Path(cache_dir or default_cache_dir()) / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    fs.invalidate_cache(path)  # fresh ETags: the objects may have changed since this process listed them
+    digest = hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    cache = Path(cache_dir or default_cache_dir())
+    root = cache / digest
+    manifest_path = cache / f"{digest}.json"
+    manifest = _read_manifest(manifest_path)
     if fs.isfile(path):
-        dest = root / Path(path).name
-        if not dest.exists() or dest.stat().st_size != fs.size(path):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fs.get(path, str(dest))
-        return dest
-    files = [f for f in fs.find(path) if not f.endswith("/")]
-    if not files:
-        raise FileNotFoundError(f"nothing found under {uri}: check the bucket, prefix and AWS_ENDPOINT_URL")
-    for f in files:
-        rel = f[len(path):].lstrip("/")
-        dest = root / rel
-        if dest.exists() and dest.stat().st_size == fs.size(f):
+        items = [(path, path.rsplit("/", 1)[-1], fs.info(path))]
+        result = None
+    else:
+        infos = fs.find(path, detail=True)
+        items = []
+        for f in sorted(infos):
+            if f.endswith("/") or infos[f].get("type") == "directory":
+                continue
+            if not f.startswith(path + "/"):
+                raise UnsafeKeyError(f"refusing object {f!r}: it is not under {uri}")
+            items.append((f, f[len(path) + 1:], infos[f]))
+        if not items:
+            raise FileNotFoundError(f"nothing found under {uri}: check the bucket, prefix and AWS_ENDPOINT_URL")
+        result = root
+    dests = [(f, key, cache_path(root, key), info) for f, key, info in items]  # all checked before any write
+    changed = False
+    for f, key, dest, info in dests:
+        etag = _etag(info)
+        if _valid(manifest.get(key), dest, etag):
             continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(f, str(dest))
-    return root
+        manifest[key] = _fetch(fs, f, dest, etag)
+        changed = True
+    if changed:
+        tmp = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+        os.replace(tmp, manifest_path)
+    return result if result is not None else dests[0][2]
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
@@ -101,7 +215,7 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
             target = f"{path}/{f.relative_to(local_dir).as_posix()}"
             if not is_remote(uri):
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
-            fs.put(str(f), target)
+            retry_io(lambda: fs.put(str(f), target), f"upload of {f.name} to {uri}")  # noqa: B023
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:

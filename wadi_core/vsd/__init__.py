@@ -5,12 +5,12 @@ from wadi_core.vsd.distiller import Role, WaDiDistiller
 from wadi_core.vsd.losses import (add_noise, cfg_combine, dmd2_gradient, fake_score_loss, generator_loss,
                                   vsd_gradient, x0_from_eps)
 from wadi_core.vsd.state import TrainState, capture_train_state, restore_train_state
-from wadi_core.vsd.step import TorchUpdater, Updater, vsd_step
+from wadi_core.vsd.step import StepResult, TorchUpdater, Updater, vsd_step
 
 __all__ = [
     "AdapterSpec", "DMD2Config", "VSDConfig", "PRESET_TARGETS", "Role", "WaDiDistiller",
     "add_noise", "cfg_combine", "dmd2_gradient", "fake_score_loss", "generator_loss", "vsd_gradient",
-    "x0_from_eps", "TrainState", "capture_train_state", "restore_train_state", "TorchUpdater", "Updater",
+    "x0_from_eps", "TrainState", "capture_train_state", "restore_train_state", "StepResult", "TorchUpdater", "Updater",
     "vsd_step", "make_updaters", "train_local", "LocalTrainConfig",
 ]
 

@@ -68,6 +68,7 @@ class VSDConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     student: AdapterSpec = field(default_factory=lambda: AdapterSpec("lorad", 256))
     fake: AdapterSpec = field(default_factory=lambda: AdapterSpec("lorad", 32))
+    student_ema: float = 0.0          # EMA decay of the student adapter used for samples and export (0: off)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
 
@@ -80,6 +81,8 @@ class VSDConfig:
             raise ValueError(f"fake_steps_per_gen must be >= 1, got {self.fake_steps_per_gen}")
         if self.student_alphabar != "schedule" and not 0.0 < float(self.student_alphabar) < 1.0:
             raise ValueError(f"student_alphabar must be in (0, 1) or 'schedule', got {self.student_alphabar!r}")
+        if not 0.0 <= self.student_ema < 1.0:
+            raise ValueError(f"student_ema is an EMA decay in [0, 1) (0: off), got {self.student_ema}")
         if self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 (use a large value to disable), got {self.grad_clip}")
         for name, lr in (("gen_lr", self.gen_lr), ("fake_lr", self.fake_lr)):

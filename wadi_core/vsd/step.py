@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -11,22 +11,41 @@ from wadi_core.models.teacher import Cond
 from wadi_core.vsd.distiller import WaDiDistiller
 from wadi_core.vsd.losses import add_noise, dmd2_gradient, fake_score_loss, generator_loss, vsd_gradient
 
-__all__ = ["Updater", "TorchUpdater", "vsd_step"]
+__all__ = ["Updater", "StepResult", "TorchUpdater", "vsd_step"]
+
+
+class StepResult(NamedTuple):
+    """What an :class:`Updater` step did."""
+
+    grad_norm: float  # pre-clip global gradient norm (nan / inf when that is why the step was skipped)
+    stepped: bool  # False: the loss or a gradient was not finite on some rank, so no rank stepped
 
 
 @runtime_checkable
 class Updater(Protocol):
-    """Owns backward + clip + optimizer step for one role (plain PyTorch here, DeepSpeed in pipelines/)."""
+    """Owns backward + clip + optimizer step for one role (plain PyTorch here, DeepSpeed in pipelines/).
+
+    A step whose loss or gradient norm is not finite (on any rank, for a distributed updater) is
+    skipped everywhere: the gradients are dropped and the weights and optimizer state stay as they
+    were. One bad batch must not turn an adapter into NaNs for the rest of the run.
+    """
 
     def backward(self, loss: Tensor) -> None: ...
 
-    def step(self) -> float:
-        """Clip the grad norm, step the optimizer, zero the grads; return the pre-clip grad norm."""
+    def step(self) -> StepResult:
+        """Check loss and grad norm, then clip + step the optimizer (or skip); zero the grads."""
         ...
 
 
+def _total_norm(grads: list[Tensor]) -> Tensor:
+    """L2 norm over all gradients (fp32 accumulation; nan / inf if any element is)."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
 class TorchUpdater:
-    """AdamW on a parameter list with grad-norm clipping (and a GradScaler for fp16)."""
+    """AdamW on a parameter list with grad-norm clipping, a non-finite check (and a GradScaler for fp16)."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, clip: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), fp16_scaler: bool = False) -> None:
@@ -37,21 +56,31 @@ class TorchUpdater:
         self.clip = clip
         device = self.params[0].device.type
         self.scaler = torch.amp.GradScaler(device) if fp16_scaler else None
+        self._loss_finite = torch.ones((), dtype=torch.bool)
 
     def backward(self, loss: Tensor) -> None:
+        self._loss_finite = torch.isfinite(loss.detach()).all()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> float:
+    def step(self) -> StepResult:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = _total_norm(grads).to(self._loss_finite.device)
+        # fp16: an overflowing gradient is the GradScaler's business (it skips and lowers the scale).
+        ok = bool(self._loss_finite & (torch.isfinite(norm) | (self.scaler is not None)))
+        if ok:
+            clip_coef = torch.clamp(self.clip / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
+            for g in grads:
+                g.mul_(clip_coef.to(g.device))
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
         if self.scaler:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return StepResult(float(norm), ok)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
@@ -101,11 +130,11 @@ def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fak
     # Checkpointed blocks recompute their forward during backward: the student must be active.
     with distiller.role("student"):
         student_updater.backward(loss_g)
-    grad_norm_student = student_updater.step()
+    student_step = student_updater.step()  # skipped on every rank if the loss or a gradient is not finite
 
     # Fake score: plain denoising on the student's current samples, so it tracks their
     # distribution; alphabar weighting and a 10 % null prompt (for its CFG) as in WaDi.
-    losses_f, norms_f = [], []
+    losses_f, steps_f = [], []
     for k in range(cfg.fake_steps_per_gen):
         if k == 0:
             x0_f = x0.detach()
@@ -120,14 +149,16 @@ def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fak
             e_pred = distiller.eps("fake", add_noise(x0_f, eps_f, abar_f), t_f, cond.where(drop, null))
             loss_f = fake_score_loss(e_pred, eps_f, abar_f)
             fake_updater.backward(loss_f)
-        norms_f.append(fake_updater.step())
+        steps_f.append(fake_updater.step())
         losses_f.append(float(loss_f.detach()))
 
     return {
         "loss_gen": float(loss_g.detach()),
         "loss_fake": sum(losses_f) / len(losses_f),
-        "grad_norm_student": grad_norm_student,
-        "grad_norm_fake": sum(norms_f) / len(norms_f),
+        "grad_norm_student": student_step.grad_norm,
+        "grad_norm_fake": sum(s.grad_norm for s in steps_f) / len(steps_f),
+        # 1.0: some update of this step was skipped for a non-finite loss / gradient (Updater.step)
+        "skipped_nonfinite": float(not (student_step.stepped and all(s.stepped for s in steps_f))),
         "g_abs_mean": float(g.abs().mean()),
         "g_abs_max": float(g.abs().max()),
         "score_gap": float((e_real - e_fake).abs().mean()),

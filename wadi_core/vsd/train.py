@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -17,10 +19,12 @@ from wadi_core.config import to_flat_dict
 from wadi_core.models.teacher import Teacher, load_teacher
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.distiller import WaDiDistiller
+from wadi_core.vsd.ema import AdapterEMA
 from wadi_core.vsd.state import TrainState, capture_train_state, restore_train_state
 from wadi_core.vsd.step import TorchUpdater, vsd_step
 
-__all__ = ["LocalTrainConfig", "make_updaters", "prompt_stream", "save_image_grid", "train_local"]
+__all__ = ["LocalTrainConfig", "NonFiniteGuard", "NonFiniteTraining", "make_updaters", "prompt_stream",
+           "save_image_grid", "train_local"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,12 +46,45 @@ class LocalTrainConfig:
     device: str = "cpu"
     teacher_dtype: str = "float32"
     max_minutes: float = 0.0           # > 0: stop (and export) once training has run this long
+    max_nonfinite_in_a_row: int = 5    # this many skipped non-finite steps in a row stop the run (0: never)
+    export_live: bool = False          # with vsd.student_ema: also export the live (non-averaged) student
 
     def __post_init__(self) -> None:
+        if self.max_nonfinite_in_a_row < 0:
+            raise ValueError(f"max_nonfinite_in_a_row must be >= 0 (0: never stop), "
+                             f"got {self.max_nonfinite_in_a_row}")
         if self.teacher_dtype not in _DTYPES:
             raise ValueError(f"teacher_dtype must be one of {sorted(_DTYPES)}, got {self.teacher_dtype!r}")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"need steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many VSD steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Counts VSD steps whose update was skipped for a non-finite loss / gradient
+    (``vsd_step``'s ``skipped_nonfinite``); ``limit`` of them in a row stop the run (0: never)."""
+
+    def __init__(self, limit: int, total: int = 0) -> None:
+        self.limit, self.total, self.in_a_row = limit, total, 0
+
+    def update(self, metrics: Mapping[str, float], step: int) -> None:
+        if not metrics.get("skipped_nonfinite"):
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        warnings.warn(f"VSD step {step}: a loss or gradient was not finite, the update was skipped "
+                      f"({self.in_a_row} in a row, {self.total} in this run)")
+        if self.limit and self.in_a_row >= self.limit:
+            raise NonFiniteTraining(
+                f"{self.in_a_row} VSD steps in a row (up to step {step}) had a non-finite loss or gradient and "
+                "were skipped: training diverged or the prompts / teacher produce NaNs. Lower the learning "
+                "rates (vsd.gen_lr, vsd.fake_lr) or the CFG scales, try vsd.mixed_precision=no, check the "
+                "prompts; the last checkpoint holds finite adapters to resume from. The limit is "
+                "max_nonfinite_in_a_row (0 never stops).")
 
 
 def make_updaters(distiller: WaDiDistiller) -> dict[str, TorchUpdater]:
@@ -82,14 +119,22 @@ def prompt_stream(source: str, seed: int) -> Iterator[str]:
         yield from order
 
 
-def save_image_grid(rows: list[Tensor], path: str | Path, scale: int = 4) -> Path:
-    """Stack image batches (each (B,3,H,W) in [0,1]) as rows of a PNG grid, upscaled by ``scale``."""
+def grid_scale(tile: int, min_tile: int = 128) -> int:
+    """Integer upscale that brings a ``tile``-pixel image to about ``min_tile`` px (1 for large tiles)."""
+    return max(1, round(min_tile / max(1, tile)))
+
+
+def save_image_grid(rows: list[Tensor], path: str | Path, scale: int | None = None) -> Path:
+    """Stack image batches (each (B,3,H,W) in [0,1]) as rows of a PNG grid, upscaled by ``scale``
+    (default: tiles under 128 px are enlarged to ~128 px, larger ones are kept as they are)."""
     from PIL import Image
 
     grid = torch.cat([torch.cat(list(r.float().clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     img = Image.fromarray(arr)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    scale = grid_scale(min(rows[0].shape[-2:])) if scale is None else scale
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -115,10 +160,16 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
     gen_device = "cuda" if str(cfg.device).startswith("cuda") else "cpu"
     generator = torch.Generator(device=gen_device).manual_seed(cfg.seed)
     step, position = 0, 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_in_a_row)
+    ema = AdapterEMA(distiller.parameters("student"), cfg.vsd.student_ema) if cfg.vsd.student_ema else None
     if TrainState.exists(out / "state"):
         state = TrainState.load(out / "state")
         restore_train_state(state, distiller, updaters, generator)
         step, position = state.step, state.data_position
+        guard.total = int(state.meta.get("nonfinite_steps", 0))
+        if ema is not None and "student_ema" in state.optimizers:
+            ema.load_state_dict(state.optimizers["student_ema"])
+    averaged = ema.applied if ema is not None else contextlib.nullcontext
     prompts = prompt_stream(cfg.prompts, cfg.seed)
     for _ in range(position):  # replay the prompt stream to the saved position
         next(prompts)
@@ -130,11 +181,16 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
                            generator=torch.Generator().manual_seed(cfg.seed + 1))
 
     def save_samples(at: int) -> Path:
-        return save_image_grid([distiller.sample(sample_prompts, z=sample_z)], out / "samples" / f"step_{at:06d}.png")
+        with averaged():
+            images = distiller.sample(sample_prompts, z=sample_z)
+        return save_image_grid([images], out / "samples" / f"step_{at:06d}.png")
 
     def save_state(at: int) -> None:
-        capture_train_state(distiller, updaters, generator, at, position,
-                            meta={"config": to_flat_dict(cfg)}).save(out / "state")
+        state = capture_train_state(distiller, updaters, generator, at, position,
+                                    meta={"config": to_flat_dict(cfg), "nonfinite_steps": guard.total})
+        if ema is not None:
+            state.optimizers["student_ema"] = ema.state_dict()
+        state.save(out / "state")
 
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -148,7 +204,11 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
             position += cfg.batch_size
             cond = teacher.encode_prompts(batch)
             metrics = vsd_step(distiller, cond, updaters["student"], updaters["fake"], generator)
+            if ema is not None and not metrics.get("skipped_nonfinite"):
+                ema.update()
             step += 1
+            guard.update(metrics, step)  # raises NonFiniteTraining after too many skipped steps in a row
+            metrics["nonfinite_steps"] = guard.total
             log.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.update(1)
             bar.set_postfix(fake=f"{metrics['loss_fake']:.4f}", g=f"{metrics['g_abs_mean']:.2e}",
@@ -168,6 +228,9 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
     if export:
         from wadi_core.export import export_one_step_pipeline
 
-        result["export"] = str(export_one_step_pipeline(distiller, out / "export"))
+        with averaged():  # the product is the averaged student when vsd.student_ema is on
+            result["export"] = str(export_one_step_pipeline(distiller, out / "export"))
+        if ema is not None and cfg.export_live:
+            result["export_live"] = str(export_one_step_pipeline(distiller, out / "export_live"))
     result["distiller"] = distiller
     return result

@@ -1,0 +1,154 @@
+"""The end of a distillation job: its exported one-step student measured against the teacher.
+
+Both go through the evaluation job's own protocol (``pipelines.eval_runs.run_evaluation``: the same
+prompts, per-prompt noise, extractor and reference). The teacher's numbers depend only on the
+teacher, the prompts and the sampler, so they are computed once and cached under
+``<results>/runs/eval_cache/``; the student's are logged as metrics of the training run
+(``final/student_*``, ``final/teacher_*``, ``final/fid_ratio``) with a side-by-side grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from wadi_core import storage
+
+from pipelines.config import DistillConfig, EvaluationConfig
+
+__all__ = ["final_evaluation", "format_table", "METRICS"]
+
+METRICS = ("fid", "precision", "recall", "alignment")
+
+
+def _eval_config(cfg: DistillConfig, ev: EvaluationConfig, model_uri: str, steps: int, guidance: float,
+                 out: str, tracking: Any) -> Any:
+    from pipelines.eval_runs import EvalConfig, RayResources, TrackingSpec
+    from pipelines.evaluation import MetricsSpec
+    from pipelines.generation import ModelSpec
+
+    return EvalConfig(
+        model=ModelSpec(uri=model_uri, steps=steps, guidance=guidance),
+        prompts=ev.prompts, num_prompts=ev.num_prompts, seed=ev.seed,
+        metrics=MetricsSpec(extractor=ev.extractor, scorers=tuple(s for s in ev.scorers.split(",") if s)),
+        reference=ev.reference or None, reference_images=ev.reference_images or None,
+        out=out, save_images="none", grid=ev.grid,
+        ray=RayResources(gen_workers=ev.gen_workers, metric_workers=1, batch_size=ev.batch_size,
+                         cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor),
+        tracking=tracking,
+    )
+
+
+def _teacher_key(cfg: DistillConfig, ev: EvaluationConfig) -> str:
+    """Everything the teacher's numbers depend on (not the student, not the run)."""
+    from wadi_core.models import EMBEDDED_TEACHER
+
+    teacher = str(EMBEDDED_TEACHER) if cfg.teacher == "embedded" else cfg.teacher
+    if not storage.is_remote(teacher) and Path(teacher).is_dir():
+        # A local folder: its denoiser's bytes, not its path (a retrained embedded teacher is a new key).
+        h = hashlib.sha256()
+        for f in sorted(Path(teacher).glob("*/diffusion_pytorch_model*.safetensors")):
+            h.update(f.read_bytes())
+        teacher = h.hexdigest()
+    resources = ("gen_workers", "batch_size", "cpus_per_actor", "gpus_per_actor", "grid")  # not the numbers
+    key = json.dumps([teacher, {k: v for k, v in asdict(ev).items() if k not in resources}], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _read_metrics(out: str) -> dict[str, float] | None:
+    uri = storage.join(out, "metrics.json")
+    try:
+        return json.loads(storage.read_bytes(uri))["metrics"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def teacher_metrics(cfg: DistillConfig, ev: EvaluationConfig, cache_root: str,
+                    tracking_uri: str | None = None) -> tuple[dict[str, float], str]:
+    """The teacher's metrics at ``ev.teacher_steps`` / ``ev.teacher_guidance``: cached, else computed
+    (and then logged once as an evaluation run of the training experiment)."""
+    from pipelines.eval_runs import TrackingSpec, run_evaluation
+
+    key = _teacher_key(cfg, ev)
+    out = storage.join(cache_root, f"teacher-{key}")
+    cached = _read_metrics(out)
+    if cached is not None:
+        return cached, out
+    spec = TrackingSpec(experiment=cfg.tracking.experiment, tracking_uri=tracking_uri,
+                        run_name=f"teacher-{ev.teacher_steps}step-cfg{ev.teacher_guidance:g}-{key}")
+    run_evaluation(_eval_config(cfg, ev, cfg.teacher, ev.teacher_steps, ev.teacher_guidance, out, spec))
+    return _read_metrics(out) or {}, out
+
+
+def format_table(teacher: dict[str, float], student: dict[str, float], ev: EvaluationConfig) -> str:
+    """A small fixed-width table: teacher (N steps, CFG w) vs student (1 step)."""
+    head = f"{'':<28}" + "".join(f"{m:>11}" for m in METRICS)
+    rows = [(f"teacher {ev.teacher_steps} steps CFG {ev.teacher_guidance:g}", teacher),
+            ("student 1 step", student)]
+    lines = [f"evaluation on {ev.num_prompts:,} prompts ({ev.prompts})", head]
+    for name, m in rows:
+        lines.append(f"{name:<28}" + "".join(f"{m.get(k, float('nan')):>11.3f}" for k in METRICS))
+    if teacher.get("fid"):
+        lines.append(f"student / teacher FID {student.get('fid', float('nan')) / teacher['fid']:.2f}x, "
+                     f"precision {student.get('precision', float('nan')) / max(teacher.get('precision', 0), 1e-9):.2f}x")
+    return "\n".join(lines)
+
+
+def _side_by_side(left: str, right: str) -> Path | None:
+    """teacher grid | student grid as one PNG (same prompts and noise, tile for tile)."""
+    from PIL import Image
+
+    grids = []
+    for out in (left, right):
+        try:
+            grids.append(Image.open(storage.materialize(storage.join(out, "grid.png"))).convert("RGB"))
+        except (OSError, FileNotFoundError):
+            return None
+    gap = 8
+    canvas = Image.new("RGB", (grids[0].width + gap + grids[1].width, max(g.height for g in grids)), "white")
+    canvas.paste(grids[0], (0, 0))
+    canvas.paste(grids[1], (grids[0].width + gap, 0))
+    path = Path(tempfile.mkdtemp(prefix="wadi-final-")) / "teacher_vs_student.png"
+    canvas.save(path)
+    return path
+
+
+def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | None, results_root: str | os.PathLike,
+                     tracking_uri: str | None = None, step: int | None = None) -> dict[str, Any] | None:
+    """Evaluate the exported student and the (cached) teacher; log on the training run; return the table.
+
+    Call it once the training run is closed: the student's evaluation is an MLflow run nested
+    under it, then the training run is reopened for ``final/*`` metrics and the side-by-side grid.
+    The teacher's evaluation is logged once, when it is first computed.
+    """
+    ev = cfg.evaluation
+    if not ev.num_prompts:
+        return None
+    from pipelines.eval_runs import TrackingSpec, run_evaluation
+
+    cache_root = str(Path(results_root) / "runs" / "eval_cache")
+    teacher, teacher_out = teacher_metrics(cfg, ev, cache_root, tracking_uri)
+    student_out = storage.join(cfg.train.storage_path, cfg.train.run_name, "final_eval")
+    spec = TrackingSpec(experiment=cfg.tracking.experiment, tracking_uri=tracking_uri, train_run_id=train_run_id,
+                        run_name=f"{cfg.train.run_name}-final-1step", checkpoint_step=step)
+    student = run_evaluation(_eval_config(cfg, ev, export_uri, 1, 1.0, student_out, spec))["metrics"]
+    table = format_table(teacher, student, ev)
+    logged = {f"final/student_{k}": float(student[k]) for k in METRICS if k in student}
+    logged.update({f"final/teacher_{k}": float(teacher[k]) for k in METRICS if k in teacher})
+    if teacher.get("fid") and "fid" in student:
+        logged["final/fid_ratio"] = float(student["fid"]) / float(teacher["fid"])
+    if train_run_id:
+        from pipelines.tracking import start_run
+
+        with start_run(cfg.tracking.experiment, tracking_uri=tracking_uri, run_id=train_run_id) as tracker:
+            tracker.log_metrics(logged, step=step)
+            grid = _side_by_side(teacher_out, student_out)
+            if grid is not None:
+                tracker.log_artifact(grid, "final_eval")
+    return {"teacher": teacher, "student": student, "metrics": logged, "table": table,
+            "teacher_out": teacher_out, "student_out": student_out}

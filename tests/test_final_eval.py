@@ -1,0 +1,84 @@
+"""The distillation job's closing evaluation: student vs (cached) teacher, logged on the training run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipelines.config import DistillConfig, EvaluationConfig
+from pipelines.final_eval import METRICS, final_evaluation, format_table
+
+
+def test_table_lists_both_models_and_the_ratio():
+    ev = EvaluationConfig(num_prompts=1000)
+    table = format_table({"fid": 20.0, "precision": 0.6, "recall": 0.5, "alignment": 0.99},
+                         {"fid": 22.0, "precision": 0.55, "recall": 0.6, "alignment": 0.95}, ev)
+    lines = table.splitlines()
+    assert lines[0].startswith("evaluation on 1,000 prompts")
+    assert lines[2].startswith("teacher 25 steps CFG 3") and "20.000" in lines[2]
+    assert lines[3].startswith("student 1 step") and "22.000" in lines[3]
+    assert "1.10x" in lines[4] and "0.92x" in lines[4]
+
+
+def test_config_rejects_bad_values():
+    from wadi_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="num_prompts >= 0"):
+        EvaluationConfig(num_prompts=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_final_evaluation_logs_on_the_training_run_and_caches_the_teacher(ray_local, tmp_path, monkeypatch):
+    import mlflow
+
+    from wadi_core.export import export_one_step_pipeline
+    from wadi_core.models import load_teacher
+    from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller
+
+    import pipelines.eval_runs as eval_runs
+    from pipelines.tracking import start_run
+
+    # An (untrained) one-step export of the embedded teacher stands in for a student.
+    torch.manual_seed(0)
+    distiller = WaDiDistiller(load_teacher("embedded"), VSDConfig(student=AdapterSpec("lorad", 4),
+                                                                  fake=AdapterSpec("lorad", 4)))
+    export = export_one_step_pipeline(distiller, tmp_path / "export")
+    ev = EvaluationConfig(num_prompts=24, prompts="domain:24:1:train", teacher_steps=4,
+                          reference=str(tmp_path / "ref"), reference_images="domain:64:777:train", grid=8,
+                          batch_size=16)
+    cfg = dataclasses.replace(DistillConfig(), evaluation=ev,
+                              train=dataclasses.replace(DistillConfig().train, storage_path=str(tmp_path / "ray"),
+                                                        run_name="final-eval-test"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    calls = []
+    real = eval_runs.run_evaluation
+    monkeypatch.setattr(eval_runs, "run_evaluation", lambda c: calls.append(c.model.uri) or real(c))
+
+    with start_run("final-eval", run_name="train", tracking_uri=uri) as tracker:
+        pass  # the training run, closed before the evaluation as in pipelines.run
+    out = final_evaluation(cfg, str(export), tracker.run_id, tmp_path, tracking_uri=uri, step=7)
+    assert calls == ["embedded", str(export)]  # teacher, then student
+    for role in ("teacher", "student"):
+        assert set(METRICS) <= set(out[role]), out[role]
+        assert out[role]["fid"] > 0 and 0 <= out[role]["precision"] <= 1
+    assert out["metrics"]["final/fid_ratio"] == pytest.approx(out["student"]["fid"] / out["teacher"]["fid"])
+
+    client = mlflow.MlflowClient(uri)
+    train = client.get_run(tracker.run_id)
+    assert train.info.status == "FINISHED"
+    for k in ("final/student_fid", "final/teacher_fid", "final/fid_ratio", "final/student_precision"):
+        assert k in train.data.metrics
+    assert "final_eval/teacher_vs_student.png" in [f.path for f in client.list_artifacts(tracker.run_id,
+                                                                                          "final_eval")]
+    nested = client.search_runs([train.info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{tracker.run_id}'")
+    assert [r.info.run_name for r in nested] == ["final-eval-test-final-1step"]
+
+    # A second job with the same teacher and prompts reuses the teacher's numbers.
+    calls.clear()
+    again = final_evaluation(cfg, str(export), None, tmp_path, tracking_uri=uri)
+    assert calls == [str(export)] and again["teacher"] == out["teacher"]
+    assert again["student"]["fid"] == pytest.approx(out["student"]["fid"])  # same prompts, same noise
