@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from wadi_core.storage import retry_io  # per file, on top of the AWS SDK's own retries
+
 __all__ = ["Progress", "model_fingerprint", "check_fingerprint", "IncompatibleCheckpoint", "save_training_state",
            "load_training_state", "TAG", "mark_complete", "latest_complete_checkpoint", "checkpoint_step",
            "prune_untracked_checkpoints", "CheckpointRejected", "CorruptCheckpoint", "UnsafeCheckpoint",
@@ -324,23 +326,6 @@ def checkpoint_step(path: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-UPLOAD_ATTEMPTS = 4  # per file, on top of the AWS SDK's own retries (pipelines.data.S3_MAX_ATTEMPTS)
-
-
-def _retried(fn: Callable[[], Any], what: str, attempts: int = UPLOAD_ATTEMPTS) -> Any:
-    import time
-
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except OSError as e:
-            if attempt + 1 == attempts:
-                raise OSError(f"{what} failed {attempts} times, last: {e}") from e
-            warnings.warn(f"{what} failed ({str(e)[:200]}), retrying")
-            time.sleep(min(0.5 * 2 ** attempt, 8.0))
-    return None
-
-
 def upload_checkpoint(local_dir: str | os.PathLike, storage_uri: str, run_name: str, dir_name: str) -> Any:
     """``ray.train.report(checkpoint_upload_fn=...)``: copy this rank's checkpoint files to
     ``<storage>/<run_name>/<dir_name>`` file by file, each retried; returns the persisted
@@ -366,7 +351,7 @@ def upload_checkpoint(local_dir: str | os.PathLike, storage_uri: str, run_name: 
             with fs.open_output_stream(path) as out:
                 out.write(data)
 
-        _retried(put, f"upload of checkpoint file {dir_name}/{rel}")
+        retry_io(put, f"upload of checkpoint file {dir_name}/{rel}")
     return ray.train.Checkpoint(path=dest, filesystem=fs)
 
 
@@ -385,7 +370,7 @@ def mark_complete(storage_uri: str, run_name: str, dir_name: str,
         with fs.open_output_stream(f"{root}/{run_name}/{dir_name}/{COMPLETE}") as f:
             f.write(data)
 
-    _retried(put, f"writing {dir_name}/{COMPLETE}")
+    retry_io(put, f"writing {dir_name}/{COMPLETE}")
 
 
 def latest_complete_checkpoint(storage_uri: str, run_name: str) -> Any | None:

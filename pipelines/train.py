@@ -12,12 +12,14 @@ import contextlib
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from wadi_core.config import from_dict
+from wadi_core.vsd.ema import AdapterEMA
 
 from pipelines.checkpoint import (Progress, file_manifest, load_first_good_checkpoint, load_training_state,
                                   mark_complete, merge_manifests, model_fingerprint, save_training_state,
@@ -29,6 +31,7 @@ from pipelines.tarshards import BAD_REASONS
 __all__ = ["train_loop", "dataset_name"]
 
 ROLES = ("student", "fake")
+EMA_FILE = "student_ema.safetensors"  # the student EMA's state in a checkpoint (rank 0 writes it)
 
 
 def dataset_name(epoch: int) -> str:
@@ -133,6 +136,9 @@ class _Run:
         lrs = {"student": cfg.vsd.gen_lr, "fake": cfg.vsd.fake_lr}
         self.engines = {r: build_engine(self.distiller.modules(r), lrs[r], cfg.train, cfg.vsd) for r in ROLES}
         self.updaters = {r: DeepSpeedUpdater(e) for r, e in self.engines.items()}
+        # Under ZeRO <= 2 every rank holds the full (identical) student: each keeps the same average.
+        self.ema = (AdapterEMA(self.distiller.parameters("student"), cfg.vsd.student_ema)
+                    if cfg.vsd.student_ema else None)
         # Different noise per rank; restored from the checkpoint on resume.
         self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
         self.progress = Progress(mlflow_run_id=loop_config.get("mlflow_run_id"), fingerprint=self.fingerprint)
@@ -145,7 +151,7 @@ class _Run:
         # rank is skipped on all. Load everything now: num_to_keep may delete the directory later.
         progress, rejected = load_first_good_checkpoint(
             self._resume_candidates(),
-            lambda d: load_training_state(d, self.engines, self.generator, self.rank, self.fingerprint, verify=False),
+            self._load_state,
             agree=lambda ok: _all_ranks_true(ok, self.device))
         self.corrupt_checkpoints_skipped = len(rejected)
         if progress is not None:
@@ -156,6 +162,24 @@ class _Run:
         self.sample_prompts = prompts[: cfg.tracking.num_sample_prompts]
         self.sample_z = torch.randn(len(self.sample_prompts), *self.teacher.latent_shape,
                                     generator=torch.Generator().manual_seed(cfg.train.seed + 1))
+
+    def _load_state(self, directory: str) -> Progress:
+        """DeepSpeed engines, RNG and data position (pipelines.checkpoint), then the student EMA."""
+        progress = load_training_state(directory, self.engines, self.generator, self.rank, self.fingerprint,
+                                       verify=False)
+        if self.ema is not None:
+            ema_file = Path(directory) / EMA_FILE
+            if ema_file.exists():
+                from safetensors.torch import load_file
+
+                self.ema.load_state_dict({k: (v if v.ndim else v.item()) for k, v in load_file(str(ema_file)).items()})
+            else:
+                warnings.warn(f"{directory} has no {EMA_FILE}: the student EMA restarts from the current weights")
+        return progress
+
+    def averaged(self) -> Any:
+        """The student EMA swapped in (samples, checkpoint adapter file, export), else a no-op."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def _resume_candidates(self) -> list[Any]:
         """Ray's checkpoint for this attempt and every complete one in storage, newest first."""
@@ -178,7 +202,7 @@ class _Run:
             return
         from wadi_core.vsd.train import save_image_grid
 
-        with _full_params(self.engines, self.cfg.train.zero_stage):
+        with _full_params(self.engines, self.cfg.train.zero_stage), self.averaged():
             images = self.distiller.sample(self.sample_prompts, z=self.sample_z)
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
@@ -262,9 +286,15 @@ class _Run:
 
         with _full_params(self.engines, self.cfg.train.zero_stage):
             if self.rank == 0:
-                save_adapter_file(path, adapter_state_dict(self.distiller.denoiser, "student"),
-                                  self.cfg.vsd.student, self.distiller.teacher.family, "student",
-                                  student_alphabar=self.distiller.student_alphabar)
+                with self.averaged():  # what an evaluation of this checkpoint should see
+                    save_adapter_file(path, adapter_state_dict(self.distiller.denoiser, "student"),
+                                      self.cfg.vsd.student, self.distiller.teacher.family, "student",
+                                      student_alphabar=self.distiller.student_alphabar)
+                if self.ema is not None:  # the average's own state, for resume
+                    from safetensors.torch import save_file
+
+                    save_file({k: v if torch.is_tensor(v) else torch.tensor(v)
+                               for k, v in self.ema.state_dict().items()}, str(path.parent.parent / EMA_FILE))
 
     def export(self) -> str | None:
         """Rank 0 writes the merged one-step pipeline (+ adapters) and uploads it to export_uri."""
@@ -275,7 +305,7 @@ class _Run:
         with _full_params(self.engines, self.cfg.train.zero_stage):
             if self.rank != 0:
                 return None
-            with tempfile.TemporaryDirectory(prefix="wadi-export-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="wadi-export-") as tmp, self.averaged():
                 out = export_one_step_pipeline(self.distiller, Path(tmp) / "export")
                 storage.upload_dir(out, uri)
         return uri
@@ -339,6 +369,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 p.step += 1
                 # A non-finite step was skipped on every rank (Updater.step): count it, stop after N in a row.
                 nonfinite.update(metrics, p.step)
+                if run.ema is not None and not metrics.get("skipped_nonfinite"):
+                    run.ema.update()
                 p.nonfinite_steps = nonfinite.total
                 p.batches_in_epoch += 1
                 p.prompts_seen += t.global_batch

@@ -68,6 +68,7 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
         "tracking.alias": "candidate", "tracking.sample_every": 4, "tracking.num_sample_prompts": 4,
         "debug.fail_rank": 1, "debug.fail_at_step": FAIL_AT, "debug.fail_marker": str(marker),
         "debug.nan_rank": 1, "debug.nan_at_step": NAN_AT,
+        "vsd.student_ema": 0.9, "evaluation.num_prompts": 0,  # the closing evaluation: tests/test_final_eval.py
     }
 
     # Fit 1: a worker dies before step 5; the group restarts from the checkpoint at step 3.
@@ -134,6 +135,12 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     adapter_file = storage.materialize(f"s3://{s3_bucket}/ray/e2e/{ckpts[-1]}/adapters/student.safetensors",
                                        cache_dir=tmp_path / "ckpt-cache")
     adapter_state, adapter_spec = load_adapter_file(adapter_file)
+    # The student EMA is checkpointed beside it (and restored on resume: it saw every step once).
+    ema_file = storage.materialize(f"s3://{s3_bucket}/ray/e2e/{ckpts[-1]}/student_ema.safetensors",
+                                   cache_dir=tmp_path / "ckpt-cache")
+    from safetensors.torch import load_file
+
+    assert int(load_file(str(ema_file))["updates"]) == last - 1  # every step but the skipped NaN one
     assert adapter_spec.kind == "lorad" and adapter_state
     assert all(torch.isfinite(v).all() for v in adapter_state.values())  # the NaN batch left no trace
     assert any(v.abs().sum() > 0 for k, v in adapter_state.items() if k.endswith(".A"))  # trained, not init
@@ -141,9 +148,8 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     # The registered model (alias -> the second run's version) and the export sample in ONE step.
     version = client.get_model_version_by_alias("wadi-e2e", "candidate")
     assert int(version.version) == 2 and second.model and int(second.model["version"]) == 2
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="export",
-                                                tracking_uri=tracking_uri)
-    pipe = DiffusionPipeline.from_pretrained(local)
+    local = mlflow.artifacts.download_artifacts(model_uri, tracking_uri=tracking_uri)
+    pipe = DiffusionPipeline.from_pretrained(next(Path(local).rglob("model_index.json")).parent)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler.set_timesteps(1)
     assert pipe.scheduler.timesteps.tolist() == [999]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import re
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def retry_io(fn: Any, what: str, attempts: int = UPLOAD_ATTEMPTS, base_s: float 
         except OSError as e:
             if attempt + 1 == attempts:
                 raise OSError(f"{what} failed {attempts} times, last: {type(e).__name__}: {e}") from e
+            warnings.warn(f"{what} failed ({type(e).__name__}: {str(e)[:200]}), retrying")
             time.sleep(min(base_s * 2 ** attempt, 16.0))
     return None
 

@@ -44,9 +44,10 @@ BUDGETS: dict[str, AblationBudget] = {
 def default_vsd() -> VSDConfig:
     """recipes/embedded.yaml's VSD settings (tuned in issue 4): CFG 3 on teacher and fake score,
     fake score LoRaD r=16 at lr 1e-2, student LoRaD r=32 at 1e-3. ``jobs/ablate.py`` reads the
-    recipe file itself; tests/test_ablate.py keeps the two equal."""
+    recipe file itself; tests/test_ablate.py keeps the two equal. The ablation scores and analyses
+    the live student weights (its runs export nothing), whatever ``student_ema`` says."""
     return VSDConfig(guidance_real=3.0, guidance_fake=3.0, gen_lr=1e-3, fake_lr=1e-2,
-                     student=AdapterSpec("lorad", 32), fake=AdapterSpec("lorad", 16))
+                     student=AdapterSpec("lorad", 32), fake=AdapterSpec("lorad", 16), student_ema=0.99)
 
 
 @dataclass(frozen=True)
