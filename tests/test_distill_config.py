@@ -41,7 +41,15 @@ def test_paper_recipes_hold_the_paper_settings(name: str, rank: int) -> None:
 def test_embedded_default_is_small() -> None:
     cfg = load_config("embedded")
     assert cfg.train.num_workers == 2 and cfg.train.cpus_per_worker < 1  # leaves a CPU to Ray Data
-    assert cfg.train.zero_stage == 2 and 0 < cfg.data.max_steps <= 500
+    # README command 1 in <= 10 min on 2 cores: 600 steps on 2 workers (~5 min) + the closing evaluation.
+    assert cfg.train.zero_stage == 2 and 0 < cfg.data.max_steps <= 600
+    assert cfg.evaluation.num_prompts >= 1000 and cfg.vsd.student_ema > 0
+
+
+def test_student_ema_under_zero3_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"vsd.student_ema needs train.zero_stage <= 2.*vsd.student_ema=0"):
+        load_config("embedded", ["train.zero_stage=3"])
+    assert load_config("embedded", ["train.zero_stage=3", "vsd.student_ema=0"]).train.zero_stage == 3
 
 
 def test_unknown_recipe_names_the_choices() -> None:
@@ -76,7 +84,7 @@ def test_overrides_parse_as_yaml_scalars() -> None:
         "train.zero_stage": 3, "vsd.guidance_real": 2.5, "train.run_name": "a-b"}
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_overrides(["zero_stage"])
-    cfg = load_config("embedded", ["train.zero_stage=3", "vsd.student.rank=8"])
+    cfg = load_config("embedded", ["train.zero_stage=3", "vsd.student.rank=8", "vsd.student_ema=0"])
     assert cfg.train.zero_stage == 3 and cfg.vsd.student.rank == 8
 
 
