@@ -172,7 +172,7 @@ class _Run:
             if ema_file.exists():
                 from safetensors.torch import load_file
 
-                self.ema.load_state_dict({k: (v if v.ndim else v.item()) for k, v in load_file(str(ema_file)).items()})
+                self.ema.load_state_dict(load_file(str(ema_file)))
             else:
                 warnings.warn(f"{directory} has no {EMA_FILE}: the student EMA restarts from the current weights")
         return progress
@@ -265,6 +265,10 @@ class _Run:
         with tempfile.TemporaryDirectory(prefix="wadi-ckpt-") as tmp:
             save_training_state(tmp, self.engines, self.generator, self.progress, self.rank)
             self.save_student_adapter(Path(tmp) / "adapters" / "student.safetensors")
+            if self.ema is not None and self.rank == 0:  # the average's own state, for resume
+                from safetensors.torch import save_file
+
+                save_file(self.ema.state_dict(), str(Path(tmp) / EMA_FILE))
             # What every rank wrote, hashed before upload: COMPLETE holds it, resume checks it.
             manifests: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(manifests, file_manifest(tmp))
@@ -290,11 +294,6 @@ class _Run:
                     save_adapter_file(path, adapter_state_dict(self.distiller.denoiser, "student"),
                                       self.cfg.vsd.student, self.distiller.teacher.family, "student",
                                       student_alphabar=self.distiller.student_alphabar)
-                if self.ema is not None:  # the average's own state, for resume
-                    from safetensors.torch import save_file
-
-                    save_file({k: v if torch.is_tensor(v) else torch.tensor(v)
-                               for k, v in self.ema.state_dict().items()}, str(path.parent.parent / EMA_FILE))
 
     def export(self) -> str | None:
         """Rank 0 writes the merged one-step pipeline (+ adapters) and uploads it to export_uri."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from wadi_core import storage
-from wadi_core.prompts.shards import MANIFEST
+from wadi_core.prompts.shards import MANIFEST, check_sample_key, shard_manifest
 
 __all__ = ["write_prompt_shards_webdataset"]
 
@@ -45,8 +45,7 @@ def write_prompt_shards_webdataset(
     with wds.ShardWriter(str(local / f"{prefix}-%06d.tar"), maxcount=shard_size, maxsize=float("inf"),
                          verbose=0, mtime=0.0, user="", group="") as sink:
         for key, text, meta in tqdm(samples, desc="shards", disable=not progress, mininterval=5, unit="prompt"):
-            if "." in key or "/" in key or not key:
-                raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
+            check_sample_key(key)
             sink.write({"__key__": key, "txt": text, "json": {"key": key, **meta}})
             count += 1
     shards = sorted(p.name for p in local.glob(f"{prefix}-*.tar"))
@@ -54,8 +53,7 @@ def write_prompt_shards_webdataset(
         for name in shards:
             (local / name).unlink()
         shards = []
-    manifest = {"num_prompts": count, "num_shards": len(shards), "shard_size": shard_size, "shards": shards,
-                "writer": f"webdataset {wds.__version__}", **(manifest_extra or {})}
+    manifest = shard_manifest(count, shards, shard_size, writer=f"webdataset {wds.__version__}", **(manifest_extra or {}))
     (local / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if remote:
         storage.upload_dir(local, out_uri)

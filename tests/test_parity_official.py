@@ -130,8 +130,7 @@ def _official_step(family, teacher, fake, student, alphas_cumprod, cond, null, g
 # float32: the spec's precision. AdamW's first step is lr * g / (|g| + 1e-8): for the few angle
 # gradients near 1e-8 the fp32 rounding of the score gap (a difference of two nearly equal
 # predictions, amplified by 1/sqrt(0.0047)) moves the update by a few 1e-6, so fp32 is held to
-# 1e-5 on the parameters; float64 removes that rounding and holds both implementations to 1e-6
-# (the rest is the clip coefficient, whose norm is accumulated in fp32).
+# 1e-5 on the parameters; float64 removes that rounding and holds both implementations to 1e-6.
 @pytest.mark.parametrize("dtype,param_atol", [(torch.float32, 1e-5), (torch.float64, 1e-6)], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("family", ["sd", "pixart"])
 def test_vsd_step_matches_the_official_update(tmp_path, family, dtype, param_atol):

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from wadi_core import storage
 
-__all__ = ["write_prompt_shards", "read_prompt_shards", "read_manifest", "MANIFEST"]
+__all__ = ["write_prompt_shards", "read_prompt_shards", "read_manifest", "check_sample_key", "shard_manifest", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 
@@ -25,6 +25,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mtime = 0
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
+
+
+def check_sample_key(key: str) -> None:
+    """WebDataset keys: Ray splits a member name at its first dot, and '/' would make a folder."""
+    if "." in key or "/" in key or not key:
+        raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
+
+
+def shard_manifest(count: int, shards: list[str], shard_size: int, **extra: Any) -> dict[str, Any]:
+    """The ``manifest.json`` every prompt-shard writer leaves beside its shards."""
+    return {"num_prompts": count, "num_shards": len(shards), "shard_size": shard_size, "shards": shards, **extra}
 
 
 def write_prompt_shards(
@@ -59,8 +70,7 @@ def write_prompt_shards(
         buf, tar = None, None
 
     for key, text, meta in tqdm(samples, desc="shards", disable=not progress, mininterval=5, unit="prompt"):
-        if "." in key or "/" in key or not key:
-            raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
+        check_sample_key(key)
         if tar is None:
             buf = io.BytesIO()
             tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT)
@@ -70,8 +80,7 @@ def write_prompt_shards(
         if count % shard_size == 0:
             flush()
     flush()
-    manifest = {"num_prompts": count, "num_shards": len(shards), "shard_size": shard_size, "shards": shards,
-                **(manifest_extra or {})}
+    manifest = shard_manifest(count, shards, shard_size, **(manifest_extra or {}))
     storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
 

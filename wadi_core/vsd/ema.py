@@ -48,8 +48,10 @@ class AdapterEMA:
                 for p, v in zip(self.params, live):
                     p.copy_(v)
 
-    def state_dict(self) -> dict[str, Tensor | int | float]:
-        return {"decay": self.decay, "updates": self.updates, **{f"shadow.{i}": s for i, s in enumerate(self.shadow)}}
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors only (safetensors-ready): the decay, the update count and the averages."""
+        return {"decay": torch.tensor(self.decay), "updates": torch.tensor(self.updates),
+                **{f"shadow.{i}": s for i, s in enumerate(self.shadow)}}
 
     def load_state_dict(self, state: dict) -> None:
         if len([k for k in state if k.startswith("shadow.")]) != len(self.shadow):

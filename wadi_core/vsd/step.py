@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from wadi_core.models.teacher import Cond
 from wadi_core.vsd.distiller import WaDiDistiller
-from wadi_core.vsd.losses import add_noise, dmd2_gradient, fake_score_loss, generator_loss, vsd_gradient
+from wadi_core.vsd.losses import add_noise, at_least_fp32, dmd2_gradient, fake_score_loss, generator_loss, vsd_gradient
 
 __all__ = ["Updater", "StepResult", "TorchUpdater", "vsd_step"]
 
@@ -38,10 +38,10 @@ class Updater(Protocol):
 
 
 def _total_norm(grads: list[Tensor]) -> Tensor:
-    """L2 norm over all gradients (fp32 accumulation; nan / inf if any element is)."""
+    """L2 norm over all gradients (at least fp32 accumulation; nan / inf if any element is)."""
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(at_least_fp32(g)) for g in grads]))
 
 
 class TorchUpdater:
