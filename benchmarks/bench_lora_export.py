@@ -1,9 +1,9 @@
 """LoRA exports of a LoRaD student vs the exact student, on the embedded domain (docs/EXPORT.md).
 
-    python jobs/distill_local.py --threads 1 --steps 300 --out runs/h16_student
+    python jobs/distill_local.py threads=1 steps=300 out_dir=runs/h16_student
     python benchmarks/bench_lora_export.py --export runs/h16_student/export --ranks 4,16,64,full --n 1000
 
-For each rank: ``jobs/export.py --format lora`` writes the file; the stock teacher + that file
+For each rank: ``jobs/export.py format=lora`` writes the file; the stock teacher + that file
 (``load_lora_weights``, the export's scheduler) samples the domain's eval prompts in one step with
 the same seeds as the exact student; reported: domain FID / precision / recall vs real renders,
 alignment, mean |image difference| to the exact student, relative weight error, file size.
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for rank in args.ranks.split(","):
             path = Path(tmp) / f"lora_{rank}.safetensors"
-            export_job.main(["--model", args.export, "--teacher", args.teacher, "--format", "lora",
-                             "--lora-rank", rank, "--out", str(path)])
+            export_job.main([f"model={args.export}", f"teacher={args.teacher}", "format=lora",
+                             f"lora_rank={rank}", f"out={path}"])
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata()
             fits = json.loads(meta["wadi.fits"])

@@ -67,7 +67,7 @@ class ThreeCopiesDistiller:
     """Same interface as WaDiDistiller, but every role is its own full UNet (public WaDi / DMD2)."""
 
     def __new__(cls, teacher, cfg):
-        from wadi_core.adapters import add_adapter, set_adapter
+        from wadi_core.adapters import apply_adapter, set_adapter
         from wadi_core.vsd import WaDiDistiller
 
         class _Copies(WaDiDistiller):
@@ -78,7 +78,7 @@ class ThreeCopiesDistiller:
                 self.models = {"teacher": base}
                 for role, spec in (("student", cfg.student), ("fake", cfg.fake)):
                     m = copy.deepcopy(base)
-                    add_adapter(m, spec.kind, role, spec.rank, spec.resolved_targets("sd", role))
+                    apply_adapter(m, spec, role, "sd")
                     set_adapter(m, role)
                     if cfg.gradient_checkpointing:
                         m.enable_gradient_checkpointing()
@@ -129,8 +129,7 @@ def run_variant(args) -> dict:
     import torch
 
     from wadi_core.models import Cond
-    from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, vsd_step
-    from wadi_core.vsd.train import make_updaters
+    from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, make_updaters, vsd_step
 
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")

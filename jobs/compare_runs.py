@@ -1,8 +1,8 @@
 """Compare the runs of MLflow experiments: a markdown table, a CSV and a PNG plot of their metrics.
 
-    python jobs/compare_runs.py --experiment wadi-eval --out docs/images/compare_runs
-    python jobs/compare_runs.py --experiment wadi-eval,wadi-distill --metrics fid,alignment,precision,recall \\
-        --filter "tags.\\`wadi.kind\\` = 'evaluation'"
+    python jobs/compare_runs.py experiments=[wadi-eval] out=docs/images/compare_runs
+    python jobs/compare_runs.py experiments=[wadi-eval,wadi-distill] metrics=[fid,alignment,precision,recall] \\
+        "filter=tags.\\`wadi.kind\\` = 'evaluation'"
 
 Writes ``<out>.md``, ``<out>.csv`` and ``<out>.png`` (one panel per metric, one bar per run).
 """
@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,25 +108,37 @@ def plot(rows: list[dict[str, Any]], metrics: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class CompareRunsJob:
+    """``jobs/compare_runs.py``'s configuration."""
+
+    experiments: tuple[str, ...] = ("wadi-eval",)
+    tracking_uri: str = ""           # default: $MLFLOW_TRACKING_URI, else sqlite under ./runs
+    metrics: tuple[str, ...] = ()    # default: those of DEFAULT_METRICS present
+    filter: str = ""                 # MLflow filter string
+    page_size: int = 1000            # runs per search request (server maximum 1000)
+    out: str = "outputs/compare_runs"  # path without extension
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.page_size <= 1000:
+            raise ValueError(f"page_size must be 1..1000, got {self.page_size}")
+        if not self.experiments:
+            raise ValueError("experiments must name at least one MLflow experiment")
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from pipelines.cli import add_config_arguments, config_from_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", default="wadi-eval", help="comma-separated experiment names")
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--metrics", default=None, help=f"comma list (default: those of {DEFAULT_METRICS} present)")
-    p.add_argument("--filter", default="", help="MLflow filter string")
-    p.add_argument("--page-size", type=int, default=1000, help="runs per search request (server maximum 1000)")
-    p.add_argument("--out", default=str(REPO / "outputs" / "compare_runs"), help="path without extension")
-    args = p.parse_args(argv)
-    if not 1 <= args.page_size <= 1000:
-        raise SystemExit(f"--page-size must be 1..1000, got {args.page_size}")
-    rows = fetch_runs([e for e in args.experiment.split(",") if e], args.tracking_uri, args.filter, args.page_size)
+    add_config_arguments(p)
+    cfg = config_from_args(CompareRunsJob, p.parse_intermixed_args(argv))
+    rows = fetch_runs(list(cfg.experiments), cfg.tracking_uri or None, cfg.filter, cfg.page_size)
     if not rows:
         raise SystemExit("no runs matched")
-    metrics = ([m for m in args.metrics.split(",") if m] if args.metrics
-               else [m for m in DEFAULT_METRICS if any(m in r for r in rows)])
+    metrics = list(cfg.metrics) or [m for m in DEFAULT_METRICS if any(m in r for r in rows)]
     if not metrics:
-        raise SystemExit(f"the runs have none of the metrics {DEFAULT_METRICS}: pass --metrics")
-    out = Path(args.out)
+        raise SystemExit(f"the runs have none of the metrics {DEFAULT_METRICS}: pass metrics=[...]")
+    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_table(rows, metrics, out)
     plot(rows, metrics, out)

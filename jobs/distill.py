@@ -3,6 +3,7 @@
     python jobs/distill.py                                   # embedded default, local Ray, ./runs/
     python jobs/distill.py --config sd15 --dry-run           # the plan, no weights
     python jobs/distill.py --config sd15 train.num_workers=16 train.global_batch=256
+    python jobs/distill.py --config sd15 --print-config      # the resolved config, nothing run
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py
 
 Rerunning with the same run name (``--run-name`` or ``train.run_name=``) resumes from its latest
@@ -24,31 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wadi_core.config import ConfigError  # noqa: E402
 
-from pipelines.config import (absolute_paths, available_recipes, load_config, parse_overrides,  # noqa: E402
-                              results_root)
+from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
+from pipelines.config import DistillConfig, absolute_paths, check_adapter_ranks, results_root  # noqa: E402
 from pipelines.tracking import install_log_redaction, redact  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="embedded",
-                    help=f"recipe name ({', '.join(available_recipes())}) or a path to a YAML recipe")
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.zero_stage=3")
+    add_config_arguments(ap, default_recipe="embedded")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (denoiser on meta, no weights) and exit")
     ap.add_argument("--run-name", help="Ray/MLflow run name (same name = resume)")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # KEY=VALUE before or after the flags
     install_log_redaction()
 
     try:
-        overrides = parse_overrides(args.overrides)
-        if args.run_name:
-            overrides["train.run_name"] = args.run_name
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(redact(f"config error: {e}"), file=sys.stderr)
-        return 2
+        cfg = config_from_args(DistillConfig, args, fixed={"train.run_name": args.run_name} if args.run_name else None,
+                               check=check_adapter_ranks, whole_recipe=True)
+    except SystemExit as e:
+        return int(e.code or 0)
 
     if args.dry_run:
         from pipelines.plan import build_plan

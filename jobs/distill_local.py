@@ -1,14 +1,16 @@
 """Single-process WaDi distillation (no Ray): one frozen teacher, LoRaD student + fake score.
 
-    python jobs/distill_local.py                                  # embedded teacher, recipe embedded
-    python jobs/distill_local.py --steps 200 vsd.gen_lr=3e-4      # dotted overrides of the recipe's vsd
-    python jobs/distill_local.py --teacher /path/to/sd15 --prompts prompts.txt --device cuda
-    python jobs/distill_local.py --evaluate 5000 --teacher-report runs/eval_teacher_domain.json \
-        --compare-grid docs/images/student_vs_teacher.png         # the issue-4 measurement
+    python jobs/distill_local.py                                   # embedded teacher, recipe embedded
+    python jobs/distill_local.py steps=200 vsd.gen_lr=3e-4         # dotted overrides, as every job
+    python jobs/distill_local.py teacher=/path/to/sd15 prompts=prompts.txt device=cuda --config sd15
+    python jobs/distill_local.py --print-config                    # the resolved config
+    python jobs/distill_local.py --eval-only runs/distill/export domain_eval.num_prompts=2000 \
+        domain_eval.compare_grid=docs/images/student_vs_teacher.png
 
-Reads the ``teacher`` and ``vsd`` sections of a recipe YAML (the Ray job reads the same file);
-the loop's own settings come from the flags. Rerunning with the same --out resumes. Writes
-``<out>/metrics.jsonl``, ``samples/``, ``state/`` and ``export/`` (merged one-step pipeline).
+The config (``DistillLocalJob``) is the loop's ``LocalTrainConfig`` plus ``threads`` and an
+``domain_eval`` section; a recipe's ``teacher`` and ``vsd`` sections fill it (the Ray job reads the
+same file). Rerunning with the same ``out_dir`` resumes. Writes ``<out_dir>/metrics.jsonl``,
+``samples/``, ``state/`` and ``export/`` (merged one-step pipeline).
 """
 
 from __future__ import annotations
@@ -17,40 +19,36 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wadi_core.domain import TEACHER_GUIDANCE  # noqa: E402
+from wadi_core.local_train import LocalTrainConfig  # noqa: E402
 
-def build_config(args: argparse.Namespace):
-    import yaml
 
-    from wadi_core.config import ConfigError, from_dict, unflatten
-    from wadi_core.vsd import LocalTrainConfig, VSDConfig
+@dataclass(frozen=True)
+class LocalEvaluation:
+    """Optional domain evaluation of the export (embedded teacher)."""
 
-    from pipelines.config import read_recipe  # YAML only: imports neither Ray nor DeepSpeed
+    num_prompts: int = 0            # > 0: domain FID / alignment on this many prompts
+    teacher_report: str = ""        # reuse teacher numbers from jobs/eval_teacher_domain.py
+    compare_grid: str = ""          # PNG: teacher 25 steps | student 1 step | teacher 1 step
+    guidance: float = TEACHER_GUIDANCE
+    workers: int = 2                # sampling processes
 
-    try:
-        _, data = read_recipe(args.recipe)
-    except ConfigError as e:
-        raise SystemExit(str(e)) from e
-    vsd = dict(data.get("vsd") or {})
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if not key.startswith("vsd.") or not _:
-            raise SystemExit(f"override {item!r}: expected vsd.KEY=VALUE")
-        node, parts = vsd, key[4:].split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return LocalTrainConfig(
-        teacher=args.teacher or data.get("teacher", "embedded"), vsd=from_dict(VSDConfig, unflatten(vsd)),
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, prompts=args.prompts,
-        sample_every=args.sample_every, save_every=args.save_every, out_dir=args.out, device=args.device,
-        max_minutes=args.max_minutes, max_nonfinite_in_a_row=getattr(args, "max_nonfinite_in_a_row", 5),
-        export_live=getattr(args, "export_live", False),
-    )
+
+@dataclass(frozen=True)
+class DistillLocalJob(LocalTrainConfig):
+    """``jobs/distill_local.py``'s configuration."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    save_every: int = 250
+    threads: int = 0                # torch threads (0: torch's default)
+    domain_eval: LocalEvaluation = field(default_factory=LocalEvaluation)
 
 
 def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | None, grid: str | None,
@@ -63,7 +61,8 @@ def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | N
     from wadi_core.domain.evaluator import load_domain_evaluator
     from wadi_core.domain.pretrain import GRID_PROMPTS
     from wadi_core.domain.quality import generated_report, real_feature_stats
-    from wadi_core.domain.teacher import image_grid, sample_images
+    from wadi_core.domain.teacher import sample_images
+    from wadi_core.images import image_grid
     from wadi_core.models import resolve_teacher_dir
 
     teacher_dir = str(resolve_teacher_dir(teacher_dir))
@@ -92,49 +91,31 @@ def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | N
         # one row per prompt: 6 teacher 25-step | 6 student 1-step | 6 teacher 1-step
         tiles = torch.cat([torch.cat([r[i * 6:(i + 1) * 6] for r in rows]) for i in range(len(GRID_PROMPTS))])
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
-        image_grid(tiles, nrow=len(GRID_PROMPTS)).save(grid)
+        image_grid(tiles, rows=len(GRID_PROMPTS)).save(grid)
         out["grid"] = grid
         out["grid_layout"] = "rows: prompts; columns: 6 teacher 25-step CFG | 6 student 1-step | 6 teacher 1-step CFG"
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import add_config_arguments, config_from_args
+    from pipelines.config import check_adapter_ranks
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", metavar="vsd.KEY=VALUE")
-    ap.add_argument("--recipe", default="embedded", help="recipe name in recipes/ or a YAML path")
-    ap.add_argument("--teacher", default=None, help="overrides the recipe's teacher")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompts", default="domain", help="'domain' or a text file with one prompt per line")
-    ap.add_argument("--sample-every", type=int, default=250)
-    ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--out", default=str(REPO / "outputs" / "distill_local"))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0: off)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--max-nonfinite-in-a-row", type=int, default=5,
-                    help="stop after this many VSD steps in a row skipped for a non-finite loss/gradient (0: never)")
-    ap.add_argument("--export-live", action="store_true",
-                    help="with vsd.student_ema: also export the live student to <out>/export_live")
-    ap.add_argument("--evaluate", type=int, default=0, metavar="N", help="domain FID/alignment on N prompts")
-    ap.add_argument("--teacher-report", default=None, help="reuse teacher numbers from jobs/eval_teacher_domain.py")
-    ap.add_argument("--compare-grid", default=None, help="PNG: teacher 25 steps | student 1 step | teacher 1 step")
-    ap.add_argument("--guidance", type=float, default=3.0, help="teacher CFG in the evaluation")
-    ap.add_argument("--eval-workers", type=int, default=2, help="sampling processes in the evaluation")
+    add_config_arguments(ap, default_recipe="embedded")
     ap.add_argument("--eval-only", default=None, metavar="EXPORT_DIR", help="skip training; evaluate this export")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # KEY=VALUE before or after the flags
+    cfg = config_from_args(DistillLocalJob, args, check=check_adapter_ranks)
 
     import torch
 
     from wadi_core.config import to_flat_dict
-    from wadi_core.vsd import train_local
+    from wadi_core.local_train import train_local
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = build_config(args)
     from pipelines.tracking import redact  # no Ray, DeepSpeed or MLflow import
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     print(json.dumps(redact(to_flat_dict(cfg)), indent=1), flush=True)  # URI user info hidden
     started = time.time()
     if args.eval_only:
@@ -142,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = train_local(cfg)
         result.pop("distiller")
-    if args.evaluate:
-        result["eval"] = evaluate(Path(result["export"]), cfg.teacher, args.evaluate, args.teacher_report,
-                                  args.compare_grid, args.guidance, args.eval_workers)
+    ev = cfg.domain_eval
+    if ev.num_prompts:
+        result["eval"] = evaluate(Path(result["export"]), cfg.teacher, ev.num_prompts, ev.teacher_report or None,
+                                  ev.compare_grid or None, ev.guidance, ev.workers)
     result["wall_seconds"] = time.time() - started
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     Path(cfg.out_dir, "result.json" if not args.eval_only else "eval.json").write_text(json.dumps(result, indent=1, default=str))

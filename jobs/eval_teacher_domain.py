@@ -1,9 +1,9 @@
 """Measure the embedded teacher on its domain: alignment per attribute and domain FID, 25 vs 1 steps.
 
-    python jobs/eval_teacher_domain.py --n 5000 --out runs/eval_teacher_domain.json \
-        --grid docs/images/teacher_grid.png
+    python jobs/eval_teacher_domain.py n=5000 out=runs/eval_teacher_domain.json grid=docs/images/teacher_grid.png
+    python jobs/eval_teacher_domain.py --print-config
 
-FID uses the domain evaluator's 128-d features against ``--n-real`` real renders of the
+FID uses the domain evaluator's 128-d features against ``n_real`` real renders of the
 training combinations; prompts are ``eval_prompts(n, seed=1, split="train")`` (new images of
 seen combinations) and ``split="heldout"`` (combinations never trained on).
 """
@@ -14,39 +14,51 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TeacherEvalJob:
+    """``jobs/eval_teacher_domain.py``'s configuration."""
+
+    teacher: str = str(REPO / "wadi_core/assets/embedded_teacher")
+    evaluator: str = ""             # evaluator dir (default: the shipped one)
+    n: int = 5000                   # generated images per setting
+    n_real: int = 5000
+    n_heldout: int = 600
+    guidance: float = TEACHER_GUIDANCE
+    steps: tuple[int, ...] = (TEACHER_STEPS, 1)
+    threads: int = 1
+    workers: int = 2                # sampling processes (one thread each)
+    out: str = str(REPO / "runs/eval_teacher_domain.json")
+    grid: str = str(REPO / "docs/images/teacher_grid.png")
+
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default=str(REPO / "wadi_core/assets/embedded_teacher"))
-    p.add_argument("--evaluator", default=None, help="evaluator dir (default: the shipped one)")
-    p.add_argument("--n", type=int, default=5000, help="generated images per setting")
-    p.add_argument("--n-real", type=int, default=5000)
-    p.add_argument("--n-heldout", type=int, default=600)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--steps", type=int, nargs="+", default=[25, 1])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2, help="sampling processes (one thread each)")
-    p.add_argument("--out", default=str(REPO / "runs/eval_teacher_domain.json"))
-    p.add_argument("--grid", default=str(REPO / "docs/images/teacher_grid.png"))
-    args = p.parse_args(argv)
+    from pipelines.cli import add_config_arguments, config_from_args
 
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    args = config_from_args(TeacherEvalJob, p.parse_intermixed_args(argv))
     import torch
     from diffusers import StableDiffusionPipeline
 
     from wadi_core.domain.evaluator import load_domain_evaluator
     from wadi_core.domain.pretrain import GRID_PROMPTS
     from wadi_core.domain.quality import generated_report, real_feature_stats
-    from wadi_core.domain.teacher import image_grid, sample_images
+    from wadi_core.domain.teacher import sample_images
+    from wadi_core.images import image_grid
 
     torch.set_num_threads(args.threads)
     started = time.time()
     pipe = StableDiffusionPipeline.from_pretrained(args.teacher)
-    evaluator = load_domain_evaluator(args.evaluator)
+    evaluator = load_domain_evaluator(args.evaluator or None)
     real = real_feature_stats(evaluator, n=args.n_real)
     results: dict = {"teacher": args.teacher, "n": args.n, "n_real": args.n_real, "guidance": args.guidance}
     # Reference: a second set of real renders (other seed) vs the first: the FID floor.
@@ -69,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         prompts = [p for p in GRID_PROMPTS for _ in range(8)]
         grid = image_grid(sample_images(pipe, prompts, steps=args.steps[0], guidance=args.guidance, seed=0),
-                          nrow=len(GRID_PROMPTS))
+                          rows=len(GRID_PROMPTS))
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         grid.save(args.grid)
         results["grid"] = args.grid

@@ -3,10 +3,10 @@
     # SRC: an export folder (wadi_core.export.export_one_step_pipeline: pipeline + adapters/ +
     # wadi_export.json), a models:/ or runs:/ MLflow URI of one, or a training checkpoint
     # (a folder holding adapters/student.safetensors, or the .safetensors file itself).
-    python jobs/export.py --model runs/distill/export --format single-file --out student.safetensors
-    python jobs/export.py --model models:/wadi-embedded@latest --format lora --lora-rank 64 --out student_lora.safetensors
-    python jobs/export.py --model runs/ray/wadi-embedded/checkpoint_00000120 --teacher embedded \\
-        --format diffusers --out student_pipeline
+    python jobs/export.py model=runs/distill/export format=single-file out=student.safetensors
+    python jobs/export.py model=models:/wadi-embedded@latest format=lora lora_rank=64 out=student_lora.safetensors
+    python jobs/export.py model=runs/ray/wadi-embedded/checkpoint_00000120 teacher=embedded \\
+        format=diffusers out=student_pipeline
 
 Loading what it writes (docs/EXPORT.md):
     StableDiffusionPipeline.from_single_file("student.safetensors", config="<the export folder>")
@@ -23,6 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -106,7 +107,8 @@ def diffusers_export(src: Source, out: Path, recipe: str) -> Path:
         if out.resolve() != src.pipeline.resolve():
             shutil.copytree(src.pipeline, out, dirs_exist_ok=True)
         return out
-    from wadi_core.export import export_one_step_pipeline, load_adapter_file
+    from wadi_core.adapters import load_adapter_file
+    from wadi_core.export import export_one_step_pipeline
 
     state, spec = load_adapter_file(src.adapter)
     cfg, recipe_teacher = _vsd_config(recipe, spec)
@@ -116,7 +118,7 @@ def diffusers_export(src: Source, out: Path, recipe: str) -> Path:
 
 def lora_export(src: Source, out: Path, rank: int | None, recipe: str, dtype) -> dict:
     """LoRA factors of the student's weight change on its teacher; returns a small report."""
-    from wadi_core.export import load_adapter_file
+    from wadi_core.adapters import load_adapter_file
     from wadi_core.export_formats import lora_from_deltas, lorad_weight_deltas, save_lora_file
 
     if src.adapter is None:
@@ -144,28 +146,37 @@ def lora_export(src: Source, out: Path, rank: int | None, recipe: str, dtype) ->
             "relative_weight_error": (tail2 / delta2) ** 0.5 if delta2 else 0.0}
 
 
+@dataclass(frozen=True)
+class ExportJob:
+    """``jobs/export.py``'s configuration (``model``, ``format`` and ``out`` are required)."""
+
+    model: str                      # export folder, models:/ or runs:/ URI, or training checkpoint
+    format: Literal["diffusers", "single-file", "lora"]
+    out: str                        # output folder (diffusers) or .safetensors file
+    lora_rank: str = "64"           # LoRA rank per layer, or "full" (exact)
+    teacher: str = ""               # teacher of a checkpoint; default: the export's wadi_export.json, else the recipe's
+    recipe: str = "embedded"        # recipe of the run a checkpoint comes from (its vsd settings)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # weights of single-file / LoRA outputs
+    text_encoder_layout: Literal["auto", "clip", "openclip"] = "auto"  # single-file: SD1.x CLIP or SD2.x OpenCLIP keys
+
+    def __post_init__(self) -> None:
+        if self.lora_rank != "full" and not (self.lora_rank.isdigit() and int(self.lora_rank) > 0):
+            raise ValueError(f"lora_rank must be a positive integer or 'full', got {self.lora_rank!r}")
+        if self.format != "diffusers" and not self.out.endswith(".safetensors"):
+            raise ValueError(f"out={self.out}: format={self.format} writes one .safetensors file")
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from pipelines.cli import add_config_arguments, config_from_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="export folder, models:/ or runs:/ URI, or training checkpoint")
-    ap.add_argument("--format", required=True, choices=["diffusers", "single-file", "lora"])
-    ap.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file")
-    ap.add_argument("--lora-rank", default="64", help="LoRA rank per layer, or 'full' (exact)")
-    ap.add_argument("--teacher", default=None,
-                    help="teacher of a checkpoint (diffusers dir, s3://, 'embedded'); default: the export's "
-                         "wadi_export.json, else the recipe's")
-    ap.add_argument("--recipe", default="embedded", help="recipe of the run a checkpoint comes from (its vsd settings)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                    help="weights of single-file / LoRA outputs")
-    ap.add_argument("--text-encoder-layout", default="auto", choices=["auto", "clip", "openclip"],
-                    help="single-file: SD1.x CLIP or SD2.x OpenCLIP keys (auto: from the text encoder's activation)")
-    args = ap.parse_args(argv)
+    add_config_arguments(ap)
+    args = config_from_args(ExportJob, ap.parse_intermixed_args(argv))
     dtype = getattr(torch, args.dtype)
-    src = resolve_source(args.model, args.teacher)
+    src = resolve_source(args.model, args.teacher or None)
     out = Path(args.out)
-    if args.format != "diffusers" and out.suffix != ".safetensors":
-        raise SystemExit(f"--out {out}: --format {args.format} writes one .safetensors file")
     if args.format == "diffusers":
         result = {"out": str(diffusers_export(src, out, args.recipe))}
     elif args.format == "single-file":

@@ -1,14 +1,16 @@
 """Generate images for a prompt source on Ray Data actors and write them as PNG files or shards.
 
     # teacher baseline, 25 steps, CFG 3, on the embedded domain's eval prompts
-    python jobs/generate.py --model embedded --steps 25 --guidance 3 --prompts domain:1000 --out outputs/gen/teacher
+    python jobs/generate.py model.uri=embedded model.steps=25 model.guidance=3 prompts=domain:1000 out=outputs/gen/teacher
     # HPSv2 benchmark layout <out>/<style>/{idx:05d}.png from the four benchmark JSONs
-    python jobs/generate.py --model models:/wadi-sd15@champion --prompts hpsv2:/data/hpdv2/benchmark --out s3://b/hps
-    # COCO-30k as WebDataset shards (<key>.png + <key>.txt) on S3
-    python jobs/generate.py --model s3://b/export --prompts coco30k --format webdataset --out s3://b/coco30k
+    python jobs/generate.py model.uri=models:/wadi-sd15@champion prompts=hpsv2:/data/hpdv2/benchmark out=s3://b/hps
+    # COCO-30k as WebDataset shards (<key>.png + <key>.txt) on S3, 8 GPU actors
+    python jobs/generate.py model.uri=s3://b/export prompts=coco30k format=webdataset out=s3://b/coco30k \
+        ray.gen_workers=8 ray.gpus_per_actor=1 ray.accelerator_type=A10G
+    python jobs/generate.py --print-config out=x        # every key
 
-Noise is seeded per prompt key (hash of ``--seed`` and the key), so the images do not depend on
-``--workers`` or ``--batch-size``. ``<out>/prompts.jsonl`` lists key, prompt and seed of every image;
+Noise is seeded per prompt key (hash of ``seed`` and the key), so the images do not depend on
+``ray.gen_workers`` or ``ray.batch_size``. ``<out>/prompts.jsonl`` lists key, prompt and seed of every image;
 ``<out>/generation.json`` the model, settings and the prompt list's sha256.
 """
 
@@ -18,39 +20,40 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.eval_runs import init_ray  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
+from pipelines.eval_runs import RayResources, check_actor_accelerator, init_ray  # noqa: E402
 from pipelines.tracking import redact  # noqa: E402
 from pipelines.generation import (ModelSpec, generation_dataset, load_prompts, prompt_seed,  # noqa: E402
                                   write_png_files)
 from wadi_core import storage  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class GenerateJob:
+    """``jobs/generate.py``'s configuration (``out`` is required)."""
+
+    out: str                        # local folder or s3:// prefix
+    model: ModelSpec = field(default_factory=ModelSpec)
+    prompts: str = "domain:5000:1:train"  # coco30k | domain:N:SEED:SPLIT | hpsv2:DIR | captions_val201x.json | .txt | .json
+    num_prompts: int | None = None
+    draw_seed: int = 2024
+    seed: int = 0
+    format: Literal["files", "webdataset"] = "files"
+    shard_size: int = 1000          # images per tar shard (webdataset)
+    ray: RayResources = field(default_factory=lambda: RayResources(batch_size=16))  # generator actors
+
+
+def parse_args(argv: list[str] | None = None) -> GenerateJob:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded", help="diffusers dir, s3:// prefix, models:/..., runs:/..., embedded")
-    p.add_argument("--adapter", default=None, help="WaDi adapter .safetensors applied on --model")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--prompts", default="domain:5000:1:train",
-                   help="coco30k | domain:N:SEED:SPLIT | hpsv2:DIR | captions_val201x.json | list.txt | list.json")
-    p.add_argument("--num-prompts", type=int, default=None)
-    p.add_argument("--draw-seed", type=int, default=2024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="local folder or s3:// prefix")
-    p.add_argument("--format", default="files", choices=["files", "webdataset"])
-    p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard (webdataset)")
-    p.add_argument("--workers", type=int, default=1, help="generator actors")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    return p.parse_args(argv)
+    add_config_arguments(p)
+    return config_from_args(GenerateJob, p.parse_intermixed_args(argv))
 
 
 def _to_webdataset_rows(batch: dict) -> dict:
@@ -61,11 +64,14 @@ def _to_webdataset_rows(batch: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    spec = ModelSpec(uri=args.model, adapter=args.adapter, steps=args.steps, guidance=args.guidance, dtype=args.dtype)
+    spec, resources = args.model, args.ray
     records, info = load_prompts(args.prompts, args.num_prompts, args.draw_seed)
     init_ray()
-    ds = generation_dataset(records, spec, args.seed, concurrency=args.workers, batch_size=args.batch_size,
-                            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor)
+    check_actor_accelerator(resources)
+    ds = generation_dataset(records, spec, args.seed, concurrency=resources.gen_workers,
+                            batch_size=resources.batch_size, cpus_per_actor=resources.cpus_per_actor,
+                            gpus_per_actor=resources.gpus_per_actor,
+                            accelerator_type=resources.accelerator_for(resources.gpus_per_actor))
     if args.format == "files":
         ds.map_batches(write_png_files, fn_kwargs={"root": args.out}, batch_format="numpy", num_cpus=0.25) \
           .select_columns(["key"]).materialize()

@@ -1,10 +1,11 @@
 """Write a prompt lake: WebDataset tar shards (+ manifest.json) and COCO-format evaluation prompts.
 
 JourneyDB (bring your own copy; streamed, deduped, sorted, shuffled with seed 2023):
-    python jobs/make_prompt_shards.py journeydb --input data/train/train_anno_realease_repath.jsonl.tgz \
-        --out s3://bucket/lake/journeydb
+    python jobs/make_prompt_shards.py journeydb "inputs=[data/train/train_anno_realease_repath.jsonl.tgz]" \
+        out=s3://bucket/lake/journeydb
 Embedded domain (seeded):
-    python jobs/make_prompt_shards.py domain --num 20000 --out ./lake/domain --eval-num 5000
+    python jobs/make_prompt_shards.py domain num=20000 out=./lake/domain eval_num=5000
+    python jobs/make_prompt_shards.py domain --print-config
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -20,35 +23,57 @@ sys.path.insert(0, str(REPO))
 from wadi_core import storage  # noqa: E402
 from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions  # noqa: E402
 
+from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
 from pipelines.tracking import redact  # noqa: E402
+
+Split = Literal["train", "heldout", "all"]
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    out: str                                          # output folder or s3:// prefix for the shards
+    shard_size: int = 10_000
+    writer: Literal["webdataset", "tarfile"] = "webdataset"  # or the dependency-free tarfile writer in wadi_core
+
+
+@dataclass(frozen=True)
+class JourneyDBShards(ShardsConfig):
+    """``journeydb``: from JourneyDB train_anno*.jsonl(.tgz) files (local or s3://)."""
+
+    inputs: tuple[str, ...] = ()
+    seed: int = 2023
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("inputs must list the JourneyDB annotation files, e.g. inputs=[train_anno.jsonl.tgz]")
+
+
+@dataclass(frozen=True)
+class DomainShards(ShardsConfig):
+    """``domain``: from the embedded procedural domain."""
+
+    num: int = 20_000
+    seed: int = 0
+    split: Split = "train"
+    eval_num: int = 5_000             # COCO-format eval prompts (0: none)
+    eval_split: Split = "train"
+    eval_seed: int = 1
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="source", required=True)
-    j = sub.add_parser("journeydb", help="from JourneyDB train_anno*.jsonl(.tgz) files")
-    j.add_argument("--input", nargs="+", required=True, help="annotation files (local or s3://)")
-    j.add_argument("--seed", type=int, default=2023)
-    d = sub.add_parser("domain", help="from the embedded procedural domain")
-    d.add_argument("--num", type=int, default=20_000)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--split", default="train", choices=["train", "heldout", "all"])
-    d.add_argument("--eval-num", type=int, default=5_000, help="COCO-format eval prompts (0: none)")
-    d.add_argument("--eval-split", default="train", choices=["train", "heldout", "all"])
-    d.add_argument("--eval-seed", type=int, default=1)
-    for sp in (j, d):
-        sp.add_argument("--out", required=True, help="output folder or s3:// prefix for the shards")
-        sp.add_argument("--shard-size", type=int, default=10_000)
-        sp.add_argument("--writer", default="webdataset", choices=["webdataset", "tarfile"],
-                        help="webdataset.ShardWriter (default) or the dependency-free tarfile writer in wadi_core")
-    args = p.parse_args(argv)
+    for name, cls in (("journeydb", JourneyDBShards), ("domain", DomainShards)):
+        add_config_arguments(sub.add_parser(name, help=cls.__doc__.split(": ", 1)[1]))
+    ns = p.parse_args(argv)
+    args = config_from_args(JourneyDBShards if ns.source == "journeydb" else DomainShards, ns)
     if args.writer == "webdataset":
         from pipelines.wds_shards import write_prompt_shards_webdataset as writer
     else:
         from wadi_core.prompts import write_prompt_shards as writer
 
-    if args.source == "journeydb":
-        manifest = journeydb_to_shards(args.input, args.out, args.shard_size, seed=args.seed, progress=True,
+    if isinstance(args, JourneyDBShards):
+        manifest = journeydb_to_shards(list(args.inputs), args.out, args.shard_size, seed=args.seed, progress=True,
                                        writer=writer)
     else:
         from wadi_core.domain.attributes import eval_prompts

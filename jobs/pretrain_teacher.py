@@ -1,68 +1,59 @@
 """Pretrain the embedded teacher (VAE, then text encoder + UNet) and save it as a diffusers pipeline.
 
-    python jobs/pretrain_teacher.py --out wadi_core/assets/embedded_teacher
+    python jobs/pretrain_teacher.py out=wadi_core/assets/embedded_teacher
+    python jobs/pretrain_teacher.py --print-config                      # every key (PretrainConfig + outputs)
 
-Seeded and resumable: rerun the same command to resume from ``--state-dir``. Logs params,
+Seeded and resumable: rerun the same command to resume from ``state_dir``. Logs params,
 losses and a PNG sample grid to MLflow (``MLFLOW_TRACKING_URI`` or ./mlruns/mlflow.db).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
 from pipelines.tracking import start_run  # noqa: E402
-from wadi_core.config import to_flat_dict  # noqa: E402
+from wadi_core.config import base_part, to_flat_dict  # noqa: E402
 from wadi_core.domain.pretrain import GRID_PROMPTS, PretrainConfig, pretrain_teacher  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    d = PretrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "wadi_core/assets/embedded_teacher"), help="pipeline output dir")
-    p.add_argument("--state-dir", default=str(REPO / "runs/pretrain_teacher/state"), help="resume state dir")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num-images", type=int, default=d.num_images)
-    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
-    p.add_argument("--vae-decoder-steps", type=int, default=d.vae_decoder_steps)
-    p.add_argument("--denoiser-steps", type=int, default=d.denoiser_steps)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--threads", type=int, default=d.num_threads)
-    p.add_argument("--denoiser-workers", type=int, default=d.denoiser_workers,
-                   help="data-parallel processes (gloo) for the denoiser phase")
-    p.add_argument("--unet-channels", type=int, nargs="+", default=list(d.arch.unet_channels),
-                   help="UNet block widths; each extra block halves the 8x8 latent once more")
-    p.add_argument("--experiment", default="embedded-teacher")
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--grid", default=None, help="also write the sample grid PNG here")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class PretrainJob(PretrainConfig):
+    """The pretraining (``PretrainConfig``) plus where its outputs go."""
+
+    out: str = str(REPO / "wadi_core/assets/embedded_teacher")   # pipeline output dir
+    state_dir: str = str(REPO / "runs/pretrain_teacher/state")   # resume state
+    experiment: str = "embedded-teacher"
+    tracking_uri: str = ""
+    grid: str = ""                   # also write the sample grid PNG here
+
+    def pretraining(self) -> PretrainConfig:
+        return base_part(self, PretrainConfig)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    d = PretrainConfig()
-    cfg = dataclasses.replace(
-        d, seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
-        vae_decoder_steps=args.vae_decoder_steps, denoiser_steps=args.denoiser_steps,
-        checkpoint_every=args.checkpoint_every, num_threads=args.threads, denoiser_workers=args.denoiser_workers,
-        arch=dataclasses.replace(d.arch, unet_channels=tuple(args.unet_channels)),
-    )
-    with start_run(args.experiment, run_name=f"pretrain-seed{cfg.seed}", tracking_uri=args.tracking_uri,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    args = config_from_args(PretrainJob, p.parse_intermixed_args(argv))
+    cfg = args.pretraining()
+    with start_run(args.experiment, run_name=f"pretrain-seed{cfg.seed}", tracking_uri=args.tracking_uri or None,
                    params=to_flat_dict(cfg)) as tracker:
         summary = pretrain_teacher(cfg, args.out, args.state_dir, log=tracker.log_metrics)
         tracker.log_metrics(summary)
         from diffusers import StableDiffusionPipeline
 
-        from wadi_core.domain.teacher import folder_size_mb, image_grid, sample_images
+        from wadi_core.domain.teacher import folder_size_mb, sample_images
+        from wadi_core.images import image_grid
 
         pipe = StableDiffusionPipeline.from_pretrained(args.out)
         prompts = [p for p in GRID_PROMPTS for _ in range(6)]
-        grid = image_grid(sample_images(pipe, prompts, steps=25, guidance=3.0, seed=0), nrow=len(GRID_PROMPTS))
+        grid = image_grid(sample_images(pipe, prompts, seed=0), rows=len(GRID_PROMPTS))
         grid_path = Path(args.grid or Path(args.state_dir).parent / "teacher_grid.png")
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(grid_path)

@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wadi_core.storage import retry_io  # per file, on top of the AWS SDK's own retries
+from wadi_core.vsd.state import IncompatibleCheckpoint, model_fingerprint
+from wadi_core.vsd.state import check_fingerprint as _check_fingerprint
 
 __all__ = ["Progress", "model_fingerprint", "check_fingerprint", "IncompatibleCheckpoint", "save_training_state",
            "load_training_state", "TAG", "mark_complete", "latest_complete_checkpoint", "checkpoint_step",
@@ -73,10 +75,6 @@ class Progress:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-class IncompatibleCheckpoint(RuntimeError):
-    """A checkpoint written for another teacher or other adapters than this run's."""
-
-
 class CheckpointRejected(RuntimeError):
     """A checkpoint that must not be loaded (resume falls back to the previous complete one)."""
 
@@ -89,37 +87,13 @@ class UnsafeCheckpoint(CheckpointRejected):
     """A pickled file asks for objects outside the allow-list (it could run code when loaded)."""
 
 
-_RESTART_ADVICE = ("(the teacher or the adapter config changed since): give this run a new train.run_name "
+_RESTART_ADVICE = ("give this run a new train.run_name "
                    "(or train.storage_path), or delete the old run's folder to start over.")
 
 
-def _digest(items: list[str]) -> str:
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
-
-
-def model_fingerprint(teacher_source: str, denoiser: torch.nn.Module, roles: Mapping[str, torch.nn.Module]) -> dict[str, str]:
-    """What a training state belongs to: the teacher (its source, its parameter shapes and the
-    bytes of its first weight tensor, which a retrained teacher changes) and, per role, the names
-    and shapes of the trainable adapter tensors. Cheap (no pass over all the weights)."""
-    params = list(denoiser.named_parameters())
-    first = params[0][1].detach().to("cpu", torch.float32).contiguous() if params else torch.zeros(0)
-    teacher = _digest([teacher_source] + [f"{n}:{tuple(p.shape)}" for n, p in params]
-                      + [hashlib.sha256(first.numpy().tobytes()).hexdigest()])
-    out = {"teacher": teacher}
-    for role, module in roles.items():
-        out[role] = _digest([f"{n}:{tuple(p.shape)}" for n, p in module.named_parameters()])
-    return out
-
-
 def check_fingerprint(saved: Mapping[str, str], current: Mapping[str, str], where: str) -> None:
-    """Raise :class:`IncompatibleCheckpoint` when a checkpoint belongs to another model."""
-    if not saved:  # written before fingerprints existed: nothing to compare
-        return
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if diff:
-        raise IncompatibleCheckpoint(
-            f"checkpoint {where} was written for another {' / '.join(diff)} than this run's "
-            f"{_RESTART_ADVICE}")
+    """The core's check (``wadi_core.vsd.state``) with the Ray job's advice."""
+    _check_fingerprint(saved, current, where, _RESTART_ADVICE)
 
 
 def _safe_globals() -> list[Any]:

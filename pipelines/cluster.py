@@ -9,10 +9,19 @@ stale file that makes the job hang. Here an address is used only when it was ask
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+import re
+import warnings
+from typing import Any, Mapping
 
-__all__ = ["ray_address", "local_cpus", "init_ray"]
+from wadi_core.config import ConfigError
+
+__all__ = ["ray_address", "local_cpus", "init_ray", "job_runtime_env", "without_job_conflicts",
+           "check_accelerator_type", "check_accelerator_available"]
+
+#: What ``ray job submit`` sets for the driver it starts: the job's config, runtime env included.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def ray_address(explicit: str | None = None) -> str:
@@ -28,16 +37,55 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def job_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The runtime env of the Ray job this driver runs in (``ray job submit --runtime-env-json``),
+    or ``{}`` outside a submitted job."""
+    raw = (os.environ if environ is None else environ).get(JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    try:
+        env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return env if isinstance(env, dict) else {}
+
+
+def without_job_conflicts(runtime_env: Mapping[str, Any] | None,
+                          environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """``runtime_env`` minus what the submitted job's runtime env already sets.
+
+    Ray refuses ``ray.init(runtime_env=...)`` inside a submitted job when both set the same field
+    or the same environment variable, even to the same value ("Failed to merge the Job's runtime
+    env"). The job's setting wins: its env_vars are already this driver's environment, and the
+    job's runtime env reaches every worker anyway.
+    """
+    if not runtime_env:
+        return None
+    job = job_runtime_env(environ)
+    if not job:
+        return dict(runtime_env)
+    job_vars = job.get("env_vars") or {}
+    out = {k: v for k, v in runtime_env.items() if k != "env_vars" and k not in job}
+    env_vars = {k: v for k, v in (runtime_env.get("env_vars") or {}).items() if k not in job_vars}
+    if env_vars:
+        out["env_vars"] = env_vars
+    return out or None
+
+
 def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs: Any) -> bool:
     """Start or join Ray once; returns True when a local Ray was started by this call.
 
     ``num_cpus`` applies to a local Ray only (default ``local_cpus()``); ``kwargs`` go to
-    ``ray.init`` (``runtime_env``, ``include_dashboard``, ``log_to_driver`` ...).
+    ``ray.init`` (``runtime_env``, ``include_dashboard``, ``log_to_driver`` ...). Inside a job
+    submitted with its own runtime env, the fields and variables it sets are left out of
+    ``runtime_env`` (``without_job_conflicts``).
     """
     import ray
 
     if ray.is_initialized():
         return False
+    if "runtime_env" in kwargs:
+        kwargs["runtime_env"] = without_job_conflicts(kwargs["runtime_env"])
     target = ray_address(address)
     if target == "local":
         ray.init(address="local", num_cpus=num_cpus if num_cpus is not None else local_cpus(), **kwargs)
@@ -45,3 +93,34 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     kwargs.pop("include_dashboard", None)  # a setting of the cluster, not of a driver joining it
     ray.init(address=target, **kwargs)
     return False
+
+
+_ACCELERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def check_accelerator_type(name: str, gpus: float, where: str, gpus_key: str) -> None:
+    """An accelerator type (Ray's name of a GPU model: A100, H100, L4, A10G ...) is well formed
+    and comes with GPUs; "" (any GPU) passes. Raises ``ConfigError`` with what to set."""
+    if not name:
+        return
+    if not _ACCELERATOR_NAME.fullmatch(name):
+        raise ConfigError(f"{where}={name!r} is not a Ray accelerator type: use the GPU model name Ray detects "
+                          "on a node (A100, H100, L4, A10G ...; `ray status -v` lists them as "
+                          "accelerator_type:<name>), or leave it empty for any GPU")
+    if gpus <= 0:
+        raise ConfigError(f"{where}={name} places work on {name} GPUs, but {gpus_key} is {gpus:g}: "
+                          f"set {gpus_key} > 0, or leave {where} empty")
+
+
+def check_accelerator_available(name: str, cluster_resources: Mapping[str, float], where: str,
+                                strict: bool = True) -> None:
+    """Some node of the cluster has accelerator ``name`` (resource ``accelerator_type:<name>``);
+    ``strict=False`` (a cluster that may autoscale) warns instead of raising."""
+    if not name or f"accelerator_type:{name}" in cluster_resources:
+        return
+    found = sorted(k.split(":", 1)[1] for k in cluster_resources if k.startswith("accelerator_type:"))
+    msg = (f"{where}={name}: no node of this Ray cluster has that accelerator (found: "
+           f"{', '.join(found) or 'none'}): the work would wait forever; pick one of those or leave it empty")
+    if strict:
+        raise ConfigError(msg)
+    warnings.warn(msg + " (an autoscaling cluster may still add such nodes)")

@@ -18,9 +18,12 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from wadi_core.config import ConfigError, from_dict, to_flat_dict, unflatten
+from wadi_core.config import ConfigError, parse_overrides, to_flat_dict
+from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
 from wadi_core.storage import is_remote
 from wadi_core.vsd import VSDConfig
+
+from pipelines.cluster import check_accelerator_type
 
 __all__ = ["EvaluationConfig", 
     "RECIPES_DIR",
@@ -51,8 +54,16 @@ class DataConfig:
     epochs: int = 1
     max_steps: int = 0  # > 0 stops early (0 = run all epochs)
     num_prompts: int = 0  # known prompt count (plans without listing shards); 0 = count from the manifest
-    # Text encoding runs in the train worker (see pipelines/data.py for why); Ray Data streams strings.
-    text_encoding: Literal["worker"] = "worker"
+    # Where captions become text embeddings (pipelines/text_encoding.py): "trainer" = each train
+    # worker runs the teacher's text encoder (CLIP is small next to the UNet); "actors" = a Ray Data
+    # stage of its own actors streams embeddings (+ T5 masks) and the train workers never load the
+    # text encoder (PixArt's T5-XXL: ~9.5 GB in bf16).
+    text_encoding: Literal["trainer", "actors"] = "trainer"
+    encoder_actors: int = 1  # text-encoder actors (actors mode)
+    encoder_cpus_per_actor: float = 1.0
+    encoder_gpus_per_actor: float = 0.0  # fractional is fine: e.g. 0.5 = two actors per GPU
+    encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and streamed embeddings
+    encoder_batch_size: int = 64  # captions per encoder call
     read_tasks: int = 0  # Ray Data read parallelism (0 = one task per shard)
     max_caption_bytes: int = 16 * 1024  # longer captions are dropped and counted (data/bad_too_long)
     max_shard_bytes: int = 1 << 30  # larger shards are skipped (each is read whole into memory)
@@ -63,6 +74,15 @@ class DataConfig:
                               f"{self.max_caption_bytes} and {self.max_shard_bytes}")
         if self.read_tasks < 0 or self.num_prompts < 0:
             raise ConfigError("data.read_tasks and data.num_prompts must be >= 0 (0 = automatic)")
+        if self.encoder_actors < 1 or self.encoder_cpus_per_actor <= 0 or self.encoder_batch_size < 1:
+            raise ConfigError("data.encoder_actors and data.encoder_batch_size must be >= 1 and "
+                              "data.encoder_cpus_per_actor > 0")
+        g = self.encoder_gpus_per_actor
+        if g < 0 or (g > 1 and g != int(g)):
+            raise ConfigError(f"data.encoder_gpus_per_actor={g:g}: use 0 (CPU), a fraction of one GPU or a whole number")
+        if self.encoder_dtype == "float16" and g == 0:
+            raise ConfigError("data.encoder_dtype=float16 needs GPUs (data.encoder_gpus_per_actor > 0): "
+                              "use float32 or bfloat16 on CPU")
         if self.epochs < 1:
             raise ConfigError(f"data.epochs must be >= 1, got {self.epochs}")
         if self.max_steps < 0:
@@ -83,6 +103,9 @@ class TrainConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5  # fractional on a small CPU node, so Ray Data keeps CPUs to read with
     gpus_per_worker: float = 0.0
+    # Ray accelerator type of the training GPUs (A100, H100 ...; "" = any): keeps the workers off
+    # other GPU nodes of a shared cluster, e.g. the spot evaluation nodes (ScalingConfig).
+    accelerator_type: str = ""
     zero_stage: int = 2  # precision and gradient checkpointing: vsd.mixed_precision, vsd.gradient_checkpointing
     checkpoint_every: int = 50  # steps; 0 = only at the end
     keep: int = 2  # checkpoints kept in storage
@@ -108,6 +131,8 @@ class TrainConfig:
             )
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ConfigError("train.cpus_per_worker must be > 0 and train.gpus_per_worker >= 0")
+        check_accelerator_type(self.accelerator_type, self.gpus_per_worker, "train.accelerator_type",
+                               "train.gpus_per_worker")
         if self.checkpoint_every < 0 or self.keep < 1:
             raise ConfigError("train.checkpoint_every must be >= 0 and train.keep >= 1")
         if not self.run_name or "/" in self.run_name:
@@ -167,8 +192,8 @@ class EvaluationConfig:
     num_prompts: int = 0
     prompts: str = "domain:1000:1:train"       # see pipelines.generation.load_prompts
     seed: int = 0                              # per-prompt noise seed
-    teacher_steps: int = 25
-    teacher_guidance: float = 3.0
+    teacher_steps: int = TEACHER_STEPS
+    teacher_guidance: float = TEACHER_GUIDANCE
     extractor: str = "domain"                  # domain | inception:URI | ...
     scorers: str = "domain"                    # comma list
     reference: str = "outputs/eval/reference/domain-5000-777-train"
@@ -178,8 +203,11 @@ class EvaluationConfig:
     batch_size: int = 64
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
+    accelerator_type: str = ""                 # GPU model of the generation actors ("" = any)
 
     def __post_init__(self) -> None:
+        check_accelerator_type(self.accelerator_type, self.gpus_per_actor, "evaluation.accelerator_type",
+                               "evaluation.gpus_per_actor")
         if self.num_prompts < 0 or self.teacher_steps < 1 or self.teacher_guidance < 0 or self.gen_workers < 1:
             raise ConfigError("evaluation: need num_prompts >= 0 (0: off), teacher_steps >= 1, "
                               "teacher_guidance >= 0 and gen_workers >= 1")
@@ -272,53 +300,28 @@ def read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
     return name, data
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["train.zero_stage=3", "vsd.guidance_real=2"]`` -> dotted dict (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.zero_stage=2)")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it (key='value')") from None
-    return out
+def check_adapter_ranks(data: Mapping[str, Any]) -> None:
+    """The adapters' one rank rule (``wadi_core.adapters.check_rank``), reported with the config key:
+    a recipe's ``rank: 32`` left in place under ``vsd.student.kind=full`` fails here, not in a worker."""
+    from wadi_core.adapters import check_rank
 
-
-def _check_full_has_no_rank(data: Mapping[str, Any]) -> None:
-    """``kind: full`` trains every weight: a rank given with it would be silently ignored."""
     vsd = data.get("vsd")
     if not isinstance(vsd, Mapping):
         return
     for role in ("student", "fake"):
         spec = vsd.get(role)
-        if isinstance(spec, Mapping) and spec.get("kind") == "full" and spec.get("rank") not in (None, 0):
-            raise ConfigError(
-                f"vsd.{role}.kind=full trains every weight and has no rank, but vsd.{role}.rank={spec['rank']} "
-                f"is set: drop the rank (vsd.{role}.rank=0), or use a low-rank kind (lorad, lora, dora)"
-            )
-
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+        if isinstance(spec, Mapping) and "kind" in spec and spec.get("rank") is not None:
+            try:
+                check_rank(spec["kind"], spec["rank"])
+            except ValueError as e:
+                raise ConfigError(f"vsd.{role}: {e} (vsd.{role}.rank)") from None
 
 
 def load_config(recipe: str = "embedded", overrides: Mapping[str, Any] | Sequence[str] = ()) -> DistillConfig:
     """Recipe YAML (name in ``recipes/`` or a path) + dotted overrides -> validated ``DistillConfig``."""
-    name, data = read_recipe(recipe)
-    if not isinstance(overrides, Mapping):
-        overrides = parse_overrides(list(overrides))
-    data = _merge(data, unflatten(dict(overrides)))
-    data.setdefault("recipe", name)
-    _check_full_has_no_rank(data)
-    return from_dict(DistillConfig, data)
+    from pipelines.cli import load_job_config
+
+    return load_job_config(DistillConfig, recipe, overrides, check=check_adapter_ranks, whole_recipe=True)
 
 
 def results_root() -> Path:

@@ -10,10 +10,12 @@ This is ~5-10x faster than ``ray.data.read_webdataset`` here (tarfile's per-memb
 dominates a prompt lake), and a broken or unreadable shard becomes a counted row instead of a
 failed task.
 
-Where text encoding happens: in the train worker, with the teacher's own text encoder. The
-encoder is small next to the denoiser (CLIP-L is ~123 M parameters vs 860 M for SD1.5's UNet)
-and is already loaded there; encoding in Ray Data actors would ship 77 x 768 floats per prompt
-(~236 KB, ~500x the caption) through the object store and hold a second copy of the encoder.
+Where text encoding happens (``data.text_encoding``): by default in the train worker, with the
+teacher's own text encoder: CLIP-L is small next to the denoiser (~123 M parameters vs 860 M
+for SD1.5's UNet), while encoding in Ray Data actors would ship 77 x 768 floats per prompt
+(~236 KB, ~500x the caption) through the object store. For PixArt's T5-XXL (4.76 B parameters)
+the balance turns: ``actors`` adds a stage of text-encoder actors (``pipelines.text_encoding``)
+and the train workers never load it.
 
 Every row carries ``bad``: 0 for a caption, else 1 + index into ``BAD_REASONS``; the worker
 drops bad rows and counts them so the run can log ``data/bad_<reason>``.
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Attempts per S3 request (AWS SDK standard retry mode: exponential backoff with jitter).
+#: Attempts per S3 request (AWS SDK standard retry mode: exponential backoff with jitter, up to
+#: 20 s apart: ~50 s here for a request that keeps failing). ``WADI_S3_MAX_ATTEMPTS`` overrides it.
 S3_MAX_ATTEMPTS = 8
 #: Whole-shard reads retried on top of the SDK's retries (a body cut off mid-stream is not
 #: retried by the SDK); a shard that still fails is counted as ``data/bad_unreadable_shard``.
@@ -80,7 +83,8 @@ def pyarrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     # Transient faults (503 SlowDown, connection resets, timeouts) are retried by the AWS SDK with
     # exponential backoff. The retry strategy is NOT kept when the filesystem is pickled to another
     # process (pyarrow 25), so code in Ray tasks calls this function there instead.
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+    attempts = int(os.environ.get("WADI_S3_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
     kwargs.setdefault("connect_timeout", 10.0)
     kwargs.setdefault("request_timeout", 120.0)
     return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
@@ -215,30 +219,39 @@ def prompt_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0,
 
 
 class PromptStream:
-    """Fixed-size caption batches from a worker's dataset shard; counts and drops bad rows."""
+    """Fixed-size batches from a worker's dataset shard; counts and drops bad rows.
+
+    A batch is a list of captions, or ``pipelines.text_encoding.EncodedPrompts`` when the rows
+    carry embeddings from the text-encoder actors (``data.text_encoding: actors``)."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
         self.bad: Counter[str] = Counter()
 
-    def batches(self, shard: Any, skip: int = 0) -> Iterator[list[str]]:
-        """Yield lists of ``batch_size`` captions; the first ``skip`` batches are read and dropped
+    def batches(self, shard: Any, skip: int = 0) -> Iterator[Any]:
+        """Yield batches of ``batch_size`` prompts; the first ``skip`` batches are read and dropped
         (resume inside an epoch). A final partial batch is dropped."""
-        buf: list[str] = []
-        for table in shard.iter_batches(batch_size=max(256, 4 * self.batch_size), batch_format="pyarrow"):
-            codes = table.column("bad").to_pylist()
-            captions = table.column("caption").to_pylist()
-            for caption, code in zip(captions, codes):
+        from pipelines.text_encoding import EncodedPrompts
+
+        buf: list[Any] = []
+        # batch_size=None: the blocks as Ray Data made them (a shard's captions, or one encoder call's rows).
+        for block in shard.iter_batches(batch_size=None, batch_format="numpy"):
+            codes = block["bad"].tolist()
+            captions = [str(c) for c in block["caption"]]
+            embeds, mask = block.get("embeds"), block.get("mask")
+            for i, (caption, code) in enumerate(zip(captions, codes)):
                 if code:
                     self.bad[BAD_REASONS[code - 1]] += 1
-                else:
+                elif embeds is None:
                     buf.append(caption)
+                else:
+                    buf.append((caption, embeds[i], None if mask is None else mask[i]))
             while len(buf) >= self.batch_size:
                 batch, buf = buf[: self.batch_size], buf[self.batch_size:]
                 if skip > 0:
                     skip -= 1
                     continue
-                yield batch
+                yield batch if embeds is None else EncodedPrompts.stack(batch)
 
     def counters(self) -> dict[str, int]:
         return {reason: self.bad[reason] for reason in BAD_REASONS}

@@ -27,19 +27,49 @@ from pipelines.evaluation import (MetricsSpec, Reference, build_reference, compu
 from pipelines.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
 
 __all__ = ["RayResources", "TrackingSpec", "EvalConfig", "run_evaluation", "ensure_reference", "init_ray",
+           "check_actor_accelerator",
            "Checkpoint", "list_checkpoints", "evaluated_checkpoint_ids", "run_schedule"]
 
 
 @dataclass(frozen=True)
 class RayResources:
     """Actors per stage and their resources. Fractional CPUs leave room for Ray Data's own tasks
-    (PNG writing, statistics): whole CPUs for every actor on a small node hang the pipeline."""
+    (PNG writing, statistics): whole CPUs for every actor on a small node hang the pipeline.
+
+    Generation and feature (metric) actors stream at the same time, so their GPUs add up:
+    ``metric_gpus_per_actor`` (None = ``gpus_per_actor``) lets the light feature extractors share
+    a GPU (e.g. 0.5) so that both stages fit a pod. ``accelerator_type`` (Ray's GPU model name,
+    "" = any) keeps GPU actors on that kind of node."""
 
     gen_workers: int = 1
     metric_workers: int = 1
     batch_size: int = 32
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
+    metric_gpus_per_actor: float | None = None
+    accelerator_type: str = ""
+
+    def __post_init__(self) -> None:
+        from pipelines.cluster import check_accelerator_type
+
+        if self.gen_workers < 1 or self.metric_workers < 1 or self.batch_size < 1:
+            raise ValueError("gen_workers, metric_workers and batch_size must be >= 1")
+        for name, gpus in (("ray.gpus_per_actor", self.gpus_per_actor),
+                           ("ray.metric_gpus_per_actor", self.metric_gpus)):
+            if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+                raise ValueError(f"{name}={gpus:g}: use a fraction of one GPU (0 < x <= 1) or a whole number "
+                                 "(Ray packs fractional actors onto one GPU)")
+        check_accelerator_type(self.accelerator_type, max(self.gpus_per_actor, self.metric_gpus),
+                               "ray.accelerator_type", "ray.gpus_per_actor")
+
+    @property
+    def metric_gpus(self) -> float:
+        """GPUs of one feature (metric) actor."""
+        return self.gpus_per_actor if self.metric_gpus_per_actor is None else self.metric_gpus_per_actor
+
+    def accelerator_for(self, gpus: float) -> str | None:
+        """The accelerator type for an actor with ``gpus`` GPUs (None for CPU actors)."""
+        return self.accelerator_type or None if gpus > 0 else None
 
 
 @dataclass(frozen=True)
@@ -77,6 +107,17 @@ def init_ray(num_cpus: int | None = None) -> None:
     start_or_join(num_cpus=num_cpus, runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
 
 
+def check_actor_accelerator(r: RayResources) -> None:
+    """The actors' accelerator type exists on the joined cluster (a warning: it may autoscale)."""
+    if not r.accelerator_type:
+        return
+    import ray
+
+    from pipelines.cluster import check_accelerator_available
+
+    check_accelerator_available(r.accelerator_type, ray.cluster_resources(), "ray.accelerator_type", strict=False)
+
+
 def ensure_reference(cfg: EvalConfig) -> Reference | None:
     """Load the stored reference; build and store it once if it is missing and a source is given."""
     if cfg.metrics.extractor == "none":
@@ -98,7 +139,7 @@ def ensure_reference(cfg: EvalConfig) -> Reference | None:
     r = cfg.ray
     ref = build_reference(cfg.reference_images, cfg.metrics, concurrency=r.metric_workers,
                           batch_size=max(r.batch_size, 64), cpus_per_actor=r.cpus_per_actor,
-                          gpus_per_actor=r.gpus_per_actor)
+                          gpus_per_actor=r.metric_gpus, accelerator_type=r.accelerator_for(r.metric_gpus))
     if cfg.reference:
         ref.save(cfg.reference)
     return ref
@@ -107,19 +148,21 @@ def ensure_reference(cfg: EvalConfig) -> Reference | None:
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Generate images for the prompts, compute metrics, write outputs, log to MLflow."""
     init_ray()
+    r = cfg.ray
+    check_actor_accelerator(r)
     records, prompt_info = load_prompts(cfg.prompts, cfg.num_prompts, cfg.draw_seed)
     reference = ensure_reference(cfg)
-    r = cfg.ray
     ds = generation_dataset(records, cfg.model, cfg.seed, concurrency=r.gen_workers, batch_size=r.batch_size,
-                            cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor)
+                            cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
+                            accelerator_type=r.accelerator_for(r.gpus_per_actor))
     if cfg.save_images == "files":
         ds = ds.map_batches(write_png_files, fn_kwargs={"root": storage.join(cfg.out, "images")},
                             batch_format="numpy", num_cpus=0.25)
     grid_keys = tuple(rec.key for rec in records[: cfg.grid])
     t0 = time.time()
     rows, stats = features_and_stats(ds, cfg.metrics, concurrency=r.metric_workers, batch_size=r.batch_size,
-                                     cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
-                                     grid_keys=grid_keys)
+                                     cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.metric_gpus,
+                                     accelerator_type=r.accelerator_for(r.metric_gpus), grid_keys=grid_keys)
     seconds = time.time() - t0
     metrics = compute_metrics(rows, stats, reference, cfg.metrics)
     metrics["eval_seconds"] = seconds  # generation + metrics, actor start-up included

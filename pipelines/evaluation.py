@@ -227,7 +227,8 @@ def _tmpdir() -> Path:
 
 
 def features_and_stats(ds: Any, spec: MetricsSpec, *, concurrency: int = 1, batch_size: int = 64,
-                       cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, grid_keys: tuple[str, ...] = (),
+                       cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, accelerator_type: str | None = None,
+                       grid_keys: tuple[str, ...] = (),
                        stats_rows: int = 4096) -> tuple[list[dict[str, Any]], GaussianStats | None]:
     """Run :class:`MetricActor` over an image dataset; return per-row results and merged stats."""
     import ray.data
@@ -235,7 +236,7 @@ def features_and_stats(ds: Any, spec: MetricsSpec, *, concurrency: int = 1, batc
     feats = ds.map_batches(
         MetricActor, fn_constructor_kwargs={"spec": asdict(spec), "grid_keys": tuple(grid_keys)},
         compute=ray.data.ActorPoolStrategy(size=concurrency), batch_size=batch_size, num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor, batch_format="numpy",
+        num_gpus=gpus_per_actor, accelerator_type=accelerator_type if gpus_per_actor else None, batch_format="numpy",
     ).materialize()
     stats = None
     if spec.extractor != "none":
@@ -348,25 +349,16 @@ def compute_metrics(rows: list[dict[str, Any]], stats: GaussianStats | None, ref
     return metrics
 
 
-def sample_grid(rows: list[dict[str, Any]], cols: int = 8, min_tile: int = 128) -> Any:
-    """PIL grid of the rows that carry a PNG (the grid keys), in order; small images upscaled (nearest)."""
-    from PIL import Image
+def sample_grid(rows: list[dict[str, Any]], cols: int = 8) -> Any:
+    """PIL grid of the rows that carry a PNG (the grid keys), in order; None when there are none."""
     import io as _io
 
-    tiles = [Image.open(_io.BytesIO(r["png"])).convert("RGB") for r in rows if len(r.get("png", b"")) > 0]
-    if not tiles:
-        return None
-    w, h = tiles[0].size
-    if w < min_tile:
-        scale = -(-min_tile // w)
-        w, h = w * scale, h * scale
-        tiles = [t.resize((w, h), Image.Resampling.NEAREST) for t in tiles]
-    cols = min(cols, len(tiles))
-    nrows = -(-len(tiles) // cols)
-    grid = Image.new("RGB", (cols * w, nrows * h), (255, 255, 255))
-    for i, t in enumerate(tiles):
-        grid.paste(t.resize((w, h)), ((i % cols) * w, (i // cols) * h))
-    return grid
+    from PIL import Image
+
+    from wadi_core.images import image_grid
+
+    tiles = [Image.open(_io.BytesIO(r["png"])) for r in rows if len(r.get("png", b"")) > 0]
+    return image_grid(tiles, cols=min(cols, len(tiles))) if tiles else None
 
 
 def env_for_workers() -> dict[str, str]:

@@ -39,7 +39,8 @@ def _eval_config(cfg: DistillConfig, ev: EvaluationConfig, model_uri: str, steps
         reference=ev.reference or None, reference_images=ev.reference_images or None,
         out=out, save_images="none", grid=ev.grid,
         ray=RayResources(gen_workers=ev.gen_workers, metric_workers=1, batch_size=ev.batch_size,
-                         cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor),
+                         cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor,
+                         accelerator_type=ev.accelerator_type),
         tracking=tracking,
     )
 
@@ -55,7 +56,7 @@ def _teacher_key(cfg: DistillConfig, ev: EvaluationConfig) -> str:
         for f in sorted(Path(teacher).glob("*/diffusion_pytorch_model*.safetensors")):
             h.update(f.read_bytes())
         teacher = h.hexdigest()
-    resources = ("gen_workers", "batch_size", "cpus_per_actor", "gpus_per_actor", "grid")  # not the numbers
+    resources = ("gen_workers", "batch_size", "cpus_per_actor", "gpus_per_actor", "accelerator_type", "grid")  # not the numbers
     key = json.dumps([teacher, {k: v for k, v in asdict(ev).items() if k not in resources}], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 

@@ -64,7 +64,7 @@ def _records(prompts: list[str], prefix: str, group: str = "") -> list[PromptRec
 def load_prompts(source: str, num: int | None = None, draw_seed: int = 2024) -> tuple[list[PromptRecord], dict]:
     """Prompt records and a description (name, sha256 of the list) for a prompt source.
 
-    Sources: ``coco30k`` (the canonical list in ../shared/data), ``domain[:N[:SEED[:SPLIT]]]``
+    Sources: ``coco30k`` (the canonical list, see ``wadi_core.metrics.coco.default_coco30k_path``), ``domain[:N[:SEED[:SPLIT]]]``
     (the embedded domain's eval prompts), ``hpsv2:DIR`` (anime/concept-art/paintings/photo
     JSON arrays), a COCO ``captions_*.json`` (one caption per image, seeded draw), a ``.json``
     array of strings, or a ``.txt`` list (one per line). ``num`` keeps the first N (per group).
@@ -175,15 +175,10 @@ def resolve_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> P
 
 
 def apply_student_adapter(teacher: Any, uri: str) -> float | None:
-    """Load a student adapter file onto the teacher's denoiser and make it active.
-
-    Accepts both ``wadi_core.adapters.save_adapter`` files (metadata ``format``) and
-    ``wadi_core.export.save_adapter_file`` files (the export's ``adapters/student.safetensors``).
-    Returns the ``a`` of the student's one-step parametrisation when the file records it.
-    """
-    from safetensors import safe_open
-
-    from wadi_core.adapters import add_adapter, load_adapter, load_adapter_state_dict, set_adapter
+    """Load a student adapter file (``wadi_core.adapters`` format; local, s3://, runs:/ or models:/)
+    onto the teacher's denoiser and make it active. Returns the ``a`` of the student's one-step
+    parametrisation when the file records it (the export's ``adapters/student.safetensors`` does)."""
+    from wadi_core.adapters import load_adapter, set_adapter
 
     if uri.startswith(("runs:/", "models:/")):
         import mlflow
@@ -191,19 +186,7 @@ def apply_student_adapter(teacher: Any, uri: str) -> float | None:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     else:
         local = storage.materialize(uri)
-    with safe_open(str(local), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") == "wadi-adapter-v1":
-        load_adapter(teacher.denoiser, "student", local)
-    elif "kind" in meta:
-        from wadi_core.export import load_adapter_file
-
-        state, spec = load_adapter_file(local)
-        add_adapter(teacher.denoiser, spec.kind, "student", spec.rank, spec.resolved_targets(teacher.family, "student"))
-        ref = next(teacher.denoiser.parameters())
-        load_adapter_state_dict(teacher.denoiser, "student", {k: v.to(ref.device) for k, v in state.items()})
-    else:
-        raise ValueError(f"{uri} is not a WaDi adapter file (no kind/format metadata)")
+    meta = load_adapter(teacher.denoiser, "student", local)
     set_adapter(teacher.denoiser, "student")
     teacher.freeze()
     return float(meta["student_alphabar"]) if "student_alphabar" in meta else None
@@ -293,6 +276,7 @@ def write_png_files(batch: dict[str, np.ndarray], root: str) -> dict[str, np.nda
 
 def generation_dataset(records: list[PromptRecord], spec: ModelSpec, seed: int = 0, *, concurrency: int = 1,
                        batch_size: int = 16, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+                       accelerator_type: str | None = None,
                        num_blocks: int | None = None) -> Any:
     """Lazy Ray dataset of prompts -> generated images (columns idx, key, prompt, group, seed, image)."""
     import ray.data
@@ -302,7 +286,7 @@ def generation_dataset(records: list[PromptRecord], spec: ModelSpec, seed: int =
     return ds.map_batches(
         GeneratorActor, fn_constructor_kwargs={"spec": asdict(spec), "seed": seed},
         compute=ray.data.ActorPoolStrategy(size=concurrency), batch_size=batch_size, num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor, batch_format="numpy",
+        num_gpus=gpus_per_actor, accelerator_type=accelerator_type if gpus_per_actor else None, batch_format="numpy",
     )
 
 

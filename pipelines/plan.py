@@ -72,7 +72,7 @@ def build_plan(cfg: DistillConfig, count_shards: bool = True) -> Plan:
     """Denoiser on the meta device + both adapters -> counts; prompt count from config or manifest."""
     import torch
 
-    from wadi_core.adapters import add_adapter, count_trainable
+    from wadi_core.adapters import apply_adapter, count_trainable
     from wadi_core.models import build_denoiser_on_meta, denoiser_config, family_of_config
 
     arch = cfg.architecture or cfg.teacher
@@ -83,9 +83,8 @@ def build_plan(cfg: DistillConfig, count_shards: bool = True) -> Plan:
         base = sum(p.numel() for p in denoiser.parameters())
         layer_sets = {}
         for role, spec in (("student", cfg.vsd.student), ("fake", cfg.vsd.fake)):
-            targets = spec.resolved_targets(family, role)
-            add_adapter(denoiser, spec.kind, role, spec.rank, targets)
-            layer_sets[role] = f"{spec.kind} r={spec.rank} on {targets}"
+            apply_adapter(denoiser, spec, role, family)
+            layer_sets[role] = f"{spec.kind} r={spec.rank} on {spec.resolved_targets(family, role)}"
     trainable = {role: count_trainable(denoiser, role) for role in ("student", "fake")}
 
     num_prompts: int | None = cfg.data.num_prompts or None
@@ -101,6 +100,8 @@ def build_plan(cfg: DistillConfig, count_shards: bool = True) -> Plan:
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker:
         resources["GPU"] = cfg.train.gpus_per_worker
+    if cfg.train.accelerator_type:  # what Ray's ScalingConfig(accelerator_type=...) adds per worker
+        resources[f"accelerator_type:{cfg.train.accelerator_type}"] = 0.001
     return Plan(
         recipe=cfg.recipe, teacher=cfg.teacher, family=family, world_size=cfg.train.num_workers,
         per_worker_batch=cfg.train.per_worker_batch, global_batch=cfg.train.global_batch,

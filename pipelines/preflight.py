@@ -163,12 +163,17 @@ def check_cpu_headroom(cfg: DistillConfig, total_cpus: float, strict: bool = Tru
     run hangs (``backpressured ... budget=(cpu=0.0``). ``strict=False`` (a cluster that may
     autoscale) warns instead of raising."""
     used = cfg.train.num_workers * cfg.train.cpus_per_worker
-    if total_cpus - used >= 1.0 - 1e-9:
+    d = cfg.data
+    encoders = d.encoder_actors * d.encoder_cpus_per_actor if d.text_encoding == "actors" else 0.0
+    if total_cpus - used - encoders >= 1.0 - 1e-9:
         return
-    fit = max(0.1, (total_cpus - 1) / cfg.train.num_workers)
+    fit = max(0.1, (total_cpus - encoders - 1) / cfg.train.num_workers)
+    also = (f" and data.encoder_actors x data.encoder_cpus_per_actor = {encoders:g} (lower those too)"
+            if encoders else "")
     msg = (f"train.num_workers x train.cpus_per_worker = {cfg.train.num_workers} x {cfg.train.cpus_per_worker:g} "
-           f"= {used:g} of Ray's {total_cpus:g} CPUs leaves Ray Data less than 1 CPU to read prompts with (the run "
-           f"would hang): lower train.cpus_per_worker (e.g. {fit:.2g}) or train.num_workers, or give Ray more CPUs")
+           f"= {used:g}{also} of Ray's {total_cpus:g} CPUs leaves Ray Data less than 1 CPU to read prompts with "
+           f"(the run would hang): lower train.cpus_per_worker (e.g. {fit:.2g}) or train.num_workers, or give Ray "
+           "more CPUs")
     if strict:
         raise ConfigError(msg)
     warnings.warn(msg + " (an autoscaling cluster may still add nodes)")

@@ -15,7 +15,7 @@ from pipelines.config import DistillConfig, absolute_paths, results_root
 from pipelines.data import count_prompts, list_shards, prompt_dataset, pyarrow_filesystem
 from pipelines.plan import resolve_prompts
 from pipelines.tarshards import parse_prompt_tar
-from pipelines.cluster import init_ray, local_cpus
+from pipelines.cluster import check_accelerator_available, init_ray, local_cpus
 from pipelines.cluster import ray_address as resolve_ray_address
 from pipelines.preflight import check_cpu_headroom, preflight
 from pipelines.tracking import default_tracking_uri, git_sha, redact, redact_uri, start_run
@@ -121,7 +121,8 @@ def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
-                                     resources_per_worker=resources, placement_strategy=placement_strategy),
+                                     resources_per_worker=resources, placement_strategy=placement_strategy,
+                                     accelerator_type=t.accelerator_type or None),
         dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(
             name=t.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -159,10 +160,18 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None, *,
     # Joined or already running: check the CPUs Ray really has (a remote cluster may autoscale).
     joined_remote = not started_here and resolve_ray_address(ray_address) != "local"
     check_cpu_headroom(cfg, ray.cluster_resources().get("CPU", 0.0), strict=not joined_remote)
+    check_accelerator_available(cfg.train.accelerator_type, ray.cluster_resources(), "train.accelerator_type",
+                                strict=not joined_remote)
     datasets = {dataset_name(e): prompt_dataset(prompts_uri, cfg.data.shuffle_seed, e, cfg.data.read_tasks,
                                                 max_caption_bytes=cfg.data.max_caption_bytes,
                                                 max_shard_bytes=cfg.data.max_shard_bytes)
                 for e in range(num_epochs)}
+    text_conds = None
+    if cfg.data.text_encoding == "actors":  # text-encoder actors feed the workers (pipelines/text_encoding.py)
+        from pipelines.text_encoding import encode_stage, precompute_conds
+
+        datasets = {name: encode_stage(ds, cfg) for name, ds in datasets.items()}
+        text_conds = precompute_conds(cfg, ["", *sample_prompts])
     spec = cfg.vsd.student
     tags = {
         "wadi.run_name": cfg.train.run_name, "wadi.recipe": cfg.recipe, "git.sha": git_sha(),
@@ -177,7 +186,7 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None, *,
         loop_config = {
             "config": cfg.to_flat(), "mlflow_run_id": tracker.run_id, "tracking_uri": tracking_uri,
             "export_uri": cfg.export_uri, "sample_prompts": sample_prompts, "num_epochs": num_epochs,
-            "total_steps": cfg.total_steps(num_prompts) if num_prompts else None,
+            "total_steps": cfg.total_steps(num_prompts) if num_prompts else None, "text_conds": text_conds,
         }
         result = _trainer(cfg, loop_config, datasets, worker_resources, placement_strategy).fit()
         if result.error is not None:

@@ -24,9 +24,14 @@ from wadi_core.vsd.ema import AdapterEMA
 from pipelines.checkpoint import (Progress, file_manifest, load_first_good_checkpoint, load_training_state,
                                   mark_complete, merge_manifests, model_fingerprint, save_training_state,
                                   upload_checkpoint)
+# Flag / counter all-reduces on the training device (NCCL takes CUDA tensors only).
+from pipelines.collectives import all_ranks_true as _all_ranks_true
+from pipelines.collectives import any_rank_true as _any_rank_true
+from pipelines.collectives import sum_over_ranks as _sum_over_ranks
 from pipelines.config import DistillConfig
 from pipelines.data import PromptStream
 from pipelines.tarshards import BAD_REASONS
+from pipelines.text_encoding import batch_cond, remember_conds
 
 __all__ = ["train_loop", "dataset_name"]
 
@@ -37,29 +42,6 @@ EMA_FILE = "student_ema.safetensors"  # the student EMA's state in a checkpoint 
 def dataset_name(epoch: int) -> str:
     """Each epoch is its own dataset (own file order, seed + epoch), so resume knows the order."""
     return f"prompts_epoch_{epoch}"
-
-
-def _all_ranks_true(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """Collective AND: an epoch ends for everyone when any rank runs out of full batches.
-    ``device``: the training device (NCCL reduces CUDA tensors only)."""
-    import torch.distributed as dist
-
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _any_rank_true(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """Collective OR (rank clocks differ: one step for everyone)."""
-    return not _all_ranks_true(not flag, device)
-
-
-def _sum_over_ranks(values: list[int], device: torch.device | str = "cpu") -> list[int]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return [int(v) for v in t.tolist()]
 
 
 #: Steps between polls of Ray Train's drain notice (``ray.train.get_preemption_info``, a barrier
@@ -127,7 +109,12 @@ class _Run:
             self.device = torch.device("cpu")
         # Same seed on every rank while the adapters are initialised, so all ranks start equal.
         torch.manual_seed(cfg.train.seed)
-        self.teacher = load_teacher(cfg.teacher, device=self.device)
+        # data.text_encoding=actors: no text encoder here; embeddings arrive with the prompts.
+        self.teacher = load_teacher(cfg.teacher, device=self.device, text_encoder=cfg.data.text_encoding == "trainer")
+        if loop_config.get("text_conds"):  # the empty and sample prompts, encoded once by an actor
+            remember_conds(self.teacher, loop_config["text_conds"])
+        encoder = self.teacher.text_encoder
+        self.text_encoder_params = sum(p.numel() for p in encoder.parameters()) if encoder is not None else 0
         self.distiller = WaDiDistiller(self.teacher, cfg.vsd)
         # Before ZeRO partitions anything: what a checkpoint of this run must have been made for.
         self.fingerprint = model_fingerprint(str(cfg.teacher), self.teacher.denoiser,
@@ -200,7 +187,7 @@ class _Run:
             return
         if self.rank != 0 and self.cfg.train.zero_stage != 3:
             return
-        from wadi_core.vsd.train import save_image_grid
+        from wadi_core.images import save_image_grid
 
         with _full_params(self.engines, self.cfg.train.zero_stage), self.averaged():
             images = self.distiller.sample(self.sample_prompts, z=self.sample_z)
@@ -220,10 +207,10 @@ class _Run:
     # -- preemption -----------------------------------------------------------------------------
     def preemption_checkpoint_due(self, step_seconds: float) -> bool:
         """All ranks, every ``PREEMPTION_POLL_EVERY`` steps: True when a checkpoint must be written
-        now because a node of this run is being drained (spot reclaim, autoscaler, ``ray
-        drain-node --reason PREEMPTION``): once at the notice, and once more just before the
-        reclaim deadline, so a reclaim loses only the steps after that. Training goes on in
-        between; at the deadline Ray Train restarts the group, which resumes from the newest."""
+        now because a node of this run is being drained (spot reclaim, autoscaler v2, KubeRay, ``ray
+        drain-node --reason DRAIN_NODE_REASON_PREEMPTION``): once at the notice, and once more just
+        before the reclaim deadline, so a reclaim loses only the steps after that. Training goes on
+        in between; at the deadline Ray Train restarts the group, which resumes from the newest."""
         import ray.train
 
         info = ray.train.get_preemption_info()  # a collective: the same answer on every rank
@@ -256,7 +243,8 @@ class _Run:
                   "resumed_from_step": float(self.resumed_from), "step": step, "epoch": self.progress.epoch,
                   "preemption/notice_step": float(-1 if self.notice_step is None else self.notice_step),
                   "vsd/nonfinite_steps": float(self.progress.nonfinite_steps),
-                  "resume/corrupt_checkpoints_skipped": float(self.corrupt_checkpoints_skipped)}
+                  "resume/corrupt_checkpoints_skipped": float(self.corrupt_checkpoints_skipped),
+                  "worker/text_encoder_params": float(self.text_encoder_params)}
         if step == self.last_saved_step:
             ray.train.report(report)
             return
@@ -286,7 +274,7 @@ class _Run:
         """Rank 0 adds the student adapter as a plain safetensors file, so a checkpoint can be
         evaluated (``jobs/evaluate.py schedule``) without DeepSpeed. Collective under ZeRO-3."""
         from wadi_core.adapters import adapter_state_dict
-        from wadi_core.export import save_adapter_file
+        from wadi_core.adapters import save_adapter_file
 
         with _full_params(self.engines, self.cfg.train.zero_stage):
             if self.rank == 0:
@@ -325,7 +313,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from tqdm.auto import tqdm
 
     from wadi_core.vsd import vsd_step
-    from wadi_core.vsd.train import NonFiniteGuard
+    from wadi_core.vsd import NonFiniteGuard
 
     from pipelines.tracking import start_run
 
@@ -362,7 +350,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 if not _all_ranks_true(batch is not None, run.device):
                     break
                 _maybe_fail(cfg, run.rank, p.step + 1)
-                cond = run.teacher.encode_prompts(batch)  # text encoding here: see pipelines/data.py
+                cond = batch_cond(run.teacher, batch)  # here or streamed: pipelines/text_encoding.py
                 cond = _maybe_nan(cfg, run.rank, p.step + 1, cond)
                 metrics = vsd_step(run.distiller, cond, run.updaters["student"], run.updaters["fake"], run.generator)
                 p.step += 1

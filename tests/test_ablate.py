@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import json
 import math
 from pathlib import Path
@@ -11,16 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from wadi_core.ablation import AblationConfig, choose_lr, summarize, verdicts
+from experiments.ablation import AblationConfig, choose_lr, summarize, verdicts
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location("ablate_job", REPO / "jobs" / "ablate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("jobs.ablate")
 
 
 def _rows(tmp: Path, kind: str) -> list[dict]:
@@ -43,8 +40,8 @@ def test_smoke_ablation_writes_table_csv_plots_and_swaps(tmp_path):
     out = tmp_path / "ablation"
     docs = tmp_path / "docs_images"
     job = _job()
-    argv = ["--budget", "smoke", "--teacher", str(teacher_dir), "--out", str(out), "--quiet",
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--docs-images", str(docs)]
+    argv = ["--budget", "smoke", f"teacher={teacher_dir}", f"out_dir={out}", "--quiet",
+            f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"docs_images={docs}"]
     result = job.main(argv)
 
     # Table, CSVs, plots.
@@ -113,10 +110,10 @@ def test_smoke_ablation_writes_table_csv_plots_and_swaps(tmp_path):
 
     # Rerunning the same command continues (nothing to do); another configuration is refused.
     n_rows = len((out / "results.jsonl").read_text().splitlines())
-    job.main(argv[:-4] + ["--no-tracking"])
+    job.main(argv[:-2] + ["track=false"])
     assert len((out / "results.jsonl").read_text().splitlines()) == n_rows
     with pytest.raises(ValueError, match="another configuration"):
-        job.main(argv[:-4] + ["--no-tracking", "--steps", "3"])
+        job.main(argv[:-2] + ["track=false", "budget.steps=3"])
 
 
 def _row(**kw) -> dict:
@@ -156,17 +153,6 @@ def test_verdict_rules_follow_the_numbers():
     assert v["Distillation"] == "does not hold"
     assert v["Teacher"].startswith("half holds: teacher norms harmless")
     assert v["The"].startswith("does not hold")
-
-
-def test_default_vsd_is_the_embedded_recipe():
-    """The library default and recipes/embedded.yaml (what jobs/ablate.py reads) must not drift."""
-    from wadi_core.ablation import default_vsd
-    from wadi_core.config import from_dict
-    from wadi_core.vsd import VSDConfig
-
-    from pipelines.config import read_recipe
-
-    assert default_vsd() == from_dict(VSDConfig, read_recipe("embedded")[1]["vsd"])
 
 
 def test_choose_lr_ignores_diverged_runs():

@@ -74,12 +74,16 @@ CASES = [
 TABLE = [pytest.param(c, k, id=f"{c.name}-{k}") for c in CASES for k in KINDS]
 
 
+def _rank(case: Case, kind: str) -> int:
+    return 0 if kind == "full" else case.rank  # full fine-tuning has no rank
+
+
 def _setup(case: Case, kind: str, names: tuple[str, ...] = ("a",)) -> tuple[nn.Module, nn.Module, tuple]:
     torch.manual_seed(0)
     base = case.build().eval()
     model = copy.deepcopy(base)
     for n in names:
-        add_adapter(model, kind, n, case.rank, case.targets)
+        add_adapter(model, kind, n, _rank(case, kind), case.targets)
     return base, model, case.inputs(torch.Generator().manual_seed(1))
 
 
@@ -142,7 +146,7 @@ def test_save_load_round_trip(case: Case, kind: str, tmp_path) -> None:
         torch.testing.assert_close(case.run(fresh, inp), case.run(model, inp), rtol=0, atol=0)
     state = adapter_state_dict(model, "a")
     other = copy.deepcopy(base)
-    add_adapter(other, kind, "b", case.rank, case.targets)
+    add_adapter(other, kind, "b", _rank(case, kind), case.targets)
     load_adapter_state_dict(other, "b", state)
     for k, v in adapter_state_dict(other, "b").items():
         assert torch.equal(v, state[k])
@@ -332,3 +336,34 @@ def test_dora_matches_its_formula_with_detached_norm() -> None:
     torch.nn.functional.linear(x, w, layer.bias).sum().backward()
     for g, p in zip(got, (ad.m, ad.A, ad.B)):
         torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("kind, rank, ok", [
+    ("lorad", 4, True), ("lorad", 0, False), ("lora", -1, False), ("dora", 2, True),
+    ("full", 0, True), ("full", 4, False),
+])
+def test_one_rank_rule_for_spec_layers_and_config(kind: str, rank: int, ok: bool) -> None:
+    """AdapterSpec, add_adapter and the job config accept and reject the same (kind, rank) pairs:
+    whatever passes the config builds in the worker."""
+    from wadi_core.adapters import AdapterSpec, apply_adapter
+    from wadi_core.config import ConfigError
+
+    from pipelines.config import load_config
+
+    def spec() -> AdapterSpec:
+        return AdapterSpec(kind, rank, "re:0")
+
+    def layers() -> None:
+        add_adapter(_stack(), kind, "a", rank, "re:0")
+
+    def config() -> None:
+        load_config("embedded", {"vsd.student.kind": kind, "vsd.student.rank": rank})
+
+    for attempt, error in ((spec, ValueError), (layers, ValueError), (config, ConfigError)):
+        if ok:
+            attempt()
+        else:
+            with pytest.raises(error, match="rank"):
+                attempt()
+    if ok:
+        apply_adapter(_stack(), spec(), "student", "sd")

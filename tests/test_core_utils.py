@@ -105,7 +105,7 @@ def test_sample_grid_upscales_only_small_tiles(tmp_path):
     import torch
     from PIL import Image
 
-    from wadi_core.vsd.train import grid_scale, save_image_grid
+    from wadi_core.images import grid_scale, save_image_grid
 
     assert [grid_scale(s) for s in (16, 32, 64, 100, 128, 256, 512)] == [8, 4, 2, 1, 1, 1, 1]
     for size, expected in ((32, 128), (512, 512)):

@@ -130,7 +130,7 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     ckpts = sorted(n for n in names if re.fullmatch(r"checkpoint_\d+", n))
     assert len(ckpts) == KEEP and ckpts[-1] == f"checkpoint_{last:08d}"
     # ... each with the student adapter as plain safetensors (what evaluate.py schedule reads).
-    from wadi_core.export import load_adapter_file
+    from wadi_core.adapters import load_adapter_file
 
     adapter_file = storage.materialize(f"s3://{s3_bucket}/ray/e2e/{ckpts[-1]}/adapters/student.safetensors",
                                        cache_dir=tmp_path / "ckpt-cache")

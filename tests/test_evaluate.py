@@ -183,7 +183,7 @@ def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir
 
 
 def test_compare_runs_table_and_plot(tmp_path):
-    import importlib.util
+    import importlib
 
     import mlflow
 
@@ -196,10 +196,8 @@ def test_compare_runs_table_and_plot(tmp_path):
         client.log_metric(run, "fid", fid)
         client.log_metric(run, "alignment", 0.9)
         client.set_terminated(run)
-    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parents[1] / "jobs/compare_runs.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    rows = job.main(["--experiment", "wadi-eval", "--tracking-uri", uri, "--out", str(tmp_path / "cmp")])
+    job = importlib.import_module("jobs.compare_runs")
+    rows = job.main(["experiments=[wadi-eval]", f"tracking_uri={uri}", f"out={tmp_path / 'cmp'}"])
     assert [r["run"] for r in rows] == ["teacher-25step", "student-1step"]
     md = (tmp_path / "cmp.md").read_text()
     assert "| teacher-25step |" in md and "4.25" in md and "alignment" in md
@@ -209,7 +207,7 @@ def test_compare_runs_table_and_plot(tmp_path):
 
 
 def test_compare_runs_pages_through_more_runs_than_one_page(tmp_path):
-    import importlib.util
+    import importlib
 
     import mlflow
 
@@ -219,14 +217,13 @@ def test_compare_runs_pages_through_more_runs_than_one_page(tmp_path):
     for i in range(7):
         run = client.create_run(exp, run_name=f"r{i}", start_time=1_000 + i // 2).info.run_id  # ties too
         client.log_metric(run, "fid", float(i))
-    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parents[1] / "jobs/compare_runs.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = importlib.import_module("jobs.compare_runs")
     rows = job.fetch_runs(["many"], uri, page_size=3)  # 3 + 3 + 1
     assert sorted(r["run"] for r in rows) == [f"r{i}" for i in range(7)]
     assert {r["run"] for r in rows[:2]} == {"r0", "r1"} and rows[-1]["run"] == "r6"  # oldest first
-    with pytest.raises(SystemExit, match="page-size"):
-        job.main(["--experiment", "many", "--tracking-uri", uri, "--page-size", "5000"])
+    with pytest.raises(SystemExit) as exc:  # a config error: status 2, the message on stderr
+        job.main(["experiments=[many]", f"tracking_uri={uri}", "page_size=5000"])
+    assert exc.value.code == 2
 
 
 def test_evaluation_run_links_prompt_dataset_logged_model_and_training_run(tmp_path, tiny_pipeline_dir):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wadi_core.export import export_one_step_pipeline, load_adapter_file
+from wadi_core.adapters import load_adapter_file
+from wadi_core.export import export_one_step_pipeline
 from wadi_core.models import load_teacher
 from wadi_core.models.tiny import save_tiny_pipeline
 from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller

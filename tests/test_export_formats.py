@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wadi_core.export import export_one_step_pipeline, load_adapter_file
+from wadi_core.adapters import load_adapter_file
+from wadi_core.export import export_one_step_pipeline
 from wadi_core.export_formats import pipeline_to_ldm, text_encoder_layout
 from wadi_core.export_formats.ldm import _load_component
 from wadi_core.models import EMBEDDED_TEACHER, load_teacher
@@ -62,11 +63,11 @@ def sd2_teacher(tmp_path_factory) -> Path:
 
 def _student_export(teacher_dir: Path, out: Path, rank: int = 4, scale: float = 0.2) -> Path:
     """A LoRaD student with real angles on ``teacher_dir``, exported as the one-step pipeline."""
-    from wadi_core.adapters import adapter_state_dict, add_adapter
+    from wadi_core.adapters import adapter_state_dict, apply_adapter
 
     teacher = load_teacher(teacher_dir)
     spec = AdapterSpec("lorad", rank)
-    add_adapter(teacher.denoiser, "lorad", "student", rank, spec.resolved_targets(teacher.family, "student"))
+    apply_adapter(teacher.denoiser, spec, "student", teacher.family)
     torch.manual_seed(0)
     state = {k: (scale * torch.randn_like(v) if k.endswith(".A") else v)
              for k, v in adapter_state_dict(teacher.denoiser, "student").items()}
@@ -117,7 +118,7 @@ def test_single_file_loads_with_from_single_file_and_samples_like_the_export(tmp
     teacher_dir = EMBEDDED_TEACHER if which == "embedded" else sd2_teacher
     export = _student_export(teacher_dir, tmp_path / "export")
     out = tmp_path / "student.safetensors"
-    assert export_job.main(["--model", str(export), "--format", "single-file", "--out", str(out)]) == 0
+    assert export_job.main([f"model={export}", "format=single-file", f"out={out}"]) == 0
     assert json.loads(capsys.readouterr().out)["bytes"] == out.stat().st_size
 
     single = StableDiffusionPipeline.from_single_file(str(out), config=str(export), local_files_only=True)
@@ -136,13 +137,12 @@ def test_checkpoint_source_needs_and_uses_a_teacher(tmp_path):
     ckpt.mkdir(parents=True)
     shutil.copy(export / "adapters" / "student.safetensors", ckpt / "student.safetensors")
     out = tmp_path / "from_ckpt"
-    export_job.main(["--model", str(ckpt.parent), "--teacher", "embedded", "--format", "diffusers", "--out", str(out)])
+    export_job.main([f"model={ckpt.parent}", "teacher=embedded", "format=diffusers", f"out={out}"])
     for sub in ("unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
         a, b = (export / sub).read_bytes(), (out / sub).read_bytes()
         assert a == b, sub
     with pytest.raises(SystemExit, match="no diffusers export"):
-        export_job.main(["--model", str(tmp_path / "from_ckpt" / "vae"), "--format", "lora", "--out",
-                         str(tmp_path / "x.safetensors")])
+        export_job.main([f"model={tmp_path / 'from_ckpt' / 'vae'}", "format=lora", f"out={tmp_path / 'x.safetensors'}"])
 
 
 def test_lora_reproduces_the_student_within_its_svd_tail(tmp_path):
@@ -160,7 +160,7 @@ def test_lora_reproduces_the_student_within_its_svd_tail(tmp_path):
     assert teacher_gap > 1e-2
     for rank in ("full", "2"):
         out = tmp_path / f"lora_{rank}.safetensors"
-        export_job.main(["--model", str(export), "--format", "lora", "--lora-rank", rank, "--out", str(out)])
+        export_job.main([f"model={export}", "format=lora", f"lora_rank={rank}", f"out={out}"])
         with safe_open(str(out), "pt") as f:
             meta = f.metadata()
         fits = {f["name"]: f for f in json.loads(meta["wadi.fits"])}
@@ -204,7 +204,7 @@ def test_mlflow_runs_uri_source(tmp_path, monkeypatch):
     client.log_artifacts(run, str(export), "export")
     out = tmp_path / "from_mlflow.safetensors"
     try:
-        export_job.main(["--model", f"runs:/{run}/export", "--format", "single-file", "--out", str(out)])
+        export_job.main([f"model=runs:/{run}/export", "format=single-file", f"out={out}"])
     finally:
         request_cleanup()
     with safe_open(str(out), "pt") as f:

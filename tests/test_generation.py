@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import io
 import json
 import tarfile
@@ -25,10 +25,7 @@ def tiny_pipeline(tmp_path_factory) -> str:
 
 
 def _load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"jobs.{name}")
 
 
 def test_prompt_seed_is_stable_and_key_dependent():
@@ -64,7 +61,7 @@ def test_coco30k_list_is_the_canonical_one():
     from wadi_core.metrics.coco import default_coco30k_path
 
     if not default_coco30k_path().exists():
-        pytest.skip("../shared/data is not present")
+        pytest.skip("the COCO-30k caption list is not present (set WADI_COCO30K)")
     recs, info = load_prompts("coco30k")
     assert len(recs) == 30000 and info["num_prompts"] == 30000
 
@@ -125,10 +122,10 @@ def test_images_do_not_depend_on_worker_count(s3_bucket, ray_local, tiny_pipelin
 
     # the job with 2 workers and another batch size: PNG files, then WebDataset shards, equal to 1 worker
     job = _load_job("generate")
-    common = ["--model", tiny_pipeline, "--steps", "2", "--guidance", "2", "--seed", "5", "--workers", "2",
-              "--batch-size", "3", "--cpus-per-actor", "0.5"]
+    common = [f"model.uri={tiny_pipeline}", "model.steps=2", "model.guidance=2", "seed=5", "ray.gen_workers=2",
+              "ray.batch_size=3", "ray.cpus_per_actor=0.5"]
     (tmp_path / "p.json").write_text(json.dumps([r.prompt for r in recs]))
-    job.main(common + ["--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "files")])
+    job.main(common + [f"prompts={tmp_path / 'p.json'}", f"out={tmp_path / 'files'}"])
     from PIL import Image
 
     pngs = sorted((tmp_path / "files" / "images").glob("*.png"))
@@ -140,8 +137,8 @@ def test_images_do_not_depend_on_worker_count(s3_bucket, ray_local, tiny_pipelin
         ref = one_worker[keyed[f"p-{int(p.stem):06d}"]]
         assert m["seed"] == prompt_seed(5, m["key"])
         np.testing.assert_array_equal(np.asarray(Image.open(p)), ref)
-    job.main(common + ["--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "wds"),
-                       "--format", "webdataset", "--shard-size", "4"])
+    job.main(common + [f"prompts={tmp_path / 'p.json'}", f"out={tmp_path / 'wds'}", "format=webdataset",
+                       "shard_size=4"])
     members = {}
     for tar in sorted((tmp_path / "wds").glob("*.tar")):
         with tarfile.open(tar) as tf:
@@ -155,7 +152,7 @@ def test_images_do_not_depend_on_worker_count(s3_bucket, ray_local, tiny_pipelin
     # PNG files to S3 (moto on 127.0.0.1; the workers inherit the AWS_* environment)
     from wadi_core import storage
 
-    job.main(common + ["--prompts", str(tmp_path / "p.json"), "--out", f"s3://{s3_bucket}/gen", "--num-prompts", "4"])
+    job.main(common + [f"prompts={tmp_path / 'p.json'}", f"out=s3://{s3_bucket}/gen", "num_prompts=4"])
     listed = storage.list_files(f"s3://{s3_bucket}/gen", ".png")
     assert [u.rsplit("/", 1)[-1] for u in listed] == [f"{i:05d}.png" for i in range(4)]
     img = np.asarray(Image.open(io.BytesIO(storage.read_bytes(listed[2]))))
@@ -163,15 +160,13 @@ def test_images_do_not_depend_on_worker_count(s3_bucket, ray_local, tiny_pipelin
 
 
 def test_generator_reads_export_style_adapter_files(tiny_pipeline, tmp_path):
-    """``wadi_core.export.save_adapter_file`` (the export's adapters/student.safetensors) loads too."""
-    from wadi_core.adapters import adapter_parameters, adapter_state_dict, add_adapter
-    from wadi_core.export import save_adapter_file
+    """``save_adapter_file`` (a bare state dict, as the export's adapters/student.safetensors) loads too."""
+    from wadi_core.adapters import AdapterSpec, adapter_parameters, adapter_state_dict, apply_adapter, save_adapter_file
     from wadi_core.models import load_teacher
-    from wadi_core.vsd.config import AdapterSpec
 
     spec = AdapterSpec(kind="lorad", rank=4)
     teacher = load_teacher(tiny_pipeline)
-    add_adapter(teacher.denoiser, "lorad", "student", 4, spec.resolved_targets("sd", "student"))
+    apply_adapter(teacher.denoiser, spec, "student", "sd")
     with torch.no_grad():
         for p in adapter_parameters(teacher.denoiser, "student"):
             p.normal_(0, 0.3)

@@ -1,4 +1,4 @@
-"""Issue 14, input/boundary half: hostile S3 keys, crafted tar shards, secrets in URIs, config
+"""Inputs and boundaries: hostile S3 keys, crafted tar shards, secrets in URIs, config
 and preflight checks, Ray address selection. Every input is crafted here; nothing is downloaded.
 """
 
@@ -347,9 +347,9 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, capsys: pytest.Ca
     ({"vsd.gen_lr": -1e-4}, r"gen_lr must be a positive"),
     ({"vsd.fake_lr": 0}, r"fake_lr must be a positive"),
     ({"vsd.gen_lr": float("nan")}, r"gen_lr must be a positive"),
-    ({"vsd.student.kind": "full"}, r"vsd.student.kind=full .* drop the rank \(vsd.student.rank=0\)"),
-    ({"vsd.fake.kind": "full", "vsd.fake.rank": 8}, r"vsd.fake.kind=full .* drop the rank"),
-    ({"vsd.student.rank": -3}, r"rank must be > 0"),
+    ({"vsd.student.kind": "full"}, r"vsd.student: kind=full .* drop the rank \(rank=0\)"),
+    ({"vsd.fake.kind": "full", "vsd.fake.rank": 8}, r"vsd.fake: kind=full .* drop the rank"),
+    ({"vsd.student.rank": -3}, r"vsd.student: a lorad adapter needs rank >= 1, got -3"),
     ({"train.max_failures": -1}, r"max_failures"),
 ])
 def test_out_of_range_values_are_config_errors(overrides: dict, match: str) -> None:
@@ -364,6 +364,16 @@ def test_full_without_rank_is_fine() -> None:
 
     cfg = load_config("embedded", {"vsd.student.kind": "full", "vsd.student.rank": 0})
     assert cfg.vsd.student.kind == "full"
+    # ... and what the config accepted, the worker builds (the same rule in add_adapter)
+    from dataclasses import replace
+
+    from torch import nn
+
+    from wadi_core.adapters import adapter_info, apply_adapter
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    apply_adapter(model, replace(cfg.vsd.student, targets="re:0"), "student", "sd")
+    assert adapter_info(model, "student")["kind"] == "full" and adapter_info(model, "student")["rank"] == 0
 
 
 # --------------------------------------------------------------------------------------------

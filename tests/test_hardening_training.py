@@ -1,4 +1,4 @@
-"""Issue 14, training state: no unpickling of files from storage, SHA-256 manifests, fallback to
+"""Training state: no unpickling of files from storage, SHA-256 manifests, fallback to
 the previous complete checkpoint, non-finite steps skipped + counted, MLflow status of a failed
 resume. DeepSpeed runs in one process on a gloo world of 1 (no Ray)."""
 
@@ -16,7 +16,8 @@ from wadi_core.models import load_teacher
 from wadi_core.models.teacher import Cond
 from wadi_core.models.tiny import save_tiny_pipeline
 from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, vsd_step
-from wadi_core.vsd.train import LocalTrainConfig, NonFiniteGuard, NonFiniteTraining, make_updaters, train_local
+from wadi_core.local_train import LocalTrainConfig, train_local
+from wadi_core.vsd import NonFiniteGuard, NonFiniteTraining, make_updaters
 
 PROMPTS = ["a red circle", "a small blue square on the left"]
 

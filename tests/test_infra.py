@@ -1,4 +1,4 @@
-"""Cluster infrastructure (issue 7): ray_cluster.yaml, KubeRay manifests, image, MLflow server.
+"""Cluster infrastructure: ray_cluster.yaml, KubeRay manifests, image, MLflow server.
 
 Everything here is static or runs a shell script with a stub: no cluster, no network, seconds.
 """
@@ -434,28 +434,58 @@ def test_cron_schedules_have_a_time_zone() -> None:
         assert "TZ=" not in obj["spec"]["schedule"], "time zone in the schedule string and timeZone"
 
 
-def _flag(args: list[str], name: str, default: float) -> float:
-    return float(args[args.index(name) + 1]) if name in args else default
+def _pack_onto_gpus(demands: list[float], gpus_per_pod: list[int]) -> bool:
+    """First-fit decreasing, as Ray places GPU actors: a whole-GPU actor takes free GPUs of one
+    pod, a fractional one must fit on a single GPU's remainder."""
+    free = [[1.0] * n for n in gpus_per_pod]  # per pod, per GPU
+    for d in sorted(demands, reverse=True):
+        placed = False
+        for pod in free:
+            if d >= 1:
+                whole = [i for i, f in enumerate(pod) if f >= 1.0 - 1e-9]
+                if len(whole) >= d:
+                    for i in whole[: int(d)]:
+                        pod[i] = 0.0
+                    placed = True
+            else:
+                for i, f in enumerate(pod):
+                    if f >= d - 1e-9:
+                        pod[i] = f - d
+                        placed = True
+                        break
+            if placed:
+                break
+        if not placed:
+            return False
+    return True
+
+
+def test_gpu_packing_check_refuses_what_does_not_fit() -> None:
+    assert _pack_onto_gpus([1, 1, 1, 0.5, 0.5], [4])
+    assert not _pack_onto_gpus([1, 1, 1, 1, 1], [4])           # the old 5 GPUs on a 4-GPU pod
+    assert not _pack_onto_gpus([1, 1, 1, 0.6, 0.6], [4])       # 0.6 + 0.6 do not share one GPU
+    assert not _pack_onto_gpus([2, 2, 1], [4])
 
 
 def test_evaluation_actors_fit_the_evaluation_pods() -> None:
-    """Generation and feature actors stream at once: their GPUs must add up on the pods."""
-    from pipelines.eval_runs import RayResources
+    """Generation and feature actors stream at once: their GPUs must pack onto the pods' GPUs.
+    The entrypoint is parsed by jobs/evaluate.py's own parser (keys, defaults, validation)."""
+    import importlib
 
-    defaults = RayResources()
+    evaluate = importlib.import_module("jobs.evaluate")
+    checked = 0
     for where, spec in rayjob_specs():
         if "jobs/evaluate.py" not in spec["entrypoint"]:
             continue
-        args = spec["entrypoint"].split()
-        per_actor = _flag(args, "--gpus-per-actor", defaults.gpus_per_actor)
-        actors = _flag(args, "--gen-workers", defaults.gen_workers) + _flag(args, "--metric-workers",
-                                                                              defaults.metric_workers)
+        argv = spec["entrypoint"].split("jobs/evaluate.py", 1)[1].split()
+        r = evaluate.parse_args(argv)[1].ray
+        demands = [r.gpus_per_actor] * r.gen_workers + [r.metric_gpus] * r.metric_workers
         groups = spec["rayClusterSpec"]["workerGroupSpecs"]
-        pod_gpus = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
-                    for g in groups]
-        total = sum(n * g["maxReplicas"] for n, g in zip(pod_gpus, groups))
-        assert per_actor * actors <= total, f"{where}: {actors:g} actors x {per_actor:g} GPU > {total} GPUs"
-        assert per_actor <= max(pod_gpus), where
+        pods = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+                for g in groups for _ in range(g["maxReplicas"])]
+        assert _pack_onto_gpus(demands, pods), f"{where}: actors {demands} do not fit pods with {pods} GPUs"
+        checked += 1
+    assert checked >= 2
 
 
 def test_distill_world_size_fits_the_training_pods() -> None:
@@ -525,8 +555,9 @@ def test_entrypoints_name_jobs_recipes_and_flags_that_exist() -> None:
         args = command.split(job, 1)[1].split()
         if args and not args[0].startswith("-") and "=" not in args[0] and f'"{args[0]}"' not in source:
             missing.append(f"{where}: {job} has no subcommand {args[0]}")
+        shared = {"--config", "--print-config"} if "add_config_arguments(" in source else set()  # pipelines/cli.py
         for flag in (a for a in args if a.startswith("--")):
-            if f'"{flag.split("=")[0]}"' not in source:
+            if f'"{flag.split("=")[0]}"' not in source and flag.split("=")[0] not in shared:
                 missing.append(f"{where}: {job} has no option {flag}")
     doc_recipes = re.findall(r"recipes/[\w.-]+\.yaml", CLUSTER_DOC.read_text())
     for recipe in set(doc_recipes + re.findall(r"recipes/[\w.-]+\.yaml", str(commands))):

@@ -26,8 +26,7 @@ from torch import nn
 from wadi_core.adapters import adapted_layers
 from wadi_core.models import load_teacher
 from wadi_core.models.tiny import save_tiny_pipeline
-from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, vsd_step
-from wadi_core.vsd.train import make_updaters
+from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, make_updaters, vsd_step
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a green triangle", "a large yellow circle"]
 OFFICIAL_A = 0.0047       # alphabar of the official one-step parametrisation (SD and PixArt alike)

@@ -104,13 +104,18 @@ def test_parse_shard_batch_marks_bad_rows(tmp_path: Path) -> None:
 
 
 class _FakeShard:
-    """Stands in for a Ray DataIterator: iter_batches over pyarrow tables."""
+    """Stands in for a Ray DataIterator: iter_batches over pyarrow tables (or their numpy form)."""
 
-    def __init__(self, tables: list[pa.Table]):
+    def __init__(self, tables: list[pa.Table], extra: list[dict] | None = None):
         self.tables = tables
+        self.extra = extra or [{} for _ in tables]
 
-    def iter_batches(self, **_: object):
-        yield from self.tables
+    def iter_batches(self, batch_format: str = "default", **_: object):
+        for table, extra in zip(self.tables, self.extra):
+            if batch_format == "numpy":
+                yield {**{k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}, **extra}
+            else:
+                yield table
 
 
 def test_prompt_stream_rebatches_skips_and_counts() -> None:
@@ -127,6 +132,31 @@ def test_prompt_stream_rebatches_skips_and_counts() -> None:
     resumed = PromptStream(batch_size=3)
     assert list(resumed.batches(shard, skip=2)) == [["p6", "p7", "p8"]]
     assert resumed.counters()["corrupt_shard"] == 1  # skipped rows are still counted (once per epoch)
+
+
+def test_prompt_stream_carries_streamed_embeddings_with_their_captions() -> None:
+    """data.text_encoding=actors: rows carry embeddings (bf16 bits) and T5 masks; batches keep
+    each caption with its own row after bad rows are dropped and batches re-cut."""
+    import numpy as np
+    import torch
+
+    from pipelines.text_encoding import EncodedPrompts, to_numpy
+
+    codes = [0, 0, 1 + BAD_REASONS.index("empty_caption"), 0, 0, 0, 0]
+    caps = ["p0", "p1", "", "p2", "p3", "p4", "p5"]
+    embeds = torch.arange(len(caps) * 2 * 3, dtype=torch.float32).reshape(len(caps), 2, 3).to(torch.bfloat16)
+    mask = np.array([[1, i % 2] for i in range(len(caps))], dtype=np.uint8)
+    table = pa.table({"caption": caps, "bad": pa.array(codes, pa.uint8())})
+    blocks = [(0, 4), (4, 7)]
+    shard = _FakeShard([table.slice(a, b - a) for a, b in blocks],
+                       [{"embeds": to_numpy(embeds[a:b]), "mask": mask[a:b]} for a, b in blocks])
+    stream = PromptStream(batch_size=2)
+    batches = list(stream.batches(shard, skip=1))
+    assert [b.captions for b in batches] == [["p2", "p3"], ["p4", "p5"]]
+    assert all(isinstance(b, EncodedPrompts) for b in batches)
+    cond = batches[0].cond("cpu", torch.float32)
+    assert torch.equal(cond.embeds, embeds[[3, 4]].float()) and cond.mask.tolist() == [[1, 1], [1, 0]]
+    assert stream.counters()["empty_caption"] == 1
 
 
 @pytest.mark.ray

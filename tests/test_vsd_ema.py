@@ -44,9 +44,10 @@ def test_ema_state_round_trips_and_refuses_another_layout():
 
 def test_train_local_exports_the_averaged_student_and_resumes_its_ema(tmp_path):
     from wadi_core.adapters import adapter_state_dict
-    from wadi_core.export import load_adapter_file
+    from wadi_core.adapters import load_adapter_file
     from wadi_core.models.tiny import save_tiny_pipeline
-    from wadi_core.vsd import AdapterSpec, LocalTrainConfig, VSDConfig, train_local
+    from wadi_core.local_train import LocalTrainConfig, train_local
+    from wadi_core.vsd import AdapterSpec, VSDConfig
 
     src = save_tiny_pipeline(tmp_path / "teacher", "sd")
     vsd = VSDConfig(student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 2), gen_lr=1e-2, student_ema=0.9)

@@ -1,4 +1,4 @@
-"""The VSD / DMD2 maths on hand-made tensors (ALGORITHM.md section 3)."""
+"""The VSD / DMD2 maths on hand-made tensors (the WaDi paper's VSD step; docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from wadi_core.models import load_teacher
 from wadi_core.models.tiny import save_tiny_pipeline
 from wadi_core.vsd import (AdapterSpec, TorchUpdater, TrainState, VSDConfig, WaDiDistiller, capture_train_state,
                            restore_train_state, vsd_step)
-from wadi_core.vsd.train import make_updaters
+from wadi_core.vsd import make_updaters
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a green triangle", "a large yellow circle"]
 
@@ -164,7 +164,8 @@ def test_train_state_round_trip_resumes_exactly(sd_dir, tmp_path):
     d2 = _distiller(sd_dir)
     ups2, gen2 = make_updaters(d2), torch.Generator().manual_seed(123)
     state = TrainState.load(tmp_path / "state")
-    assert (state.step, state.data_position, state.meta) == (2, 8, {"note": "t"})
+    assert (state.step, state.data_position, state.meta["note"]) == (2, 8, "t")
+    assert set(state.meta["fingerprint"]) == {"teacher", "student", "fake"}  # checked on restore
     restore_train_state(state, d2, ups2, gen2)
     assert run(d2, ups2, gen2, 2) == expected
 

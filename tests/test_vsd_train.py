@@ -7,7 +7,8 @@ import json
 import torch
 
 from wadi_core.models.tiny import save_tiny_pipeline
-from wadi_core.vsd import AdapterSpec, LocalTrainConfig, TrainState, VSDConfig, train_local
+from wadi_core.local_train import LocalTrainConfig, train_local
+from wadi_core.vsd import AdapterSpec, TrainState, VSDConfig
 
 
 def test_train_local_writes_samples_state_export_and_resumes(tmp_path):
@@ -34,23 +35,27 @@ def test_train_local_writes_samples_state_export_and_resumes(tmp_path):
     changed = [k for k in student_after_2 if "adapters.student" in k and not torch.equal(student_after_2[k], resumed[k])]
     assert changed  # it trained on from the restored student
 
+    # Another adapter config in the same out dir: refused before anything is loaded (the Ray trainer's rule).
+    import pytest
+
+    from wadi_core.vsd.state import IncompatibleCheckpoint
+
+    wider = VSDConfig(student=AdapterSpec("lorad", 8), fake=AdapterSpec("lorad", 4))
+    with pytest.raises(IncompatibleCheckpoint, match="another student"):
+        train_local(LocalTrainConfig(**{**cfg.__dict__, "vsd": wider, "steps": 4}), progress=False, export=False)
+
 
 def test_distill_local_job_reads_recipe_and_overrides(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    import importlib
 
-    job = Path(__file__).resolve().parents[1] / "jobs" / "distill_local.py"
-    spec = importlib.util.spec_from_file_location("distill_local", job)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("jobs.distill_local")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("teacher: /some/dir\nvsd:\n  gen_lr: 3.0e-4\n  student: {kind: lorad, rank: 8}\n")
-    ap_args = ["--recipe", str(recipe), "--steps", "7", "vsd.fake.rank=2", "vsd.loss=dmd2"]
-    import argparse
+    # data/train sections belong to the Ray job: this job takes the sections it has fields for
+    recipe.write_text("teacher: /some/dir\nvsd:\n  gen_lr: 3.0e-4\n  student: {kind: lorad, rank: 8}\n"
+                      "train: {num_workers: 4}\n")
+    from pipelines.cli import load_job_config
 
-    ns = argparse.Namespace(recipe=str(recipe), teacher=None, steps=7, batch_size=4, seed=0, prompts="domain",
-                            sample_every=0, save_every=0, out=str(tmp_path / "o"), device="cpu", max_minutes=0.0,
-                            overrides=ap_args[-2:])
-    cfg = mod.build_config(ns)
-    assert cfg.teacher == "/some/dir" and cfg.steps == 7
+    cfg = load_job_config(mod.DistillLocalJob, str(recipe), ["steps=7", "vsd.fake.rank=2", "vsd.loss=dmd2",
+                                                           "domain_eval.num_prompts=10"])
+    assert cfg.teacher == "/some/dir" and cfg.steps == 7 and cfg.batch_size == 64 and cfg.domain_eval.num_prompts == 10
     assert cfg.vsd.gen_lr == 3e-4 and cfg.vsd.student.rank == 8 and cfg.vsd.fake.rank == 2 and cfg.vsd.loss == "dmd2"

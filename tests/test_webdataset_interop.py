@@ -69,9 +69,8 @@ def test_our_shards_read_by_webdataset(tmp_path):
 def test_make_prompt_shards_job_uses_shardwriter(tmp_path, capsys):
     from jobs.make_prompt_shards import main
 
-    main(["domain", "--num", "25", "--shard-size", "10", "--eval-num", "0", "--out", str(tmp_path / "wds")])
-    main(["domain", "--num", "25", "--shard-size", "10", "--eval-num", "0", "--writer", "tarfile",
-          "--out", str(tmp_path / "tar")])
+    main(["domain", "num=25", "shard_size=10", "eval_num=0", f"out={tmp_path / 'wds'}"])
+    main(["domain", "num=25", "shard_size=10", "eval_num=0", "writer=tarfile", f"out={tmp_path / 'tar'}"])
     m_wds = json.loads((tmp_path / "wds" / "manifest.json").read_text())
     assert m_wds["writer"].startswith("webdataset") and m_wds["num_shards"] == 3
     assert list(read_prompt_shards(str(tmp_path / "wds"))) == list(read_prompt_shards(str(tmp_path / "tar")))

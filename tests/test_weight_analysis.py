@@ -121,8 +121,7 @@ def test_job_on_model_dirs_with_direction_swap(unet_pair, tmp_path) -> None:
 
     teacher, student = unet_pair
     out = tmp_path / "analysis"
-    summary = main(["--reference", str(teacher), "--candidate", str(student), "--out", str(out),
-                    "--swap", "direction"])
+    summary = main([f"reference={teacher}", f"candidate={student}", f"out={out}", "swap=direction"])
     for f in ("summary.json", "per_layer.csv", "layer_scatter.png", "histograms.png", "svd_energy.png"):
         assert (out / f).stat().st_size > 0, f
     on_disk = json.loads((out / "summary.json").read_text())
@@ -161,10 +160,10 @@ def test_job_on_safetensors_files_with_norm_swap_and_mlflow(unet_pair, tmp_path)
     teacher, student = unet_pair
     swap_out = tmp_path / "student_teacher_norms.safetensors"
     db = tmp_path / "mlflow.db"
-    summary = main(["--reference", str(teacher / "diffusion_pytorch_model.safetensors"),
-                    "--candidate", str(student / "diffusion_pytorch_model.safetensors"),
-                    "--out", str(tmp_path / "a"), "--swap", "norm", "--swap-out", str(swap_out), "--no-svd",
-                    "--no-plots", "--tracking-uri", f"sqlite:///{db}", "--experiment", "wa-test"])
+    summary = main([f"reference={teacher / 'diffusion_pytorch_model.safetensors'}",
+                    f"candidate={student / 'diffusion_pytorch_model.safetensors'}",
+                    f"out={tmp_path / 'a'}", "swap=norm", f"swap_out={swap_out}", "svd_fraction=null",
+                    "plots=false", f"tracking_uri=sqlite:///{db}", "experiment=wa-test"])
     assert "svd_energy_kept_mean" not in summary
     swapped = load_weights(locate_weights(swap_out))
     ref = load_weights(locate_weights(teacher))
@@ -188,9 +187,9 @@ def test_job_reads_and_writes_s3(unet_pair, s3_bucket, tmp_path) -> None:
     teacher, student = unet_pair
     storage.upload_dir(teacher, f"s3://{s3_bucket}/teacher/unet")
     storage.upload_dir(student, f"s3://{s3_bucket}/student/unet")
-    summary = main(["--reference", f"s3://{s3_bucket}/teacher/unet", "--candidate", f"s3://{s3_bucket}/student/unet",
-                    "--out", f"s3://{s3_bucket}/analysis", "--swap", "direction", "--no-svd", "--no-plots",
-                    "--cache-dir", str(tmp_path / "cache")])
+    summary = main([f"reference=s3://{s3_bucket}/teacher/unet", f"candidate=s3://{s3_bucket}/student/unet",
+                    f"out=s3://{s3_bucket}/analysis", "swap=direction", "svd_fraction=null", "plots=false",
+                    f"cache_dir={tmp_path / 'cache'}"])
     files = {Path(f).name for f in storage.list_files(f"s3://{s3_bucket}/analysis")}
     assert {"summary.json", "per_layer.csv", "diffusion_pytorch_model.safetensors", "config.json"} <= files
     assert summary["swap_out"] == f"s3://{s3_bucket}/analysis/swapped_direction"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
-__all__ = ["ConfigError", "to_flat_dict", "from_dict", "unflatten", "replace_flat"]
+__all__ = ["ConfigError", "to_flat_dict", "from_dict", "unflatten", "replace_flat", "parse_overrides", "merge", "base_part"]
 
 T = TypeVar("T")
 
@@ -108,6 +108,22 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _onto_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial mapping for a nested dataclass field lands on the field's own default (e.g.
+    ``fake.kind=lora`` keeps the default fake score's rank), not on the nested class's defaults."""
+    if not isinstance(value, Mapping):
+        return value
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return value
+    if not dataclasses.is_dataclass(default):
+        return value
+    return merge({g.name: getattr(default, g.name) for g in dataclasses.fields(default)}, value)
+
+
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -117,7 +133,7 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
             f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys under "
             f"{prefix or 'the top level'}: {sorted(fields)}"
         )
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    kwargs = {k: _coerce(hints[k], _onto_default(fields[k], v), prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -141,3 +157,37 @@ def replace_flat(cfg: T, overrides: Mapping[str, Any]) -> T:
             raise ConfigError(f"unknown config key {k!r}; valid keys: {sorted(flat)}")
     flat.update(overrides)
     return from_dict(type(cfg), flat)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.zero_stage=3", "vsd.guidance_real=2"]`` -> dotted dict (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key=value or section.key=value "
+                              "(e.g. train.zero_stage=2)")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it (key='value')") from None
+    return out
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested mappings merged key by key (``extra`` wins); other values replaced."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def base_part(cfg: Any, base: type[T], **changes: Any) -> T:
+    """The ``base`` dataclass part of ``cfg`` (an instance of a subclass that adds job settings),
+    with ``changes`` applied: what a job hands to the library function it drives."""
+    return base(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(base)}, **changes})

@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from wadi_core.adapters import (AdapterSpec, apply_adapter, load_adapter_state_dict, merge_adapter, remove_adapters,
+                                save_adapter_file, set_adapter)
 from wadi_core.config import to_flat_dict
 from wadi_core.models.teacher import Teacher
-from wadi_core.vsd.config import AdapterSpec, VSDConfig
+from wadi_core.vsd.config import VSDConfig
 
-__all__ = ["export_one_step_pipeline", "one_step_scheduler", "merged_student_denoiser",
-           "save_adapter_file", "load_adapter_file"]
+__all__ = ["export_one_step_pipeline", "one_step_scheduler", "merged_student_denoiser"]
 
 
 def one_step_betas(alphas_cumprod: Tensor, alphabar_last: float) -> list[float]:
@@ -63,8 +63,6 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
 
     Built from config and the base weights, so the (shared, frozen) training model is untouched.
     """
-    from wadi_core.adapters import add_adapter, load_adapter_state_dict, merge_adapter, remove_adapters, set_adapter
-
     den = teacher.denoiser
     dtype = dtype or teacher.dtype
     merged = type(den).from_config(den.config)  # fp32 on CPU
@@ -73,7 +71,7 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
     missing = merged.load_state_dict(base, strict=False).missing_keys
     if missing:
         raise RuntimeError(f"base weights missing from the training denoiser: {missing[:5]} ...")
-    add_adapter(merged, spec.kind, "student", spec.rank, spec.resolved_targets(teacher.family, "student"))
+    apply_adapter(merged, spec, "student", teacher.family)
     load_adapter_state_dict(merged, "student", {k: v.detach().cpu() for k, v in student_state.items()})
     set_adapter(merged, "student")
     merge_adapter(merged, "student")  # merged in fp32, cast once at the end
@@ -83,37 +81,18 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
     return merged.eval().requires_grad_(False)
 
 
-def save_adapter_file(path: str | os.PathLike, state: Mapping[str, Tensor], spec: AdapterSpec, family: str,
-                      role: str = "student", student_alphabar: float | None = None) -> None:
-    """Adapter weights from a bare state dict (e.g. a DeepSpeed engine's), in the same
-    ``wadi-adapter-v1`` format as :func:`wadi_core.adapters.save_adapter`, so
-    ``wadi_core.adapters.load_adapter`` reads it too; family, role and (for a student) the
-    ``a`` of its one-step parametrisation go in the metadata."""
-    from wadi_core.adapters.io import FORMAT
+def _copy_text_encoder(teacher: Teacher, out: Path) -> None:
+    """The teacher's ``text_encoder`` folder and its ``model_index.json`` entry, unchanged."""
+    import shutil
 
-    targets = spec.resolved_targets(family, "student" if role == "student" else "fake")
-    meta = {"format": FORMAT, "kind": spec.kind, "rank": str(spec.rank), "options": "{}",
-            "targets": json.dumps(targets), "family": family, "role": role}
-    if student_alphabar is not None:
-        meta["student_alphabar"] = repr(float(student_alphabar))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=meta)
-
-
-def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], AdapterSpec]:
-    """(state dict, AdapterSpec) of a ``wadi-adapter-v1`` file whose targets are a preset or regex."""
-    from safetensors import safe_open
-
-    from wadi_core.adapters.io import FORMAT
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a WaDi adapter file (metadata format={meta.get('format')!r})")
-    targets = json.loads(meta["targets"])
-    if not isinstance(targets, str):
-        raise ValueError(f"{path} lists explicit layers: load it onto a model with wadi_core.adapters.load_adapter")
-    return load_file(str(path)), AdapterSpec(meta["kind"], int(meta["rank"]), targets)
+    if teacher.root is None or not (teacher.root / "text_encoder").is_dir():
+        raise ValueError("the teacher was loaded without its text encoder and without a local folder to copy it "
+                         "from: load it with load_teacher(..., text_encoder=True) to export")
+    shutil.copytree(teacher.root / "text_encoder", out / "text_encoder", dirs_exist_ok=True)
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["text_encoder"] = json.loads((teacher.root / "model_index.json").read_text())["text_encoder"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VSDConfig | None = None,
@@ -157,6 +136,8 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
             vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=denoiser,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    if teacher.text_encoder is None:  # trained with its text encoder elsewhere: copy the teacher's files
+        _copy_text_encoder(teacher, out)
     save_adapter_file(out / "adapters" / "student.safetensors", student_state, cfg.student, teacher.family, "student",
                       student_alphabar=alphabar)
     if fake_state is not None:

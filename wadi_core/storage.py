@@ -7,13 +7,14 @@ config files; nothing here logs them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import warnings
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = [
     "is_remote",
@@ -158,26 +159,62 @@ def _valid(entry: Any, dest: Path, etag: str) -> bool:
     return st.st_size == entry.get("size") and st.st_mtime_ns == entry.get("mtime_ns")
 
 
+@contextlib.contextmanager
+def _node_lock(path: Path, what: str) -> Iterator[None]:
+    """An exclusive lock on ``path`` between the processes (and threads) of one machine.
+
+    Eight train workers on a node materialise the same teacher at once: the first one to get the
+    lock downloads, the others wait and then find every file in place (ETag and size checked), so
+    each object is fetched once per node. ``flock`` on a fresh open file description, released
+    by the kernel if the holder dies. Without ``fcntl`` (not POSIX) each process downloads on its
+    own; the temp-file + rename still keeps every cached file whole.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[wadi] waiting for another process on this machine to download {what}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def materialize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a local path holding the content of ``uri``.
 
     Local paths are returned as they are. An ``s3://`` prefix (or object) is mirrored into
     ``cache_dir/<hash of uri>``; a cached file is reused only while the object's ETag is the one
-    recorded when it was downloaded (``<hash>.json`` beside the folder). Object keys that would
-    land outside the cache (absolute, ``..``) raise ``UnsafeKeyError``.
+    recorded when it was downloaded (``<hash>.json`` beside the folder). Processes of one machine
+    sharing the cache download each object once: one holds ``<hash>.lock`` while it checks and
+    fetches, the others wait for it. Each file is written to a temp file and renamed into place.
+    Object keys that would land outside the cache (absolute, ``..``) raise ``UnsafeKeyError``.
     """
     if not is_remote(uri):
         path = Path(uri).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: pass a local path or an s3:// URI")
         return path
-    fs, path = filesystem(uri)
-    fs.invalidate_cache(path)  # fresh ETags: the objects may have changed since this process listed them
     digest = hashlib.sha256(str(uri).encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir())
+    with _node_lock(cache / f"{digest}.lock", str(uri)):
+        return _mirror(str(uri), cache, digest)
+
+
+def _mirror(uri: str, cache: Path, digest: str) -> Path:
+    """``materialize``'s work, under the node lock: list, compare with the manifest, fetch what changed."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # fresh ETags: the objects may have changed since this process listed them
     root = cache / digest
     manifest_path = cache / f"{digest}.json"
-    manifest = _read_manifest(manifest_path)
+    manifest = _read_manifest(manifest_path)  # read under the lock: another process may just have written it
     if fs.isfile(path):
         items = [(path, path.rsplit("/", 1)[-1], fs.info(path))]
         result = None
@@ -194,14 +231,15 @@ def materialize(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = No
             raise FileNotFoundError(f"nothing found under {uri}: check the bucket, prefix and AWS_ENDPOINT_URL")
         result = root
     dests = [(f, key, cache_path(root, key), info) for f, key, info in items]  # all checked before any write
-    changed = False
-    for f, key, dest, info in dests:
-        etag = _etag(info)
-        if _valid(manifest.get(key), dest, etag):
-            continue
-        manifest[key] = _fetch(fs, f, dest, etag)
-        changed = True
-    if changed:
+    todo = [(f, key, dest, info) for f, key, dest, info in dests if not _valid(manifest.get(key), dest, _etag(info))]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=sum(int(info.get("size") or 0) for *_, info in todo), unit="B", unit_scale=True,
+              desc=f"download {uri}", disable=not todo, mininterval=2) as bar:
+        for f, key, dest, info in todo:
+            manifest[key] = _fetch(fs, f, dest, _etag(info))
+            bar.update(int(info.get("size") or 0))
+    if todo:
         tmp = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
         os.replace(tmp, manifest_path)

@@ -8,7 +8,8 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["AdapterModule", "register_adapter", "adapter_class", "ADAPTER_KINDS", "compute_dtype", "no_autocast"]
+__all__ = ["AdapterModule", "register_adapter", "adapter_class", "check_rank", "ADAPTER_KINDS", "compute_dtype",
+           "no_autocast"]
 
 ADAPTER_KINDS: dict[str, type["AdapterModule"]] = {}
 
@@ -34,6 +35,23 @@ def adapter_class(kind: str) -> type["AdapterModule"]:
         return ADAPTER_KINDS[kind]
     except KeyError:
         raise ValueError(f"unknown adapter kind {kind!r}; choose one of {sorted(ADAPTER_KINDS)}") from None
+
+
+def check_rank(kind: str, rank: int) -> int:
+    """The one rank rule, used by ``AdapterSpec``, ``add_adapter`` and every adapter layer.
+
+    Low-rank kinds (``lorad``, ``lora``, ``dora``) need an integer rank >= 1; a kind whose class sets
+    ``uses_rank = False`` (``full``: it trains the whole weight) has no rank and takes 0.
+    """
+    cls = adapter_class(kind)
+    if isinstance(rank, bool) or int(rank) != rank:
+        raise ValueError(f"adapter rank must be an integer, got {rank!r}")
+    if cls.uses_rank and rank < 1:
+        raise ValueError(f"a {kind} adapter needs rank >= 1, got {rank}")
+    if not cls.uses_rank and rank != 0:
+        raise ValueError(f"kind={kind} trains every weight and has no rank, but rank={rank} is set: "
+                         f"drop the rank (rank=0), or use a low-rank kind (lorad, lora, dora)")
+    return int(rank)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -74,11 +92,11 @@ class AdapterModule(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    uses_rank: ClassVar[bool] = True  # False: the kind has no rank (``check_rank`` wants 0)
 
     def __init__(self, base: nn.Linear, rank: int, dtype: torch.dtype | None = None, **options: Any):
         super().__init__()
-        if int(rank) <= 0:
-            raise ValueError(f"adapter rank must be a positive integer, got {rank}")
+        check_rank(self.kind, rank)
         if options:
             raise TypeError(f"{type(self).__name__} got unknown options {sorted(options)}")
         self.rank = int(rank)

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import adapter_class
+from .base import adapter_class, check_rank
 from .layer import AdaptedLinear
 from .targets import Targets, resolve_targets
 
@@ -57,8 +57,7 @@ def add_adapter(model: nn.Module, kind: str, name: str, rank: int, targets: Targ
     cls = adapter_class(kind)
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "none":
         raise ValueError(f"adapter name must be a Python identifier other than 'none', got {name!r}")
-    if int(rank) <= 0:
-        raise ValueError(f"adapter rank must be a positive integer, got {rank}")
+    check_rank(kind, rank)
     if name in adapter_names(model):
         raise ValueError(f"model already has an adapter named {name!r}; pick another name "
                          "or remove_adapters(model) first")

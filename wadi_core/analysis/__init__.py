@@ -1,4 +1,4 @@
-"""Weight-direction analysis of two checkpoints (ALGORITHM.md section 1)."""
+"""Weight-direction analysis of two checkpoints (the observation behind WaDi, arXiv 2603.08258)."""
 
 from .checkpoint import WeightsCheckpoint, load_weights, locate_weights, save_weights_like
 from .report import AnalyzeWeightsConfig, analyze_checkpoints

@@ -1,4 +1,4 @@
-"""Per-row norm and direction change between two weight sets (ALGORITHM.md section 1).
+"""Per-row norm and direction change between two weight sets (the observation behind WaDi, arXiv 2603.08258).
 
 For every output unit (row ``w_n`` of ``W`` in ``(out, in)`` layout; conv kernels flattened to
 ``(out, in*kh*kw)``), with ``w`` from the reference (teacher) and ``w'`` from the candidate (student):

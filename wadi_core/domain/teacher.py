@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["sample_images", "sample_images_parallel", "image_grid", "folder_size_mb", "TeacherArch", "build_vae", "build_text_encoder", "build_unet", "build_scheduler",
+from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
+
+__all__ = ["sample_images", "sample_images_parallel", "folder_size_mb", "TeacherArch", "build_vae", "build_text_encoder", "build_unet", "build_scheduler",
            "build_training_scheduler", "assemble_pipeline", "SCHEDULE"]
 
 # SD 1.x noise schedule (shared by training and sampling).
@@ -104,7 +106,7 @@ def folder_size_mb(path: str | os.PathLike) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def sample_images(pipe, prompts: list[str], steps: int = 25, guidance: float = 3.0, seed: int = 0,
+def sample_images(pipe, prompts: list[str], steps: int = TEACHER_STEPS, guidance: float = TEACHER_GUIDANCE, seed: int = 0,
                   batch: int = 256, progress: bool = False):
     """Generate one image per prompt with the pipeline; float [0,1] tensor (B,3,H,W)."""
     import torch
@@ -120,20 +122,6 @@ def sample_images(pipe, prompts: list[str], steps: int = 25, guidance: float = 3
     return torch.cat(out)
 
 
-def image_grid(images, nrow: int, scale: int = 4):
-    """float [0,1] (B,3,H,W) -> PIL grid image, each tile upscaled ``scale`` x (nearest)."""
-    import numpy as np
-    from PIL import Image
-
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    b, h, w, c = arr.shape
-    ncol = -(-b // nrow)
-    pad = np.zeros((nrow * ncol - b, h, w, c), np.uint8)
-    arr = np.concatenate([arr, pad]).reshape(nrow, ncol, h, w, c).transpose(0, 2, 1, 3, 4).reshape(nrow * h, ncol * w, c)
-    img = Image.fromarray(arr)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-
-
 def _sample_chunk(args: tuple) -> "Any":
     import torch
     from diffusers import StableDiffusionPipeline
@@ -144,7 +132,7 @@ def _sample_chunk(args: tuple) -> "Any":
     return sample_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed, batch=batch)
 
 
-def sample_images_parallel(teacher_dir: str, prompts: list[str], steps: int = 25, guidance: float = 3.0,
+def sample_images_parallel(teacher_dir: str, prompts: list[str], steps: int = TEACHER_STEPS, guidance: float = TEACHER_GUIDANCE,
                            seed: int = 0, batch: int = 250, workers: int = 2):
     """``sample_images`` split over ``workers`` spawned processes (one thread each); same result
     as one process, since every batch is seeded by its start index."""

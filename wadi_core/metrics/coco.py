@@ -1,7 +1,7 @@
 """COCO evaluation prompt lists: the canonical COCO-30k file and our own seeded draw.
 
 Protocol in docs/EVALUATION.md. The canonical COCO-30k list (GigaGAN / DMD2) is
-``../shared/data/coco2014_val_30k_captions.txt``; its recipe is not public, so any list we
+``coco2014_val_30k_captions.txt`` (found by :func:`default_coco30k_path`); its recipe is not public, so any list we
 draw ourselves uses :func:`draw_coco_captions` and is stored with its sha256.
 """
 
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 COCO30K_SHA256 = "edabd2a556026cbf5d36a5fffa35ad43d7ba71b72f6d640b727c1edefb7f1945"
-# relative to the repository root: the shared data folder sits beside the repo
+#: Where the list is looked for when $WADI_COCO30K is not set: a ``shared/data`` folder beside the checkout.
 COCO30K_RELATIVE_PATH = "../shared/data/coco2014_val_30k_captions.txt"
 DRAW_SEED = 2024
 
@@ -43,7 +43,12 @@ class CocoPrompt:
 
 
 def default_coco30k_path() -> Path:
-    """``<repo>/../shared/data/coco2014_val_30k_captions.txt`` (override with ``--prompts``)."""
+    """``$WADI_COCO30K``, else ``shared/data/coco2014_val_30k_captions.txt`` beside the checkout
+    (its sha256 is checked on every read; another list goes in with ``--prompts``)."""
+    import os
+
+    if os.environ.get("WADI_COCO30K"):
+        return Path(os.environ["WADI_COCO30K"]).expanduser().resolve()
     repo = Path(__file__).resolve().parents[2]
     return (repo / COCO30K_RELATIVE_PATH).resolve()
 

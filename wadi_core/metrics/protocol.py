@@ -1,6 +1,6 @@
 """The extractor / scorer interfaces and the image protocol shared by every metric.
 
-Image protocol (GigaGAN / DMD2 COCO-30k, ../shared/spec/METRICS.md): every image, real or
+Image protocol (GigaGAN / DMD2 COCO-30k, docs/EVALUATION.md): every image, real or
 generated, is center-cropped to its short side and resized with PIL LANCZOS to 256x256
 (:func:`protocol_resize`); each metric then applies its own preprocessing (clean-fid's
 :func:`clean_resize` to 299 for Inception, open_clip's transforms for CLIP / HPS).

@@ -2,7 +2,7 @@
 
 Statistics are running float64 sums (n, sum f, sum f f^T), so partial statistics from several
 workers merge exactly (``merge`` is a sum) and the covariance uses ``n - 1`` like ``np.cov``
-(../shared/spec/METRICS.md: float32 sums or a 1/n covariance shift FID by 1e-4..1e-3).
+(float32 sums or a 1/n covariance shift FID by 1e-4..1e-3).
 """
 
 from __future__ import annotations

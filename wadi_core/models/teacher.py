@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from wadi_core import storage
 
-__all__ = ["Cond", "Teacher", "load_teacher", "resolve_teacher_dir", "EMBEDDED_TEACHER"]
+__all__ = ["Cond", "Teacher", "load_teacher", "resolve_teacher_dir", "EMBEDDED_TEACHER", "PromptEncoder",
+           "load_prompt_encoder", "encode_text"]
 
 #: The shipped embedded teacher (diffusers StableDiffusionPipeline layout).
 EMBEDDED_TEACHER: Path = Path(__file__).resolve().parents[1] / "assets" / "embedded_teacher"
@@ -49,6 +50,10 @@ class Cond:
     def to(self, device: torch.device | str) -> "Cond":
         return Cond(self.embeds.to(device), None if self.mask is None else self.mask.to(device))
 
+    def to_dtype(self, dtype: torch.dtype) -> "Cond":
+        """Embeddings in ``dtype`` (the mask keeps its integer type)."""
+        return Cond(self.embeds.to(dtype), self.mask)
+
     def detach(self) -> "Cond":
         return Cond(self.embeds.detach(), None if self.mask is None else self.mask.detach())
 
@@ -64,13 +69,15 @@ class Teacher:
 
     denoiser: nn.Module
     vae: nn.Module
-    text_encoder: nn.Module
+    text_encoder: nn.Module | None  # None: prompts are encoded elsewhere (``remember`` their Cond)
     tokenizer: Any
     scheduler: Any
     family: Family
     source: str = ""
     max_text_length: int = 77
+    root: Path | None = None  # the local diffusers folder it was loaded from
     _null: Cond | None = field(default=None, repr=False)
+    _known: dict[str, Cond] = field(default_factory=dict, repr=False)
 
     # -- facts read from the checkpoint configs ------------------------------------------------
     @property
@@ -109,22 +116,26 @@ class Teacher:
     # -- text ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Tokenise and encode prompts as the diffusers pipelines do (CLIP 77 tokens; T5 + mask)."""
-        tok = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_text_length,
-            truncation=True, return_tensors="pt",
-        )
-        device = next(self.text_encoder.parameters()).device
-        ids = tok.input_ids.to(device)
-        if self.family == "pixart":
-            mask = tok.attention_mask.to(device)
-            embeds = self.text_encoder(ids, attention_mask=mask)[0]
-            return Cond(embeds.to(self.dtype), mask)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tok.attention_mask.to(device)
-        embeds = self.text_encoder(ids, attention_mask=mask)[0]
-        return Cond(embeds.to(self.dtype), None)
+        """Tokenise and encode prompts as the diffusers pipelines do (CLIP 77 tokens; T5 + mask).
+        Without a text encoder, only prompts given to ``remember`` can be answered."""
+        if self.text_encoder is not None:
+            return encode_text(self.text_encoder, self.tokenizer, self.family, self.max_text_length,
+                               prompts).to_dtype(self.dtype)
+        missing = [p for p in prompts if p not in self._known]
+        if missing:
+            raise RuntimeError(f"this teacher was loaded without its text encoder (data.text_encoding=actors), and "
+                               f"{len(missing)} prompt(s) were not precomputed (first: {missing[0]!r}): pass their "
+                               "embeddings with Teacher.remember, or load it with text_encoder=True")
+        return Cond.cat([self._known[p] for p in prompts]).to(self.device).to_dtype(self.dtype)
+
+    def remember(self, prompts: list[str], cond: Cond) -> None:
+        """Keep precomputed conditionings (one row per prompt), e.g. the empty prompt and the
+        sample prompts of a trainer whose text encoder runs in other processes."""
+        for i, p in enumerate(prompts):
+            self._known[p] = Cond(cond.embeds[i:i + 1].to(self.device),
+                                  None if cond.mask is None else cond.mask[i:i + 1].to(self.device))
+        if "" in self._known:
+            self._null = None
 
     def null_cond(self, batch: int) -> Cond:
         """The empty prompt's conditioning repeated ``batch`` times (encoded once, cached)."""
@@ -176,15 +187,47 @@ class Teacher:
 
     def to(self, device: torch.device | str) -> "Teacher":
         for m in (self.denoiser, self.vae, self.text_encoder):
-            m.to(device)
+            if m is not None:
+                m.to(device)
         self._null = None
+        self._known = {p: c.to(device) for p, c in self._known.items()}
         return self
 
     def freeze(self) -> "Teacher":
         for m in (self.denoiser, self.vae, self.text_encoder):
-            m.requires_grad_(False)
-            m.eval()
+            if m is not None:
+                m.requires_grad_(False)
+                m.eval()
         return self
+
+
+@torch.no_grad()
+def encode_text(text_encoder: nn.Module, tokenizer: Any, family: Family, max_length: int,
+                prompts: list[str]) -> Cond:
+    """Prompts -> ``Cond`` in the encoder's dtype, as the diffusers pipelines encode them: CLIP at
+    77 tokens (SD), T5 with its attention mask at 120 tokens (PixArt-alpha)."""
+    tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids = tok.input_ids.to(device)
+    if family == "pixart":
+        mask = tok.attention_mask.to(device)
+        return Cond(text_encoder(ids, attention_mask=mask)[0], mask)
+    mask = tok.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return Cond(text_encoder(ids, attention_mask=mask)[0], None)
+
+
+@dataclass
+class PromptEncoder:
+    """A teacher's tokenizer + text encoder alone (Ray Data encoding actors: no denoiser, no VAE)."""
+
+    text_encoder: nn.Module
+    tokenizer: Any
+    family: Family
+    max_length: int
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        return encode_text(self.text_encoder, self.tokenizer, self.family, self.max_length, prompts)
 
 
 def resolve_teacher_dir(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -229,40 +272,90 @@ def _component_class(index: dict[str, Any], name: str) -> type:
     return getattr(module, cls)
 
 
+def _low_memory_kwargs() -> dict[str, Any]:
+    """Build each model on the meta device and fill it from the checkpoint, so a large model is
+    held once in RAM while loading instead of twice (random init + weights). Needs accelerate;
+    without it the models load the slow way (transformers 5 always loads this way)."""
+    import importlib.util
+
+    return {"low_cpu_mem_usage": True} if importlib.util.find_spec("accelerate") is not None else {}
+
+
+def _read_index(root: Path, uri: Any) -> dict[str, Any]:
+    index_file = root / "model_index.json"
+    if not index_file.exists():
+        raise FileNotFoundError(f"{index_file} is missing: {uri} is not a diffusers pipeline directory")
+    return json.loads(index_file.read_text())
+
+
+def _family(index: dict[str, Any], where: Any) -> Family:
+    if "unet" in index:
+        return "sd"
+    if "transformer" in index:
+        return "pixart"
+    raise ValueError(f"{where} has neither a 'unet' nor a 'transformer': not an SD or PixArt pipeline")
+
+
+def _text_max_length(family: Family, tokenizer: Any, text_config: Any) -> int:
+    if family == "pixart":
+        return 120  # PixArt-alpha's T5 context (diffusers' max_sequence_length default)
+    max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
+    return min(max_len, int(text_config.max_position_embeddings))
+
+
 def load_teacher(
     uri: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     cache_dir: str | os.PathLike | None = None,
+    text_encoder: bool = True,
 ) -> Teacher:
     """Load a frozen teacher from a diffusers directory (local, ``s3://`` or hub id; "embedded").
 
     SD-family (``unet`` component) and PixArt-alpha (``transformer``) pipelines are recognised
     from ``model_index.json``; latent shape, VAE scaling and alphabar come from their configs.
+    ``text_encoder=False`` leaves the text encoder out (its config is still read for the token
+    length): prompts are then encoded elsewhere and handed over (``Teacher.remember``).
     """
     root = resolve_teacher_dir(uri, cache_dir)
-    index_file = root / "model_index.json"
-    if not index_file.exists():
-        raise FileNotFoundError(f"{index_file} is missing: {uri} is not a diffusers pipeline directory")
-    index = json.loads(index_file.read_text())
-    if "unet" in index:
-        family: Family = "sd"
-        denoiser = _component_class(index, "unet").from_pretrained(root, subfolder="unet", torch_dtype=dtype)
-    elif "transformer" in index:
-        family = "pixart"
-        denoiser = _component_class(index, "transformer").from_pretrained(
-            root, subfolder="transformer", torch_dtype=dtype)
-    else:
-        raise ValueError(f"{index_file} has neither a 'unet' nor a 'transformer': not an SD or PixArt pipeline")
-    vae = _component_class(index, "vae").from_pretrained(root, subfolder="vae", torch_dtype=dtype)
-    text_encoder = _component_class(index, "text_encoder").from_pretrained(
-        root, subfolder="text_encoder", torch_dtype=dtype)
+    index = _read_index(root, uri)
+    family = _family(index, root / "model_index.json")
+    low_mem = _low_memory_kwargs()
+    component = "unet" if family == "sd" else "transformer"
+    denoiser = _component_class(index, component).from_pretrained(root, subfolder=component, torch_dtype=dtype,
+                                                                  **low_mem)
+    vae = _component_class(index, "vae").from_pretrained(root, subfolder="vae", torch_dtype=dtype, **low_mem)
+    encoder_cls = _component_class(index, "text_encoder")
+    encoder = (encoder_cls.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype, **low_mem)
+               if text_encoder else None)
     tokenizer = _component_class(index, "tokenizer").from_pretrained(root, subfolder="tokenizer")
     scheduler = _component_class(index, "scheduler").from_pretrained(root, subfolder="scheduler")
-    if family == "pixart":
-        max_len = 120  # PixArt-alpha's T5 context (diffusers' max_sequence_length default)
-    else:
-        max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
-        max_len = min(max_len, int(text_encoder.config.max_position_embeddings))
-    teacher = Teacher(denoiser, vae, text_encoder, tokenizer, scheduler, family, str(uri), max_len)
+    text_config = encoder.config if encoder is not None else encoder_cls.config_class.from_pretrained(
+        root / "text_encoder")
+    max_len = _text_max_length(family, tokenizer, text_config)
+    teacher = Teacher(denoiser, vae, encoder, tokenizer, scheduler, family, str(uri), max_len, root=Path(root))
     return teacher.to(device).freeze()
+
+
+def load_prompt_encoder(uri: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu",
+                        cache_dir: str | os.PathLike | None = None) -> PromptEncoder:
+    """Only the tokenizer and text encoder of a teacher (for an ``s3://`` teacher only those
+    folders are downloaded)."""
+    uri = str(uri)
+    if storage.is_remote(uri):
+        local = {part: storage.materialize(storage.join(uri, part), cache_dir)
+                 for part in ("model_index.json", "text_encoder", "tokenizer")}
+        index = json.loads(local["model_index.json"].read_text())
+        enc_dir, tok_dir = local["text_encoder"], local["tokenizer"]
+        where: Any = uri
+    else:
+        base = resolve_teacher_dir(uri, cache_dir)
+        index = _read_index(base, uri)
+        enc_dir, tok_dir, where = base / "text_encoder", base / "tokenizer", base / "model_index.json"
+    family = _family(index, where)
+    encoder = _component_class(index, "text_encoder").from_pretrained(enc_dir, torch_dtype=dtype,
+                                                                      **_low_memory_kwargs())
+    tokenizer = _component_class(index, "tokenizer").from_pretrained(tok_dir)
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    return PromptEncoder(encoder, tokenizer, family, _text_max_length(family, tokenizer, encoder.config))

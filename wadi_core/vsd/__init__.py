@@ -5,19 +5,13 @@ from wadi_core.vsd.distiller import Role, WaDiDistiller
 from wadi_core.vsd.losses import (add_noise, cfg_combine, dmd2_gradient, fake_score_loss, generator_loss,
                                   vsd_gradient, x0_from_eps)
 from wadi_core.vsd.state import TrainState, capture_train_state, restore_train_state
-from wadi_core.vsd.step import StepResult, TorchUpdater, Updater, vsd_step
+from wadi_core.vsd.step import (NonFiniteGuard, NonFiniteTraining, StepResult, TorchUpdater, Updater, make_updaters,
+                                vsd_step)
 
 __all__ = [
     "AdapterSpec", "DMD2Config", "VSDConfig", "PRESET_TARGETS", "Role", "WaDiDistiller",
     "add_noise", "cfg_combine", "dmd2_gradient", "fake_score_loss", "generator_loss", "vsd_gradient",
     "x0_from_eps", "TrainState", "capture_train_state", "restore_train_state", "StepResult", "TorchUpdater", "Updater",
-    "vsd_step", "make_updaters", "train_local", "LocalTrainConfig",
+    "vsd_step", "make_updaters", "NonFiniteGuard", "NonFiniteTraining",
 ]
 
-
-def __getattr__(name: str):  # the training loop pulls in tqdm/PIL: import it on first use
-    if name in ("train_local", "LocalTrainConfig", "make_updaters"):
-        from wadi_core.vsd import train
-
-        return getattr(train, name)
-    raise AttributeError(name)

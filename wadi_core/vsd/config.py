@@ -1,40 +1,13 @@
-"""Typed configuration of the VSD / DMD2 distillation step (ALGORITHM.md section 3)."""
+"""Typed configuration of the VSD / DMD2 distillation step (WaDi, arXiv 2603.08258; docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+from wadi_core.adapters.spec import PRESET_TARGETS, AdapterSpec
+
 __all__ = ["AdapterSpec", "DMD2Config", "VSDConfig", "PRESET_TARGETS"]
-
-AdapterKind = Literal["lorad", "lora", "dora", "full"]
-
-#: Paper layer sets per teacher family: (student preset, fake-score preset) of wadi_core.adapters.
-PRESET_TARGETS: dict[str, tuple[str, str]] = {
-    "sd": ("unet_student", "unet_fake"),
-    "pixart": ("dit_student", "dit_fake"),
-}
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One named adapter on the shared denoiser. ``targets``: "auto" (paper preset for the
-    teacher family), a preset name, or a regex of module names (see wadi_core.adapters)."""
-
-    kind: AdapterKind = "lorad"
-    rank: int = 256
-    targets: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.rank <= 0 and self.kind != "full":
-            raise ValueError(f"adapter rank must be > 0, got {self.rank}")
-
-    def resolved_targets(self, family: str, role: Literal["student", "fake"]) -> str:
-        if self.targets != "auto":
-            return self.targets
-        if family not in PRESET_TARGETS:
-            raise ValueError(f"no preset layer set for family {family!r}; set targets explicitly")
-        return PRESET_TARGETS[family][0 if role == "student" else 1]
 
 
 @dataclass(frozen=True)

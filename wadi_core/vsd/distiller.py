@@ -33,7 +33,7 @@ class WaDiDistiller:
     """
 
     def __init__(self, teacher: Teacher, cfg: VSDConfig) -> None:
-        from wadi_core.adapters import add_adapter, set_adapter
+        from wadi_core.adapters import apply_adapter, set_adapter
 
         self.teacher = teacher.freeze()
         self.cfg = cfg
@@ -45,7 +45,7 @@ class WaDiDistiller:
                              f"{cfg.student_timestep} = {schedule_a:.3g}), got {cfg.student_alphabar}")
         den = teacher.denoiser
         for role, spec in (("student", cfg.student), ("fake", cfg.fake)):
-            add_adapter(den, spec.kind, role, spec.rank, spec.resolved_targets(teacher.family, role))
+            apply_adapter(den, spec, role, teacher.family)
         set_adapter(den, None)
         self._active: str | None = None
         if cfg.gradient_checkpointing:

@@ -1,4 +1,4 @@
-"""The maths of VSD / DMD2 as pure tensor functions (ALGORITHM.md section 3).
+"""The maths of VSD / DMD2 as pure tensor functions (WaDi, arXiv 2603.08258; DMD2, arXiv 2405.14867).
 
 Shapes: latents (B, C, H, W); ``abar_t`` is alphabar at each sample's timestep, shape (B,).
 """

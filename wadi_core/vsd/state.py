@@ -6,6 +6,7 @@ Kept apart from the exported model: ``<dir>/train_state.json`` (structure and sc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -15,9 +16,10 @@ from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["TrainState", "capture_train_state", "restore_train_state"]
+__all__ = ["TrainState", "capture_train_state", "restore_train_state", "IncompatibleCheckpoint", "model_fingerprint",
+           "check_fingerprint", "distiller_fingerprint"]
 
 _JSON, _TENSORS = "train_state.json", "train_state.safetensors"
 
@@ -92,6 +94,46 @@ class TrainState:
         return (Path(directory) / _JSON).exists()
 
 
+class IncompatibleCheckpoint(RuntimeError):
+    """A training state written for another teacher or other adapters than this run's."""
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(teacher_source: str, denoiser: nn.Module, roles: Mapping[str, nn.Module]) -> dict[str, str]:
+    """What a training state belongs to: the teacher (its source, its parameter shapes and the
+    bytes of its first weight tensor, which a retrained teacher changes) and, per role, the names
+    and shapes of the trainable adapter tensors. Cheap (no pass over all the weights)."""
+    params = list(denoiser.named_parameters())
+    first = params[0][1].detach().to("cpu", torch.float32).contiguous() if params else torch.zeros(0)
+    teacher = _digest([teacher_source] + [f"{n}:{tuple(p.shape)}" for n, p in params]
+                      + [hashlib.sha256(first.numpy().tobytes()).hexdigest()])
+    out = {"teacher": teacher}
+    for role, module in roles.items():
+        out[role] = _digest([f"{n}:{tuple(p.shape)}" for n, p in module.named_parameters()])
+    return out
+
+
+def distiller_fingerprint(distiller: Any) -> dict[str, str]:
+    """``model_fingerprint`` of a ``WaDiDistiller`` (teacher + student and fake adapters)."""
+    return model_fingerprint(str(distiller.teacher.source), distiller.denoiser,
+                             {role: distiller.modules(role) for role in ("student", "fake")})
+
+
+def check_fingerprint(saved: Mapping[str, str], current: Mapping[str, str], where: str,
+                      advice: str = "start a new output directory, or delete the old state to start over.") -> None:
+    """Raise :class:`IncompatibleCheckpoint` when a training state belongs to another model."""
+    if not saved:  # written before fingerprints existed: nothing to compare
+        return
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {where} was written for another {' / '.join(diff)} than this run's "
+            f"(the teacher or the adapter config changed since): {advice}")
+
+
 def capture_train_state(distiller: Any, updaters: Mapping[str, Any], generator: torch.Generator,
                         step: int, data_position: int, meta: dict[str, Any] | None = None) -> TrainState:
     """Snapshot adapters ("student", "fake"), updater state_dicts and all RNGs."""
@@ -105,14 +147,17 @@ def capture_train_state(distiller: Any, updaters: Mapping[str, Any], generator: 
         step=step, data_position=data_position, rng=rng,
         adapters={name: adapter_state_dict(distiller.denoiser, name) for name in ("student", "fake")},
         optimizers={name: u.state_dict() for name, u in updaters.items() if hasattr(u, "state_dict")},
-        meta=dict(meta or {}),
+        meta={**(meta or {}), "fingerprint": distiller_fingerprint(distiller)},
     )
 
 
 def restore_train_state(state: TrainState, distiller: Any, updaters: Mapping[str, Any],
                         generator: torch.Generator) -> None:
-    """Inverse of :func:`capture_train_state` (adapters, optimizers, RNGs)."""
+    """Inverse of :func:`capture_train_state` (adapters, optimizers, RNGs); refuses a state written
+    for another teacher or other adapters (:class:`IncompatibleCheckpoint`) before touching anything."""
     from wadi_core.adapters import load_adapter_state_dict
+
+    check_fingerprint(state.meta.get("fingerprint", {}), distiller_fingerprint(distiller), f"at step {state.step}")
 
     for name, sd in state.adapters.items():
         load_adapter_state_dict(distiller.denoiser, name, sd)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple, Protocol, runtime_checkable
+import warnings
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +12,7 @@ from wadi_core.models.teacher import Cond
 from wadi_core.vsd.distiller import WaDiDistiller
 from wadi_core.vsd.losses import add_noise, at_least_fp32, dmd2_gradient, fake_score_loss, generator_loss, vsd_gradient
 
-__all__ = ["Updater", "StepResult", "TorchUpdater", "vsd_step"]
+__all__ = ["Updater", "StepResult", "TorchUpdater", "vsd_step", "make_updaters", "NonFiniteGuard", "NonFiniteTraining"]
 
 
 class StepResult(NamedTuple):
@@ -104,7 +105,8 @@ def _randint(low: int, high: int, n: int, generator: torch.Generator, device: to
 
 def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fake_updater: Updater,
              generator: torch.Generator) -> dict[str, float]:
-    """One generator update and ``cfg.fake_steps_per_gen`` fake-score updates (ALGORITHM.md s.3)."""
+    """One generator update and ``cfg.fake_steps_per_gen`` fake-score updates (WaDi, arXiv 2603.08258:
+    VSD with a LoRaD student and a LoRaD fake score on one frozen base)."""
     cfg, dev, n = distiller.cfg, distiller.device, len(cond)
     shape = (n, *distiller.teacher.latent_shape)
     null = distiller.teacher.null_cond(n)
@@ -117,7 +119,7 @@ def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fak
     abar_t = distiller.abar(t)
     x_t = add_noise(x0.detach(), _randn(shape, generator, dev), abar_t)
     # Teacher and fake are constants here: no_grad also keeps a DeepSpeed fake engine out of
-    # the generator's graph (STACK.md trap).
+    # the generator's graph (an engine's hooks would otherwise fire inside it).
     with torch.no_grad():
         e_real = distiller.guided_eps("teacher", x_t, t, cond, w_real)
         e_fake = distiller.guided_eps("fake", x_t, t, cond, w_fake)
@@ -163,4 +165,44 @@ def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fak
         "g_abs_max": float(g.abs().max()),
         "score_gap": float((e_real - e_fake).abs().mean()),
         "x0_std": float(x0.detach().std()),
+    }
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many VSD steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Counts VSD steps whose update was skipped for a non-finite loss / gradient
+    (``vsd_step``'s ``skipped_nonfinite``); ``limit`` of them in a row stop the run (0: never)."""
+
+    def __init__(self, limit: int, total: int = 0) -> None:
+        self.limit, self.total, self.in_a_row = limit, total, 0
+
+    def update(self, metrics: Mapping[str, float], step: int) -> None:
+        if not metrics.get("skipped_nonfinite"):
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        warnings.warn(f"VSD step {step}: a loss or gradient was not finite, the update was skipped "
+                      f"({self.in_a_row} in a row, {self.total} in this run)")
+        if self.limit and self.in_a_row >= self.limit:
+            raise NonFiniteTraining(
+                f"{self.in_a_row} VSD steps in a row (up to step {step}) had a non-finite loss or gradient and "
+                "were skipped: training diverged or the prompts / teacher produce NaNs. Lower the learning "
+                "rates (vsd.gen_lr, vsd.fake_lr) or the CFG scales, try vsd.mixed_precision=no, check the "
+                "prompts; the last checkpoint holds finite adapters to resume from. The limit is "
+                "max_nonfinite_in_a_row (0 never stops).")
+
+
+def make_updaters(distiller: WaDiDistiller) -> dict[str, TorchUpdater]:
+    """Plain AdamW updaters for "student" (gen_lr) and "fake" (fake_lr) as in the paper."""
+    cfg = distiller.cfg
+    fp16 = cfg.mixed_precision == "fp16"
+    return {
+        "student": TorchUpdater(distiller.parameters("student"), cfg.gen_lr, cfg.grad_clip, cfg.weight_decay,
+                                cfg.adam_betas, fp16_scaler=fp16),
+        "fake": TorchUpdater(distiller.parameters("fake"), cfg.fake_lr, cfg.grad_clip, cfg.weight_decay,
+                             cfg.adam_betas, fp16_scaler=fp16),
     }

@@ -13,12 +13,14 @@ from ..base import AdapterModule, default_adapter_dtype, register_adapter
 
 @register_adapter("full")
 class FullAdapter(AdapterModule):
-    """``weight`` (and ``bias``) copied from the base at creation; ``rank`` is accepted and ignored.
+    """``weight`` (and ``bias``) copied from the base at creation; no rank (``rank=0``).
 
     Merge writes the copy into the base and keeps the base values to restore on unmerge.
     """
 
-    def __init__(self, base: nn.Linear, rank: int = 1, dtype: torch.dtype | None = None, **options: Any):
+    uses_rank = False
+
+    def __init__(self, base: nn.Linear, rank: int = 0, dtype: torch.dtype | None = None, **options: Any):
         super().__init__(base, rank, dtype, **options)
         dt = dtype or default_adapter_dtype(base.weight)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""LoRaD's fused rotate-then-matmul as an autograd Function (ALGORITHM.md section 2).
+"""LoRaD's fused rotate-then-matmul as an autograd Function (WaDi, arXiv 2603.08258).
 
 Memory: autograd on the plain formula would keep ``Theta``, ``cos``, ``sin`` (fp32, ``out x in/2``
 each) and ``W_rot`` alive for every adapted layer until backward. This Function saves only what the

@@ -1,4 +1,4 @@
-"""LoRaD adapter: low-rank rotation of each row's direction (ALGORITHM.md section 2)."""
+"""LoRaD adapter: low-rank rotation of each row's direction (WaDi, arXiv 2603.08258)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,14 @@
-"""Typed configuration of the claims ablation (issue 8): budgets, grids, seeds."""
+"""Typed configuration of the claims ablation: budgets, grids, seeds."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
-from wadi_core.vsd.config import AdapterSpec, VSDConfig
+from wadi_core.adapters import AdapterSpec, adapter_class
+from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
+from wadi_core.vsd.config import VSDConfig
 
-__all__ = ["AblationBudget", "AblationConfig", "BUDGETS", "default_vsd"]
-
-AdapterKind = Literal["lorad", "lora", "dora", "full"]
+__all__ = ["AblationBudget", "AblationConfig", "BUDGETS", "recipe_vsd"]
 
 
 @dataclass(frozen=True)
@@ -22,8 +21,8 @@ class AblationBudget:
     eval_images: int = 1000         # 1-step student images per FID (test prompts, eval seed)
     sweep_eval_images: int = 500    # images per FID in the learning-rate sweep (validation prompts)
     real_images: int = 5000         # real renders of the reference statistics
-    teacher_steps: int = 25         # the multi-step teacher baseline
-    teacher_guidance: float = 3.0
+    teacher_steps: int = TEACHER_STEPS  # the multi-step teacher baseline
+    teacher_guidance: float = TEACHER_GUIDANCE
 
     def __post_init__(self) -> None:
         for name in ("steps", "sweep_steps", "batch_size", "eval_images", "sweep_eval_images", "real_images"):
@@ -41,13 +40,16 @@ BUDGETS: dict[str, AblationBudget] = {
 }
 
 
-def default_vsd() -> VSDConfig:
-    """recipes/embedded.yaml's VSD settings (tuned in issue 4): CFG 3 on teacher and fake score,
-    fake score LoRaD r=16 at lr 1e-2, student LoRaD r=32 at 1e-3. ``jobs/ablate.py`` reads the
-    recipe file itself; tests/test_ablate.py keeps the two equal. The ablation scores and analyses
-    the live student weights (its runs export nothing), whatever ``student_ema`` says."""
-    return VSDConfig(guidance_real=3.0, guidance_fake=3.0, gen_lr=1e-3, fake_lr=1e-2,
-                     student=AdapterSpec("lorad", 32), fake=AdapterSpec("lorad", 16), student_ema=0.99)
+def recipe_vsd(recipe: str = "embedded") -> VSDConfig:
+    """The ``vsd`` section of a recipe (name in recipes/ or a YAML path): every ablation run uses it,
+    only the student adapter (kind, rank, lr) changes. The ablation scores and analyses the live
+    student weights (its runs export nothing), whatever ``student_ema`` says."""
+    from wadi_core.config import from_dict
+
+    from pipelines.config import read_recipe
+
+    _, data = read_recipe(recipe)
+    return from_dict(VSDConfig, data.get("vsd") or {})
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class AblationConfig:
     """
 
     teacher: str = "embedded"
-    vsd: VSDConfig = field(default_factory=default_vsd)
+    vsd: VSDConfig = field(default_factory=recipe_vsd)
     budget: AblationBudget = field(default_factory=AblationBudget)
     kinds: tuple[str, ...] = ("lorad", "lora", "dora", "full")
     rank: int = 32                              # student rank of the adapter comparison (the recipe's)
@@ -105,4 +107,5 @@ class AblationConfig:
 
     def student_vsd(self, kind: str, rank: int, lr: float) -> VSDConfig:
         """The shared recipe with this run's student adapter and generator learning rate."""
+        rank = rank if adapter_class(kind).uses_rank else 0  # full fine-tuning has no rank
         return replace(self.vsd, student=AdapterSpec(kind, rank, self.vsd.student.targets), gen_lr=lr)

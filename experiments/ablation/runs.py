@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from wadi_core.ablation.config import AblationConfig
-from wadi_core.ablation.evaluate import DomainEval, cached_real_stats, teacher_images, teacher_pipeline
-from wadi_core.ablation.weights import compare_student, swapped_full_state, use_student_state
+from experiments.ablation.config import AblationConfig
+from experiments.ablation.evaluate import DomainEval, cached_real_stats, teacher_images, teacher_pipeline
+from experiments.ablation.weights import compare_student, swapped_full_state, use_student_state
 
 __all__ = ["RunSpec", "AblationContext", "train_and_score", "score_baselines"]
 
@@ -131,7 +131,7 @@ def train_and_score(ctx: AblationContext, spec: RunSpec, group: str, done: froze
     swap-norm / swap-direction rows. Rows whose name is in ``done`` are not produced again."""
     from wadi_core.adapters import count_trainable
     from wadi_core.vsd.state import TrainState
-    from wadi_core.vsd.train import LocalTrainConfig, train_local
+    from wadi_core.local_train import LocalTrainConfig, train_local
 
     cfg, b = ctx.cfg, ctx.cfg.budget
     want_swaps = spec.kind == "full" and spec.evalset == "test" and cfg.swaps
@@ -176,7 +176,7 @@ def _swap_rows(ctx: AblationContext, spec: RunSpec, distiller: Any, cmp: Any) ->
     """Weight-analysis files and the swap-norm / swap-direction students of a full fine-tune."""
     from wadi_core.adapters import adapter_state_dict
     from wadi_core.analysis.plots import plot_histograms, plot_layer_scatter, plot_svd_energy
-    from wadi_core.export import save_adapter_file
+    from wadi_core.adapters import save_adapter_file
 
     den, ev = distiller.denoiser, ctx.test
     wdir = ctx.out / "weights" / spec.name

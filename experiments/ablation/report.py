@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from wadi_core.ablation.config import AblationConfig
+from experiments.ablation.config import AblationConfig
 
 __all__ = ["Aggregate", "summarize", "verdicts", "write_report", "SUMMARY_COLUMNS", "PLOTS"]
 
@@ -219,7 +219,7 @@ def markdown(summary: dict[str, list[Aggregate]], cfg: AblationConfig, rows: lis
                           _fmt(a.mean("norm_change_pct")), _fmt(a.mean("dir_norm_ratio")),
                           _fmt(a.mean("svd_energy_30pct"), ".1%")] for a in summary["swaps"]]))
     parts.append("\n## Learning-rate sweep (validation prompts and noise, one seed)\n")
-    from wadi_core.ablation.runner import choose_lr
+    from experiments.ablation.runner import choose_lr
 
     chosen = {k: choose_lr(rows, k) for k in {a.first("kind") for a in summary["lr_sweep"]}}
     parts.append(_table(["run", "val FID", "val alignment", "diverged", "lowest val FID"],

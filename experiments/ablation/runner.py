@@ -4,7 +4,7 @@ cut-off job leaves a table and a rerun with the same ``out_dir`` continues where
 
 Independent runs can go to ``cfg.workers`` single-threaded processes: on a shared 2-core machine
 two 1-thread processes were ~10x faster than one process with 2 OpenMP threads (which spin
-while waiting for each other under load; ../shared/spec/STACK.md). Results do not depend on
+while waiting for each other under load). Results do not depend on
 the number of workers: every run is seeded and scored on fixed prompts and noise.
 """
 
@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from wadi_core.ablation.config import AblationConfig
-from wadi_core.ablation.evaluate import cached_real_stats
-from wadi_core.ablation.runs import AblationContext, RunSpec, score_baselines, train_and_score
+from experiments.ablation.config import AblationConfig
+from experiments.ablation.evaluate import cached_real_stats
+from experiments.ablation.runs import AblationContext, RunSpec, score_baselines, train_and_score
 from wadi_core.config import to_flat_dict
 
 __all__ = ["RunSpec", "AblationContext", "run_ablation", "choose_lr", "load_rows", "train_and_score",

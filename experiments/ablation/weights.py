@@ -1,4 +1,4 @@
-"""Student-vs-teacher weight analysis on the adapted layers, and the swap students (ALGORITHM.md s.1).
+"""Student-vs-teacher weight analysis on the adapted layers, and the swap students (WaDi, arXiv 2603.08258).
 
 The comparison is restricted to the layers the student adapter is on: the other weights are the
 teacher's own (frozen), and including them would dilute the per-layer means with zeros.

@@ -7,24 +7,22 @@ import itertools
 import json
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import Tensor
 
 from wadi_core.config import to_flat_dict
+from wadi_core.images import save_image_grid
 from wadi_core.models.teacher import Teacher, load_teacher
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.distiller import WaDiDistiller
 from wadi_core.vsd.ema import AdapterEMA
 from wadi_core.vsd.state import TrainState, capture_train_state, restore_train_state
-from wadi_core.vsd.step import TorchUpdater, vsd_step
+from wadi_core.vsd.step import NonFiniteGuard, make_updaters, vsd_step
 
-__all__ = ["LocalTrainConfig", "NonFiniteGuard", "NonFiniteTraining", "make_updaters", "prompt_stream",
-           "save_image_grid", "train_local"]
+__all__ = ["LocalTrainConfig", "prompt_stream", "train_local"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,46 +57,6 @@ class LocalTrainConfig:
             raise ValueError(f"need steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
 
 
-class NonFiniteTraining(RuntimeError):
-    """Too many VSD steps in a row had a non-finite loss or gradient."""
-
-
-class NonFiniteGuard:
-    """Counts VSD steps whose update was skipped for a non-finite loss / gradient
-    (``vsd_step``'s ``skipped_nonfinite``); ``limit`` of them in a row stop the run (0: never)."""
-
-    def __init__(self, limit: int, total: int = 0) -> None:
-        self.limit, self.total, self.in_a_row = limit, total, 0
-
-    def update(self, metrics: Mapping[str, float], step: int) -> None:
-        if not metrics.get("skipped_nonfinite"):
-            self.in_a_row = 0
-            return
-        self.total += 1
-        self.in_a_row += 1
-        warnings.warn(f"VSD step {step}: a loss or gradient was not finite, the update was skipped "
-                      f"({self.in_a_row} in a row, {self.total} in this run)")
-        if self.limit and self.in_a_row >= self.limit:
-            raise NonFiniteTraining(
-                f"{self.in_a_row} VSD steps in a row (up to step {step}) had a non-finite loss or gradient and "
-                "were skipped: training diverged or the prompts / teacher produce NaNs. Lower the learning "
-                "rates (vsd.gen_lr, vsd.fake_lr) or the CFG scales, try vsd.mixed_precision=no, check the "
-                "prompts; the last checkpoint holds finite adapters to resume from. The limit is "
-                "max_nonfinite_in_a_row (0 never stops).")
-
-
-def make_updaters(distiller: WaDiDistiller) -> dict[str, TorchUpdater]:
-    """Plain AdamW updaters for "student" (gen_lr) and "fake" (fake_lr) as in the paper."""
-    cfg = distiller.cfg
-    fp16 = cfg.mixed_precision == "fp16"
-    return {
-        "student": TorchUpdater(distiller.parameters("student"), cfg.gen_lr, cfg.grad_clip, cfg.weight_decay,
-                                cfg.adam_betas, fp16_scaler=fp16),
-        "fake": TorchUpdater(distiller.parameters("fake"), cfg.fake_lr, cfg.grad_clip, cfg.weight_decay,
-                             cfg.adam_betas, fp16_scaler=fp16),
-    }
-
-
 def prompt_stream(source: str, seed: int) -> Iterator[str]:
     """Endless prompts: the embedded domain's generator, or a text file reshuffled every epoch."""
     if source == "domain":
@@ -117,28 +75,6 @@ def prompt_stream(source: str, seed: int) -> Iterator[str]:
         order = lines[:]
         rng.shuffle(order)
         yield from order
-
-
-def grid_scale(tile: int, min_tile: int = 128) -> int:
-    """Integer upscale that brings a ``tile``-pixel image to about ``min_tile`` px (1 for large tiles)."""
-    return max(1, round(min_tile / max(1, tile)))
-
-
-def save_image_grid(rows: list[Tensor], path: str | Path, scale: int | None = None) -> Path:
-    """Stack image batches (each (B,3,H,W) in [0,1]) as rows of a PNG grid, upscaled by ``scale``
-    (default: tiles under 128 px are enlarged to ~128 px, larger ones are kept as they are)."""
-    from PIL import Image
-
-    grid = torch.cat([torch.cat(list(r.float().clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    img = Image.fromarray(arr)
-    scale = grid_scale(min(rows[0].shape[-2:])) if scale is None else scale
-    if scale != 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
 
 
 def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress: bool = True,

@@ -1,0 +1,161 @@
+"""ControlNet with a WaDi one-step student: train a ControlNet (silhouette control) against the
+teacher, then generate with teacher + ControlNet (25 steps, CFG) and student + the same ControlNet
+(1 step), and measure control adherence (IoU with the silhouette), attribute alignment, FID and
+wall time per image both ways. Docs: docs/DOWNSTREAM.md.
+
+    # embedded teacher + a student export of jobs/distill_local.py
+    python jobs/controlnet.py student=runs/ds_student/export
+    # a ControlNet you already have (diffusers folder, local or s3://): no training
+    python jobs/controlnet.py teacher=/models/sd15 student=s3://b/sd15-wadi/export \\
+        controlnet=s3://b/controlnet-seg-sd15 eval_prompts=64
+    python jobs/controlnet.py --print-config student=x   # every key
+
+Writes ``<out>/controlnet/`` (diffusers ControlNetModel, safetensors), ``<out>/grid.png`` and
+``<out>/metrics.json``, and logs them with params and metrics to MLflow (experiment wadi-downstream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from wadi_core.config import base_part  # noqa: E402
+from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS  # noqa: E402
+from wadi_core.downstream.controlnet import ControlNetConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ControlNetJob(ControlNetConfig):
+    """The ControlNet training (``ControlNetConfig``), the models and the evaluation."""
+
+    student: str = ""               # WaDi one-step export of the teacher (local or s3://), required
+    teacher: str = "embedded"       # diffusers SD folder, s3:// prefix or "embedded"
+    controlnet: str = ""            # an existing diffusers ControlNetModel folder (local or s3://): no training
+    eval_prompts: int = 300         # domain captions with exact silhouettes
+    teacher_steps: int = TEACHER_STEPS
+    guidance: float = TEACHER_GUIDANCE  # teacher CFG
+    control_scale: float = 1.0
+    fid_reference: int = 2000       # real renders for the FID reference (0: no FID)
+    timing_batch: int = 32          # images per timed call
+    baselines: bool = True          # also teacher / student without the ControlNet
+    out: str = str(REPO / "outputs" / "controlnet")
+    threads: int = 0                # torch threads (0: torch's default)
+    experiment: str = "wadi-downstream"
+    tracking_uri: str = ""          # default: MLFLOW_TRACKING_URI or sqlite ./runs/mlflow.db
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.student:
+            raise ValueError("student=<one-step export of the teacher> is required (e.g. <distill out>/export)")
+
+
+def parse_args(argv: list[str] | None = None) -> ControlNetJob:
+    from pipelines.cli import add_config_arguments, config_from_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    return config_from_args(ControlNetJob, p.parse_intermixed_args(argv))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from pipelines.tracking import default_tracking_uri, redact, start_run
+    from wadi_core.config import to_flat_dict
+    from wadi_core.domain.evaluator import load_domain_evaluator
+    from wadi_core.domain.quality import real_feature_stats
+    from wadi_core.downstream import geometry as geo
+    from wadi_core.downstream.controlnet import (ControlNetConfig, control_eval_set, control_tensor,
+                                                 controlnet_residuals, load_controlnet, train_controlnet)
+    from wadi_core.downstream.report import domain_scores, labelled_grid, markdown_table
+    from wadi_core.downstream.sampling import image_size, load_one_step_student, sample, seeded_noise, time_per_image
+    from wadi_core.models import load_teacher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    cfg = base_part(args, ControlNetConfig)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_teacher(args.teacher)
+    student = load_one_step_student(args.student)
+    params = {"teacher": args.teacher, "student": args.student, "controlnet": args.controlnet or "trained",
+              **to_flat_dict(cfg, "train."), **{f"eval.{k}": getattr(args, k) for k in
+                                                ("eval_prompts", "teacher_steps", "guidance", "control_scale",
+                                                 "fid_reference", "timing_batch")},
+              "threads": torch.get_num_threads()}
+    tracking_uri = args.tracking_uri or default_tracking_uri(Path.cwd() / "runs")
+    with start_run(args.experiment, run_name=args.run_name or f"controlnet-{out.name}", tracking_uri=tracking_uri,
+                   params=params, tags={"wadi.task": "controlnet"}) as tracker:
+        if args.controlnet:
+            controlnet, summary = load_controlnet(args.controlnet), {"train_steps": 0.0, "train_seconds": 0.0}
+        else:
+            controlnet, summary = train_controlnet(teacher, cfg, log=tracker.log_metrics)
+            controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
+        size = image_size(teacher)
+        prompts, masks = control_eval_set(args.eval_prompts, seed=1, size=size)
+        target = masks >= 0.5
+        noise = seeded_noise(teacher, len(prompts), seed=0)
+        control = control_tensor(masks, controlnet, teacher)
+        evaluator = load_domain_evaluator()
+        real = real_feature_stats(evaluator, n=args.fid_reference) if args.fid_reference else None
+        runs = {"teacher+controlnet": (teacher, args.teacher_steps, args.guidance, True),
+                "student+controlnet": (student, 1, 1.0, True)}
+        if args.baselines:
+            runs |= {"teacher (no control)": (teacher, args.teacher_steps, args.guidance, False),
+                     "student (no control)": (student, 1, 1.0, False)}
+        rows: dict[str, dict[str, float]] = {}
+        images: dict[str, torch.Tensor] = {}
+        for name, (model, steps, guidance, controlled) in runs.items():
+            def generate(lo: int, hi: int) -> torch.Tensor:
+                res = controlnet_residuals(controlnet, control[lo:hi], args.control_scale) if controlled else None
+                return sample(model, prompts[lo:hi], noise[lo:hi], steps, guidance, res)
+
+            print(f"sampling {name}: {len(prompts)} images, {steps} step(s), CFG {guidance:g}", flush=True)
+            imgs = torch.cat([generate(i, i + 100) for i in range(0, len(prompts), 100)])
+            images[name] = imgs
+            row = {"iou": float(geo.iou(geo.foreground_mask(imgs), target).mean())}
+            row |= domain_scores(imgs, prompts, evaluator, real)
+            nb = min(args.timing_batch, len(prompts))
+            row["seconds_per_image"] = time_per_image(lambda: generate(0, nb), nb)
+            rows[name] = row
+            print(f"  {json.dumps({k: round(v, 4) for k, v in row.items()})}", flush=True)
+        t, s = rows["teacher+controlnet"], rows["student+controlnet"]
+        ratios = {"iou_student_over_teacher": s["iou"] / max(t["iou"], 1e-9),
+                  "time_student_over_teacher": s["seconds_per_image"] / t["seconds_per_image"],
+                  "alignment_student_over_teacher": s["alignment"] / max(t["alignment"], 1e-9)}
+        flat = {f"{name.replace(' ', '_').replace('(', '').replace(')', '').replace('+', '_')}/{k}": v
+                for name, row in rows.items() for k, v in row.items()}
+        tracker.log_metrics({**flat, **ratios, **summary})
+        n = min(8, len(prompts))
+        columns = [torch.as_tensor(masks[:n]).float()[:, None].expand(-1, 3, -1, -1)] + [images[k][:n] for k in runs]
+        grid = labelled_grid(columns, ["control", *runs], row_labels=[p.replace("a ", "", 1) for p in prompts[:n]])
+        grid.save(out / "grid.png")
+        table = markdown_table(rows, ["iou", "alignment", "all_correct", "fid", "seconds_per_image"], 4)
+        result = {"rows": rows, "ratios": ratios, "train": summary, "table": table, "params": redact(params),
+                  "grid": str(out / "grid.png"), "wall_seconds": time.time() - started, "mlflow_run_id": tracker.run_id}
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        (out / "table.md").write_text(table)
+        tracker.log_artifact(out / "grid.png")
+        tracker.log_artifact(out / "metrics.json")
+        if (out / "controlnet").exists():
+            tracker.log_artifacts(out / "controlnet", "controlnet")
+        tracker.log_metrics({"wall_seconds": result["wall_seconds"]})
+    print(table)
+    print(json.dumps(ratios, indent=1))
+    print(redact(f"outputs: {out} (controlnet/, grid.png, metrics.json); MLflow {tracking_uri}, "
+                 f"experiment {args.experiment}"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
