@@ -64,8 +64,8 @@ def _records(prompts: list[str], prefix: str, group: str = "") -> list[PromptRec
 def load_prompts(source: str, num: int | None = None, draw_seed: int = 2024) -> tuple[list[PromptRecord], dict]:
     """Prompt records and a description (name, sha256 of the list) for a prompt source.
 
-    Sources: ``coco30k`` (the canonical list, see ``wadi_core.metrics.coco.default_coco30k_path``), ``domain[:N[:SEED[:SPLIT]]]``
-    (the embedded domain's eval prompts), ``hpsv2:DIR`` (anime/concept-art/paintings/photo
+    Sources: ``coco30k`` (the canonical list, see ``wadi_core.metrics.coco.default_coco30k_path``),
+    ``domain[:N[:SEED[:SPLIT]]]`` (the embedded domain's eval prompts), ``hpsv2:DIR`` (anime/concept-art/paintings/photo
     JSON arrays), a COCO ``captions_*.json`` (one caption per image, seeded draw), a ``.json``
     array of strings, or a ``.txt`` list (one per line). ``num`` keeps the first N (per group).
     """
