@@ -21,21 +21,17 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from experiments.ablation import BUDGETS, AblationConfig, load_rows, run_ablation, write_report
+from wadi_core.config import base_part, to_flat_dict
 
-from experiments.ablation import BUDGETS, AblationConfig, load_rows, run_ablation, write_report  # noqa: E402
-from wadi_core.config import base_part, to_flat_dict  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args
+from pipelines.config import check_adapter_ranks
 
-from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
-from pipelines.config import check_adapter_ranks  # noqa: E402
-
-from pipelines.tracking import redact  # noqa: E402
+from pipelines.tracking import redact
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from wadi_core.analysis import AnalyzeWeightsConfig, analyze_checkpoints
+from wadi_core.config import base_part, to_flat_dict
 
-from wadi_core.analysis import AnalyzeWeightsConfig, analyze_checkpoints  # noqa: E402
-from wadi_core.config import base_part, to_flat_dict  # noqa: E402
-
-from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,11 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipelines import tracking  # noqa: E402
+from pipelines import tracking
 
 DEFAULT_METRICS = ("fid", "precision", "recall", "alignment", "clip_score", "hpsv2")
 COLUMNS = ("run", "run_id", "model", "steps", "guidance", "checkpoint")

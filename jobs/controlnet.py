@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from wadi_core.config import base_part  # noqa: E402
-from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS  # noqa: E402
-from wadi_core.downstream.controlnet import ControlNetConfig  # noqa: E402
+from wadi_core.config import base_part
+from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
+from wadi_core.downstream.controlnet import ControlNetConfig
 
 
 @dataclass(frozen=True)

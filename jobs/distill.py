@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wadi_core.config import ConfigError
 
-from wadi_core.config import ConfigError  # noqa: E402
-
-from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
-from pipelines.config import DistillConfig, absolute_paths, check_adapter_ranks, results_root  # noqa: E402
-from pipelines.tracking import install_log_redaction, redact  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args
+from pipelines.config import DistillConfig, absolute_paths, check_adapter_ranks, results_root
+from pipelines.tracking import install_log_redaction, redact
 
 
 def main(argv: list[str] | None = None) -> int:

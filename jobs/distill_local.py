@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from wadi_core.domain import TEACHER_GUIDANCE  # noqa: E402
-from wadi_core.local_train import LocalTrainConfig  # noqa: E402
+from wadi_core.domain import TEACHER_GUIDANCE
+from wadi_core.local_train import LocalTrainConfig
 
 
 @dataclass(frozen=True)

@@ -33,14 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from wadi_core.config import base_part  # noqa: E402
+from wadi_core.config import base_part
 
-from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
-from pipelines.eval_runs import (EvalConfig, ensure_reference, init_ray, run_evaluation,  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args
+from pipelines.eval_runs import (EvalConfig, ensure_reference, init_ray, run_evaluation,
                                  run_schedule)
-from pipelines.tracking import redact  # noqa: E402
+from pipelines.tracking import redact
 
 
 @dataclass(frozen=True)

@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
-from pipelines.eval_runs import RayResources, check_actor_accelerator, init_ray  # noqa: E402
-from pipelines.tracking import redact  # noqa: E402
-from pipelines.generation import (ModelSpec, generation_dataset, load_prompts, prompt_seed,  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args
+from pipelines.eval_runs import RayResources, check_actor_accelerator, init_ray
+from pipelines.tracking import redact
+from pipelines.generation import (ModelSpec, generation_dataset, load_prompts, prompt_seed,
                                   write_png_files)
-from wadi_core import storage  # noqa: E402
+from wadi_core import storage
 
 
 @dataclass(frozen=True)

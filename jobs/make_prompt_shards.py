@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from wadi_core import storage
+from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions
 
-from wadi_core import storage  # noqa: E402
-from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions  # noqa: E402
-
-from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
-from pipelines.tracking import redact  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args
+from pipelines.tracking import redact
 
 Split = Literal["train", "heldout", "all"]
 

@@ -10,17 +10,15 @@ losses and a PNG sample grid to MLflow (``MLFLOW_TRACKING_URI`` or ./mlruns/mlfl
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
-from pipelines.tracking import start_run  # noqa: E402
-from wadi_core.config import base_part, to_flat_dict  # noqa: E402
-from wadi_core.domain.pretrain import GRID_PROMPTS, PretrainConfig, pretrain_teacher  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args
+from pipelines.tracking import start_run
+from wadi_core.config import base_part, to_flat_dict
+from wadi_core.domain.pretrain import GRID_PROMPTS, PretrainConfig, pretrain_teacher
 
 
 @dataclass(frozen=True)

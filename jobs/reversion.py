@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS  # noqa: E402
-from wadi_core.downstream.reversion import RelationConfig, SceneTeacherConfig  # noqa: E402
+from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
+from wadi_core.downstream.reversion import RelationConfig, SceneTeacherConfig
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pipelines.cli import add_config_arguments, config_from_args  # noqa: E402
-from pipelines.tracking import start_run  # noqa: E402
+from pipelines.cli import add_config_arguments, config_from_args
+from pipelines.tracking import start_run
 
 
 @dataclass(frozen=True)

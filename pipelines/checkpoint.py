@@ -1,11 +1,12 @@
-"""Training-state checkpoints of a Ray Train run: both DeepSpeed engines, progress, per-rank RNG.
+"""Training-state checkpoints of a Ray Train run: both DeepSpeed engines, TrainState, per-rank RNG.
 
 Layout of one checkpoint directory (merged by Ray from every rank's local copy):
 
     student/  fake/              engine.save_checkpoint(tag="state"): every rank writes its
                                  ZeRO shard, rank 0 the adapter weights
     rng_rank<r>.safetensors      torch global RNG + the VSD noise generator of rank r
-    progress.json                step, epoch, batches consumed in that epoch, counters (rank 0)
+    train_state.json             wadi_core.vsd.TrainState's scalars (rank 0): step, epoch, batches
+                                 consumed in that epoch, counters, fingerprint, MLflow run id
     COMPLETE                     written last, by rank 0: JSON manifest, SHA-256 + size of every file
 
 Files in storage are not trusted: a checkpoint is verified against its manifest before anything
@@ -24,7 +25,6 @@ import os
 import pickle
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -32,17 +32,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wadi_core.storage import retry_io  # per file, on top of the AWS SDK's own retries
-from wadi_core.vsd.state import IncompatibleCheckpoint, model_fingerprint
+from wadi_core.vsd.state import IncompatibleCheckpoint, TrainState, model_fingerprint
 from wadi_core.vsd.state import check_fingerprint as _check_fingerprint
 
-__all__ = ["Progress", "model_fingerprint", "check_fingerprint", "IncompatibleCheckpoint", "save_training_state",
-           "load_training_state", "TAG", "mark_complete", "latest_complete_checkpoint", "checkpoint_step",
-           "prune_untracked_checkpoints", "CheckpointRejected", "CorruptCheckpoint", "UnsafeCheckpoint",
-           "file_manifest", "merge_manifests", "verify_checkpoint", "install_safe_loading", "safe_torch_load",
+__all__ = ["TrainState", "read_train_state", "model_fingerprint", "check_fingerprint", "IncompatibleCheckpoint",
+           "save_training_state", "load_training_state", "TAG", "mark_complete", "latest_complete_checkpoint",
+           "checkpoint_step", "prune_untracked_checkpoints", "CheckpointRejected", "CorruptCheckpoint",
+           "UnsafeCheckpoint", "file_manifest", "merge_manifests", "verify_checkpoint", "install_safe_loading", "safe_torch_load",
            "complete_checkpoints", "load_first_good_checkpoint", "DEEPSPEED_SAFE_GLOBALS", "upload_checkpoint"]
 
 TAG = "state"
-_PROGRESS = "progress.json"
+_STATE = "train_state.json"  # TrainState.save without tensors: the engines hold them
+_LEGACY_PROGRESS = "progress.json"  # the same scalars, as checkpoints before TrainState wrote them
 COMPLETE = "COMPLETE"
 _MANIFEST_FORMAT = "wadi-checkpoint-manifest/1"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
@@ -56,23 +57,24 @@ DEEPSPEED_SAFE_GLOBALS = (
 )
 
 
-@dataclass
-class Progress:
-    """Where the run is: global step and data position (epoch + per-worker batches consumed)."""
+def _legacy_progress(text: str) -> TrainState:
+    """A checkpoint's ``progress.json`` from before the TrainState file, as a TrainState."""
+    d = json.loads(text)
+    return TrainState(step=d.get("step", 0), epoch=d.get("epoch", 0), data_position=d.get("batches_in_epoch", 0),
+                      prompts_seen=d.get("prompts_seen", 0), nonfinite_steps=d.get("nonfinite_steps", 0),
+                      fingerprint=d.get("fingerprint") or {}, mlflow_run_id=d.get("mlflow_run_id"),
+                      meta={"bad_before_epoch": d.get("bad_before_epoch") or {}})
 
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    prompts_seen: int = 0
-    bad_before_epoch: dict[str, int] = field(default_factory=dict)  # bad rows of finished epochs
-    mlflow_run_id: str | None = None
-    fingerprint: dict[str, str] = field(default_factory=dict)  # what the state was trained for
-    nonfinite_steps: int = 0  # VSD steps skipped for a non-finite loss / gradient
 
-    @classmethod
-    def from_json(cls, text: str) -> "Progress":
-        data = json.loads(text)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+def read_train_state(directory: str | os.PathLike) -> TrainState:
+    """The TrainState scalars of a checkpoint directory (``train_state.json``, or an older
+    checkpoint's ``progress.json``)."""
+    src = Path(directory)
+    if (src / _STATE).exists():
+        return TrainState.from_json((src / _STATE).read_text())
+    if (src / _LEGACY_PROGRESS).exists():
+        return _legacy_progress((src / _LEGACY_PROGRESS).read_text())
+    raise FileNotFoundError(f"{src} has no {_STATE}: not a checkpoint written by pipelines.checkpoint")
 
 
 class CheckpointRejected(RuntimeError):
@@ -213,11 +215,11 @@ def verify_checkpoint(directory: str | os.PathLike) -> None:
             raise _unsafe_refusal(f, f"its pickle asks for {', '.join(sorted(unsafe))}")
 
 
-def load_first_good_checkpoint(candidates: Iterable[Any], load: Callable[[Path], Progress],
-                               agree: Callable[[bool], bool] = bool) -> tuple[Progress | None, list[str]]:
+def load_first_good_checkpoint(candidates: Iterable[Any], load: Callable[[Path], TrainState],
+                               agree: Callable[[bool], bool] = bool) -> tuple[TrainState | None, list[str]]:
     """Newest first, the first checkpoint (``ray.train.Checkpoint``-like: ``.path``, ``.as_directory()``)
     that passes :func:`verify_checkpoint` on every rank (``agree``: a collective AND) is loaded with
-    ``load``; rejected ones are skipped with a warning. Returns (progress or None, reasons skipped);
+    ``load``; rejected ones are skipped with a warning. Returns (state or None, reasons skipped);
     raises :class:`CheckpointRejected` if checkpoints exist but none passes (rather than start over)."""
     rejected: list[str] = []
     for checkpoint in candidates:
@@ -242,20 +244,21 @@ def load_first_good_checkpoint(candidates: Iterable[Any], load: Callable[[Path],
 
 
 def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
-                        progress: Progress, rank: int) -> None:
-    """Every rank: its engine shards and RNG; rank 0 also the progress. Collective (all ranks call)."""
+                        state: TrainState, rank: int) -> None:
+    """Every rank: its engine shards and RNG; rank 0 also the TrainState (scalars only: the engines
+    hold the tensors). Collective (all ranks call)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for role, engine in engines.items():
-        engine.save_checkpoint(str(out / role), tag=TAG, client_state={"step": progress.step})
+        engine.save_checkpoint(str(out / role), tag=TAG, client_state={"step": state.step})
     save_file({"torch": torch.get_rng_state(), "generator": generator.get_state()},
               str(out / f"rng_rank{rank}.safetensors"))
     if rank == 0:
-        (out / _PROGRESS).write_text(json.dumps(asdict(progress)))
+        TrainState(**state.scalars()).save(out)
 
 
 def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
-                        rank: int, fingerprint: Mapping[str, str] | None = None, verify: bool = True) -> Progress:
+                        rank: int, fingerprint: Mapping[str, str] | None = None, verify: bool = True) -> TrainState:
     """Inverse of :func:`save_training_state`; raises if an engine's state is missing,
     :class:`IncompatibleCheckpoint` if ``fingerprint`` differs from the one saved with it, and
     :class:`CheckpointRejected` if a file fails :func:`verify_checkpoint` (``verify=False``: the
@@ -263,14 +266,12 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
     src = Path(directory)
     if verify:
         verify_checkpoint(src)
-    if not (src / _PROGRESS).exists():
-        raise FileNotFoundError(f"{src} has no {_PROGRESS}: not a checkpoint written by pipelines.checkpoint")
-    progress = Progress.from_json((src / _PROGRESS).read_text())
+    state = read_train_state(src)
     if fingerprint is not None:
-        check_fingerprint(progress.fingerprint, fingerprint, str(src))
+        check_fingerprint(state.fingerprint, fingerprint, str(src))
     for role, engine in engines.items():
         if not (src / role / TAG).is_dir():
-            raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {progress.step})")
+            raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {state.step})")
         # load_checkpoint on a missing path only warns and returns (None, None): check it too.
         install_safe_loading(engine)
         try:
@@ -283,7 +284,7 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
                 f"checkpoint {src} does not fit this run's {role} adapters {_RESTART_ADVICE} "
                 f"DeepSpeed said: {str(e)[:300]}") from e
         if path is None:
-            raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {progress.step})")
+            raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {state.step})")
     rng_file = src / f"rng_rank{rank}.safetensors"
     if rng_file.exists():
         rng = load_file(str(rng_file))
@@ -291,7 +292,7 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
         generator.set_state(rng["generator"])
     else:
         warnings.warn(f"{rng_file.name} missing (world size changed?): rank {rank} keeps a fresh RNG")
-    return progress
+    return state
 
 
 def checkpoint_step(path: str) -> int:

@@ -398,15 +398,18 @@ def evaluated_checkpoint_ids(cfg: EvalConfig, source: str) -> set[str]:
 
 
 def checkpoint_train_run_id(source: str, checkpoint_id: str) -> str | None:
-    """The MLflow run that wrote a checkpoint, from its own record (``progress.json``'s
-    ``mlflow_run_id``, pipelines.checkpoint); None when the checkpoint has no such record."""
+    """The MLflow run that wrote a checkpoint, from its own record (the ``mlflow_run_id`` of its
+    ``train_state.json``, or ``progress.json`` in older ones: pipelines.checkpoint); None when the
+    checkpoint has no such record."""
     if source.startswith(("runs:/", "models:/")):
         return None
-    try:
-        record = json.loads(storage.read_bytes(storage.join(source, checkpoint_id, "progress.json")))
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-    return record.get("mlflow_run_id") or None
+    for name in ("train_state.json", "progress.json"):
+        try:
+            record = json.loads(storage.read_bytes(storage.join(source, checkpoint_id, name)))
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+        return record.get("mlflow_run_id") or None
+    return None
 
 
 def run_schedule(cfg: EvalConfig, source: str, teacher: str, limit: int | None = None) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 from wadi_core.config import from_dict
 from wadi_core.vsd.ema import AdapterEMA
 
-from pipelines.checkpoint import (Progress, file_manifest, load_first_good_checkpoint, load_training_state,
+from pipelines.checkpoint import (TrainState, file_manifest, load_first_good_checkpoint, load_training_state,
                                   mark_complete, merge_manifests, model_fingerprint, save_training_state,
                                   upload_checkpoint)
 # Flag / counter all-reduces on the training device (NCCL takes CUDA tensors only).
@@ -33,7 +33,7 @@ from pipelines.data import PromptStream
 from pipelines.tarshards import BAD_REASONS
 from pipelines.text_encoding import batch_cond, remember_conds
 
-__all__ = ["train_loop", "dataset_name"]
+__all__ = ["train_loop", "dataset_name", "every"]
 
 ROLES = ("student", "fake")
 EMA_FILE = "student_ema.safetensors"  # the student EMA's state in a checkpoint (rank 0 writes it)
@@ -47,6 +47,12 @@ def dataset_name(epoch: int) -> str:
 #: Steps between polls of Ray Train's drain notice (``ray.train.get_preemption_info``, a barrier
 #: through Ray's synchronization actor: ~ms; Ray's own watcher polls the GCS every 5 s).
 PREEMPTION_POLL_EVERY = int(os.environ.get("WADI_PREEMPTION_POLL_EVERY", "1"))
+
+
+def every(n: int, step: int) -> bool:
+    """The one cadence rule of the loop (logging, samples, checkpoints, drain polls): True on
+    multiples of ``n``; ``n <= 0`` means never."""
+    return n > 0 and step % n == 0
 
 
 @contextlib.contextmanager
@@ -84,23 +90,34 @@ def _maybe_fail(cfg: DistillConfig, rank: int, next_step: int) -> None:
 
 
 class _Run:
-    """State of one worker: models, engines, data position, tracker."""
+    """State of one worker: models, engines, resume state, tracker-facing helpers.
+
+    Built in four steps, each its own method: :meth:`_setup` (rank, device, teacher, distiller,
+    fingerprint), :meth:`_build_engines` (DeepSpeed engines, updaters, student EMA, noise),
+    :meth:`_resume` (the newest checkpoint that verifies) and :meth:`_sample_inputs`.
+    """
 
     def __init__(self, cfg: DistillConfig, loop_config: dict[str, Any]):
+        self.cfg = cfg
+        self.loop_config = loop_config
+        self._setup()
+        self._build_engines()
+        self._resume()
+        self._sample_inputs()
+
+    def _setup(self) -> None:
         import ray.train
 
         from wadi_core.models import load_teacher
         from wadi_core.vsd import WaDiDistiller
 
-        from pipelines.engines import DeepSpeedUpdater, build_engine, init_distributed
+        from pipelines.engines import init_distributed
 
-        self.cfg = cfg
-        self.loop_config = loop_config
+        cfg = self.cfg
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         init_distributed()
-        use_gpu = cfg.train.gpus_per_worker > 0 and torch.cuda.is_available()
-        if use_gpu:
+        if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available():
             import ray.train.torch
 
             self.device = ray.train.torch.get_device()  # respects Ray's CUDA_VISIBLE_DEVICES
@@ -111,14 +128,19 @@ class _Run:
         torch.manual_seed(cfg.train.seed)
         # data.text_encoding=actors: no text encoder here; embeddings arrive with the prompts.
         self.teacher = load_teacher(cfg.teacher, device=self.device, text_encoder=cfg.data.text_encoding == "trainer")
-        if loop_config.get("text_conds"):  # the empty and sample prompts, encoded once by an actor
-            remember_conds(self.teacher, loop_config["text_conds"])
+        if self.loop_config.get("text_conds"):  # the empty and sample prompts, encoded once by an actor
+            remember_conds(self.teacher, self.loop_config["text_conds"])
         encoder = self.teacher.text_encoder
         self.text_encoder_params = sum(p.numel() for p in encoder.parameters()) if encoder is not None else 0
         self.distiller = WaDiDistiller(self.teacher, cfg.vsd)
         # Before ZeRO partitions anything: what a checkpoint of this run must have been made for.
         self.fingerprint = model_fingerprint(str(cfg.teacher), self.teacher.denoiser,
                                              {r: self.distiller.modules(r) for r in ROLES})
+
+    def _build_engines(self) -> None:
+        from pipelines.engines import DeepSpeedUpdater, build_engine
+
+        cfg = self.cfg
         torch.manual_seed(cfg.train.seed + 7919 * self.rank)
         lrs = {"student": cfg.vsd.gen_lr, "fake": cfg.vsd.fake_lr}
         self.engines = {r: build_engine(self.distiller.modules(r), lrs[r], cfg.train, cfg.vsd) for r in ROLES}
@@ -128,32 +150,34 @@ class _Run:
                     if cfg.vsd.student_ema else None)
         # Different noise per rank; restored from the checkpoint on resume.
         self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
-        self.progress = Progress(mlflow_run_id=loop_config.get("mlflow_run_id"), fingerprint=self.fingerprint)
+
+    def _resume(self) -> None:
+        """Newest checkpoint first; one that fails verification (manifest, pickle allow-list) on
+        any rank is skipped on all. Everything is loaded now: num_to_keep may delete it later."""
+        self.state = TrainState(mlflow_run_id=self.loop_config.get("mlflow_run_id"), fingerprint=self.fingerprint)
         self.resumed_from = 0
         self.last_saved_step = -1
         self.checkpoint_seconds = 0.0  # the last checkpoint's save + upload time
         self.notice_step: int | None = None  # step at which a drain (preemption) notice was seen
         self.saved_before_deadline = False
-        # Newest checkpoint first; one that fails verification (manifest, pickle allow-list) on any
-        # rank is skipped on all. Load everything now: num_to_keep may delete the directory later.
-        progress, rejected = load_first_good_checkpoint(
-            self._resume_candidates(),
-            self._load_state,
-            agree=lambda ok: _all_ranks_true(ok, self.device))
+        state, rejected = load_first_good_checkpoint(self._resume_candidates(), self._load_state,
+                                                     agree=lambda ok: _all_ranks_true(ok, self.device))
         self.corrupt_checkpoints_skipped = len(rejected)
-        if progress is not None:
-            self.progress = progress
-            self.progress.fingerprint = self.fingerprint
-            self.resumed_from = self.last_saved_step = self.progress.step
-        prompts = list(loop_config.get("sample_prompts") or [])
-        self.sample_prompts = prompts[: cfg.tracking.num_sample_prompts]
-        self.sample_z = torch.randn(len(self.sample_prompts), *self.teacher.latent_shape,
-                                    generator=torch.Generator().manual_seed(cfg.train.seed + 1))
+        if state is not None:
+            self.state = state
+            self.state.fingerprint = self.fingerprint
+            self.resumed_from = self.last_saved_step = state.step
 
-    def _load_state(self, directory: str) -> Progress:
-        """DeepSpeed engines, RNG and data position (pipelines.checkpoint), then the student EMA."""
-        progress = load_training_state(directory, self.engines, self.generator, self.rank, self.fingerprint,
-                                       verify=False)
+    def _sample_inputs(self) -> None:
+        prompts = list(self.loop_config.get("sample_prompts") or [])
+        self.sample_prompts = prompts[: self.cfg.tracking.num_sample_prompts]
+        self.sample_z = torch.randn(len(self.sample_prompts), *self.teacher.latent_shape,
+                                    generator=torch.Generator().manual_seed(self.cfg.train.seed + 1))
+
+    def _load_state(self, directory: str) -> TrainState:
+        """DeepSpeed engines, RNG and TrainState (pipelines.checkpoint), then the student EMA."""
+        state = load_training_state(directory, self.engines, self.generator, self.rank, self.fingerprint,
+                                    verify=False)
         if self.ema is not None:
             ema_file = Path(directory) / EMA_FILE
             if ema_file.exists():
@@ -162,7 +186,7 @@ class _Run:
                 self.ema.load_state_dict(load_file(str(ema_file)))
             else:
                 warnings.warn(f"{directory} has no {EMA_FILE}: the student EMA restarts from the current weights")
-        return progress
+        return state
 
     def averaged(self) -> Any:
         """The student EMA swapped in (samples, checkpoint adapter file, export), else a no-op."""
@@ -181,7 +205,42 @@ class _Run:
             found.append(ray_checkpoint)
         return sorted(found, key=lambda c: checkpoint_step(c.path), reverse=True)
 
+    # -- one step -------------------------------------------------------------------------------
+    def next_batch(self, batches: Iterator[Any]) -> Any:
+        """The next batch, or None once any rank's stream is exhausted (a collective: every rank
+        stops at the same step)."""
+        batch = next(batches, None)
+        return batch if _all_ranks_true(batch is not None, self.device) else None
+
+    def step(self, batch: Any, guard: Any) -> dict[str, float]:
+        """One VSD step on ``batch``; advances the TrainState and the student EMA."""
+        from wadi_core.vsd import vsd_step
+
+        s, cfg = self.state, self.cfg
+        _maybe_fail(cfg, self.rank, s.step + 1)
+        cond = batch_cond(self.teacher, batch)  # here or streamed: pipelines/text_encoding.py
+        cond = _maybe_nan(cfg, self.rank, s.step + 1, cond)
+        metrics = vsd_step(self.distiller, cond, self.updaters["student"], self.updaters["fake"], self.generator)
+        s.step += 1
+        # A non-finite step was skipped on every rank (Updater.step): count it, stop after N in a row.
+        guard.update(metrics, s.step)
+        if self.ema is not None and not metrics.get("skipped_nonfinite"):
+            self.ema.update()
+        s.nonfinite_steps = guard.total
+        s.data_position += 1
+        s.prompts_seen += cfg.train.global_batch
+        return metrics
+
     # -- logging --------------------------------------------------------------------------------
+    def log_step(self, tracker: Any, metrics: dict[str, float], stream: PromptStream, step_s: float) -> None:
+        s, t = self.state, self.cfg.train
+        tracker.log_metrics({
+            **{f"vsd/{k}": v for k, v in metrics.items()}, "vsd/nonfinite_steps": s.nonfinite_steps,
+            "perf/step_seconds": step_s, "perf/prompts_per_second": t.global_batch / step_s,
+            "progress/epoch": s.epoch, "progress/prompts_seen": s.prompts_seen,
+            **{f"data/bad_{k}": v for k, v in self.bad_counts(stream).items()},
+        }, step=s.step)
+
     def samples(self, tracker: Any, step: int) -> None:
         if not self.sample_prompts:
             return
@@ -201,8 +260,17 @@ class _Run:
 
     def bad_counts(self, stream: PromptStream) -> dict[str, int]:
         """Bad rows over all ranks and all epochs so far (a collective)."""
-        local = [self.progress.bad_before_epoch.get(r, 0) * (self.rank == 0) + stream.bad[r] for r in BAD_REASONS]
+        before = self.state.meta.get("bad_before_epoch", {})
+        local = [before.get(r, 0) * (self.rank == 0) + stream.bad[r] for r in BAD_REASONS]
         return dict(zip(BAD_REASONS, _sum_over_ranks(local, self.device)))
+
+    def end_epoch(self, tracker: Any, stream: PromptStream) -> None:
+        """Bad-row counts of the finished epoch (a collective); the position moves to the next."""
+        s = self.state
+        bad = self.bad_counts(stream)
+        s.meta["bad_before_epoch"] = bad
+        s.epoch, s.data_position = s.epoch + 1, 0
+        tracker.log_metrics({f"data/bad_{k}": v for k, v in bad.items()}, step=s.step)
 
     # -- preemption -----------------------------------------------------------------------------
     def preemption_checkpoint_due(self, step_seconds: float) -> bool:
@@ -217,7 +285,7 @@ class _Run:
         if info is None:
             return False
         if self.notice_step is None:
-            self.notice_step = self.progress.step
+            self.notice_step = self.state.step
             print(f"[wadi] rank {self.rank}: drain notice for nodes {info.preempted_node_ids} (ranks "
                   f"{info.preempted_ranks}, deadline_ms {info.deadline_ms}) at step {self.notice_step}: "
                   "checkpointing now", flush=True)
@@ -238,11 +306,11 @@ class _Run:
         import ray.train
 
         started = time.perf_counter()
-        step = self.progress.step
+        step = self.state.step
         report = {**metrics, **{f"data/bad_{k}": float(v) for k, v in self.bad_counts(stream).items()},
-                  "resumed_from_step": float(self.resumed_from), "step": step, "epoch": self.progress.epoch,
+                  "resumed_from_step": float(self.resumed_from), "step": step, "epoch": self.state.epoch,
                   "preemption/notice_step": float(-1 if self.notice_step is None else self.notice_step),
-                  "vsd/nonfinite_steps": float(self.progress.nonfinite_steps),
+                  "vsd/nonfinite_steps": float(self.state.nonfinite_steps),
                   "resume/corrupt_checkpoints_skipped": float(self.corrupt_checkpoints_skipped),
                   "worker/text_encoder_params": float(self.text_encoder_params)}
         if step == self.last_saved_step:
@@ -251,7 +319,7 @@ class _Run:
         self.last_saved_step = step
         name = f"checkpoint_{step:08d}"
         with tempfile.TemporaryDirectory(prefix="wadi-ckpt-") as tmp:
-            save_training_state(tmp, self.engines, self.generator, self.progress, self.rank)
+            save_training_state(tmp, self.engines, self.generator, self.state, self.rank)
             self.save_student_adapter(Path(tmp) / "adapters" / "student.safetensors")
             if self.ema is not None and self.rank == 0:  # the average's own state, for resume
                 from safetensors.torch import save_file
@@ -302,25 +370,73 @@ def _epochs(run: _Run) -> Iterator[tuple[int, Any, int]]:
     """(epoch, dataset shard, batches to skip) from the resumed position on."""
     import ray.train
 
-    p = run.progress
-    for epoch in range(p.epoch, run.loop_config["num_epochs"]):
-        skip = p.batches_in_epoch if epoch == p.epoch else 0
+    s = run.state
+    for epoch in range(s.epoch, run.loop_config["num_epochs"]):
+        skip = s.data_position if epoch == s.epoch else 0
         yield epoch, ray.train.get_dataset_shard(dataset_name(epoch)), skip
+
+
+def _after_step(run: _Run, tracker: Any, metrics: dict[str, float], stream: PromptStream, step_s: float,
+                done: bool) -> None:
+    """Everything on a cadence (:func:`every`) after a step: metrics, sample grid, checkpoint, and
+    a checkpoint when a drain notice says a node is about to go. All ranks call it."""
+    cfg, step = run.cfg, run.state.step
+    if every(cfg.train.log_every, step):
+        run.log_step(tracker, metrics, stream, step_s)
+    if every(cfg.tracking.sample_every, step):
+        run.samples(tracker, step)
+    if done:  # the closing checkpoint is written after the export
+        return
+    if every(cfg.train.checkpoint_every, step):
+        run.checkpoint(metrics, stream)
+    if every(PREEMPTION_POLL_EVERY, step) and run.preemption_checkpoint_due(step_s):
+        run.checkpoint(metrics, stream)  # a step already saved is not saved twice
+        tracker.log_metrics({"preemption/checkpoint_step": step}, step=step)
+
+
+def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
+    """The epochs from the resumed position to ``data.max_steps`` (or the last epoch)."""
+    from tqdm.auto import tqdm
+
+    from wadi_core.vsd import NonFiniteGuard
+
+    s, cfg = run.state, run.cfg
+    max_steps = cfg.data.max_steps
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row, total=s.nonfinite_steps)
+    metrics: dict[str, float] = {}
+    stream = PromptStream(cfg.train.per_worker_batch)
+    done = bool(max_steps) and s.step >= max_steps
+    with tqdm(total=max_steps or run.loop_config.get("total_steps"), initial=s.step, desc=f"vsd rank {run.rank}",
+              disable=run.rank != 0, mininterval=5) as bar:
+        for _, shard, skip in _epochs(run):
+            if done:
+                break
+            stream = PromptStream(cfg.train.per_worker_batch)
+            batches = stream.batches(shard, skip=skip)
+            t_last = time.perf_counter()
+            while (batch := run.next_batch(batches)) is not None:
+                metrics = run.step(batch, guard)
+                now = time.perf_counter()
+                step_s, t_last = now - t_last, now
+                bar.update(1)
+                done = bool(max_steps) and s.step >= max_steps
+                _after_step(run, tracker, metrics, stream, step_s, done)
+                if done:
+                    break
+            if not done:
+                for _ in batches:  # finish the epoch's stream so every bad row is counted
+                    pass
+                run.end_epoch(tracker, stream)
+                stream = PromptStream(cfg.train.per_worker_batch)
+    return metrics, stream
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (``train_loop_config``: flat config, MLflow ids, export uri, prompts)."""
-    from tqdm.auto import tqdm
-
-    from wadi_core.vsd import vsd_step
-    from wadi_core.vsd import NonFiniteGuard
-
     from pipelines.tracking import start_run
 
     cfg = from_dict(DistillConfig, loop_config["config"])
     run = _Run(cfg, loop_config)
-    p, t = run.progress, cfg.train
-    max_steps = cfg.data.max_steps
     tracking = contextlib.nullcontext(None)
     if run.rank == 0 and loop_config.get("mlflow_run_id"):
         # System metrics from rank 0's node (a GPU worker; the driver's head node has none).
@@ -333,69 +449,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if run.corrupt_checkpoints_skipped:
             tracker.log_metrics({"resume/corrupt_checkpoints_skipped": run.corrupt_checkpoints_skipped},
                                 step=run.resumed_from)
-        nonfinite = NonFiniteGuard(t.max_nonfinite_in_a_row, total=p.nonfinite_steps)
-        metrics: dict[str, float] = {}
-        bar = tqdm(total=max_steps or loop_config.get("total_steps"), initial=p.step, desc=f"vsd rank {run.rank}",
-                   disable=run.rank != 0, mininterval=5)
-        stream = PromptStream(t.per_worker_batch)
-        done = bool(max_steps) and p.step >= max_steps
-        for epoch, shard, skip in _epochs(run):
-            if done:
-                break
-            stream = PromptStream(t.per_worker_batch)
-            batches = stream.batches(shard, skip=skip)
-            t_last = time.perf_counter()
-            while True:
-                batch = next(batches, None)
-                if not _all_ranks_true(batch is not None, run.device):
-                    break
-                _maybe_fail(cfg, run.rank, p.step + 1)
-                cond = batch_cond(run.teacher, batch)  # here or streamed: pipelines/text_encoding.py
-                cond = _maybe_nan(cfg, run.rank, p.step + 1, cond)
-                metrics = vsd_step(run.distiller, cond, run.updaters["student"], run.updaters["fake"], run.generator)
-                p.step += 1
-                # A non-finite step was skipped on every rank (Updater.step): count it, stop after N in a row.
-                nonfinite.update(metrics, p.step)
-                if run.ema is not None and not metrics.get("skipped_nonfinite"):
-                    run.ema.update()
-                p.nonfinite_steps = nonfinite.total
-                p.batches_in_epoch += 1
-                p.prompts_seen += t.global_batch
-                now = time.perf_counter()
-                step_s, t_last = now - t_last, now
-                bar.update(1)
-                if p.step % t.log_every == 0:
-                    bad = run.bad_counts(stream)
-                    tracker.log_metrics({
-                        **{f"vsd/{k}": v for k, v in metrics.items()}, "vsd/nonfinite_steps": p.nonfinite_steps,
-                        "perf/step_seconds": step_s, "perf/prompts_per_second": t.global_batch / step_s,
-                        "progress/epoch": epoch, "progress/prompts_seen": p.prompts_seen,
-                        **{f"data/bad_{k}": v for k, v in bad.items()},
-                    }, step=p.step)
-                if cfg.tracking.sample_every and p.step % cfg.tracking.sample_every == 0:
-                    run.samples(tracker, p.step)
-                done = bool(max_steps) and p.step >= max_steps
-                if t.checkpoint_every and p.step % t.checkpoint_every == 0 and not done:
-                    run.checkpoint(metrics, stream)
-                if (PREEMPTION_POLL_EVERY and p.step % PREEMPTION_POLL_EVERY == 0 and not done
-                        and run.preemption_checkpoint_due(step_s)):
-                    run.checkpoint(metrics, stream)  # a step already saved is not saved twice
-                    tracker.log_metrics({"preemption/checkpoint_step": p.step}, step=p.step)
-                if done:
-                    break
-            if not done:
-                for _ in batches:  # finish the epoch's stream so every bad row is counted
-                    pass
-                bad = run.bad_counts(stream)
-                p.bad_before_epoch = bad
-                p.epoch, p.batches_in_epoch = epoch + 1, 0
-                tracker.log_metrics({f"data/bad_{k}": v for k, v in bad.items()}, step=p.step)
-                stream = PromptStream(t.per_worker_batch)
-        bar.close()
-        bad = run.bad_counts(stream)
-        tracker.log_metrics({f"data/bad_{k}": v for k, v in bad.items()}, step=p.step)
-        if not (cfg.tracking.sample_every and p.step % cfg.tracking.sample_every == 0):
-            run.samples(tracker, p.step)  # the final grid (unless this step just made one)
+        metrics, stream = _train(run, tracker)
+        step = run.state.step
+        tracker.log_metrics({f"data/bad_{k}": v for k, v in run.bad_counts(stream).items()}, step=step)
+        if not every(cfg.tracking.sample_every, step):
+            run.samples(tracker, step)  # the final grid (unless this step just made one)
         export_uri = run.export()
         if export_uri:
             tracker.set_tags({"wadi.export_uri": export_uri})

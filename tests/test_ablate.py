@@ -56,11 +56,16 @@ def test_smoke_ablation_writes_table_csv_plots_and_swaps(tmp_path):
         assert row["n_seeds"] == "2" and row["seeds"] == "0 1"
         assert math.isfinite(float(row["fid_mean"])) and float(row["fid_mean"]) > 0
         assert math.isfinite(float(row["fid_sd"])) and 0 <= float(row["alignment_mean"]) <= 1
+        assert 0 <= float(row["precision_mean"]) <= 1 and 0 <= float(row["recall_mean"]) <= 1
         assert float(row["s_per_step"]) > 0
     results = _rows(out, "results.csv")
-    assert {"name", "kind", "rank", "lr", "seed", "params", "fid", "alignment", "s_per_step",
+    assert {"name", "kind", "rank", "lr", "seed", "params", "fid", "precision", "recall", "alignment", "s_per_step",
             "cpu_s_per_step", "dir_change_pct", "norm_change_pct"} <= set(results[0])
+    # Fresh real renders fall inside the real reference's k-NN balls: the precision wiring works.
+    floor = next(r for r in results if r["name"] == "real_floor")
+    assert float(floor["precision"]) >= 0.5 and float(floor["fid"]) >= 0
     md = (out / "ablation.md").read_text()
+    assert "| FID | precision | recall | alignment |" in md
     assert "## Adapter comparison" in md and "## LoRaD rank sweep" in md and md.count("- **") == 4
     for name in ("ablation_adapters.png", "ablation_params_fid.png", "ablation_rank.png", "ablation_swaps.png",
                  "ablation_lr_sweep.png", "ablation_weights_scatter.png"):

@@ -10,8 +10,6 @@ from wadi_core.config import ConfigError
 
 from pipelines.config import DistillConfig, available_recipes, load_config, parse_overrides
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "jobs"))
-
 
 def _ray_started() -> bool:
     ray = sys.modules.get("ray")
@@ -108,7 +106,7 @@ def test_deepspeed_config_follows_the_job() -> None:
 
 
 def test_cli_rejects_bad_config_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
-    import distill
+    from jobs import distill
 
     assert distill.main(["--config", "embedded", "train.zero_stage=4"]) == 2
     assert "ZeRO" in capsys.readouterr().err
@@ -120,7 +118,7 @@ def test_cli_rejects_bad_config_before_ray(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_dry_run_sd15_on_meta(capsys: pytest.CaptureFixture[str]) -> None:
-    import distill
+    from jobs import distill
 
     assert distill.main(["--config", "sd15", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -11,6 +11,7 @@ Two fits share one run name, so the second resumes the first:
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -208,8 +209,8 @@ def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch
     pytest.importorskip("deepspeed")
     from wadi_core.vsd import Updater, VSDConfig
 
-    from pipelines.checkpoint import (IncompatibleCheckpoint, Progress, load_training_state, model_fingerprint,
-                                      save_training_state)
+    from pipelines.checkpoint import (IncompatibleCheckpoint, TrainState, load_training_state, model_fingerprint,
+                                      read_train_state, save_training_state)
     from pipelines.config import TrainConfig
     from pipelines.engines import DeepSpeedUpdater, build_engine, init_distributed
 
@@ -239,8 +240,11 @@ def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch
         teacher = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(8, 8))
         fp = model_fingerprint("embedded", teacher, {"student": module})
         save_training_state(tmp_path / "ckpt", {"student": engine}, gen,
-                            Progress(step=5, epoch=1, batches_in_epoch=2, bad_before_epoch={"empty_caption": 1},
-                                     fingerprint=fp), 0)
+                            TrainState(step=5, epoch=1, data_position=2, fingerprint=fp,
+                                       meta={"bad_before_epoch": {"empty_caption": 1}},
+                                       optimizers={"ignored": {"w": torch.ones(1)}}), 0)
+        # Scalars only: the engines hold the tensors.
+        assert not (tmp_path / "ckpt" / "train_state.safetensors").exists()
         with torch.no_grad():
             module[0].weight.add_(1.0)
         torch.randn(3, generator=gen)
@@ -251,10 +255,19 @@ def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch
             with pytest.raises(IncompatibleCheckpoint, match="new train.run_name"):
                 load_training_state(tmp_path / "ckpt", {"student": engine}, gen, 0, other)
         assert not torch.equal(module[0].weight, saved_weight)
-        progress = load_training_state(tmp_path / "ckpt", {"student": engine}, gen, 0, fp)
-        assert progress.fingerprint == fp
-        assert (progress.step, progress.epoch, progress.batches_in_epoch) == (5, 1, 2)
-        assert progress.bad_before_epoch == {"empty_caption": 1}
+        state = load_training_state(tmp_path / "ckpt", {"student": engine}, gen, 0, fp)
+        assert state.fingerprint == fp
+        assert (state.step, state.epoch, state.data_position) == (5, 1, 2)
+        assert state.meta == {"bad_before_epoch": {"empty_caption": 1}} and not state.optimizers
+        # A checkpoint written before train_state.json (its progress.json) still resumes.
+        (tmp_path / "ckpt" / "train_state.json").unlink()
+        (tmp_path / "ckpt" / "progress.json").write_text(json.dumps(
+            {"step": 5, "epoch": 1, "batches_in_epoch": 2, "prompts_seen": 40, "mlflow_run_id": "abc",
+             "bad_before_epoch": {"empty_caption": 1}, "fingerprint": fp, "nonfinite_steps": 1}))
+        legacy = read_train_state(tmp_path / "ckpt")
+        assert (legacy.step, legacy.epoch, legacy.data_position, legacy.prompts_seen, legacy.nonfinite_steps,
+                legacy.mlflow_run_id) == (5, 1, 2, 40, 1, "abc")
+        assert legacy.meta == {"bad_before_epoch": {"empty_caption": 1}} and legacy.fingerprint == fp
         assert torch.equal(module[0].weight, saved_weight) and torch.equal(gen.get_state(), saved_gen)
         with pytest.raises(RuntimeError, match="no DeepSpeed state for 'fake'"):
             load_training_state(tmp_path / "ckpt", {"fake": engine}, gen, 0)

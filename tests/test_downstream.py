@@ -8,18 +8,15 @@ another model) and a smoke run of each job on tiny settings whose outputs must e
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
 
-from wadi_core.downstream import geometry as geo  # noqa: E402
-from wadi_core.downstream.subjects import Scene, render_scene, render_subject  # noqa: E402
+from wadi_core.downstream import geometry as geo
+from wadi_core.downstream.subjects import Scene, render_scene, render_subject
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +111,7 @@ def test_load_controlnet_from_s3(s3_bucket, tmp_path):
 
 @pytest.mark.slow
 def test_controlnet_job_smoke(student_export, tmp_path):
-    import controlnet as job
+    from jobs import controlnet as job
     import mlflow
 
     from wadi_core.downstream.controlnet import load_controlnet
@@ -169,7 +166,7 @@ def test_subject_adapter_moves_exactly_onto_a_student(kind):
 
 @pytest.mark.slow
 def test_dreambooth_job_smoke(student_export, tmp_path):
-    import dreambooth as job
+    from jobs import dreambooth as job
 
     from wadi_core.adapters import load_adapter
     from wadi_core.models import load_teacher
@@ -210,7 +207,7 @@ def test_learned_token_round_trips_into_another_model(tmp_path):
 @pytest.mark.slow
 def test_reversion_job_smoke(tmp_path):
     """Scene teacher -> its student (jobs/distill_local.py, 1 step) -> token -> both samplers."""
-    import reversion as job
+    from jobs import reversion as job
 
     from wadi_core.downstream.reversion import load_token
     from wadi_core.downstream.sampling import load_one_step_student

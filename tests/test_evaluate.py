@@ -138,12 +138,12 @@ def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir
     assert summary["metrics"]["fid"] == pytest.approx(m["fid"]) and len(summary["prompts"]["sha256"]) == 64
 
     # scheduled mode over a checkpoint folder: each checkpoint once, new ones picked up later; no
-    # --train-run-id: each evaluation finds its training run in the checkpoint's own progress.json
+    # --train-run-id: each evaluation finds its training run in the checkpoint's own train_state.json
     ckpts = tmp_path / "ckpts"
 
     def add_checkpoint(name: str) -> None:
         shutil.copytree(tiny_pipeline_dir, ckpts / name / "export")
-        (ckpts / name / "progress.json").write_text(json.dumps({"step": int(name[-6:]), "mlflow_run_id": train_run}))
+        (ckpts / name / "train_state.json").write_text(json.dumps({"step": int(name[-6:]), "mlflow_run_id": train_run}))
 
     add_checkpoint("checkpoint_000010")
     add_checkpoint("checkpoint_000020")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,7 @@ from wadi_core.export_formats.ldm import _load_component
 from wadi_core.models import EMBEDDED_TEACHER, load_teacher
 from wadi_core.vsd import AdapterSpec, VSDConfig
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from jobs import export as export_job  # noqa: E402
+from jobs import export as export_job
 
 PROMPTS = ["a large red circle on the left", "a small blue square on the right"]
 

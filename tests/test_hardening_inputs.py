@@ -22,9 +22,6 @@ from wadi_core.config import ConfigError
 
 from pipelines.tarshards import BAD_REASONS, BLOCK, parse_prompt_tar, write_prompt_shard
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # for ``jobs.distill``
 
 SECRET = "wJalr/XUtnFEMI+K7MDENG"  # looks like an AWS secret key: it contains "/" and "+"
 

@@ -100,7 +100,7 @@ def test_train_local_counts_a_nan_batch_and_continues_then_stops_on_a_streak(sd_
     assert _finite(_adapters(result["distiller"]))
     from wadi_core.vsd import TrainState
 
-    assert TrainState.load(tmp_path / "run" / "state").meta["nonfinite_steps"] == 1
+    assert TrainState.load(tmp_path / "run" / "state").nonfinite_steps == 1
 
     teacher = load_teacher(sd_dir)  # resume the same out dir with every batch broken
     encode = teacher.encode_prompts
@@ -193,11 +193,11 @@ def test_deepspeed_updater_skips_a_nan_batch(sd_dir, ds_world, stage):
 # -- checkpoints: safe loading, manifest, fallback -----------------------------------------------
 
 def _save(d: WaDiDistiller, engines: dict, storage: Path, step: int) -> Path:
-    from pipelines.checkpoint import Progress, file_manifest, mark_complete, save_training_state
+    from pipelines.checkpoint import TrainState, file_manifest, mark_complete, save_training_state
 
     name = f"checkpoint_{step:08d}"
     out = storage / "run" / name
-    save_training_state(out, engines, torch.Generator().manual_seed(step), Progress(step=step), 0)
+    save_training_state(out, engines, torch.Generator().manual_seed(step), TrainState(step=step), 0)
     mark_complete(str(storage), "run", name, file_manifest(out))
     return out
 
@@ -312,7 +312,7 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(sd_dir, ds_world,
         progress, rejected = load_first_good_checkpoint(candidates, load)
     assert progress.step == 3 and len(rejected) == 1 and "checkpoint_00000006" in rejected[0]
     # Every checkpoint damaged: an error that says so, not a silent start from step 0.
-    old = tmp_path / "run" / "checkpoint_00000003" / "progress.json"
+    old = tmp_path / "run" / "checkpoint_00000003" / "train_state.json"
     old.write_text(old.read_text().replace('"step": 3', '"step": 4'))
     with pytest.warns(UserWarning), pytest.raises(CheckpointRejected, match="none of the run's 2 complete checkpoints"):
         load_first_good_checkpoint(complete_checkpoints(str(tmp_path), "run"), load)

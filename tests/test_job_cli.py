@@ -87,3 +87,21 @@ def test_a_shared_recipe_gives_each_job_the_keys_it_has(capsys: pytest.CaptureFi
     # ... while an override naming a key the job does not have is still refused
     bad = _run("evaluate.py", "run", "--config", "embedded", "tracking.registered_model=x", capsys=capsys)
     assert bad.returncode == 2 and "unknown config key(s) ['tracking.registered_model']" in bad.stderr
+
+
+def test_jobs_run_as_scripts_and_modules_from_anywhere(tmp_path: Path):
+    """``python jobs/distill.py`` (what ``ray job submit`` runs) and ``python -m jobs.distill`` both
+    resolve a config from a directory outside the repository; no job edits ``sys.path``."""
+    import ast
+    import sys
+
+    for path in sorted((ROOT / "jobs").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        edits = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
+                 and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+        assert not edits, f"{path.name} touches sys.path at lines {edits}"
+    for launch in ([str(ROOT / "jobs" / "distill.py")], ["-m", "jobs.distill"]):
+        done = subprocess.run([sys.executable, *launch, "train.zero_stage=1", "--print-config"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert yaml.safe_load(done.stdout)["train"]["zero_stage"] == 1

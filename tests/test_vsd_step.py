@@ -165,7 +165,7 @@ def test_train_state_round_trip_resumes_exactly(sd_dir, tmp_path):
     ups2, gen2 = make_updaters(d2), torch.Generator().manual_seed(123)
     state = TrainState.load(tmp_path / "state")
     assert (state.step, state.data_position, state.meta["note"]) == (2, 8, "t")
-    assert set(state.meta["fingerprint"]) == {"teacher", "student", "fake"}  # checked on restore
+    assert set(state.fingerprint) == {"teacher", "student", "fake"}  # checked on restore
     restore_train_state(state, d2, ups2, gen2)
     assert run(d2, ups2, gen2, 2) == expected
 

@@ -9,8 +9,6 @@ wadi_core's reader with the same captions; shards written by our writers are rea
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,9 +17,6 @@ wds = pytest.importorskip("webdataset")
 from pipelines.tarshards import parse_prompt_tar, write_prompt_shard  # noqa: E402
 from pipelines.wds_shards import write_prompt_shards_webdataset  # noqa: E402
 from wadi_core.prompts import read_prompt_shards, write_prompt_shards  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 CAPTIONS = ["a large red circle on the left", "ünïcödé prompt, with commas", "x" * 3000, "", "tab\there\nnewline"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,6 @@ import torch
 
 from wadi_core.analysis import (compare_weights, load_weights, locate_weights, residual_svd_energy, row_changes,
                                 swap_direction, swap_norm)
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:

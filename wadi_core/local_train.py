@@ -102,7 +102,7 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
         state = TrainState.load(out / "state")
         restore_train_state(state, distiller, updaters, generator)
         step, position = state.step, state.data_position
-        guard.total = int(state.meta.get("nonfinite_steps", 0))
+        guard.total = state.nonfinite_steps
         if ema is not None and "student_ema" in state.optimizers:
             ema.load_state_dict(state.optimizers["student_ema"])
     averaged = ema.applied if ema is not None else contextlib.nullcontext
@@ -122,8 +122,8 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
         return save_image_grid([images], out / "samples" / f"step_{at:06d}.png")
 
     def save_state(at: int) -> None:
-        state = capture_train_state(distiller, updaters, generator, at, position,
-                                    meta={"config": to_flat_dict(cfg), "nonfinite_steps": guard.total})
+        state = capture_train_state(distiller, updaters, generator, at, position, meta={"config": to_flat_dict(cfg)})
+        state.nonfinite_steps, state.prompts_seen = guard.total, position
         if ema is not None:
             state.optimizers["student_ema"] = ema.state_dict()
         state.save(out / "state")

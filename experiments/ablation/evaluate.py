@@ -1,8 +1,9 @@
 """Domain evaluation of the ablation: fixed prompts, fixed noise, cached real statistics.
 
 Every run is scored on the same prompts with the same initial noise, so differences between
-configurations are paired (they do not include noise-draw luck). FID uses the domain
-evaluator's 128-d features against ``real_images`` renders of the training combinations.
+configurations are paired (they do not include noise-draw luck). FID and improved precision /
+recall (k = 3) use the domain evaluator's 128-d features against ``real_images`` renders of the
+training combinations.
 """
 
 from __future__ import annotations
@@ -16,40 +17,59 @@ from torch import Tensor
 
 from wadi_core.domain import eval_prompts
 from wadi_core.domain.evaluator import DomainEvaluator
-from wadi_core.metrics import GaussianStats, frechet_distance
+from wadi_core.metrics import GaussianStats, frechet_distance, precision_recall
 
-__all__ = ["DomainEval", "cached_real_stats", "teacher_pipeline", "teacher_images"]
-
-
-def _stats(evaluator: DomainEvaluator, images: Tensor, batch: int = 500) -> GaussianStats:
-    feats = torch.cat([evaluator.features(images[i:i + batch]) for i in range(0, len(images), batch)])
-    return GaussianStats.from_features(feats, {"extractor": "domain"})
+__all__ = ["DomainEval", "RealReference", "cached_real", "teacher_pipeline", "teacher_images"]
 
 
-def cached_real_stats(evaluator: DomainEvaluator, n: int, seed: int, cache_dir: str | Path) -> GaussianStats:
-    """Evaluator statistics of ``n`` real renders (``wadi_core.domain.quality``), cached as safetensors."""
-    from wadi_core.domain.quality import real_feature_stats
+def features(evaluator: DomainEvaluator, images: Tensor, batch: int = 500) -> Tensor:
+    return torch.cat([evaluator.features(images[i:i + batch]) for i in range(0, len(images), batch)])
 
-    path = Path(cache_dir) / f"real_stats_n{n}_seed{seed}.safetensors"
+
+@dataclass(frozen=True)
+class RealReference:
+    """Evaluator features of the real renders and their Gaussian statistics."""
+
+    features: Tensor
+    stats: GaussianStats
+
+    @classmethod
+    def of(cls, feats: Tensor) -> "RealReference":
+        return cls(feats, GaussianStats.from_features(feats.double().numpy(), {"extractor": "domain"}))
+
+    def score(self, fake: Tensor) -> dict[str, float]:
+        """``fid``, ``precision`` and ``recall`` of ``fake`` features against this reference."""
+        stats = GaussianStats.from_features(fake.double().numpy(), {"extractor": "domain"})
+        return {"fid": float(frechet_distance(stats, self.stats)), **precision_recall(self.features, fake, k=3)}
+
+
+def cached_real(evaluator: DomainEvaluator, n: int, seed: int, cache_dir: str | Path) -> RealReference:
+    """Evaluator features of ``n`` real renders (``wadi_core.domain.quality``), cached as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from wadi_core.domain.quality import real_features
+
+    path = Path(cache_dir) / f"real_features_n{n}_seed{seed}.safetensors"
     if path.exists():
-        return GaussianStats.load(path)
-    stats = real_feature_stats(evaluator, n=n, split="train", seed=seed)
-    stats.save(path)
-    return stats
+        return RealReference.of(load_file(str(path))["features"])
+    feats = real_features(evaluator, n=n, split="train", seed=seed).float().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": feats}, str(path))
+    return RealReference.of(feats)
 
 
 @dataclass
 class DomainEval:
-    """One evaluation set: ``prompts`` (domain captions), ``noise`` (N, C, H, W) and the real statistics."""
+    """One evaluation set: ``prompts`` (domain captions), ``noise`` (N, C, H, W) and the real reference."""
 
     evaluator: DomainEvaluator
-    real: GaussianStats
+    real: RealReference
     prompts: list[str]
     noise: Tensor
     batch: int = 250
 
     @classmethod
-    def build(cls, evaluator: DomainEvaluator, real: GaussianStats, n: int, prompt_seed: int, noise_seed: int,
+    def build(cls, evaluator: DomainEvaluator, real: RealReference, n: int, prompt_seed: int, noise_seed: int,
               latent_shape: tuple[int, ...], split: str = "train") -> "DomainEval":
         noise = torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(noise_seed))
         return cls(evaluator, real, eval_prompts(n, seed=prompt_seed, split=split), noise)
@@ -58,14 +78,14 @@ class DomainEval:
         return len(self.prompts)
 
     def score(self, images: Tensor) -> dict[str, float]:
-        """``fid`` vs the real statistics, ``alignment`` (mean fraction of caption attributes shown)
-        and ``all_correct`` (share of images with every attribute right)."""
+        """``fid``, ``precision`` and ``recall`` vs the real renders, ``alignment`` (mean fraction of
+        caption attributes shown) and ``all_correct`` (share of images with every attribute right)."""
         from wadi_core.domain.quality import alignment_report
 
         if len(images) != len(self.prompts):
             raise ValueError(f"{len(images)} images for {len(self.prompts)} prompts")
         report = alignment_report(self.evaluator, images, self.prompts)
-        return {"fid": float(frechet_distance(_stats(self.evaluator, images), self.real)),
+        return {**self.real.score(features(self.evaluator, images)),
                 "alignment": report["alignment"], "all_correct": report["all_correct"]}
 
     @torch.no_grad()

@@ -16,7 +16,8 @@ __all__ = ["Aggregate", "summarize", "verdicts", "write_report", "SUMMARY_COLUMN
 Row = dict[str, Any]
 
 SUMMARY_COLUMNS = ("section", "label", "kind", "rank", "lr", "params", "n_seeds", "fid_mean", "fid_sd",
-                   "alignment_mean", "alignment_sd", "all_correct_mean", "s_per_step", "cpu_s_per_step",
+                   "precision_mean", "precision_sd", "recall_mean", "alignment_mean", "alignment_sd",
+                   "all_correct_mean", "s_per_step", "cpu_s_per_step",
                    "dir_change_pct", "norm_change_pct", "dir_norm_ratio", "svd_energy_30pct", "seeds")
 PLOTS = ("ablation_adapters.png", "ablation_params_fid.png", "ablation_rank.png", "ablation_swaps.png",
          "ablation_lr_sweep.png")
@@ -57,7 +58,9 @@ class Aggregate:
         return {
             "section": self.section, "label": self.label, "kind": self.first("kind"), "rank": self.first("rank"),
             "lr": self.first("lr"), "params": self.first("params"), "n_seeds": len(self.rows),
-            "fid_mean": self.mean("fid"), "fid_sd": self.sd("fid"), "alignment_mean": self.mean("alignment"),
+            "fid_mean": self.mean("fid"), "fid_sd": self.sd("fid"), "precision_mean": self.mean("precision"),
+            "precision_sd": self.sd("precision"), "recall_mean": self.mean("recall"),
+            "alignment_mean": self.mean("alignment"),
             "alignment_sd": self.sd("alignment"), "all_correct_mean": self.mean("all_correct"),
             "s_per_step": self.mean("s_per_step"), "cpu_s_per_step": self.mean("cpu_s_per_step"),
             "dir_change_pct": self.mean("dir_change_pct"), "norm_change_pct": self.mean("norm_change_pct"),
@@ -167,6 +170,7 @@ def verdicts(summary: dict[str, list[Aggregate]]) -> list[tuple[str, str, str]]:
         t1 = base.get("teacher_1step")
         ev = (f"FID LoRaD student (1 step) {_pm(f_s, ad['lorad'].sd('fid'))} vs {teach.label} {f_t:.2f}"
               + (f" and teacher 1-step {t1.mean('fid'):.2f}" if t1 else "")
+              + f"; precision {ad['lorad'].mean('precision'):.3f} vs {teach.mean('precision'):.3f}"
               + f"; alignment {ad['lorad'].mean('alignment'):.3f} vs {teach.mean('alignment'):.3f}")
         verdict = ("holds: better than the teacher" if f_s <= f_t else
                    "holds: close (FID within 1.25x of the teacher's)" if f_s <= 1.25 * f_t else
@@ -195,15 +199,16 @@ def markdown(summary: dict[str, list[Aggregate]], cfg: AblationConfig, rows: lis
              f"{b.real_images} real renders (domain evaluator features); seeds {list(cfg.seeds)}; mean ± sd over "
              f"seeds. Student rank {cfg.rank} unless stated; fake score {cfg.vsd.fake.kind} r{cfg.vsd.fake.rank}.\n"]
     parts.append("## Baselines\n")
-    parts.append(_table(["model", "FID", "alignment", "all attributes right"],
-                        [[a.label, _fmt(a.mean("fid"), ".2f"), _fmt(a.mean("alignment")),
-                          _fmt(a.mean("all_correct"))] for a in summary["baseline"]]))
-    head = ["student adapter", "trainable params", "lr", "seeds", "FID", "alignment", "s/step", "CPU s/step",
-            "dir. change %", "norm change %"]
+    parts.append(_table(["model", "FID", "precision", "recall", "alignment", "all attributes right"],
+                        [[a.label, _fmt(a.mean("fid"), ".2f"), _fmt(a.mean("precision")), _fmt(a.mean("recall")),
+                          _fmt(a.mean("alignment")), _fmt(a.mean("all_correct"))] for a in summary["baseline"]]))
+    head = ["student adapter", "trainable params", "lr", "seeds", "FID", "precision", "recall", "alignment",
+            "s/step", "CPU s/step", "dir. change %", "norm change %"]
 
     def line(a: Aggregate) -> list[str]:
         return [a.label, f"{a.first('params'):,}", _fmt(a.first("lr")), str(len(a.rows)),
-                _pm(a.mean("fid"), a.sd("fid")), _pm(a.mean("alignment"), a.sd("alignment"), 3),
+                _pm(a.mean("fid"), a.sd("fid")), _pm(a.mean("precision"), a.sd("precision"), 3),
+                _fmt(a.mean("recall")), _pm(a.mean("alignment"), a.sd("alignment"), 3),
                 _fmt(a.mean("s_per_step"), ".2f"), _fmt(a.mean("cpu_s_per_step"), ".2f"),
                 _fmt(a.mean("dir_change_pct")), _fmt(a.mean("norm_change_pct"))]
 
@@ -212,9 +217,10 @@ def markdown(summary: dict[str, list[Aggregate]], cfg: AblationConfig, rows: lis
     parts.append("\n## LoRaD rank sweep\n")
     parts.append(_table(head, [line(a) for a in summary["rank"]]))
     parts.append("\n## Full fine-tune: weight change and swap students\n")
-    parts.append(_table(["student", "seeds", "FID", "alignment", "dir. change %", "norm change %", "ratio",
-                         "SVD energy @30% rank"],
+    parts.append(_table(["student", "seeds", "FID", "precision", "alignment", "dir. change %", "norm change %",
+                         "ratio", "SVD energy @30% rank"],
                         [[a.label, str(len(a.rows)), _pm(a.mean("fid"), a.sd("fid")),
+                          _pm(a.mean("precision"), a.sd("precision"), 3),
                           _pm(a.mean("alignment"), a.sd("alignment"), 3), _fmt(a.mean("dir_change_pct")),
                           _fmt(a.mean("norm_change_pct")), _fmt(a.mean("dir_norm_ratio")),
                           _fmt(a.mean("svd_energy_30pct"), ".1%")] for a in summary["swaps"]]))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from experiments.ablation.config import AblationConfig
-from experiments.ablation.evaluate import cached_real_stats
+from experiments.ablation.evaluate import cached_real
 from experiments.ablation.runs import AblationContext, RunSpec, score_baselines, train_and_score
 from wadi_core.config import to_flat_dict
 
@@ -267,7 +267,7 @@ def run_ablation(cfg: AblationConfig, on_row: OnRow | None = None, progress: boo
     if cfg.workers > 1:  # the workers read the cached real statistics instead of each rendering them
         from wadi_core.domain.evaluator import load_domain_evaluator
 
-        cached_real_stats(load_domain_evaluator(), cfg.budget.real_images, cfg.real_seed, out)
+        cached_real(load_domain_evaluator(), cfg.budget.real_images, cfg.real_seed, out)
     runner = _Runner(cfg, on_row, progress)
     runner.run()
     return runner.rows

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from experiments.ablation.config import AblationConfig
-from experiments.ablation.evaluate import DomainEval, cached_real_stats, teacher_images, teacher_pipeline
+from experiments.ablation.evaluate import DomainEval, cached_real, teacher_images, teacher_pipeline
 from experiments.ablation.weights import compare_student, swapped_full_state, use_student_state
 
 __all__ = ["RunSpec", "AblationContext", "train_and_score", "score_baselines"]
@@ -73,7 +73,7 @@ class AblationContext:
         self.out = Path(cfg.out_dir)
         self.evaluator = load_domain_evaluator()
         b = cfg.budget
-        self.real = cached_real_stats(self.evaluator, b.real_images, cfg.real_seed, self.out)
+        self.real = cached_real(self.evaluator, b.real_images, cfg.real_seed, self.out)
         # Loaded once; every run distils a deep copy (adapters are added in place).
         self.teacher = load_teacher(cfg.teacher)
         self.latent_shape, self.family = self.teacher.latent_shape, self.teacher.family
@@ -85,7 +85,8 @@ class AblationContext:
 
 def _safe_score(ev: DomainEval, images: torch.Tensor) -> dict[str, float]:
     if not torch.isfinite(images).all():  # a diverged student: no FID, but the run is still a row
-        return {"fid": math.nan, "alignment": math.nan, "all_correct": math.nan, "diverged": 1.0}
+        return {"fid": math.nan, "precision": math.nan, "recall": math.nan, "alignment": math.nan,
+                "all_correct": math.nan, "diverged": 1.0}
     return {**ev.score(images), "diverged": 0.0}
 
 
@@ -101,16 +102,15 @@ def _weight_summary(cmp: Any) -> dict[str, float]:
 
 def score_baselines(ctx: AblationContext, done: frozenset[str]) -> list[Row]:
     """The FID floor (real vs real renders) and the teacher (K-step and 1-step CFG) on the test set."""
-    from wadi_core.domain.quality import real_feature_stats
-    from wadi_core.metrics import frechet_distance
+    from wadi_core.domain.quality import real_features
 
     cfg, b, ev = ctx.cfg, ctx.cfg.budget, ctx.test
     rows: list[Row] = []
     if "real_floor" not in done:
         # The FID floor at this sample size: fresh real renders (other seed) against the reference.
-        real = real_feature_stats(ctx.evaluator, n=len(ev), split="train", seed=cfg.real_seed + 1)
+        fresh = real_features(ctx.evaluator, n=len(ev), split="train", seed=cfg.real_seed + 1)
         rows.append({"name": "real_floor", "group": "baseline", "variant": "real", "kind": "real renders",
-                     "fid": float(frechet_distance(real, ctx.real)), "alignment": math.nan})
+                     **ctx.real.score(fresh), "alignment": math.nan})
     pipe = None
     for steps in (b.teacher_steps, 1):
         name = f"teacher_{steps}step_cfg{b.teacher_guidance:g}"

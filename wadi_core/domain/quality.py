@@ -9,7 +9,7 @@ from wadi_core.domain.attributes import ATTRIBUTE_NAMES, eval_prompts
 from wadi_core.domain.data import make_render_set
 from wadi_core.domain.evaluator import DomainEvaluator
 
-__all__ = ["real_feature_stats", "alignment_report", "generated_report"]
+__all__ = ["real_features", "real_feature_stats", "alignment_report", "generated_report"]
 
 REAL_SEED = 777
 
@@ -21,12 +21,18 @@ def _stats(features: torch.Tensor):
 
 
 @torch.no_grad()
+def real_features(evaluator: DomainEvaluator, n: int = 5000, split: str = "train", seed: int = REAL_SEED,
+                  batch: int = 500) -> torch.Tensor:
+    """Evaluator features ``(n, dim)`` of ``n`` real renders (combinations of ``split``)."""
+    data = make_render_set(n, seed, split)
+    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
+    return torch.cat([evaluator.features(x[i:i + batch]) for i in range(0, n, batch)])
+
+
 def real_feature_stats(evaluator: DomainEvaluator, n: int = 5000, split: str = "train", seed: int = REAL_SEED,
                        batch: int = 500):
     """GaussianStats of evaluator features of ``n`` real renders (combinations of ``split``)."""
-    data = make_render_set(n, seed, split)
-    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
-    return _stats(torch.cat([evaluator.features(x[i:i + batch]) for i in range(0, n, batch)]))
+    return _stats(real_features(evaluator, n, split, seed, batch))
 
 
 @torch.no_grad()

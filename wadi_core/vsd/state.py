@@ -1,7 +1,10 @@
-"""Training state for exact resume (step, RNG, optimizers, adapters, data position).
+"""Training state for exact resume: where the run is (step, data position, counters, what it
+was trained for) and, for the single-process trainer, its tensors (adapters, optimizers, RNG).
 
-Kept apart from the exported model: ``<dir>/train_state.json`` (structure and scalars) and
-``<dir>/train_state.safetensors`` (every tensor). No pickle.
+One type for both trainers. ``wadi_core.local_train`` keeps everything in it; a Ray Train worker
+(``pipelines.checkpoint``) keeps only the scalars here, because DeepSpeed's engines write the
+sharded tensors. Kept apart from the exported model: ``<dir>/train_state.json`` (structure and
+scalars) and ``<dir>/train_state.safetensors`` (every tensor, when there are any). No pickle.
 """
 
 from __future__ import annotations
@@ -53,30 +56,58 @@ def _decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
 
 @dataclass
 class TrainState:
-    """Everything needed to continue a run exactly where it stopped."""
+    """Everything needed to continue a run exactly where it stopped.
+
+    ``data_position`` counts what was consumed of epoch ``epoch``'s prompt stream in the
+    trainer's unit (the local trainer: prompts; a Ray worker: its own batches). ``meta`` holds
+    trainer-specific records (the config, bad rows of finished epochs). The tensor fields stay
+    empty when another writer owns the tensors (DeepSpeed engines).
+    """
 
     step: int = 0
+    epoch: int = 0
     data_position: int = 0
+    prompts_seen: int = 0
+    nonfinite_steps: int = 0        # VSD steps skipped for a non-finite loss / gradient
+    fingerprint: dict[str, str] = field(default_factory=dict)  # what the state was trained for
+    mlflow_run_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     adapters: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _SCALARS}
 
     def save(self, directory: str | os.PathLike) -> Path:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
-        body = {
-            "step": self.step, "data_position": self.data_position,
-            "rng": _encode(self.rng, tensors, "rng"), "adapters": _encode(self.adapters, tensors, "adapters"),
-            "optimizers": _encode(self.optimizers, tensors, "optimizers"), "meta": self.meta,
-        }
+        body = {**self.scalars(), "rng": _encode(self.rng, tensors, "rng"),
+                "adapters": _encode(self.adapters, tensors, "adapters"),
+                "optimizers": _encode(self.optimizers, tensors, "optimizers")}
         # Write tensors first and the json last: a state dir with a json is complete.
-        save_file(tensors, str(out / _TENSORS))
+        if tensors:
+            save_file(tensors, str(out / _TENSORS))
         tmp = out / (_JSON + ".tmp")
         tmp.write_text(json.dumps(body))
         tmp.replace(out / _JSON)
         return out
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        """The scalars of a ``train_state.json`` (tensor references are dropped)."""
+        return cls._from_body(json.loads(text), {})
+
+    @classmethod
+    def _from_body(cls, body: dict[str, Any], tensors: dict[str, Tensor]) -> "TrainState":
+        meta = dict(body.get("meta") or {})
+        # States written before these were fields kept them in meta.
+        fingerprint = body.get("fingerprint") or meta.pop("fingerprint", {})
+        nonfinite = body.get("nonfinite_steps", meta.pop("nonfinite_steps", 0))
+        scalars = {k: body[k] for k in _SCALARS if k in body and k not in ("meta", "fingerprint", "nonfinite_steps")}
+        decoded = {k: _decode(body[k], tensors) for k in ("rng", "adapters", "optimizers") if k in body and tensors}
+        return cls(**scalars, fingerprint=fingerprint, nonfinite_steps=int(nonfinite), meta=meta, **decoded)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TrainState":
@@ -84,14 +115,16 @@ class TrainState:
         if not (d / _JSON).exists():
             raise FileNotFoundError(f"no {_JSON} in {d}: not a (complete) training state directory")
         body = json.loads((d / _JSON).read_text())
-        tensors = load_file(str(d / _TENSORS))
-        return cls(step=body["step"], data_position=body["data_position"],
-                   rng=_decode(body["rng"], tensors), adapters=_decode(body["adapters"], tensors),
-                   optimizers=_decode(body["optimizers"], tensors), meta=body.get("meta", {}))
+        tensors = load_file(str(d / _TENSORS)) if (d / _TENSORS).exists() else {}
+        return cls._from_body(body, tensors)
 
     @staticmethod
     def exists(directory: str | os.PathLike) -> bool:
         return (Path(directory) / _JSON).exists()
+
+
+_SCALARS = ("step", "epoch", "data_position", "prompts_seen", "nonfinite_steps", "fingerprint", "mlflow_run_id",
+            "meta")
 
 
 class IncompatibleCheckpoint(RuntimeError):
@@ -144,10 +177,10 @@ def capture_train_state(distiller: Any, updaters: Mapping[str, Any], generator: 
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return TrainState(
-        step=step, data_position=data_position, rng=rng,
+        step=step, data_position=data_position, rng=rng, fingerprint=distiller_fingerprint(distiller),
         adapters={name: adapter_state_dict(distiller.denoiser, name) for name in ("student", "fake")},
         optimizers={name: u.state_dict() for name, u in updaters.items() if hasattr(u, "state_dict")},
-        meta={**(meta or {}), "fingerprint": distiller_fingerprint(distiller)},
+        meta=dict(meta or {}),
     )
 
 
@@ -157,7 +190,7 @@ def restore_train_state(state: TrainState, distiller: Any, updaters: Mapping[str
     for another teacher or other adapters (:class:`IncompatibleCheckpoint`) before touching anything."""
     from wadi_core.adapters import load_adapter_state_dict
 
-    check_fingerprint(state.meta.get("fingerprint", {}), distiller_fingerprint(distiller), f"at step {state.step}")
+    check_fingerprint(state.fingerprint, distiller_fingerprint(distiller), f"at step {state.step}")
 
     for name, sd in state.adapters.items():
         load_adapter_state_dict(distiller.denoiser, name, sd)
