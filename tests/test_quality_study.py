@@ -34,6 +34,12 @@ def test_lorad_student_covers_convs_and_leaves_the_teacher_alone():
     assert sum(p.numel() for p in params) < sum(p.numel() for p in unet.parameters())
     for k, v in unet.state_dict().items():
         assert torch.equal(v, before[k])
+    # lorad_affine adds every bias and normalisation scale; full_weights trains only the weight matrices
+    _, affine = student_copy(unet, "lorad_affine", rank=2)
+    n_bias = sum(1 for n, _ in unet.named_parameters() if n.endswith("bias"))
+    assert len(affine) > len(params) + n_bias - 1
+    _, weights = student_copy(unet, "full_weights", rank=2)
+    assert len(weights) == sum(1 for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
 def test_study_trains_and_exports_its_student(tmp_path):

@@ -2,9 +2,11 @@
 
 A diagnostic study, not a training path: the shipped adapters cover ``nn.Linear`` layers only
 (42 % of the embedded UNet's weights). Here the student is its own copy of the teacher's UNet with
-either every weight trainable (``mode=full``) or a LoRaD rotation of every ``nn.Linear`` **and**
-``nn.Conv2d`` weight (``mode=lorad``: each output filter, flattened to a row, is rotated in
-adjacent pairs by ``A @ B``; identity at init, row norms kept). The fake score, guidance, batch and
+either every parameter trainable (``mode=full``), only the ``nn.Linear`` / ``nn.Conv2d`` weight
+matrices (``full_weights``: no biases, no normalisation scales), or a LoRaD rotation of every
+``nn.Linear`` **and** ``nn.Conv2d`` weight (``mode=lorad``: each output filter, flattened to a row,
+is rotated in adjacent pairs by ``A @ B``; identity at init, row norms kept), optionally with the
+biases and normalisation scales trainable too (``lorad_affine``). The fake score, guidance, batch and
 step are the embedded recipe's (``wadi_core.vsd.vsd_step``); the student EMA (0.99) is exported
 as a one-step diffusers pipeline in the same layout as ``wadi_core.export``.
 
@@ -69,15 +71,34 @@ class OwnStudent(WaDiDistiller):
             self.teacher.denoiser = base
 
 
+MODES = ("full", "full_weights", "lorad", "lorad_affine")
+
+
+def _affine(own: nn.Module) -> list[nn.Parameter]:
+    """Biases of every layer and the scales/shifts of the normalisation layers."""
+    out = []
+    for module in own.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "bias" or (name == "weight" and isinstance(module, (nn.GroupNorm, nn.LayerNorm))):
+                out.append(p)
+    return out
+
+
 def student_copy(unet: nn.Module, mode: str, rank: int) -> tuple[nn.Module, list[nn.Parameter]]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     own = copy.deepcopy(unet).requires_grad_(mode == "full")
     if mode == "full":
         return own, list(own.parameters())
+    layers = [m for m in own.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if mode == "full_weights":
+        return own, [m.weight.requires_grad_(True) for m in layers]
     params: list[nn.Parameter] = []
-    for module in own.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            parametrize.register_parametrization(module, "weight", RowRotation(module.weight, rank))
-            params += list(module.parametrizations.weight[0].parameters())
+    for module in layers:
+        parametrize.register_parametrization(module, "weight", RowRotation(module.weight, rank))
+        params += list(module.parametrizations.weight[0].parameters())
+    if mode == "lorad_affine":
+        params += [p.requires_grad_(True) for p in _affine(own)]
     return own, params
 
 
@@ -90,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", choices=("full", "lorad"), default="lorad")
+    p.add_argument("--mode", choices=MODES, default="lorad")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--steps", type=int, default=1500)
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     export = export_one_step_pipeline(d, out / "export")
     with ema.applied():
         baked = copy.deepcopy(own)
-    if args.mode == "lorad":
+    if args.mode.startswith("lorad"):
         for module in baked.modules():
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
