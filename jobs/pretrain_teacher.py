@@ -1,6 +1,9 @@
 """Pretrain the embedded teacher (VAE, then text encoder + UNet) and save it as a diffusers pipeline.
 
     python jobs/pretrain_teacher.py out=wadi_core/assets/embedded_teacher
+    # the same teacher fine-tuned into v-prediction (SD 2.1's parametrisation; docs/QUALITY.md), 11 min:
+    python jobs/pretrain_teacher.py init_from=wadi_core/assets/embedded_teacher prediction_type=v_prediction \
+        denoiser_steps=1000 denoiser_lr=5e-4 out=runs/vteacher/pipeline state_dir=runs/vteacher/state
     python jobs/pretrain_teacher.py --print-config                      # every key (PretrainConfig + outputs)
 
 Seeded and resumable: rerun the same command to resume from ``state_dir``. Logs params,

@@ -116,3 +116,45 @@ def test_denoiser_steps_can_be_shortened_while_running(tmp_path):
     # AdamW's step count in the final state: the phase ended at 4 steps instead of 50.
     assert float(load_file(str(tmp_path / "state" / "optimizer.safetensors"))["0.step"]) == 4
     assert json.loads((tmp_path / "state" / "state.json").read_text())["meta"]["phase"] == "done"
+
+
+@pytest.mark.slow
+def test_fine_tune_a_teacher_into_v_prediction(tmp_path):
+    """init_from skips the VAE phases and starts the denoiser from a saved teacher; the saved
+    pipeline's sampler knows it predicts v, and load_teacher turns that v into eps."""
+    from safetensors.torch import load_file
+
+    from wadi_core.domain.pretrain import PretrainConfig, pretrain_teacher
+    from wadi_core.models import load_teacher
+
+    arch = TeacherArch(vae_channels=(16, 16, 16), text_hidden=32, text_heads=2, unet_channels=(16, 32),
+                       unet_heads=2, max_tokens=16)
+    base = PretrainConfig(num_images=32, vae_steps=2, vae_decoder_steps=0, vae_batch=4, denoiser_steps=2,
+                          denoiser_batch=4, warmup_steps=1, checkpoint_every=2, num_threads=1, arch=arch,
+                          denoiser_workers=1)
+    eps_summary = pretrain_teacher(base, tmp_path / "eps", tmp_path / "state_eps", progress=False)
+    with pytest.raises(ValueError, match="prediction_type"):
+        dataclasses.replace(base, prediction_type="sample")
+    tuned = dataclasses.replace(base, init_from=str(tmp_path / "eps"), prediction_type="v_prediction", denoiser_steps=3)
+    v_summary = pretrain_teacher(tuned, tmp_path / "v", tmp_path / "state_v", progress=False)
+    assert v_summary["scaling_factor"] == eps_summary["scaling_factor"]
+
+    def weights(folder, part):
+        (f,) = (tmp_path / folder / part).glob("*.safetensors")
+        return load_file(str(f))
+
+    vae_eps, vae_v = weights("eps", "vae"), weights("v", "vae")
+    assert all(torch.equal(vae_eps[k], vae_v[k]) for k in vae_eps)  # no VAE phase ran
+    unet_eps, unet_v = weights("eps", "unet"), weights("v", "unet")
+    assert any(not torch.equal(unet_eps[k], unet_v[k]) for k in unet_eps)  # the denoiser trained on
+    # AdamW counted only the fine-tuning steps: training started from the saved weights, not step 0 of a new run
+    assert float(load_file(str(tmp_path / "state_v" / "optimizer.safetensors"))["0.step"]) == 3
+    sched = json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+    teacher = load_teacher(str(tmp_path / "v"))
+    assert teacher.prediction_type == "v_prediction"
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 400])
+    cond = teacher.encode_prompts(["a small green triangle at the bottom"] * 2)
+    v = teacher.denoiser(x, t, encoder_hidden_states=cond.embeds).sample
+    abar = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(teacher.predict_eps(x, t, cond), abar.sqrt() * v + (1 - abar).sqrt() * x)

@@ -24,8 +24,8 @@ from wadi_core.domain.attributes import caption
 from wadi_core.domain.checkpoint import load_training_state, save_training_state
 from wadi_core.domain.data import RenderSet, make_render_set, to_tensor
 from wadi_core.domain.pretrain_denoiser import DenoiserData, _lr, run_denoiser_phase
-from wadi_core.domain.teacher import (TeacherArch, assemble_pipeline, build_text_encoder, build_training_scheduler,
-                                      build_unet, build_vae)
+from wadi_core.domain.teacher import (TeacherArch, assemble_pipeline, build_scheduler, build_text_encoder,
+                                      build_training_scheduler, build_unet, build_vae)
 from wadi_core.domain.tokenizer import build_tokenizer
 
 __all__ = ["PretrainConfig", "pretrain_teacher", "GRID_PROMPTS"]
@@ -60,7 +60,13 @@ class PretrainConfig:
     checkpoint_every: int = 100
     num_threads: int = 2
     denoiser_workers: int = 2
+    prediction_type: str = "epsilon"  # the UNet's target: "epsilon" (SD 1.5) or "v_prediction" (SD 2.1)
+    init_from: str = ""               # a teacher pipeline folder: skip the VAE phases, fine-tune its denoiser
     arch: TeacherArch = TeacherArch()
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
 
 
 def _vae_loss(vae, x: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig, decoder_only: bool) -> tuple[torch.Tensor, dict]:
@@ -83,6 +89,24 @@ def _vae_loss(vae, x: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig, dec
 
 
 @torch.no_grad()
+def _load_pipeline_weights(folder: str, models: dict) -> float:
+    """Copy a saved teacher pipeline's VAE, text encoder and UNet weights into ``models``; its latent scaling."""
+    from safetensors.torch import load_file
+
+    for name, model in models.items():
+        files = sorted((Path(folder) / name).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}/{name} has no .safetensors weights: init_from wants a teacher "
+                                    f"pipeline folder saved by this job (save_pretrained, safetensors)")
+        state = {k: v for f in files for k, v in load_file(str(f)).items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{folder}/{name} does not fit this run's architecture (cfg.arch): pass the arch it "
+                             f"was trained with. {str(err).splitlines()[0]}") from err
+    return float(json.loads((Path(folder) / "vae" / "config.json").read_text())["scaling_factor"])
+
+
 def _encode_latents(vae, data: RenderSet, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every training image (deterministic)."""
     means, stds = [], []
@@ -146,6 +170,9 @@ def pretrain_teacher(
         meta = load_training_state(state_dir, models, phase_opt, generator)
         meta.setdefault("arch", arch_record)
         print(f"resumed from {state_dir}: phase {meta['phase']}, step {meta['step']}")
+    elif cfg.init_from:
+        meta["phase"], meta["scaling_factor"] = "denoiser", _load_pipeline_weights(cfg.init_from, models)
+        print(f"fine-tuning the denoiser of {cfg.init_from} ({cfg.prediction_type}); VAE phases skipped")
     elapsed0 = meta.get("elapsed_s", 0.0)
 
     steps_this_call = 0
@@ -203,20 +230,22 @@ def pretrain_teacher(
     scaling = meta["scaling_factor"]
     vae.register_to_config(scaling_factor=scaling)
 
-    # Phase 2: text encoder + UNet jointly, epsilon prediction, 10 % caption dropout (for CFG).
+    # Phase 2: text encoder + UNet jointly, eps or v prediction, 10 % caption dropout (for CFG).
     combo_ids = tokenizer([caption(a) for a in data.combos] + [""], padding="max_length",
                           max_length=arch.max_tokens, truncation=True, return_tensors="pt").input_ids
     empty = len(data.combos)
     combo = torch.from_numpy(data.combo.astype(np.int64))
     noise_sched = build_training_scheduler()
-    # Min-SNR-gamma weighting (Hang et al. 2023) for eps-prediction: min(SNR, gamma) / SNR stops
-    # the many easy low-noise steps from dominating; it converges several times faster.
+    # Min-SNR-gamma weighting (Hang et al. 2023): min(SNR, gamma) / SNR for eps-prediction,
+    # min(SNR, gamma) / (SNR + 1) for v-prediction; it stops the many easy low-noise steps from
+    # dominating and converges several times faster.
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
-    snr_weight = (snr.clamp(max=cfg.min_snr_gamma) / snr) if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
+    denom = snr if cfg.prediction_type == "epsilon" else snr + 1
+    snr_weight = (snr.clamp(max=cfg.min_snr_gamma) / denom) if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
     if meta["phase"] == "denoiser":
         data2 = DenoiserData(lat_mean, lat_std, combo, combo_ids, empty, scaling, snr_weight,
                              noise_sched.alphas_cumprod.clone(), len(tokenizer), tokenizer.bos_token_id,
-                             tokenizer.eos_token_id)
+                             tokenizer.eos_token_id, cfg.prediction_type)
         if meta["step"] == 0:  # phase start: save it with the scaling factor (no optimizer yet)
             meta["elapsed_s"] = elapsed0 + time.time() - started
             save_training_state(state_dir, models, None, generator, meta)
@@ -228,7 +257,7 @@ def pretrain_teacher(
 
     unet.eval()
     text_encoder.eval()
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler(cfg.prediction_type))
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     wall = elapsed0 + time.time() - started
     return {"wall_time_s": wall, "scaling_factor": scaling}

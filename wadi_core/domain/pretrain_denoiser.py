@@ -39,6 +39,7 @@ class DenoiserData:
     vocab_size: int
     bos_id: int
     eos_id: int
+    prediction_type: str = "epsilon"   # or "v_prediction": the UNet's target
 
 
 def _lr(base: float, step: int, total: int, warmup: int) -> float:
@@ -139,7 +140,8 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
         abar = data.alphas_cumprod[t].view(-1, 1, 1, 1)
         z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise  # DDPM forward process q(z_t | z_0)
         cond = text_encoder(ids)[0]
-        per_sample = F.mse_loss(unet(z_t, t, encoder_hidden_states=cond).sample, noise,
+        target = noise if data.prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * z0
+        per_sample = F.mse_loss(unet(z_t, t, encoder_hidden_states=cond).sample, target,
                                 reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * data.snr_weight[t]).mean()
         opt.zero_grad(set_to_none=False)

@@ -84,11 +84,15 @@ def build_training_scheduler():
     return DDPMScheduler(**SCHEDULE)
 
 
-def build_scheduler():
-    """The pipeline's sampler: DDIM, SD's schedule, trailing spacing (1 step starts at t=999)."""
+def build_scheduler(prediction_type: str = "epsilon"):
+    """The pipeline's sampler: DDIM, SD's schedule, trailing spacing (1 step starts at t=999).
+
+    ``prediction_type`` is what the UNet predicts: ``"epsilon"`` (SD 1.5) or ``"v_prediction"`` (SD 2.1).
+    """
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SCHEDULE, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+    return DDIMScheduler(**{**SCHEDULE, "prediction_type": prediction_type}, set_alpha_to_one=False, steps_offset=1,
+                         timestep_spacing="trailing")
 
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
