@@ -35,15 +35,17 @@ from wadi_core.storage import retry_io  # per file, on top of the AWS SDK's own 
 from wadi_core.vsd.state import IncompatibleCheckpoint, TrainState, model_fingerprint
 from wadi_core.vsd.state import check_fingerprint as _check_fingerprint
 
-__all__ = ["TrainState", "read_train_state", "model_fingerprint", "check_fingerprint", "IncompatibleCheckpoint",
-           "save_training_state", "load_training_state", "TAG", "mark_complete", "latest_complete_checkpoint",
-           "checkpoint_step", "prune_untracked_checkpoints", "CheckpointRejected", "CorruptCheckpoint",
-           "UnsafeCheckpoint", "file_manifest", "merge_manifests", "verify_checkpoint", "install_safe_loading", "safe_torch_load",
-           "complete_checkpoints", "load_first_good_checkpoint", "DEEPSPEED_SAFE_GLOBALS", "upload_checkpoint"]
+__all__ = ["TrainState", "read_train_state", "STATE_FILES", "model_fingerprint", "check_fingerprint",
+           "IncompatibleCheckpoint", "save_training_state", "load_training_state", "TAG", "mark_complete",
+           "latest_complete_checkpoint", "checkpoint_step", "prune_untracked_checkpoints",
+           "CheckpointRejected", "CorruptCheckpoint", "UnsafeCheckpoint", "file_manifest", "merge_manifests",
+           "verify_checkpoint", "install_safe_loading", "safe_torch_load", "complete_checkpoints",
+           "load_first_good_checkpoint", "DEEPSPEED_SAFE_GLOBALS", "upload_checkpoint"]
 
 TAG = "state"
 _STATE = "train_state.json"  # TrainState.save without tensors: the engines hold them
 _LEGACY_PROGRESS = "progress.json"  # the same scalars, as checkpoints before TrainState wrote them
+STATE_FILES = (_STATE, _LEGACY_PROGRESS)  # where a checkpoint's scalars are, newest format first
 COMPLETE = "COMPLETE"
 _MANIFEST_FORMAT = "wadi-checkpoint-manifest/1"
 _NAME = re.compile(r"^checkpoint_(\d+)$")

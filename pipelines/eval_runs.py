@@ -401,9 +401,11 @@ def checkpoint_train_run_id(source: str, checkpoint_id: str) -> str | None:
     """The MLflow run that wrote a checkpoint, from its own record (the ``mlflow_run_id`` of its
     ``train_state.json``, or ``progress.json`` in older ones: pipelines.checkpoint); None when the
     checkpoint has no such record."""
+    from pipelines.checkpoint import STATE_FILES
+
     if source.startswith(("runs:/", "models:/")):
         return None
-    for name in ("train_state.json", "progress.json"):
+    for name in STATE_FILES:
         try:
             record = json.loads(storage.read_bytes(storage.join(source, checkpoint_id, name)))
         except (FileNotFoundError, OSError, ValueError):
