@@ -1,9 +1,11 @@
 """Pretrain the embedded teacher (VAE, then text encoder + UNet) and save it as a diffusers pipeline.
 
-    python jobs/pretrain_teacher.py out=wadi_core/assets/embedded_teacher
-    # the same teacher fine-tuned into v-prediction (SD 2.1's parametrisation; docs/QUALITY.md), 11 min:
-    python jobs/pretrain_teacher.py init_from=wadi_core/assets/embedded_teacher prediction_type=v_prediction \
-        denoiser_steps=1000 denoiser_lr=5e-4 out=runs/vteacher/pipeline state_dir=runs/vteacher/state
+The shipped teacher is made in two runs (20 + 11 min on 2 cores): an eps-prediction teacher from
+scratch, then fine-tuned into v-prediction (SD 2.1's parametrisation; docs/QUALITY.md says why):
+
+    python jobs/pretrain_teacher.py out=runs/teacher_eps/pipeline state_dir=runs/teacher_eps/state
+    python jobs/pretrain_teacher.py init_from=runs/teacher_eps/pipeline prediction_type=v_prediction \
+        denoiser_steps=1000 denoiser_lr=5e-4 out=wadi_core/assets/embedded_teacher state_dir=runs/teacher_v/state
     python jobs/pretrain_teacher.py --print-config                      # every key (PretrainConfig + outputs)
 
 Seeded and resumable: rerun the same command to resume from ``state_dir``. Logs params,

@@ -39,9 +39,10 @@ def test_paper_recipes_hold_the_paper_settings(name: str, rank: int) -> None:
 def test_embedded_default_is_small() -> None:
     cfg = load_config("embedded")
     assert cfg.train.num_workers == 2 and cfg.train.cpus_per_worker < 1  # leaves a CPU to Ray Data
-    # README command 1 in <= 10 min on 2 cores: 600 steps on 2 workers (~5 min) + the closing evaluation.
+    # README command 1 stays a few-minute run: at most 600 steps on 2 workers + the closing evaluation.
     assert cfg.train.zero_stage == 2 and 0 < cfg.data.max_steps <= 600
     assert cfg.evaluation.num_prompts >= 1000 and cfg.vsd.student_ema > 0
+    assert cfg.vsd.student_alphabar == "auto"  # the shipped teacher is v-prediction: its schedule's alphabar_999
 
 
 def test_student_ema_under_zero3_is_refused_with_the_fix() -> None:

@@ -133,13 +133,14 @@ def test_v_prediction_teacher_needs_the_schedule_alphabar(tmp_path):
     src = save_tiny_pipeline(tmp_path / "teacher", "sd")
     teacher = load_teacher(src)
     teacher.scheduler = DDPMScheduler.from_config(teacher.scheduler.config, prediction_type="v_prediction")
-    with pytest.raises(ValueError, match="student_alphabar=schedule"):
-        WaDiDistiller(teacher, VSDConfig(student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 4)))
-    # With the schedule's alphabar the export (a v-prediction DDIM) reproduces the training x0.
+    with pytest.raises(ValueError, match="student_alphabar=schedule"):  # the official constant cannot be exported
+        WaDiDistiller(teacher, VSDConfig(student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 4),
+                                         student_alphabar=0.0047))
+    # The default ("auto") picks the schedule's alphabar for a v teacher, whose export (a
+    # v-prediction DDIM) reproduces the training x0.
     torch.manual_seed(0)
-    d = WaDiDistiller(teacher, VSDConfig(student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 4),
-                                         student_alphabar="schedule"))
-    assert d.student_alphabar == pytest.approx(float(d.teacher.alphas_cumprod[999]))
+    d = WaDiDistiller(teacher, VSDConfig(student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 4)))
+    assert d.cfg.student_alphabar == "auto" and d.student_alphabar == pytest.approx(float(d.teacher.alphas_cumprod[999]))
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for p in d.parameters("student"):

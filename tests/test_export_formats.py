@@ -17,8 +17,8 @@ import torch
 from wadi_core.adapters import load_adapter_file
 from wadi_core.export import export_one_step_pipeline
 from wadi_core.export_formats import pipeline_to_ldm, text_encoder_layout
-from wadi_core.export_formats.ldm import _load_component
 from wadi_core.models import EMBEDDED_TEACHER, load_teacher
+from wadi_core.storage import load_component_weights
 from wadi_core.vsd import AdapterSpec, VSDConfig
 
 from jobs import export as export_job
@@ -85,9 +85,9 @@ def test_ldm_keys_convert_back_exactly_with_diffusers_converters(which, sd2_teac
     root = EMBEDDED_TEACHER if which == "embedded" else sd2_teacher
     ldm = pipeline_to_ldm(root)
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in ldm)
-    unet, unet_cfg = _load_component(root, "unet")
-    vae, vae_cfg = _load_component(root, "vae")
-    text, text_cfg = _load_component(root, "text_encoder")
+    unet, unet_cfg = load_component_weights(root, "unet")
+    vae, vae_cfg = load_component_weights(root, "vae")
+    text, text_cfg = load_component_weights(root, "text_encoder")
     for ours, back in ((unet, su.convert_ldm_unet_checkpoint(ldm, unet_cfg)),
                        (vae, su.convert_ldm_vae_checkpoint(ldm, vae_cfg))):
         assert set(back) == set(ours)
@@ -147,7 +147,9 @@ def test_lora_reproduces_the_student_within_its_svd_tail(tmp_path):
     from safetensors import safe_open
 
     pytest.importorskip("peft")
-    export = _student_export(EMBEDDED_TEACHER, tmp_path / "export")
+    # Larger angles than elsewhere: the v-prediction teacher's one-step x0 does not amplify the
+    # change 14.6x as an eps teacher's would, and the comparisons below need a visible student.
+    export = _student_export(EMBEDDED_TEACHER, tmp_path / "export", scale=1.0)
     merged = StableDiffusionPipeline.from_pretrained(export)
     state, spec = load_adapter_file(export / "adapters" / "student.safetensors")
     want = _one_step(merged)

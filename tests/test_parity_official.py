@@ -136,9 +136,10 @@ def test_vsd_step_matches_the_official_update(tmp_path, family, dtype, param_ato
     src = save_tiny_pipeline(tmp_path / "teacher", family, seed=0)
     cfg = VSDConfig(guidance_real=GUIDANCE, guidance_fake=GUIDANCE, gen_lr=GEN_LR, fake_lr=FAKE_LR,
                     null_prob=NULL_PROB, student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 2))
-    assert (cfg.t_min, cfg.t_max, cfg.student_alphabar, cfg.grad_clip) == (20, 980, OFFICIAL_A, 1.0)
+    assert (cfg.t_min, cfg.t_max, cfg.student_alphabar, cfg.grad_clip) == (20, 980, "auto", 1.0)
     torch.manual_seed(0)
     d = WaDiDistiller(load_teacher(src, dtype=dtype), cfg)
+    assert d.student_alphabar == OFFICIAL_A  # "auto" on an eps teacher: the official constant
     with torch.no_grad():  # A starts at zero (identity); give both adapters angles so every path matters.
         # A fake score far from the teacher keeps the score gap (and so the student's gradients) well
         # above AdamW's eps = 1e-8, where the first step is ~lr * sign(grad) and fp32 rounding cannot flip it.

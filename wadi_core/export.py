@@ -119,7 +119,7 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
                          f"trained at t={cfg.student_timestep}: train with student_timestep=T-1")
     from wadi_core.vsd.distiller import resolve_student_alphabar
 
-    alphabar = resolve_student_alphabar(cfg, teacher.alphas_cumprod)
+    alphabar = resolve_student_alphabar(cfg, teacher.alphas_cumprod, teacher.prediction_type)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     denoiser = merged_student_denoiser(teacher, cfg.student, student_state, dtype)

@@ -281,3 +281,21 @@ def list_files(uri: str | os.PathLike, suffix: str = "") -> list[str]:
     if is_remote(uri):
         return [f"s3://{f}" for f in found]
     return found
+
+
+def load_component_weights(pipeline_dir: str | os.PathLike, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The safetensors weights and ``config.json`` of one component folder of a saved diffusers
+    pipeline (``unet``, ``vae``, ``text_encoder``...); an fp16 variant is used only when alone."""
+    from safetensors.torch import load_file
+
+    sub = Path(pipeline_dir) / name
+    files = sorted(sub.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{sub} has no .safetensors weights: save the pipeline with "
+                                f"save_pretrained(..., safe_serialization=True)")
+    if any(".fp16." in f.name for f in files) and len(files) > 1:
+        files = [f for f in files if ".fp16." not in f.name]
+    state: dict[str, Any] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state, json.loads((sub / "config.json").read_text())

@@ -91,14 +91,10 @@ def _vae_loss(vae, x: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig, dec
 @torch.no_grad()
 def _load_pipeline_weights(folder: str, models: dict) -> float:
     """Copy a saved teacher pipeline's VAE, text encoder and UNet weights into ``models``; its latent scaling."""
-    from safetensors.torch import load_file
+    from wadi_core.storage import load_component_weights
 
     for name, model in models.items():
-        files = sorted((Path(folder) / name).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{folder}/{name} has no .safetensors weights: init_from wants a teacher "
-                                    f"pipeline folder saved by this job (save_pretrained, safetensors)")
-        state = {k: v for f in files for k, v in load_file(str(f)).items()}
+        state, _ = load_component_weights(folder, name)
         try:
             model.load_state_dict(state)
         except RuntimeError as err:

@@ -24,6 +24,8 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import Tensor
 
+from wadi_core.storage import load_component_weights
+
 __all__ = ["unet_to_ldm", "vae_to_ldm", "clip_to_ldm", "open_clip_to_ldm", "pipeline_to_ldm",
            "save_single_file", "text_encoder_layout"]
 
@@ -192,21 +194,6 @@ def text_encoder_layout(text_config: Mapping[str, Any]) -> Literal["clip", "open
     return "openclip" if text_config.get("hidden_act") == "gelu" else "clip"
 
 
-def _load_component(root: Path, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    sub = root / name
-    files = sorted(sub.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{sub} has no .safetensors weights: export with safe_serialization=True")
-    if any(".fp16." in f.name for f in files) and len(files) > 1:
-        files = [f for f in files if ".fp16." not in f.name]
-    state: dict[str, Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state, json.loads((sub / "config.json").read_text())
-
-
 def pipeline_to_ldm(pipeline_dir: str | os.PathLike, text_layout: str = "auto",
                     dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """All weights of a diffusers ``StableDiffusionPipeline`` folder in the single-file LDM layout."""
@@ -215,9 +202,9 @@ def pipeline_to_ldm(pipeline_dir: str | os.PathLike, text_layout: str = "auto",
     if index.get("_class_name") != "StableDiffusionPipeline":
         raise ValueError(f"{root} holds a {index.get('_class_name')}: single-file export covers SD1.x / SD2.x "
                          "StableDiffusionPipeline folders (PixArt has no LDM single-file layout; use --format diffusers)")
-    unet, unet_cfg = _load_component(root, "unet")
-    vae, vae_cfg = _load_component(root, "vae")
-    text, text_cfg = _load_component(root, "text_encoder")
+    unet, unet_cfg = load_component_weights(root, "unet")
+    vae, vae_cfg = load_component_weights(root, "vae")
+    text, text_cfg = load_component_weights(root, "text_encoder")
     layout = text_encoder_layout(text_cfg) if text_layout == "auto" else text_layout
     out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet, unet_cfg).items()}
     out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae, vae_cfg).items()})

@@ -30,8 +30,9 @@ class VSDConfig:
     t_max: int = 980
     student_timestep: int = 999       # the one-step generator evaluates the student here
     # alphabar of the one-step parametrisation x0 = (z - sqrt(1 - a) eps_hat) / sqrt(a): the official
-    # code uses 0.0047 for SD and PixArt alike; "schedule" takes the teacher's alphabar at student_timestep.
-    student_alphabar: float | Literal["schedule"] = 0.0047
+    # code uses 0.0047 for SD and PixArt alike; "schedule" takes the teacher's alphabar at student_timestep;
+    # "auto": 0.0047 for an eps teacher, "schedule" for a v-prediction one (the only a its export can reproduce).
+    student_alphabar: float | Literal["schedule", "auto"] = "auto"
     null_prob: float = 0.1            # fake-score loss: share of prompts replaced by ""
     fake_steps_per_gen: int = 1       # TTUR: fake-score updates per generator update (DMD2: 10)
     gen_lr: float = 1e-4
@@ -52,8 +53,8 @@ class VSDConfig:
             raise ValueError(f"null_prob must be in [0, 1], got {self.null_prob}")
         if self.fake_steps_per_gen < 1:
             raise ValueError(f"fake_steps_per_gen must be >= 1, got {self.fake_steps_per_gen}")
-        if self.student_alphabar != "schedule" and not 0.0 < float(self.student_alphabar) < 1.0:
-            raise ValueError(f"student_alphabar must be in (0, 1) or 'schedule', got {self.student_alphabar!r}")
+        if self.student_alphabar not in ("schedule", "auto") and not 0.0 < float(self.student_alphabar) < 1.0:
+            raise ValueError(f"student_alphabar must be in (0, 1), 'schedule' or 'auto', got {self.student_alphabar!r}")
         if not 0.0 <= self.student_ema < 1.0:
             raise ValueError(f"student_ema is an EMA decay in [0, 1) (0: off), got {self.student_ema}")
         if self.grad_clip <= 0:

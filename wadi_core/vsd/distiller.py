@@ -12,17 +12,25 @@ from wadi_core.models.teacher import Cond, Teacher
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.losses import at_least_fp32, cfg_combine, x0_from_eps
 
-__all__ = ["Role", "WaDiDistiller", "resolve_student_alphabar"]
+__all__ = ["OFFICIAL_STUDENT_ALPHABAR", "Role", "WaDiDistiller", "resolve_student_alphabar"]
 
 Role = Literal["teacher", "student", "fake"]
 _ADAPTER_OF_ROLE: dict[str, str | None] = {"teacher": None, "student": "student", "fake": "fake"}
 
 
-def resolve_student_alphabar(cfg: VSDConfig, alphas_cumprod: Tensor) -> float:
-    """``cfg.student_alphabar`` as a number ("schedule": alphabar at ``cfg.student_timestep``)."""
-    if cfg.student_alphabar == "schedule":
+OFFICIAL_STUDENT_ALPHABAR = 0.0047  # the official code's one-step ``a``, SD and PixArt alike
+
+
+def resolve_student_alphabar(cfg: VSDConfig, alphas_cumprod: Tensor, prediction_type: str = "epsilon") -> float:
+    """``cfg.student_alphabar`` as a number: "schedule" is alphabar at ``cfg.student_timestep``;
+    "auto" is the official 0.0047 for an eps teacher and the schedule's for a v-prediction one
+    (whose merged export can only reproduce the schedule's ``a``)."""
+    choice = cfg.student_alphabar
+    if choice == "auto":
+        choice = "schedule" if prediction_type == "v_prediction" else OFFICIAL_STUDENT_ALPHABAR
+    if choice == "schedule":
         return float(alphas_cumprod[cfg.student_timestep])
-    return float(cfg.student_alphabar)
+    return float(choice)
 
 
 class WaDiDistiller:
@@ -41,7 +49,7 @@ class WaDiDistiller:
         if teacher.prediction_type == "v_prediction" and abs(self.student_alphabar - schedule_a) > 1e-6 * schedule_a:
             # A merged v-prediction student outputs v; a diffusers scheduler turns v into x0 with the
             # schedule's alphabar only, so any other ``a`` could not be reproduced by the export.
-            raise ValueError(f"a v-prediction teacher needs vsd.student_alphabar=schedule (alphabar_"
+            raise ValueError(f"a v-prediction teacher needs vsd.student_alphabar=schedule or auto (alphabar_"
                              f"{cfg.student_timestep} = {schedule_a:.3g}), got {cfg.student_alphabar}")
         den = teacher.denoiser
         for role, spec in (("student", cfg.student), ("fake", cfg.fake)):
@@ -116,7 +124,7 @@ class WaDiDistiller:
     @property
     def student_alphabar(self) -> float:
         """The ``a`` of the one-step generator (0.0047 in the official code, or the schedule's)."""
-        return resolve_student_alphabar(self.cfg, self.teacher.alphas_cumprod)
+        return resolve_student_alphabar(self.cfg, self.teacher.alphas_cumprod, self.teacher.prediction_type)
 
     def generate(self, z: Tensor, cond: Cond) -> Tensor:
         """One-step generator: x0 = (z - sqrt(1 - a) eps_hat) / sqrt(a), eps_hat = student(z, T, c).
