@@ -93,14 +93,15 @@ def _load_pipeline_weights(folder: str, models: dict) -> float:
     """Copy a saved teacher pipeline's VAE, text encoder and UNet weights into ``models``; its latent scaling."""
     from wadi_core.storage import load_component_weights
 
+    configs = {}
     for name, model in models.items():
-        state, _ = load_component_weights(folder, name)
+        state, configs[name] = load_component_weights(folder, name)
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(f"{folder}/{name} does not fit this run's architecture (cfg.arch): pass the arch it "
                              f"was trained with. {str(err).splitlines()[0]}") from err
-    return float(json.loads((Path(folder) / "vae" / "config.json").read_text())["scaling_factor"])
+    return float(configs["vae"]["scaling_factor"])
 
 
 def _encode_latents(vae, data: RenderSet, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ _ADAPTER_OF_ROLE: dict[str, str | None] = {"teacher": None, "student": "student"
 OFFICIAL_STUDENT_ALPHABAR = 0.0047  # the official code's one-step ``a``, SD and PixArt alike
 
 
-def resolve_student_alphabar(cfg: VSDConfig, alphas_cumprod: Tensor, prediction_type: str = "epsilon") -> float:
+def resolve_student_alphabar(cfg: VSDConfig, alphas_cumprod: Tensor, prediction_type: str) -> float:
     """``cfg.student_alphabar`` as a number: "schedule" is alphabar at ``cfg.student_timestep``;
     "auto" is the official 0.0047 for an eps teacher and the schedule's for a v-prediction one
     (whose merged export can only reproduce the schedule's ``a``)."""
