@@ -139,12 +139,23 @@ def publish(cfg: AblationJob) -> dict:
         if DOCS_BEGIN not in text or DOCS_END not in text:
             raise SystemExit(f"{doc} has no {DOCS_BEGIN} ... {DOCS_END} block to fill")
         body = report["markdown"].read_text().split("\n", 1)[1].replace("\n## ", "\n### ")
-        wall = json.loads((out / "wall_time.json").read_text())["wall_s"] if (out / "wall_time.json").exists() else None
+        walls = _invocation_walls(out)
         stamp = f"_Generated {time.strftime('%Y-%m-%d %H:%M')} from `{out}`" + (
-            f"; wall time of the last invocation {wall / 60:.1f} min" if wall else "") + "._\n"
+            f"; wall time {sum(walls) / 60:.1f} min" + (f" over {len(walls)} invocations (the last "
+                                                        f"{walls[-1] / 60:.1f} min)" if len(walls) > 1 else "")
+            if walls else "") + "._\n"
         head, rest = text.split(DOCS_BEGIN, 1)
         doc.write_text(head + DOCS_BEGIN + "\n" + stamp + body + "\n" + DOCS_END + rest.split(DOCS_END, 1)[1])
     return report
+
+
+def _invocation_walls(out: Path) -> list[float]:
+    """Wall seconds of every training invocation in ``out`` so far (a cut-off run continued counts twice)."""
+    f = out / "wall_time.json"
+    if not f.exists():
+        return []
+    data = json.loads(f.read_text())
+    return [float(w) for w in data.get("invocations_s", [data["wall_s"]])]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -180,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows = run_ablation(cfg.study(), on_row=_row_logger(factory), progress=not args.quiet)
         finally:
             wall = time.time() - started
-            (out / "wall_time.json").write_text(json.dumps({"wall_s": wall, "finished": time.time()}, indent=1))
+            walls = _invocation_walls(out) + [wall]  # a continued run adds its own time to the earlier ones
+            (out / "wall_time.json").write_text(json.dumps({"wall_s": wall, "finished": time.time(),
+                                                            "invocations_s": walls}, indent=1))
             report = publish(cfg)
             if tracker is not None:
                 tracker.log_metrics({"wall_s": wall})

@@ -5,6 +5,8 @@ wall time per image both ways. Docs: docs/DOWNSTREAM.md.
 
     # embedded teacher + a student export of jobs/distill_local.py
     python jobs/controlnet.py student=runs/ds_student/export
+    # data-parallel training on Ray Train from an image lake (written from domain renders when lake= is empty)
+    python jobs/controlnet.py student=runs/ds_student/export trainer=ray workers=2 lake=s3://b/control-lake
     # a ControlNet you already have (diffusers folder, local or s3://): no training
     python jobs/controlnet.py teacher=/models/sd15 student=s3://b/sd15-wadi/export \\
         controlnet=s3://b/controlnet-seg-sd15 eval_prompts=64
@@ -36,6 +38,15 @@ class ControlNetJob(ControlNetConfig):
     student: str = ""               # WaDi one-step export of the teacher (local or s3://), required
     teacher: str = "embedded"       # diffusers SD folder, s3:// prefix or "embedded"
     controlnet: str = ""            # an existing diffusers ControlNetModel folder (local or s3://): no training
+    trainer: str = "local"          # local: one process | ray: Ray Train workers on an image lake
+    lake: str = ""                  # trainer=ray: image lake (pipelines/control_lake.py), local or s3://;
+                                    # empty: num_images domain renders written to <out>/lake
+    workers: int = 2                # trainer=ray: data-parallel workers (batch_size is the global batch)
+    cpus_per_worker: float = 0.5    # Ray Data needs a CPU beside the workers (checked before the run)
+    gpus_per_worker: float = 0.0
+    storage_path: str = ""          # trainer=ray: checkpoints, local or s3:// (default <out>/ray)
+    checkpoint_every: int = 200
+    ray_address: str = ""           # join this cluster (or RAY_ADDRESS); default: a local Ray
     eval_prompts: int = 300         # domain captions with exact silhouettes
     teacher_steps: int = TEACHER_STEPS
     guidance: float = TEACHER_GUIDANCE  # teacher CFG
@@ -53,6 +64,10 @@ class ControlNetJob(ControlNetConfig):
         super().__post_init__()
         if not self.student:
             raise ValueError("student=<one-step export of the teacher> is required (e.g. <distill out>/export)")
+        if self.trainer not in ("local", "ray"):
+            raise ValueError(f"trainer must be local or ray, got {self.trainer!r}")
+        if self.trainer == "ray" and self.workers < 1:
+            raise ValueError(f"trainer=ray needs workers >= 1, got {self.workers}")
 
 
 def parse_args(argv: list[str] | None = None) -> ControlNetJob:
@@ -61,6 +76,42 @@ def parse_args(argv: list[str] | None = None) -> ControlNetJob:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     return config_from_args(ControlNetJob, p.parse_intermixed_args(argv))
+
+
+def _train_on_ray(args: ControlNetJob, cfg: ControlNetConfig, out: Path, tracker, tracking_uri: str):
+    """The ControlNet trained by Ray Train workers (pipelines/controlnet_train.py) on an image lake."""
+    from pipelines.controlnet_train import RayControlNetSpec, run_controlnet_training
+
+    lake = args.lake
+    if not lake:
+        from pipelines.control_lake import write_control_shards
+        from wadi_core.downstream.controlnet import domain_control_samples
+        from wadi_core.downstream.sampling import image_size
+        from wadi_core.models import load_teacher
+
+        lake = str(out / "lake")
+        if sorted(Path(lake).glob("*.tar")):
+            print(f"image lake: reusing {lake}")
+        else:
+            import shutil
+
+            size = image_size(load_teacher(args.teacher, text_encoder=False))
+            tmp = Path(lake + ".partial")  # renamed when complete: a cut-off write is never reused
+            shutil.rmtree(tmp, ignore_errors=True)
+            paths = write_control_shards(tmp, domain_control_samples(cfg.num_images, cfg.seed, size), per_shard=500)
+            shutil.rmtree(lake, ignore_errors=True)
+            tmp.rename(lake)
+            print(f"image lake: {cfg.num_images} domain renders with silhouettes in {len(paths)} shards at {lake}")
+    spec = RayControlNetSpec(lake=lake, teacher=args.teacher, workers=args.workers,
+                             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                             storage_path=args.storage_path or str(out / "ray"), run_name=f"controlnet-{out.name}",
+                             checkpoint_every=args.checkpoint_every, shuffle_seed=cfg.seed)
+    controlnet, metrics = run_controlnet_training(cfg, spec, args.ray_address or None, tracker.run_id, tracking_uri,
+                                                  args.experiment)
+    summary = {"train_steps": float(metrics.get("step", 0)), "train_seconds": float(metrics.get("train_seconds", 0)),
+               "resumed_from_step": float(metrics.get("resumed_from", 0)),
+               **{k: float(v) for k, v in metrics.items() if k.startswith("data/bad_")}}
+    return controlnet, summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = load_teacher(args.teacher)
     student = load_one_step_student(args.student)
     params = {"teacher": args.teacher, "student": args.student, "controlnet": args.controlnet or "trained",
+              "trainer": args.trainer, **({"lake": args.lake or "<out>/lake", "workers": args.workers}
+                                          if args.trainer == "ray" else {}),
               **to_flat_dict(cfg, "train."), **{f"eval.{k}": getattr(args, k) for k in
                                                 ("eval_prompts", "teacher_steps", "guidance", "control_scale",
                                                  "fid_reference", "timing_batch")},
@@ -97,7 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.controlnet:
             controlnet, summary = load_controlnet(args.controlnet), {"train_steps": 0.0, "train_seconds": 0.0}
         else:
-            controlnet, summary = train_controlnet(teacher, cfg, log=tracker.log_metrics)
+            if args.trainer == "ray":
+                controlnet, summary = _train_on_ray(args, cfg, out, tracker, tracking_uri)
+            else:
+                controlnet, summary = train_controlnet(teacher, cfg, log=tracker.log_metrics)
             controlnet.save_pretrained(out / "controlnet", safe_serialization=True)
         size = image_size(teacher)
         prompts, masks = control_eval_set(args.eval_prompts, seed=1, size=size)

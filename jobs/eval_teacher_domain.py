@@ -1,4 +1,4 @@
-"""Measure the embedded teacher on its domain: alignment per attribute and domain FID, 25 vs 1 steps.
+"""Measure the embedded teacher on its domain: alignment per attribute, domain FID, precision / recall, 25 vs 1 steps.
 
     python jobs/eval_teacher_domain.py n=5000 out=runs/eval_teacher_domain.json grid=docs/images/teacher_grid.png
     python jobs/eval_teacher_domain.py --print-config
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from wadi_core.domain.evaluator import load_domain_evaluator
     from wadi_core.domain.pretrain import GRID_PROMPTS
-    from wadi_core.domain.quality import generated_report, real_feature_stats
+    from wadi_core.domain.quality import feature_stats, generated_report, real_feature_stats, real_features
     from wadi_core.domain.teacher import sample_images
     from wadi_core.images import image_grid
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     pipe = StableDiffusionPipeline.from_pretrained(args.teacher)
     evaluator = load_domain_evaluator(args.evaluator or None)
-    real = real_feature_stats(evaluator, n=args.n_real)
+    real_f = real_features(evaluator, n=args.n_real)
+    real = feature_stats(real_f)
     results: dict = {"teacher": args.teacher, "n": args.n, "n_real": args.n_real, "guidance": args.guidance}
     # Reference: a second set of real renders (other seed) vs the first: the FID floor.
     from wadi_core.metrics import frechet_distance
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     results["fid_real_vs_real"] = float(frechet_distance(real_feature_stats(evaluator, n=args.n_real, seed=778), real))
     for steps in args.steps:
         t0 = time.time()
-        rep, _ = generated_report(args.teacher, evaluator, real, args.n, steps, args.guidance, workers=args.workers)
+        rep, _ = generated_report(args.teacher, evaluator, real, args.n, steps, args.guidance, workers=args.workers,
+                                  real_feats=real_f)
         rep["sample_wall_s"] = time.time() - t0
         results[f"steps{steps}"] = rep
         print(f"{steps} steps: {rep}", flush=True)

@@ -162,7 +162,7 @@ def _read_shard(fs: "pyarrow.fs.FileSystem", path: str, attempts: int = SHARD_RE
                 return f.read()
         except OSError as e:
             if attempt + 1 == attempts:
-                log.warning("prompt shard %s is unreadable after %d attempts, skipped: %s", path, attempts, e)
+                log.warning("shard %s is unreadable after %d attempts, skipped: %s", path, attempts, e)
                 return None
             time.sleep(min(0.5 * 2 ** attempt, 8.0))
     return None

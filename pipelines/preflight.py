@@ -162,17 +162,25 @@ def check_cpu_headroom(cfg: DistillConfig, total_cpus: float, strict: bool = Tru
     """Ray Data reads prompts beside the train workers: at least one CPU must stay free, or the
     run hangs (``backpressured ... budget=(cpu=0.0``). ``strict=False`` (a cluster that may
     autoscale) warns instead of raising."""
-    used = cfg.train.num_workers * cfg.train.cpus_per_worker
     d = cfg.data
     encoders = d.encoder_actors * d.encoder_cpus_per_actor if d.text_encoding == "actors" else 0.0
+    check_worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker, total_cpus, strict, encoders=encoders)
+
+
+def check_worker_cpus(num_workers: int, cpus_per_worker: float, total_cpus: float, strict: bool = True,
+                      keys: tuple[str, str] = ("train.num_workers", "train.cpus_per_worker"),
+                      encoders: float = 0.0) -> None:
+    """At least one of Ray's CPUs left to Ray Data beside ``num_workers`` train workers (and text
+    encoder actors), named by the config ``keys`` the user would change."""
+    used = num_workers * cpus_per_worker
     if total_cpus - used - encoders >= 1.0 - 1e-9:
         return
-    fit = max(0.1, (total_cpus - encoders - 1) / cfg.train.num_workers)
+    fit = max(0.1, (total_cpus - encoders - 1) / num_workers)
     also = (f" and data.encoder_actors x data.encoder_cpus_per_actor = {encoders:g} (lower those too)"
             if encoders else "")
-    msg = (f"train.num_workers x train.cpus_per_worker = {cfg.train.num_workers} x {cfg.train.cpus_per_worker:g} "
-           f"= {used:g}{also} of Ray's {total_cpus:g} CPUs leaves Ray Data less than 1 CPU to read prompts with "
-           f"(the run would hang): lower train.cpus_per_worker (e.g. {fit:.2g}) or train.num_workers, or give Ray "
+    msg = (f"{keys[0]} x {keys[1]} = {num_workers} x {cpus_per_worker:g} "
+           f"= {used:g}{also} of Ray's {total_cpus:g} CPUs leaves Ray Data less than 1 CPU to read its data with "
+           f"(the run would hang): lower {keys[1]} (e.g. {fit:.2g}) or {keys[0]}, or give Ray "
            "more CPUs")
     if strict:
         raise ConfigError(msg)

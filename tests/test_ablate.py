@@ -49,6 +49,8 @@ def test_smoke_ablation_writes_table_csv_plots_and_swaps(tmp_path):
     by = {(r["section"], r["label"]): r for r in summary}
     assert {"lorad r4", "lora r4", "full"} <= {r["label"] for r in summary if r["section"] == "adapters"}
     assert [r["label"] for r in summary if r["section"] == "rank"] == ["lorad r2", "lorad r4"]
+    teacher_1step = {r["label"]: r for r in summary if r["section"] == "baseline"}
+    assert "teacher 1-step, no CFG (the student at init)" in teacher_1step  # what the student starts from
     assert {r["label"] for r in summary if r["section"] == "swaps"} == {
         "full fine-tune", "teacher norms (swap-norm)", "teacher directions (swap-direction)"}
     for key in [("adapters", "lorad r4"), ("adapters", "lora r4"), ("adapters", "full"), ("rank", "lorad r2")]:
@@ -117,6 +119,8 @@ def test_smoke_ablation_writes_table_csv_plots_and_swaps(tmp_path):
     n_rows = len((out / "results.jsonl").read_text().splitlines())
     job.main(argv[:-2] + ["track=false"])
     assert len((out / "results.jsonl").read_text().splitlines()) == n_rows
+    walls = json.loads((out / "wall_time.json").read_text())["invocations_s"]
+    assert len(walls) == 2 and all(w > 0 for w in walls)  # a continued run reports the time of both
     with pytest.raises(ValueError, match="another configuration"):
         job.main(argv[:-2] + ["track=false", "budget.steps=3"])
 

@@ -123,3 +123,26 @@ def test_training_state_round_trip(tmp_path):
     torch.testing.assert_close(net2.weight, net.weight)
     torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     torch.testing.assert_close(torch.randn(3, generator=gen2), expected)
+
+
+def test_generated_report_measures_precision_on_the_samples_it_returns():
+    """The local quality report (jobs/distill_local.py --eval-only, jobs/eval_teacher_domain.py) gives
+    precision / recall of exactly the images it sampled, against the real features it was handed."""
+    from wadi_core.domain.evaluator import load_domain_evaluator
+    from wadi_core.domain.quality import feature_stats, generated_report, real_features
+    from wadi_core.metrics import precision_recall
+    from wadi_core.models import EMBEDDED_TEACHER
+
+    evaluator = load_domain_evaluator()
+    real_f = real_features(evaluator, n=200)
+    report, images = generated_report(str(EMBEDDED_TEACHER), evaluator, feature_stats(real_f), 24, 2, 3.0,
+                                      real_feats=real_f)
+    assert images.shape[0] == 24
+    expected = precision_recall(real_f, evaluator.features(images), k=3)
+    assert report["precision"] == pytest.approx(expected["precision"])
+    assert report["recall"] == pytest.approx(expected["recall"])
+    assert 0 <= report["all_correct"] <= report["alignment"] <= 1 and report["fid"] > 0
+    # Real renders score near the top; the 2-step teacher's samples do not look like them.
+    assert precision_recall(real_f, real_features(evaluator, n=200, seed=5), k=3)["precision"] > report["precision"]
+    without, _ = generated_report(str(EMBEDDED_TEACHER), evaluator, feature_stats(real_f), 8, 1, 1.0)
+    assert "precision" not in without

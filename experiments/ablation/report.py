@@ -164,12 +164,14 @@ def verdicts(summary: dict[str, list[Aggregate]]) -> list[tuple[str, str, str]]:
         out.append((claim, verdict, ev))
     # 4. student close to or better than the teacher
     claim = "The one-step student is close to or better than the multi-step teacher"
-    teach = next((a for k, a in base.items() if k and k.startswith("teacher_") and k != "teacher_1step"), None)
+    teach = next((a for k, a in base.items() if k and k.startswith("teacher_") and not k.startswith("teacher_1step")),
+                 None)
     if "lorad" in ad and teach is not None and math.isfinite(ad["lorad"].mean("fid")):
         f_s, f_t = ad["lorad"].mean("fid"), teach.mean("fid")
-        t1 = base.get("teacher_1step")
+        t1, t0 = base.get("teacher_1step"), base.get("teacher_1step_init")
         ev = (f"FID LoRaD student (1 step) {_pm(f_s, ad['lorad'].sd('fid'))} vs {teach.label} {f_t:.2f}"
               + (f" and teacher 1-step {t1.mean('fid'):.2f}" if t1 else "")
+              + (f" (no CFG, the student's start: {t0.mean('fid'):.2f})" if t0 else "")
               + f"; precision {ad['lorad'].mean('precision'):.3f} vs {teach.mean('precision'):.3f}"
               + f"; alignment {ad['lorad'].mean('alignment'):.3f} vs {teach.mean('alignment'):.3f}")
         verdict = ("holds: better than the teacher" if f_s <= f_t else
@@ -249,7 +251,7 @@ def _teacher_line(ax, summary: dict[str, list[Aggregate]]) -> None:
     for a in summary["baseline"]:
         v = a.first("variant")
         if v and v.startswith("teacher") and math.isfinite(a.mean("fid")):
-            ax.axhline(a.mean("fid"), ls="--" if v == "teacher_1step" else "-", lw=0.9, color="gray")
+            ax.axhline(a.mean("fid"), ls="--" if v.startswith("teacher_1step") else "-", lw=0.9, color="gray")
             ax.annotate(a.label, (0.01, a.mean("fid")), xycoords=("axes fraction", "data"), fontsize=7,
                         va="bottom", color="gray")
 

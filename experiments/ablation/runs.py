@@ -101,7 +101,9 @@ def _weight_summary(cmp: Any) -> dict[str, float]:
 
 
 def score_baselines(ctx: AblationContext, done: frozenset[str]) -> list[Row]:
-    """The FID floor (real vs real renders) and the teacher (K-step and 1-step CFG) on the test set."""
+    """The FID floor (real vs real renders) and the teacher on the test set: K steps with CFG, 1 step
+    with CFG, and 1 step without CFG, which is the student at initialisation (LoRaD starts at zero
+    angles, and for a v-prediction teacher the student's x0 is the plain 1-step DDIM image)."""
     from wadi_core.domain.quality import real_features
 
     cfg, b, ev = ctx.cfg, ctx.cfg.budget, ctx.test
@@ -112,15 +114,17 @@ def score_baselines(ctx: AblationContext, done: frozenset[str]) -> list[Row]:
         rows.append({"name": "real_floor", "group": "baseline", "variant": "real", "kind": "real renders",
                      **ctx.real.score(fresh), "alignment": math.nan})
     pipe = None
-    for steps in (b.teacher_steps, 1):
-        name = f"teacher_{steps}step_cfg{b.teacher_guidance:g}"
+    for steps, guidance in ((b.teacher_steps, b.teacher_guidance), (1, b.teacher_guidance), (1, 1.0)):
+        name = f"teacher_{steps}step_cfg{guidance:g}"
         if name in done:
             continue
         pipe = pipe or teacher_pipeline(cfg.teacher)
         t0 = time.perf_counter()
-        images = teacher_images(pipe, ev, steps, b.teacher_guidance)
-        rows.append({"name": name, "group": "baseline", "variant": f"teacher_{steps}step",
-                     "kind": f"teacher {steps}-step CFG {b.teacher_guidance:g}", "steps": steps,
+        images = teacher_images(pipe, ev, steps, guidance)
+        init = guidance == 1.0
+        rows.append({"name": name, "group": "baseline", "variant": f"teacher_{steps}step" + ("_init" if init else ""),
+                     "kind": (f"teacher {steps}-step, no CFG (the student at init)" if init else
+                              f"teacher {steps}-step CFG {guidance:g}"), "steps": steps,
                      "sample_s": time.perf_counter() - t0, **_safe_score(ev, images)})
     return rows
 

@@ -1,4 +1,4 @@
-"""Teacher quality on the domain: per-attribute alignment and domain FID (evaluator features)."""
+"""Quality on the domain: per-attribute alignment, domain FID and precision / recall (evaluator features)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from wadi_core.domain.attributes import ATTRIBUTE_NAMES, eval_prompts
 from wadi_core.domain.data import make_render_set
 from wadi_core.domain.evaluator import DomainEvaluator
 
-__all__ = ["real_features", "real_feature_stats", "alignment_report", "generated_report"]
+__all__ = ["real_features", "real_feature_stats", "feature_stats", "alignment_report", "generated_report"]
 
 REAL_SEED = 777
 
 
-def _stats(features: torch.Tensor):
+def feature_stats(features: torch.Tensor):
+    """Mean and covariance (float64) of evaluator features ``(n, dim)``: what FID compares."""
     from wadi_core.metrics import GaussianStats
 
     return GaussianStats.from_features(features.double().numpy())
@@ -32,7 +33,7 @@ def real_features(evaluator: DomainEvaluator, n: int = 5000, split: str = "train
 def real_feature_stats(evaluator: DomainEvaluator, n: int = 5000, split: str = "train", seed: int = REAL_SEED,
                        batch: int = 500):
     """GaussianStats of evaluator features of ``n`` real renders (combinations of ``split``)."""
-    return _stats(real_features(evaluator, n, split, seed, batch))
+    return feature_stats(real_features(evaluator, n, split, seed, batch))
 
 
 @torch.no_grad()
@@ -48,10 +49,14 @@ def alignment_report(evaluator: DomainEvaluator, images: torch.Tensor, prompts: 
 
 
 def generated_report(teacher_dir: str, evaluator: DomainEvaluator, real_stats, n: int, steps: int, guidance: float,
-                     split: str = "train", seed: int = 1, workers: int = 1) -> tuple[dict[str, float], torch.Tensor]:
-    """Sample ``n`` images for ``eval_prompts(n, seed, split)``; alignment + FID vs ``real_stats``."""
+                     split: str = "train", seed: int = 1, workers: int = 1,
+                     real_feats: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """Sample ``n`` images for ``eval_prompts(n, seed, split)``; alignment, FID vs ``real_stats`` and,
+    given the real features themselves (``real_feats``), improved precision / recall (k = 3, the
+    evaluation job's setting): FID alone cannot tell a student that misses parts of the real
+    distribution from one that draws off it."""
     from wadi_core.domain.teacher import sample_images_parallel
-    from wadi_core.metrics import frechet_distance
+    from wadi_core.metrics import frechet_distance, precision_recall
 
     prompts = eval_prompts(n, seed=seed, split=split)
     images = sample_images_parallel(teacher_dir, prompts, steps=steps, guidance=guidance, seed=seed, batch=250,
@@ -59,5 +64,7 @@ def generated_report(teacher_dir: str, evaluator: DomainEvaluator, real_stats, n
     report = alignment_report(evaluator, images, prompts)
     if real_stats is not None:
         fake = torch.cat([evaluator.features(images[i:i + 500]) for i in range(0, n, 500)])
-        report["fid"] = float(frechet_distance(_stats(fake), real_stats))
+        report["fid"] = float(frechet_distance(feature_stats(fake), real_stats))
+        if real_feats is not None:
+            report.update(precision_recall(real_feats, fake, k=3))
     return report, images

@@ -24,7 +24,7 @@ from wadi_core.downstream.sampling import image_size
 from wadi_core.models.teacher import Cond, Teacher
 
 __all__ = ["ControlNetConfig", "build_controlnet", "load_controlnet", "control_tensor", "controlnet_residuals",
-           "controlnet_step", "train_controlnet", "control_eval_set", "vae_factor"]
+           "controlnet_step", "train_controlnet", "control_eval_set", "domain_control_samples", "vae_factor"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,3 +213,16 @@ def control_eval_set(n: int, seed: int = 1, split: str = "train", size: int = 32
     prompts = eval_prompts(n, seed=seed, split=split)
     masks = np.stack([render_with_mask(parse_caption(p), seed * 7919 + i, size)[1] for i, p in enumerate(prompts)])
     return prompts, masks
+
+
+def domain_control_samples(n: int, seed: int, size: int = 32):
+    """``(key, image uint8 (H, W, 3), silhouette uint8 (H, W), caption)`` for ``n`` domain renders: the
+    rows of an image lake (``pipelines.control_lake.write_control_shards``) for Ray Train, the same
+    renders ``train_controlnet`` draws its batches from for a given ``seed``."""
+    from wadi_core.domain import caption
+    from wadi_core.domain.data import make_render_set
+
+    data = make_render_set(n, seed + 101, "train", size=size)
+    for i in range(n):
+        mask = np.clip(np.rint(data.masks[i] * 255), 0, 255).astype(np.uint8)
+        yield f"{seed:04d}_{i:07d}", data.images[i], mask, caption(data.combos[data.combo[i]])
