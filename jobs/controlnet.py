@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> ControlNetJob:
     return config_from_args(ControlNetJob, p.parse_intermixed_args(argv))
 
 
-def _train_on_ray(args: ControlNetJob, cfg: ControlNetConfig, out: Path, tracker, tracking_uri: str):
+def _train_on_ray(args: ControlNetJob, cfg: ControlNetConfig, out: Path, size: int, tracker, tracking_uri: str):
     """The ControlNet trained by Ray Train workers (pipelines/controlnet_train.py) on an image lake."""
     from pipelines.controlnet_train import RayControlNetSpec, run_controlnet_training
 
@@ -86,8 +86,6 @@ def _train_on_ray(args: ControlNetJob, cfg: ControlNetConfig, out: Path, tracker
     if not lake:
         from pipelines.control_lake import write_control_shards
         from wadi_core.downstream.controlnet import domain_control_samples
-        from wadi_core.downstream.sampling import image_size
-        from wadi_core.models import load_teacher
 
         lake = str(out / "lake")
         if sorted(Path(lake).glob("*.tar")):
@@ -95,7 +93,6 @@ def _train_on_ray(args: ControlNetJob, cfg: ControlNetConfig, out: Path, tracker
         else:
             import shutil
 
-            size = image_size(load_teacher(args.teacher, text_encoder=False))
             tmp = Path(lake + ".partial")  # renamed when complete: a cut-off write is never reused
             shutil.rmtree(tmp, ignore_errors=True)
             paths = write_control_shards(tmp, domain_control_samples(cfg.num_images, cfg.seed, size), per_shard=500)
@@ -151,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             controlnet, summary = load_controlnet(args.controlnet), {"train_steps": 0.0, "train_seconds": 0.0}
         else:
             if args.trainer == "ray":
-                controlnet, summary = _train_on_ray(args, cfg, out, tracker, tracking_uri)
+                controlnet, summary = _train_on_ray(args, cfg, out, image_size(teacher), tracker, tracking_uri)
             else:
                 controlnet, summary = train_controlnet(teacher, cfg, log=tracker.log_metrics)
             controlnet.save_pretrained(out / "controlnet", safe_serialization=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from pipelines.data import _read_shard as read_shard
-from pipelines.data import list_shards, pyarrow_filesystem
+from pipelines.data import cached_filesystem, shard_path_dataset
 
 if TYPE_CHECKING:
     import pyarrow
@@ -127,7 +127,7 @@ def _table(rows: list[dict[str, Any]], bad: dict[str, int]) -> "pyarrow.Table":
 
 def read_control_batch(batch: "pyarrow.Table", uri: str) -> "pyarrow.Table":
     """Ray Data map_batches fn: shard paths -> rows ``image``, ``control`` (PNG bytes), ``caption``, ``bad``."""
-    fs = pyarrow_filesystem(uri)[0]
+    fs = cached_filesystem(uri)
     rows: list[dict[str, Any]] = []
     bad = {r: 0 for r in CONTROL_BAD_REASONS}
     for path in batch.column("path").to_pylist():
@@ -144,16 +144,9 @@ def read_control_batch(batch: "pyarrow.Table", uri: str) -> "pyarrow.Table":
 
 def control_dataset(uri: str, seed: int, epoch: int = 0) -> "ray.data.Dataset":
     """Lazy Ray dataset of one epoch of the lake at ``uri``: shards shuffled with ``seed + epoch``."""
-    import random
-
-    import ray.data
-
-    _, paths = list_shards(uri)
-    order = list(paths)
-    random.Random(seed + epoch).shuffle(order)
-    ds = ray.data.from_items([{"path": p} for p in order], override_num_blocks=len(order))
-    return ds.map_batches(read_control_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                          fn_kwargs={"uri": uri})
+    return shard_path_dataset(uri, seed, epoch).map_batches(read_control_batch, batch_format="pyarrow",
+                                                            batch_size=None, zero_copy_batch=True,
+                                                            fn_kwargs={"uri": uri})
 
 
 def decode_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, int]]:

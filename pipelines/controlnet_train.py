@@ -16,6 +16,7 @@ data stream then restarts on a new shuffle (the lake is sampled, not replayed ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -118,7 +119,8 @@ def controlnet_train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from tqdm.auto import tqdm
 
-    from wadi_core.downstream.controlnet import ControlNetConfig, build_controlnet, control_tensor, controlnet_step
+    from wadi_core.downstream.controlnet import (ControlNetConfig, build_controlnet, control_tensor, controlnet_step,
+                                                 drop_captions)
     from wadi_core.downstream.training import encode_renders, snr_weight
     from wadi_core.models import load_teacher
     from wadi_core.models.teacher import Cond
@@ -147,12 +149,9 @@ def controlnet_train_loop(config: dict[str, Any]) -> None:
     per_worker = max(1, cfg.batch_size // world)
     bad = {r: 0 for r in CONTROL_BAD_REASONS}
     metrics: dict[str, float] = {}
-    tracking = None
+    tracking = contextlib.nullcontext(None)
     if rank == 0 and config.get("mlflow_run_id"):
         tracking = start_run(config["experiment"], tracking_uri=config["tracking_uri"], run_id=config["mlflow_run_id"])
-    tracker = tracking.__enter__() if tracking is not None else None
-    started = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"controlnet rank {rank}", disable=rank != 0, mininterval=5)
 
     def batches():
         shard = ray.train.get_dataset_shard("train")
@@ -169,7 +168,9 @@ def controlnet_train_loop(config: dict[str, Any]) -> None:
                 return  # an empty (or all-bad) share: this rank stops, and with it every rank
 
     stream = batches()
-    try:
+    started = time.time()
+    with tracking as tracker, tqdm(total=cfg.steps, initial=step, desc=f"controlnet rank {rank}",
+                                   disable=rank != 0, mininterval=5) as bar:
         while step < cfg.steps:
             # Clocks differ between ranks: one decision for all, so none waits alone in an all-reduce.
             if cfg.max_minutes and any_rank_true(time.time() - started > 60 * cfg.max_minutes, device):
@@ -179,9 +180,7 @@ def controlnet_train_loop(config: dict[str, Any]) -> None:
                 break
             images, masks, captions = item
             latents = encode_renders(teacher, images)
-            embeds = teacher.encode_prompts(captions).embeds
-            drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-            embeds = torch.where(drop.view(-1, 1, 1).to(embeds.device), null.expand_as(embeds), embeds)
+            embeds = drop_captions(teacher.encode_prompts(captions).embeds, null, cfg.caption_dropout, gen)
             control = control_tensor(masks, base, teacher)
             metrics = controlnet_step(teacher, model, optimizer, latents, control, Cond(embeds), weights, gen,
                                       cfg.grad_clip, cfg.one_step_fraction, cfg.one_step_weight)
@@ -193,10 +192,6 @@ def controlnet_train_loop(config: dict[str, Any]) -> None:
                 _report(base, optimizer, step, metrics, bad, bad_before, rank, device, resumed_from)
         _report(base, optimizer, step, metrics, bad, bad_before, rank, device, resumed_from, final=True,
                 train_seconds=time.time() - started)
-    finally:
-        bar.close()
-        if tracking is not None:
-            tracking.__exit__(None, None, None)
 
 
 def _report(base: Any, optimizer: torch.optim.Optimizer, step: int, metrics: dict[str, float],

@@ -171,15 +171,21 @@ def _read_shard(fs: "pyarrow.fs.FileSystem", path: str, attempts: int = SHARD_RE
 _FS_CACHE: dict[str, "pyarrow.fs.FileSystem"] = {}
 
 
+def cached_filesystem(uri: str) -> "pyarrow.fs.FileSystem":
+    """``pyarrow_filesystem(uri)``, built once per process (a Ray Data task reads many blocks)."""
+    fs = _FS_CACHE.get(uri)
+    if fs is None:
+        fs = _FS_CACHE[uri] = pyarrow_filesystem(uri)[0]  # built here: keeps the retry strategy
+    return fs
+
+
 def read_shard_batch(batch: "pyarrow.Table", uri: str, max_caption_bytes: int = MAX_CAPTION_BYTES,
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> "pyarrow.Table":
     """Ray Data map_batches fn: shard paths -> rows ``caption``, ``bad``. Reads with retries; a
     shard that keeps failing becomes one ``unreadable_shard`` row instead of failing the run."""
     import pyarrow as pa
 
-    fs = _FS_CACHE.get(uri)
-    if fs is None:
-        fs = _FS_CACHE[uri] = pyarrow_filesystem(uri)[0]  # built here: keeps the retry strategy
+    fs = cached_filesystem(uri)
     raws, unreadable = [], 0
     for path in batch.column("path").to_pylist():
         raw = _read_shard(fs, path)
@@ -195,6 +201,20 @@ def read_shard_batch(batch: "pyarrow.Table", uri: str, max_caption_bytes: int = 
                                             "bad": pa.array([code] * unreadable, pa.uint8())})])
 
 
+def shard_path_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0,
+                       max_shard_bytes: int = MAX_SHARD_BYTES) -> "ray.data.Dataset":
+    """The lake's shard paths as a Ray dataset (``path`` rows), in the order of ``seed + epoch``;
+    ``read_tasks`` blocks (default one per shard)."""
+    import random
+
+    import ray.data
+
+    _, paths = list_shards(uri, max_shard_bytes)
+    order = list(paths)
+    random.Random(seed + epoch).shuffle(order)
+    return ray.data.from_items([{"path": p} for p in order], override_num_blocks=read_tasks or len(order))
+
+
 def prompt_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0,
                    max_caption_bytes: int = MAX_CAPTION_BYTES,
                    max_shard_bytes: int = MAX_SHARD_BYTES) -> "ray.data.Dataset":
@@ -204,16 +224,8 @@ def prompt_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0,
     The file order is fixed here, and the trainer runs Ray Data with ``preserve_order`` so each
     worker's split is the same on every attempt: a resumed run skips exactly the batches it
     already trained on (``pipelines.run``)."""
-    import random
-
-    import ray.data
-
-    _, paths = list_shards(uri, max_shard_bytes)
-    order = list(paths)
-    random.Random(seed + epoch).shuffle(order)
-    ds = ray.data.from_items([{"path": p} for p in order], override_num_blocks=read_tasks or len(order))
     # batch_size=None: a whole block (one or a few shards) per call.
-    return ds.map_batches(read_shard_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+    return shard_path_dataset(uri, seed, epoch, read_tasks, max_shard_bytes).map_batches(read_shard_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                           fn_kwargs={"uri": uri, "max_caption_bytes": max_caption_bytes,
                                      "max_shard_bytes": max_shard_bytes})
 

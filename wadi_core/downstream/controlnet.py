@@ -24,7 +24,8 @@ from wadi_core.downstream.sampling import image_size
 from wadi_core.models.teacher import Cond, Teacher
 
 __all__ = ["ControlNetConfig", "build_controlnet", "load_controlnet", "control_tensor", "controlnet_residuals",
-           "controlnet_step", "train_controlnet", "control_eval_set", "domain_control_samples", "vae_factor"]
+           "controlnet_step", "drop_captions", "train_controlnet", "control_eval_set", "domain_control_samples",
+           "vae_factor"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,13 @@ def controlnet_step(model: Teacher, controlnet: Any, optimizer: torch.optim.Opti
     return {"loss": loss.item(), "loss_eps": loss_eps.item(), "loss_x0": loss_x0.item(), "grad_norm": grad_norm.item()}
 
 
+def drop_captions(embeds: Tensor, null: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Each prompt's embedding replaced by the empty prompt's ``null`` with probability ``p`` (so
+    classifier-free guidance works with the control)."""
+    drop = torch.rand(embeds.shape[0], generator=generator) < p
+    return torch.where(drop.view(-1, 1, 1).to(embeds.device), null.expand_as(embeds), embeds)
+
+
 def train_controlnet(model: Teacher, cfg: ControlNetConfig, controlnet: Any | None = None,
                      log: Callable[[dict[str, float], int], None] | None = None,
                      progress: bool = True) -> tuple[Any, dict[str, float]]:
@@ -188,9 +196,7 @@ def train_controlnet(model: Teacher, cfg: ControlNetConfig, controlnet: Any | No
         if cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes:
             break
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
-        embeds = combo_cond.embeds[combo[idx]]
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
-        embeds = torch.where(drop.view(-1, 1, 1).to(embeds.device), null.expand_as(embeds), embeds)
+        embeds = drop_captions(combo_cond.embeds[combo[idx]], null, cfg.caption_dropout, gen)
         control = control_tensor(masks[idx], controlnet, model)
         metrics = controlnet_step(model, controlnet, optimizer, latents[idx], control, Cond(embeds), weights, gen,
                                   cfg.grad_clip, cfg.one_step_fraction, cfg.one_step_weight)
