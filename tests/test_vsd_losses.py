@@ -61,6 +61,15 @@ def test_cfg_combines_as_written():
     torch.testing.assert_close(cfg_combine(e_u, e_c, 0.0), e_u)
 
 
+def test_guidance_interval_is_the_scale_up_to_t_max_and_one_above():
+    from wadi_core.vsd.losses import guidance_in_interval
+
+    t = torch.tensor([20, 600, 601, 980])
+    assert guidance_in_interval(3.0, t, 999) == 3.0  # every sample inside: the plain number
+    assert guidance_in_interval(1.0, t, 100) == 1.0
+    torch.testing.assert_close(guidance_in_interval(3.0, t, 600), torch.tensor([3.0, 3.0, 1.0, 1.0]))
+
+
 def test_vsd_gradient_is_sigma_squared_weighted_score_gap_without_nans():
     abar_t = torch.tensor([0.25, 0.9])
     e_real = torch.ones(2, 1, 2, 2)

@@ -97,6 +97,34 @@ def test_guided_eps_combines_separate_conditional_and_null_forwards(sd_dir):
     torch.testing.assert_close(guided, e_u + 1.5 * (e_c - e_u), rtol=1e-4, atol=1e-5)
 
 
+def test_guided_eps_takes_one_scale_per_sample(sd_dir):
+    d = _distiller(sd_dir)
+    _randomise(d, "fake")
+    cond = d.teacher.encode_prompts(PROMPTS[:2])
+    x, t = torch.randn(2, *d.teacher.latent_shape), torch.tensor([400, 60])
+    with torch.no_grad():
+        mixed = d.guided_eps("fake", x, t, cond, torch.tensor([3.0, 1.0]))
+        first = d.guided_eps("fake", x[:1], t[:1], d.teacher.encode_prompts(PROMPTS[:1]), 3.0)
+        second = d.guided_eps("fake", x[1:], t[1:], d.teacher.encode_prompts(PROMPTS[1:2]), 1.0)
+    torch.testing.assert_close(mixed, torch.cat([first, second]), rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_interval_switches_cfg_off_above_guidance_t_max(sd_dir):
+    def student_after_one_step(**kw) -> torch.Tensor:
+        d = _distiller(sd_dir, **kw)
+        _randomise(d, "fake")
+        u = make_updaters(d)
+        vsd_step(d, d.teacher.encode_prompts(PROMPTS), u["student"], u["fake"], torch.Generator().manual_seed(0))
+        return torch.cat([p.detach().flatten() for p in d.parameters("student")])
+
+    no_cfg = student_after_one_step(guidance_real=1.0, guidance_fake=1.0)
+    # every generator timestep (t >= t_min = 20) lies above the interval: no guidance anywhere
+    outside = student_after_one_step(guidance_real=3.0, guidance_fake=2.0, guidance_t_max=10)
+    everywhere = student_after_one_step(guidance_real=3.0, guidance_fake=2.0)
+    torch.testing.assert_close(outside, no_cfg, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(everywhere, no_cfg, rtol=1e-3, atol=1e-5)
+
+
 def test_short_run_lowers_the_fake_loss_and_moves_the_student(sd_dir):
     from wadi_core.vsd import add_noise, fake_score_loss
 

@@ -25,6 +25,9 @@ class VSDConfig:
     loss: Literal["vsd", "dmd2"] = "vsd"
     guidance_real: float = 1.5        # CFG of the teacher in the generator loss (VSD)
     guidance_fake: float = 1.5        # CFG of the fake score in the generator loss (VSD)
+    # real and fake CFG apply to generator-loss timesteps t <= guidance_t_max; above it both use CFG 1
+    # (guidance in a limited interval, Kynkaanniemi et al. 2024: high-noise guidance removes layout diversity)
+    guidance_t_max: int = 999
     dmd2: DMD2Config = field(default_factory=DMD2Config)
     t_min: int = 20                   # generator-loss timesteps t ~ U{t_min..t_max}
     t_max: int = 980
@@ -49,6 +52,8 @@ class VSDConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.guidance_t_max < 0:
+            raise ValueError(f"guidance_t_max must be >= 0 (guidance for t <= guidance_t_max), got {self.guidance_t_max}")
         if not 0.0 <= self.null_prob <= 1.0:
             raise ValueError(f"null_prob must be in [0, 1], got {self.null_prob}")
         if self.fake_steps_per_gen < 1:

@@ -112,9 +112,10 @@ class WaDiDistiller:
             out = self.teacher.predict_eps(x_t.to(self.teacher.dtype), t, cond)
         return at_least_fp32(out)
 
-    def guided_eps(self, role: Role, x_t: Tensor, t: Tensor, cond: Cond, scale: float) -> Tensor:
-        """CFG prediction e_u + w (e_c - e_u); one batched forward for both halves."""
-        if scale == 1.0:
+    def guided_eps(self, role: Role, x_t: Tensor, t: Tensor, cond: Cond, scale: float | Tensor) -> Tensor:
+        """CFG prediction e_u + w (e_c - e_u); one batched forward for both halves. ``scale``: one
+        number, or one per sample (B,)."""
+        if not isinstance(scale, Tensor) and scale == 1.0:
             return self.eps(role, x_t, t, cond)
         null = self.teacher.null_cond(len(cond))
         e = self.eps(role, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([null, cond]))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["at_least_fp32", "expand_like", "x0_from_eps", "add_noise", "cfg_combine", "vsd_gradient",
+__all__ = ["at_least_fp32", "expand_like", "x0_from_eps", "add_noise", "cfg_combine", "guidance_in_interval",
+           "vsd_gradient",
            "dmd2_gradient", "generator_loss", "fake_score_loss"]
 
 
@@ -40,9 +41,19 @@ def add_noise(x0: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
     return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
 
 
-def cfg_combine(e_uncond: Tensor, e_cond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance: e_u + w (e_c - e_u)."""
+def cfg_combine(e_uncond: Tensor, e_cond: Tensor, scale: float | Tensor) -> Tensor:
+    """Classifier-free guidance: e_u + w (e_c - e_u); ``scale`` a number or one per sample, shape (B,)."""
+    if isinstance(scale, Tensor):
+        scale = expand_like(scale, e_cond).to(e_cond.dtype)
     return e_uncond + scale * (e_cond - e_uncond)
+
+
+def guidance_in_interval(scale: float, t: Tensor, t_max: int) -> float | Tensor:
+    """Per-sample CFG scale: ``scale`` where ``t <= t_max``, 1 (no guidance) above it; the plain
+    number when every sample is inside (guidance in a limited interval, Kynkaanniemi et al. 2024)."""
+    if scale == 1.0 or bool((t <= t_max).all()):
+        return scale
+    return torch.where(t <= t_max, torch.full_like(t, scale, dtype=torch.float32), torch.ones_like(t, dtype=torch.float32))
 
 
 def vsd_gradient(e_real: Tensor, e_fake: Tensor, abar_t: Tensor) -> Tensor:

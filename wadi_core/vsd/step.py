@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from wadi_core.models.teacher import Cond
 from wadi_core.vsd.distiller import WaDiDistiller
-from wadi_core.vsd.losses import add_noise, at_least_fp32, dmd2_gradient, fake_score_loss, generator_loss, vsd_gradient
+from wadi_core.vsd.losses import (add_noise, at_least_fp32, dmd2_gradient, fake_score_loss, generator_loss,
+                                  guidance_in_interval, vsd_gradient)
 
 __all__ = ["Updater", "StepResult", "TorchUpdater", "vsd_step", "make_updaters", "NonFiniteGuard", "NonFiniteTraining"]
 
@@ -118,6 +119,7 @@ def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fak
     t = _randint(cfg.t_min, cfg.t_max + 1, n, generator, dev)
     abar_t = distiller.abar(t)
     x_t = add_noise(x0.detach(), _randn(shape, generator, dev), abar_t)
+    w_real, w_fake = (guidance_in_interval(w, t, cfg.guidance_t_max) for w in (w_real, w_fake))
     # Teacher and fake are constants here: no_grad also keeps a DeepSpeed fake engine out of
     # the generator's graph (an engine's hooks would otherwise fire inside it).
     with torch.no_grad():
