@@ -32,7 +32,7 @@ class AblationBudget:
             raise ValueError("FID needs at least 2 images per set")
 
 
-#: ``--budget full`` took 15 min on 2 idle CPU cores on 2026-12-05 (29 runs, ~5,000 VSD steps); ``smoke`` is the CI version.
+#: ``--budget full`` took 15 min on 2 idle CPU cores on 2026-12-05 (29 runs, ~4,700 VSD steps); ``smoke`` is the CI version.
 BUDGETS: dict[str, AblationBudget] = {
     "full": AblationBudget(),
     "smoke": AblationBudget(steps=2, sweep_steps=1, batch_size=4, eval_images=24, sweep_eval_images=16,
