@@ -53,10 +53,16 @@ def ray_head():
     tmp = Path(tempfile.mkdtemp(prefix="wr", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token = tmp / "token"
     token.write_text(secrets.token_hex(32))
-    dash = _free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port()), "--dashboard-port", str(dash),
+    # Every listening port free, not Ray's defaults: with a README head already on this machine the
+    # agent's default port (52365) is taken, the head comes up without a job agent and every
+    # submit fails with "No available agent to submit job".
+    ports = {name: _free_port() for name in (
+        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
+    dash = ports["dashboard-port"]
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", *(f"--{k}={v}" for k, v in ports.items()),
            "--dashboard-host", "127.0.0.1", "--temp-dir", str(tmp), "--num-cpus", "1", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
