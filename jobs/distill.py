@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from wadi_core.config import ConfigError
@@ -25,6 +26,12 @@ from wadi_core.config import ConfigError
 from pipelines.cli import add_config_arguments, config_from_args
 from pipelines.config import DistillConfig, absolute_paths, check_adapter_ranks, results_root
 from pipelines.tracking import install_log_redaction, redact
+
+
+#: Exit codes (README, docs/RELIABILITY.md): 0 trained (or already complete), 1 the run failed or
+#: trained nothing, 2 refused before Ray started (config, lake, another job holds the run),
+#: 128 + signal when stopped by SIGINT (130) / SIGTERM (143) after a checkpoint.
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,13 +62,23 @@ def main(argv: list[str] | None = None) -> int:
     # An unreachable MLflow server should cost seconds, not MLflow's default minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from pipelines.run import run_distillation
+    from pipelines.run import RunFailed, run_distillation
+    from pipelines.stop import RunInterrupted, exit_code
 
     try:
         result = run_distillation(cfg, ray_address=args.address)
-    except ConfigError as e:  # pipelines.preflight: teacher, tracking server, CPUs (before Ray starts)
+    except ConfigError as e:  # preflight, the lake, the run's lease: before Ray starts
         print(redact(f"config error: {e}"), file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except RunFailed as e:
+        print(redact(f"failed: {e}"), file=sys.stderr)
+        return EXIT_FAILED
+    except RunInterrupted as e:  # SIGINT / SIGTERM: MLflow says KILLED, the checkpoint resumes
+        print(redact(f"interrupted: {e}"), file=sys.stderr)
+        return exit_code(e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before Ray started
+        print("interrupted before training started", file=sys.stderr)
+        return exit_code(signal.SIGINT)
     if args.json:
         print(json.dumps(redact({"run_name": result.run_name, "mlflow_run_id": result.mlflow_run_id,
                                  "tracking_uri": result.tracking_uri, "export_uri": result.export_uri,
@@ -69,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "evaluation": {k: v for k, v in (result.evaluation or {}).items() if k != "table"}}),
                          default=str))
     else:
-        print("\n" + result.summary())
-    return 0
+        print(redact("\n" + result.summary()))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -38,9 +39,10 @@ from wadi_core.vsd.state import check_fingerprint as _check_fingerprint
 __all__ = ["TrainState", "read_train_state", "STATE_FILES", "model_fingerprint", "check_fingerprint",
            "IncompatibleCheckpoint", "save_training_state", "load_training_state", "TAG", "mark_complete",
            "latest_complete_checkpoint", "checkpoint_step", "prune_untracked_checkpoints",
-           "CheckpointRejected", "CorruptCheckpoint", "UnsafeCheckpoint", "file_manifest", "merge_manifests",
+           "CheckpointRejected", "CorruptCheckpoint", "UnsafeCheckpoint", "TamperedCheckpoint", "file_manifest", "merge_manifests",
            "verify_checkpoint", "install_safe_loading", "safe_torch_load", "complete_checkpoints",
-           "load_first_good_checkpoint", "DEEPSPEED_SAFE_GLOBALS", "upload_checkpoint"]
+           "load_first_good_checkpoint", "DEEPSPEED_SAFE_GLOBALS", "upload_checkpoint",
+           "repair_ray_snapshot", "RAY_SNAPSHOT"]
 
 TAG = "state"
 _STATE = "train_state.json"  # TrainState.save without tensors: the engines hold them
@@ -89,6 +91,11 @@ class CorruptCheckpoint(CheckpointRejected):
 
 class UnsafeCheckpoint(CheckpointRejected):
     """A pickled file asks for objects outside the allow-list (it could run code when loaded)."""
+
+
+class TamperedCheckpoint(CheckpointRejected):
+    """The manifest names a file outside its checkpoint (``..``, an absolute path, a symlink out):
+    not something this pipeline writes; nothing it names is read."""
 
 
 _RESTART_ADVICE = ("give this run a new train.run_name "
@@ -178,6 +185,33 @@ def merge_manifests(manifests: list[Mapping[str, Mapping[str, Any]]]) -> dict[st
     return out
 
 
+def _check_confined(src: Path, manifest: Any) -> None:
+    """Every manifest entry is a relative POSIX path of plain names inside ``src`` (after
+    symlinks) with a ``{"sha256", "bytes"}`` record; else :class:`TamperedCheckpoint`."""
+    def tampered(name: Any, why: str) -> TamperedCheckpoint:
+        return TamperedCheckpoint(
+            f"checkpoint {src} is tampered: its {COMPLETE} manifest lists {str(name)[:200]!r}, {why}. This pipeline "
+            "writes only relative paths inside the checkpoint, so the manifest was edited or written by another "
+            "program; nothing it names was read. Delete this checkpoint directory, or resume from one you trust.")
+
+    if not isinstance(manifest, Mapping):
+        raise tampered(type(manifest).__name__, "which is not a mapping of file names")
+    root = src.resolve()
+    for name, entry in manifest.items():
+        parts = name.split("/") if isinstance(name, str) else []
+        if not parts or name.startswith("/") or "\\" in name or "\0" in name or any(
+                p in ("", ".", "..") for p in parts):
+            raise tampered(name, "which is not a relative path of plain names (absolute, '..', '.', empty)")
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("bytes"), int) or \
+                not isinstance(entry.get("sha256"), str):
+            raise tampered(name, "whose record is not {sha256, bytes}")
+        if not (src / name).resolve().is_relative_to(root):
+            raise tampered(name, "which resolves outside the checkpoint (a symlink)")
+    for f in src.rglob("*"):  # nor may an unlisted link lead the pickle scan below outside
+        if f.is_symlink() and not f.resolve().is_relative_to(root):
+            raise tampered(f.relative_to(src).as_posix(), "a symlink that leads outside the checkpoint")
+
+
 def verify_checkpoint(directory: str | os.PathLike) -> None:
     """Check every file against the ``COMPLETE`` manifest and every ``.pt`` pickle against the
     allow-list, before anything is loaded. Raises :class:`CorruptCheckpoint` /
@@ -195,6 +229,7 @@ def verify_checkpoint(directory: str | os.PathLike) -> None:
         warnings.warn(f"checkpoint {src} has no file manifest in {COMPLETE}: its files cannot be verified "
                       "(DeepSpeed files are still read with weights_only=True)")
     else:
+        _check_confined(src, manifest)  # before any file it names is touched
         for name, entry in sorted(manifest.items()):
             f = src / name
             if not f.is_file():
@@ -221,18 +256,18 @@ def load_first_good_checkpoint(candidates: Iterable[Any], load: Callable[[Path],
                                agree: Callable[[bool], bool] = bool) -> tuple[TrainState | None, list[str]]:
     """Newest first, the first checkpoint (``ray.train.Checkpoint``-like: ``.path``, ``.as_directory()``)
     that passes :func:`verify_checkpoint` on every rank (``agree``: a collective AND) is loaded with
-    ``load``; rejected ones are skipped with a warning. Returns (state or None, reasons skipped);
+    ``load``; rejected ones are skipped with a warning. Returns (state or None, the rejections);
     raises :class:`CheckpointRejected` if checkpoints exist but none passes (rather than start over)."""
-    rejected: list[str] = []
+    rejected: list[CheckpointRejected] = []
     for checkpoint in candidates:
         with checkpoint.as_directory() as d:
-            why = ""
+            why: CheckpointRejected | None = None
             try:
                 verify_checkpoint(d)
             except CheckpointRejected as e:
-                why = str(e)
-            if not agree(not why):  # every rank falls back together
-                rejected.append(why or f"checkpoint {checkpoint.path} was rejected on another rank")
+                why = e
+            if not agree(why is None):  # every rank falls back together
+                rejected.append(why or CheckpointRejected(f"checkpoint {checkpoint.path} was rejected on another rank"))
                 warnings.warn(f"skipping a checkpoint that failed verification: {rejected[-1]} "
                               "-- trying the previous complete checkpoint")
                 continue
@@ -240,7 +275,7 @@ def load_first_good_checkpoint(candidates: Iterable[Any], load: Callable[[Path],
     if rejected:
         raise CheckpointRejected(
             f"none of the run's {len(rejected)} complete checkpoints passed verification, so nothing was loaded "
-            "(starting over would hide this): " + " || ".join(rejected)
+            "(starting over would hide this): " + " || ".join(map(str, rejected))
             + " -- delete the damaged checkpoint directories to start over, or set a new train.run_name")
     return None, rejected
 
@@ -328,7 +363,7 @@ def upload_checkpoint(local_dir: str | os.PathLike, storage_uri: str, run_name: 
             with fs.open_output_stream(path) as out:
                 out.write(data)
 
-        retry_io(put, f"upload of checkpoint file {dir_name}/{rel}")
+        retry_io(put, f"upload of checkpoint file {dest}/{rel}")
     return ray.train.Checkpoint(path=dest, filesystem=fs)
 
 
@@ -397,3 +432,42 @@ def prune_untracked_checkpoints(storage_uri: str, run_name: str, tracked: list[s
             fs.delete_dir(info.path)
             removed.append(name)
     return removed
+
+
+#: Ray Train's index of a run's checkpoints (``<storage>/<run_name>/``), read when a run starts.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def repair_ray_snapshot(storage_uri: str, run_name: str) -> str | None:
+    """Driver, before a fit: move Ray's checkpoint index aside when Ray could not start from it.
+
+    A write cut short by a full disk leaves it empty, and Ray then refuses the run
+    (``CheckpointManagerInitializationError``), advising to delete the folder, good checkpoints
+    included; a checkpoint it names may also be gone. Our own ``COMPLETE`` checkpoints are the
+    source of truth for resume (:func:`complete_checkpoints`), so without the index Ray starts a
+    fresh index and the loop still resumes from the newest complete checkpoint. Returns why it was
+    moved (also warned), or None when it is fine or absent."""
+    import pyarrow.fs as pafs
+
+    from pipelines.data import pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(storage_uri)
+    path = f"{root}/{run_name}/{RAY_SNAPSHOT}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            snapshot = json.loads(f.read())
+        missing = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])
+                   if fs.get_file_info(f"{root}/{run_name}/{r['checkpoint_dir_name']}").type
+                   != pafs.FileType.Directory]
+        why = f"it names checkpoints that are gone ({', '.join(missing)})" if missing else None
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        why = f"it is unreadable ({type(e).__name__}: {str(e)[:100]}; a write cut short, e.g. by a full disk)"
+    if why is None:
+        return None
+    aside = f"{path}.unusable-{int(time.time())}"
+    fs.move(path, aside)
+    warnings.warn(f"Ray's checkpoint index {path}: {why}. Moved it to {aside}; the run resumes from its newest "
+                  "COMPLETE checkpoint.")
+    return why

@@ -9,11 +9,13 @@ stale file that makes the job hang. Here an address is used only when it was ask
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import warnings
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from wadi_core.config import ConfigError
 
@@ -88,11 +90,52 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
         kwargs["runtime_env"] = without_job_conflicts(kwargs["runtime_env"])
     target = ray_address(address)
     if target == "local":
-        ray.init(address="local", num_cpus=num_cpus if num_cpus is not None else local_cpus(), **kwargs)
-        return True
+        num_cpus = num_cpus if num_cpus is not None else local_cpus()
+        # Ray Train's placement-group cleaner (a detached actor of this cluster) asks the State API
+        # each second whether the run's controller lives and removes the run's placement group on
+        # "no such actor". Unpinned, it resolves the cluster like `ray status`: every GCS on the
+        # host plus /tmp/ray/ray_current_cluster, so with another job's Ray here it fails or asks
+        # that Ray; and a dashboard turned off still advertises 127.0.0.1:8265, which may be another
+        # job's. So this cluster's processes inherit RAY_ADDRESS = its GCS (port chosen up front:
+        # they copy the environment when ray.init starts them), an unserved dashboard gets a free
+        # port, and the driver's environment is restored (a later init starts a new Ray).
+        if kwargs.get("include_dashboard") is False:
+            kwargs.setdefault("dashboard_port", _free_port())
+        chosen = "RAY_GCS_SERVER_PORT" not in os.environ
+        for attempt in (1, 2):
+            gcs_port = os.environ.get("RAY_GCS_SERVER_PORT") or str(_free_port())
+            try:
+                with _environ(RAY_GCS_SERVER_PORT=gcs_port, RAY_ADDRESS=f"127.0.0.1:{gcs_port}"):
+                    ray.init(address="local", num_cpus=num_cpus, **kwargs)
+                return True
+            except RuntimeError as e:  # the free port was taken before the GCS bound it: once more
+                if not chosen or attempt == 2 or "Failed to start GCS" not in str(e):
+                    raise
+                ray.shutdown()
     kwargs.pop("include_dashboard", None)  # a setting of the cluster, not of a driver joining it
     ray.init(address=target, **kwargs)
     return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the block (what processes started in it inherit)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 _ACCELERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")

@@ -172,13 +172,17 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class DebugConfig:
     """Fault injection for tests: rank ``fail_rank`` exits at ``fail_at_step`` once (marker file);
-    rank ``nan_rank`` (-1: every rank) gets NaN text embeddings at step ``nan_at_step`` (0: never)."""
+    rank ``nan_rank`` (-1: every rank) gets NaN text embeddings at step ``nan_at_step`` (0: never);
+    every rank waits before step ``pause_at_step`` until the file ``pause_until`` exists (a test
+    acts on a run at a known step, then lets it go on)."""
 
     fail_rank: int = -1
     fail_at_step: int = 0
     fail_marker: str = ""
     nan_rank: int = -1
     nan_at_step: int = 0
+    pause_at_step: int = 0
+    pause_until: str = ""
 
 
 @dataclass(frozen=True)

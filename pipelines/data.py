@@ -23,12 +23,13 @@ drops bad rows and counts them so the run can log ``data/bad_<reason>``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import warnings
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from wadi_core.storage import is_remote, s3_endpoint
@@ -53,10 +54,12 @@ __all__ = [
     "pyarrow_filesystem",
     "list_shards",
     "count_prompts",
+    "lake_captions",
     "prompt_dataset",
     "parse_shard_batch",
     "read_shard_batch",
     "PromptStream",
+    "exact_split",
 ]
 
 
@@ -130,6 +133,24 @@ def count_prompts(uri: str) -> int | None:
         return None
     n = manifest.get("num_prompts", manifest.get("num_samples"))
     return int(n) if n is not None else None
+
+
+def lake_captions(uri: str, need: int, max_caption_bytes: int = MAX_CAPTION_BYTES,
+                  max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple[list[str], int, int]:
+    """The first ``need`` good captions of the lake, shards in name order; reads only as many
+    shards as that takes (one for a real lake). Returns (captions, shards read, shards listed):
+    fewer than ``need`` captions means the whole lake holds fewer. Raises ``FileNotFoundError``
+    as :func:`list_shards`."""
+    fs, paths = list_shards(uri, max_shard_bytes)
+    captions: list[str] = []
+    for i, path in enumerate(paths):
+        raw = _read_shard(fs, path)
+        if raw is not None:
+            captions += parse_prompt_tar(raw, max_caption_bytes=max_caption_bytes,
+                                         max_shard_bytes=max_shard_bytes).captions
+        if len(captions) >= need:
+            return captions[:need], i + 1, len(paths)
+    return captions, len(paths), len(paths)
 
 
 def parse_shard_batch(batch: "pyarrow.Table", max_caption_bytes: int = MAX_CAPTION_BYTES,
@@ -231,39 +252,101 @@ def prompt_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0,
 
 
 class PromptStream:
-    """Fixed-size batches from a worker's dataset shard; counts and drops bad rows.
+    """This rank's share of one epoch as batches of ``batch_size`` prompts; counts and drops bad rows.
+
+    Every good prompt of the epoch is read exactly once across the ranks and lands in exactly one
+    global batch or in the epoch's remainder (:attr:`remainder`: fewer than one global batch,
+    counted, not trained). Ray's split hands ranks unequal row counts (:class:`ExactSplit` drops
+    nothing), so an epoch has two phases, both in lockstep on every rank:
+
+    1. while every rank holds a full local batch, each trains on its own rows;
+    2. then every rank's leftover rows are gathered (rank order) and cut into global batches,
+       rank ``r`` taking slice ``r`` of each.
+
+    The batch sequence is a function of the split alone (``preserve_order``), so resume skips
+    exactly the global batches already trained. ``all_true`` (collective AND) and ``gather``
+    (collective all-gather of a Python list) are injected: the train loop passes torch.distributed
+    ones, tests simulated ranks.
 
     A batch is a list of captions, or ``pipelines.text_encoding.EncodedPrompts`` when the rows
     carry embeddings from the text-encoder actors (``data.text_encoding: actors``)."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, rank: int = 0, world: int = 1,
+                 all_true: Callable[[bool], bool] = bool,
+                 gather: Callable[[list[Any]], list[list[Any]]] = lambda rows: [rows]):
         self.batch_size = batch_size
+        self.rank, self.world = rank, world
+        self._all_true, self._gather = all_true, gather
         self.bad: Counter[str] = Counter()
+        self.remainder = 0  # good prompts of the epoch left over after the last full global batch
 
-    def batches(self, shard: Any, skip: int = 0) -> Iterator[Any]:
-        """Yield batches of ``batch_size`` prompts; the first ``skip`` batches are read and dropped
-        (resume inside an epoch). A final partial batch is dropped."""
-        from pipelines.text_encoding import EncodedPrompts
-
-        buf: list[Any] = []
+    def rows(self, shard: Any) -> Iterator[Any]:
+        """The good rows of this rank's split, in order (a caption, or (caption, embeds, mask))."""
         # batch_size=None: the blocks as Ray Data made them (a shard's captions, or one encoder call's rows).
         for block in shard.iter_batches(batch_size=None, batch_format="numpy"):
             codes = block["bad"].tolist()
-            captions = [str(c) for c in block["caption"]]
             embeds, mask = block.get("embeds"), block.get("mask")
-            for i, (caption, code) in enumerate(zip(captions, codes)):
+            for i, (caption, code) in enumerate(zip(block["caption"], codes)):
                 if code:
                     self.bad[BAD_REASONS[code - 1]] += 1
                 elif embeds is None:
-                    buf.append(caption)
+                    yield str(caption)
                 else:
-                    buf.append((caption, embeds[i], None if mask is None else mask[i]))
-            while len(buf) >= self.batch_size:
-                batch, buf = buf[: self.batch_size], buf[self.batch_size:]
-                if skip > 0:
-                    skip -= 1
-                    continue
-                yield batch if embeds is None else EncodedPrompts.stack(batch)
+                    yield (str(caption), embeds[i], None if mask is None else mask[i])
+
+    def batches(self, shard: Any, skip: int = 0) -> Iterator[Any]:
+        """This rank's slice of each global batch of the epoch; the first ``skip`` global batches
+        are read and dropped (resume inside an epoch). Every rank must iterate to the end (or stop
+        at the same step): both phases are collectives."""
+        from pipelines.text_encoding import EncodedPrompts
+
+        b, rows, buf = self.batch_size, self.rows(shard), []
+        while True:  # phase 1: own rows while every rank has a full batch
+            buf.extend(itertools.islice(rows, b - len(buf)))
+            if not self._all_true(len(buf) == b):
+                break
+            batch, buf = buf, []
+            if skip > 0:
+                skip -= 1
+                continue
+            yield batch if isinstance(batch[0], str) else EncodedPrompts.stack(batch)
+        pool = [row for part in self._gather(buf + list(rows)) for row in part]  # phase 2
+        full = len(pool) // (b * self.world)
+        self.remainder = len(pool) - full * b * self.world
+        for g in range(full):
+            batch = pool[(g * self.world + self.rank) * b:(g * self.world + self.rank + 1) * b]
+            if skip > 0:
+                skip -= 1
+                continue
+            yield batch if isinstance(batch[0], str) else EncodedPrompts.stack(batch)
 
     def counters(self) -> dict[str, int]:
         return {reason: self.bad[reason] for reason in BAD_REASONS}
+
+
+def exact_split(execution_options: Any) -> Any:
+    """A Ray Train ``DataConfig`` whose split drops no row.
+
+    Ray's default ingest splits every dataset with ``streaming_split(n, equal=True)``, which
+    truncates up to ``n - 1`` rows per epoch: prompts, and the one row a corrupt shard becomes
+    (its bad-shard record), were lost. Here ``equal=False``: with ``preserve_order`` Ray hands each
+    block, in order, to the split with the fewest rows so far (deterministic, so resume replays the
+    same split), and :class:`PromptStream` evens the ranks out."""
+    import copy
+
+    from ray.train import DataConfig
+
+    class ExactSplit(DataConfig):
+        def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
+                      worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = copy.deepcopy(execution_options)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    output[i][name] = split
+            return output
+
+    return ExactSplit(execution_options=execution_options)

@@ -10,18 +10,23 @@ from typing import Any
 
 from wadi_core import storage
 
-from pipelines.checkpoint import prune_untracked_checkpoints
+from wadi_core.config import ConfigError
+from wadi_core.storage import is_storage_full
+
+from pipelines.checkpoint import (checkpoint_step, latest_complete_checkpoint, prune_untracked_checkpoints,
+                                  repair_ray_snapshot)
 from pipelines.config import DistillConfig, absolute_paths, results_root
-from pipelines.data import count_prompts, list_shards, prompt_dataset, pyarrow_filesystem
+from pipelines.data import count_prompts, exact_split, lake_captions, prompt_dataset, pyarrow_filesystem
+from pipelines.lease import RunLease
 from pipelines.plan import resolve_prompts
-from pipelines.tarshards import parse_prompt_tar
+from pipelines.stop import RunInterrupted, StopFlag, call_in_thread, stop_on_signals
 from pipelines.cluster import check_accelerator_available, init_ray, local_cpus
 from pipelines.cluster import ray_address as resolve_ray_address
 from pipelines.preflight import check_cpu_headroom, preflight
 from pipelines.tracking import default_tracking_uri, git_sha, redact, redact_uri, start_run
 from pipelines.train import dataset_name, train_loop
 
-__all__ = ["DistillResult", "run_distillation", "ray_job_ids", "fixed_prompts"]
+__all__ = ["DistillResult", "RunFailed", "run_distillation", "ray_job_ids", "fixed_prompts", "check_lake"]
 
 
 @dataclass
@@ -68,19 +73,44 @@ def ray_job_ids() -> dict[str, str]:
     return ids
 
 
+class RunFailed(RuntimeError):
+    """The distillation ran but failed, or trained nothing: nothing was registered."""
+
+
 def fixed_prompts(prompts_uri: str, n: int) -> list[str]:
-    """The first ``n`` captions of the first shard: fixed prompts for comparable sample grids."""
-    fs, paths = list_shards(prompts_uri)
-    for path in paths:
-        with fs.open_input_stream(path) as f:
-            captions = parse_prompt_tar(f.read()).captions
-        if captions:
-            return captions[:n]
-    return []
+    """The first ``n`` captions of the lake (shards in name order): fixed prompts for comparable
+    sample grids."""
+    return lake_captions(prompts_uri, n)[0]
 
 
-def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str) -> str | None:
-    """The latest MLflow run of this Ray run name (rerunning a name resumes its MLflow run too)."""
+def check_lake(cfg: DistillConfig, prompts_uri: str) -> tuple[int | None, list[str]]:
+    """Before Ray starts: the lake exists and can fill one global batch (else the run would end
+    "successfully" after 0 steps). Returns (the manifest's prompt count or None, sample prompts)."""
+    d, batch = cfg.data, cfg.train.global_batch
+    shown = redact(prompts_uri)
+    try:
+        num_prompts = d.num_prompts or count_prompts(prompts_uri)
+        if num_prompts is not None and num_prompts < batch:
+            raise ConfigError(f"the prompt lake {shown} holds {num_prompts} prompts "
+                              f"({'data.num_prompts' if d.num_prompts else 'its manifest.json'}), fewer than one global "
+                              f"batch (train.global_batch={batch}): the run would train 0 steps. Add prompts, or "
+                              "lower train.global_batch")
+        captions, read, listed = lake_captions(prompts_uri, max(batch, cfg.tracking.num_sample_prompts),
+                                               d.max_caption_bytes, d.max_shard_bytes)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.prompts={shown}: {redact(str(e))}") from None
+    if len(captions) < batch:
+        raise ConfigError(f"the prompt lake {shown} has {len(captions)} readable prompts in its {listed} shard(s), "
+                          f"fewer than one global batch (train.global_batch={batch}): the run would train 0 steps. "
+                          "Check the shards (corrupt or unreadable ones hold no prompts; write them with "
+                          "wadi_core.prompts), add prompts, or lower train.global_batch")
+    return num_prompts, captions[:cfg.tracking.num_sample_prompts]
+
+
+def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str, storage_path: str) -> str | None:
+    """The latest MLflow run of this Ray run name (rerunning a name resumes its MLflow run too).
+    Raises ``ConfigError`` when that run recorded another ``train.storage_path``: it belongs to
+    another run that shares the name, whose page this job would overwrite."""
     try:
         import mlflow
 
@@ -90,9 +120,17 @@ def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str) -> str |
             return None
         runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`wadi.run_name` = '{run_name}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
     except Exception:  # noqa: BLE001 - an unreachable server is handled by start_run's warning
         return None
+    if not runs:
+        return None
+    recorded = runs[0].data.params.get("train.storage_path")
+    if recorded is not None and recorded != redact(storage_path):
+        raise ConfigError(
+            f"MLflow run {runs[0].info.run_id} (experiment {experiment!r}) is run {run_name!r} with "
+            f"train.storage_path={recorded}, but this job stores it in {redact(storage_path)}: it would log into "
+            "the other run's page. Use another train.run_name (or tracking.experiment), or the same storage path")
+    return runs[0].info.run_id
 
 
 def _storage(uri: str) -> tuple[str, Any]:
@@ -123,7 +161,7 @@ def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources, placement_strategy=placement_strategy,
                                      accelerator_type=t.accelerator_type or None),
-        dataset_config=DataConfig(execution_options=ingest),
+        dataset_config=exact_split(ingest),  # Ray's default split drops up to n - 1 rows per epoch
         run_config=RunConfig(
             name=t.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -151,11 +189,35 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None, *,
     start_local = not ray.is_initialized() and resolve_ray_address(ray_address) == "local"
     preflight(cfg, local_cpus=local_cpus() if start_local else None)
     prompts_uri = resolve_prompts(cfg.data.prompts)
-    num_prompts = cfg.data.num_prompts or count_prompts(prompts_uri)
-    num_epochs = cfg.epochs_needed(num_prompts) if num_prompts else cfg.data.epochs
+    num_prompts, sample_prompts = check_lake(cfg, prompts_uri)
     tracking_uri = cfg.tracking.uri or default_tracking_uri(root / "runs")
-    sample_prompts = fixed_prompts(prompts_uri, cfg.tracking.num_sample_prompts)
+    checked = _Checked(root, prompts_uri, num_prompts, sample_prompts, tracking_uri,
+                       _find_mlflow_run(tracking_uri, cfg.tracking.experiment, cfg.train.run_name,
+                                        cfg.train.storage_path))
+    with RunLease(cfg.train.storage_path, cfg.train.run_name):  # one job per run (pipelines.lease)
+        return _run(cfg, checked, ray_address, worker_resources, placement_strategy)
 
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the driver found before Ray starts."""
+
+    root: Any
+    prompts_uri: str
+    num_prompts: int | None
+    sample_prompts: list[str]
+    tracking_uri: str
+    mlflow_run_id: str | None  # an MLflow run of this run name to resume, if any
+
+
+def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
+         worker_resources: dict[str, float] | None, placement_strategy: str) -> DistillResult:
+    """:func:`run_distillation` once the run is checked and leased."""
+    import ray
+
+    root, prompts_uri, num_prompts = checked.root, checked.prompts_uri, checked.num_prompts
+    sample_prompts, tracking_uri, existing = checked.sample_prompts, checked.tracking_uri, checked.mlflow_run_id
+    num_epochs = cfg.epochs_needed(num_prompts) if num_prompts else cfg.data.epochs
     started_here = init_ray(ray_address, num_cpus=local_cpus())
     # Joined or already running: check the CPUs Ray really has (a remote cluster may autoscale).
     joined_remote = not started_here and resolve_ray_address(ray_address) != "local"
@@ -179,39 +241,84 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None, *,
                                                      f"r={cfg.vsd.fake.rank})",
         "wadi.prompts": prompts_uri, **ray_job_ids(),
     }
-    existing = _find_mlflow_run(tracking_uri, cfg.tracking.experiment, cfg.train.run_name)
-    with start_run(cfg.tracking.experiment, run_name=cfg.train.run_name, tracking_uri=tracking_uri,
-                   params=None if existing else {**cfg.to_flat(), "data.num_prompts_found": num_prompts},
-                   tags=tags, run_id=existing) as tracker:
-        loop_config = {
-            "config": cfg.to_flat(), "mlflow_run_id": tracker.run_id, "tracking_uri": tracking_uri,
-            "export_uri": cfg.export_uri, "sample_prompts": sample_prompts, "num_epochs": num_epochs,
-            "total_steps": cfg.total_steps(num_prompts) if num_prompts else None, "text_conds": text_conds,
-        }
-        result = _trainer(cfg, loop_config, datasets, worker_resources, placement_strategy).fit()
-        if result.error is not None:
-            raise RuntimeError(redact(f"distillation run {cfg.train.run_name} failed: {result.error}"))
-        prune_untracked_checkpoints(cfg.train.storage_path, cfg.train.run_name,
-                                    [c.path for c, _ in (result.best_checkpoints or [])])
-        model = None
-        if tracker.active:
-            from pipelines.registry import log_and_register
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()  # SIGINT / SIGTERM -> a clean stop (pipelines.stop)
+    repair_ray_snapshot(cfg.train.storage_path, cfg.train.run_name)
+    newest = latest_complete_checkpoint(cfg.train.storage_path, cfg.train.run_name)
+    start_step = checkpoint_step(newest.path) if newest else 0  # where this job starts training
+    with stop_on_signals(flag) as signals:
+        with start_run(cfg.tracking.experiment, run_name=cfg.train.run_name, tracking_uri=tracking_uri,
+                       params=None if existing else {**cfg.to_flat(), "data.num_prompts_found": num_prompts},
+                       tags=tags, run_id=existing) as tracker:
+            loop_config = {
+                "config": cfg.to_flat(), "mlflow_run_id": tracker.run_id, "tracking_uri": tracking_uri,
+                "export_uri": cfg.export_uri, "sample_prompts": sample_prompts, "num_epochs": num_epochs,
+                "total_steps": cfg.total_steps(num_prompts) if num_prompts else None, "text_conds": text_conds,
+                "stop_flag": flag,
+            }
+            try:
+                result = call_in_thread(_trainer(cfg, loop_config, datasets, worker_resources,
+                                                 placement_strategy).fit)
+            except RunInterrupted as e:  # a second signal: no final checkpoint
+                newest = latest_complete_checkpoint(cfg.train.storage_path, cfg.train.run_name)
+                raise RunInterrupted(e.signum, checkpoint_step(newest.path) if newest else 0,
+                                     newest.path if newest else None, forced=True) from None
+            except Exception as e:  # Ray Train 2.x raises the run's error from fit()
+                if signals.signum:
+                    raise RunInterrupted(signals.signum, None, None, forced=True) from e
+                raise RunFailed(redact(_failure_message(cfg, e))) from e
+            signals.graceful = False  # from here on a signal aborts at once
+            metrics = dict(result.metrics or {})
+            step = int(metrics.get("step", 0))
+            if signals.signum:
+                newest = latest_complete_checkpoint(cfg.train.storage_path, cfg.train.run_name)
+                raise RunInterrupted(signals.signum, step, newest.path if newest else None)
+            if result.error is not None:
+                raise RunFailed(redact(_failure_message(cfg, result.error)))
+            if step == 0:
+                raise RunFailed(f"distillation run {cfg.train.run_name} trained 0 steps: its workers found fewer "
+                                f"good prompts than one global batch (train.global_batch={cfg.train.global_batch}; "
+                                "see the data/bad_* metrics). Nothing was registered.")
+            prune_untracked_checkpoints(cfg.train.storage_path, cfg.train.run_name,
+                                        [c.path for c, _ in (result.best_checkpoints or [])])
+            model = None
+            trained = step > start_step
+            if not trained:
+                warnings.warn(f"run {cfg.train.run_name} was already complete at step {step}: nothing trained, so "
+                              "nothing registered and no closing evaluation (give a new train.run_name, or raise "
+                              "data.max_steps / data.epochs, to train more)")
+            elif tracker.active:
+                from pipelines.registry import log_and_register
 
-            local_export = storage.materialize(cfg.export_uri)
-            # One copy in MLflow: the logged model (its "pipeline" artifact is the export); the run
-            # points at it instead of holding the same files again as run artifacts.
-            model = log_and_register(local_export, cfg.tracking.registered_model, cfg.tracking.alias, tracking_uri)
-            if model:
-                tracker.set_tags({"wadi.registered_model": f"{model['name']}/{model['version']}",
-                                  "wadi.export_model_uri": model["model_uri"]})
-        elif cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
-            warnings.warn("MLflow was unreachable: the export was not logged or registered")
-    from pipelines.final_eval import final_evaluation
+                local_export = storage.materialize(cfg.export_uri)
+                # One copy in MLflow: the logged model (its "pipeline" artifact is the export); the run
+                # points at it instead of holding the same files again as run artifacts.
+                model = log_and_register(local_export, cfg.tracking.registered_model, cfg.tracking.alias,
+                                         tracking_uri)
+                if model:
+                    tracker.set_tags({"wadi.registered_model": f"{model['name']}/{model['version']}",
+                                      "wadi.export_model_uri": model["model_uri"]})
+            elif cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+                warnings.warn("MLflow was unreachable: the export was not logged or registered")
+        from pipelines.final_eval import final_evaluation
 
-    # After the training run is closed: the evaluation nests its own run under it, then adds final/*.
-    evaluation = final_evaluation(cfg, cfg.export_uri, tracker.run_id if tracker.active else None, root,
-                                  tracking_uri=tracking_uri, step=(result.metrics or {}).get("step"))
+        # After the training run is closed: the evaluation nests its own run under it, then adds final/*.
+        evaluation = final_evaluation(cfg, cfg.export_uri, tracker.run_id if tracker.active else None, root,
+                                      tracking_uri=tracking_uri, step=step) if trained else None
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistillResult(run_name=cfg.train.run_name, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id,
-                         export_uri=cfg.export_uri, checkpoint=checkpoint, metrics=dict(result.metrics or {}),
+                         export_uri=cfg.export_uri, checkpoint=checkpoint, metrics=metrics,
                          model=model, evaluation=evaluation)
+
+
+def _failure_message(cfg: DistillConfig, error: BaseException) -> str:
+    """What the driver says when the fit failed; a full storage says so, where, and how to go on."""
+    if not is_storage_full(error):
+        return f"distillation run {cfg.train.run_name} failed: {error}"
+    newest = latest_complete_checkpoint(cfg.train.storage_path, cfg.train.run_name)
+    where = f"the newest complete checkpoint is {newest.path}" if newest else "no checkpoint was completed yet"
+    lines = str(error).splitlines()
+    detail = next((line.strip() for line in lines if "StorageFull:" in line),
+                  next((line.strip() for line in lines if "No space left" in line), type(error).__name__))
+    return (f"distillation run {cfg.train.run_name} stopped: storage is full under train.storage_path="
+            f"{cfg.train.storage_path} (No space left on device). {where[0].upper() + where[1:]}. Free space there "
+            f"and rerun the same command: it resumes from that checkpoint. ({detail[:500]})")

@@ -16,6 +16,7 @@ header moves the read position forward by at least one block, so a parse always 
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -214,11 +215,18 @@ def parse_prompt_tar(
         except UnicodeDecodeError:
             bad["undecodable"] += 1
             continue
-        if text:
+        if _visible(text):
             captions.append(text)
         else:
             bad["empty_caption"] += 1
     return out
+
+
+def _visible(text: str) -> bool:
+    """The caption has something to read: not only whitespace, NUL and other control or
+    zero-width characters (a letter or digit answers at once; emoji count as visible)."""
+    return any(ch.isalnum() for ch in text) or any(
+        not (ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp")) for ch in text)
 
 
 def _ustar_header(name: bytes, size: int, mtime: int = 0) -> bytes:

@@ -25,8 +25,8 @@ _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|sessi
 _URI = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"<>]+)")
 
 
-def _redact_match(m: re.Match[str]) -> str:
-    scheme, rest = m.group("scheme"), m.group("rest")
+def _user_info_end(rest: str) -> int:
+    """Index of the "@" that ends the user info of a URI (``rest``: what follows "scheme://"), or -1."""
     end = len(rest)
     for sep in "/?#":
         i = rest.find(sep)
@@ -40,9 +40,22 @@ def _redact_match(m: re.Match[str]) -> str:
         _, colon, after = authority.partition(":")
         later = rest.find("@", end)
         if not colon or after.isdigit() or later < 0:
-            return m.group(0)
+            return -1
         at = later
-    return f"{scheme}***{rest[at:]}"
+    return at
+
+
+def _redact_match(m: re.Match[str]) -> str:
+    scheme, rest = m.group("scheme"), m.group("rest")
+    at = _user_info_end(rest)
+    return m.group(0) if at < 0 else f"{scheme}***{rest[at:]}"
+
+
+def _without_user_info(uri: str) -> str:
+    """``uri`` with its user info (and the "@") removed."""
+    scheme, sep, rest = uri.partition("://")
+    at = _user_info_end(rest) if sep else -1
+    return uri if at < 0 else f"{scheme}://{rest[at + 1:]}"
 
 
 def redact(value: Any) -> Any:
@@ -235,8 +248,9 @@ def start_run(
             if prior_status == "FINISHED":  # its results stand; the failed resume is a tag, not a status
                 mlflow.set_tag("wadi.last_resume_error", redact(f"{type(e).__name__}: {e}")[:5000])
                 mlflow.end_run(status="FINISHED")
-            else:
-                mlflow.end_run(status="FAILED")
+            else:  # a job stopped by a signal says KILLED (pipelines.stop.RunInterrupted)
+                killed = isinstance(e, KeyboardInterrupt) or getattr(e, "mlflow_status", "") == "KILLED"
+                mlflow.end_run(status="KILLED" if killed else "FAILED")
         raise
     else:
         with contextlib.suppress(Exception):
@@ -251,15 +265,18 @@ def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
     """
     if not uri.startswith(("http://", "https://")):
         return None
+    import http.client
     import urllib.error
     import urllib.request
 
+    # /health needs no credentials; user info in the URI (MLflow sends it as basic auth) would be
+    # taken for part of the host name, and a password with a "/" for a port.
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        urllib.request.urlopen(_without_user_info(uri).rstrip("/") + "/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return None  # it answered (auth, proxy path...): let MLflow handle it
-    except (OSError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        return redact(f"{type(e).__name__}: {e}")
     return None
 
 

@@ -21,15 +21,16 @@ import torch
 from wadi_core.config import from_dict
 from wadi_core.vsd.ema import AdapterEMA
 
-from pipelines.checkpoint import (TrainState, file_manifest, load_first_good_checkpoint, load_training_state,
-                                  mark_complete, merge_manifests, model_fingerprint, save_training_state,
-                                  upload_checkpoint)
+from pipelines.checkpoint import (TamperedCheckpoint, TrainState, file_manifest, load_first_good_checkpoint,
+                                  load_training_state, mark_complete, merge_manifests, model_fingerprint,
+                                  save_training_state, upload_checkpoint)
 # Flag / counter all-reduces on the training device (NCCL takes CUDA tensors only).
 from pipelines.collectives import all_ranks_true as _all_ranks_true
 from pipelines.collectives import any_rank_true as _any_rank_true
 from pipelines.collectives import sum_over_ranks as _sum_over_ranks
 from pipelines.config import DistillConfig
 from pipelines.data import PromptStream
+from pipelines.stop import StopWatch
 from pipelines.tarshards import BAD_REASONS
 from pipelines.text_encoding import batch_cond, remember_conds
 
@@ -87,6 +88,17 @@ def _maybe_fail(cfg: DistillConfig, rank: int, next_step: int) -> None:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"rank {rank} killed itself before step {next_step}\n")
     os._exit(1)
+
+
+def _maybe_pause(cfg: DistillConfig, next_step: int, stop_watch: Any) -> None:
+    """Test hook: before ``debug.pause_at_step`` wait until ``debug.pause_until`` exists (or a stop
+    is requested)."""
+    d = cfg.debug
+    if d.pause_at_step != next_step or not d.pause_until:
+        return
+    deadline = time.monotonic() + 600
+    while not Path(d.pause_until).exists() and not stop_watch.requested() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 class _Run:
@@ -159,10 +171,13 @@ class _Run:
         self.last_saved_step = -1
         self.checkpoint_seconds = 0.0  # the last checkpoint's save + upload time
         self.notice_step: int | None = None  # step at which a drain (preemption) notice was seen
+        self.stop_watch = StopWatch(self.loop_config.get("stop_flag"))
+        self.stop_requested = False
         self.saved_before_deadline = False
         state, rejected = load_first_good_checkpoint(self._resume_candidates(), self._load_state,
                                                      agree=lambda ok: _all_ranks_true(ok, self.device))
-        self.corrupt_checkpoints_skipped = len(rejected)
+        self.tampered_checkpoints_skipped = sum(isinstance(r, TamperedCheckpoint) for r in rejected)
+        self.corrupt_checkpoints_skipped = len(rejected) - self.tampered_checkpoints_skipped
         if state is not None:
             self.state = state
             self.state.fingerprint = self.fingerprint
@@ -207,10 +222,24 @@ class _Run:
 
     # -- one step -------------------------------------------------------------------------------
     def next_batch(self, batches: Iterator[Any]) -> Any:
-        """The next batch, or None once any rank's stream is exhausted (a collective: every rank
-        stops at the same step)."""
+        """The next batch, or None once the epoch is over or a stop was requested (SIGINT / SIGTERM
+        to the driver, seen by rank 0): one collective, so every rank stops at the same step."""
         batch = next(batches, None)
-        return batch if _all_ranks_true(batch is not None, self.device) else None
+        stop = self.rank == 0 and self.stop_watch.requested()
+        has, stops = _sum_over_ranks([batch is not None, stop], self.device)
+        if stops:
+            self.stop_requested = True
+        return batch if has == self.world and not stops else None
+
+    def stream(self) -> PromptStream:
+        """A :class:`PromptStream` for one epoch, with this world's collectives."""
+        def gather(rows: list[Any]) -> list[list[Any]]:
+            out: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(out, rows)
+            return out
+
+        return PromptStream(self.cfg.train.per_worker_batch, self.rank, self.world,
+                            all_true=lambda flag: _all_ranks_true(flag, self.device), gather=gather)
 
     def step(self, batch: Any, guard: Any) -> dict[str, float]:
         """One VSD step on ``batch``; advances the TrainState and the student EMA."""
@@ -218,6 +247,7 @@ class _Run:
 
         s, cfg = self.state, self.cfg
         _maybe_fail(cfg, self.rank, s.step + 1)
+        _maybe_pause(cfg, s.step + 1, self.stop_watch)
         cond = batch_cond(self.teacher, batch)  # here or streamed: pipelines/text_encoding.py
         cond = _maybe_nan(cfg, self.rank, s.step + 1, cond)
         metrics = vsd_step(self.distiller, cond, self.updaters["student"], self.updaters["fake"], self.generator)
@@ -269,8 +299,11 @@ class _Run:
         s = self.state
         bad = self.bad_counts(stream)
         s.meta["bad_before_epoch"] = bad
+        # Read but in no full global batch (the same on every rank: cut from the gathered pool).
+        s.meta["unbatched_prompts"] = s.meta.get("unbatched_prompts", 0) + stream.remainder
         s.epoch, s.data_position = s.epoch + 1, 0
-        tracker.log_metrics({f"data/bad_{k}": v for k, v in bad.items()}, step=s.step)
+        tracker.log_metrics({**{f"data/bad_{k}": v for k, v in bad.items()},
+                             "data/unbatched_prompts": s.meta["unbatched_prompts"]}, step=s.step)
 
     # -- preemption -----------------------------------------------------------------------------
     def preemption_checkpoint_due(self, step_seconds: float) -> bool:
@@ -312,8 +345,11 @@ class _Run:
                   "preemption/notice_step": float(-1 if self.notice_step is None else self.notice_step),
                   "vsd/nonfinite_steps": float(self.state.nonfinite_steps),
                   "resume/corrupt_checkpoints_skipped": float(self.corrupt_checkpoints_skipped),
+                  "resume/tampered_checkpoints_skipped": float(self.tampered_checkpoints_skipped),
+                  "data/unbatched_prompts": float(self.state.meta.get("unbatched_prompts", 0)),
+                  "stopped": float(self.stop_requested),
                   "worker/text_encoder_params": float(self.text_encoder_params)}
-        if step == self.last_saved_step:
+        if step in (self.last_saved_step, 0):  # nothing new to keep (step 0: nothing trained)
             ray.train.report(report)
             return
         self.last_saved_step = step
@@ -404,14 +440,14 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
     max_steps = cfg.data.max_steps
     guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row, total=s.nonfinite_steps)
     metrics: dict[str, float] = {}
-    stream = PromptStream(cfg.train.per_worker_batch)
+    stream = run.stream()
     done = bool(max_steps) and s.step >= max_steps
     with tqdm(total=max_steps or run.loop_config.get("total_steps"), initial=s.step, desc=f"vsd rank {run.rank}",
               disable=run.rank != 0, mininterval=5) as bar:
         for _, shard, skip in _epochs(run):
             if done:
                 break
-            stream = PromptStream(cfg.train.per_worker_batch)
+            stream = run.stream()
             batches = stream.batches(shard, skip=skip)
             t_last = time.perf_counter()
             while (batch := run.next_batch(batches)) is not None:
@@ -423,11 +459,11 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
                 _after_step(run, tracker, metrics, stream, step_s, done)
                 if done:
                     break
+            if run.stop_requested:
+                break
             if not done:
-                for _ in batches:  # finish the epoch's stream so every bad row is counted
-                    pass
                 run.end_epoch(tracker, stream)
-                stream = PromptStream(cfg.train.per_worker_batch)
+                stream = run.stream()
     return metrics, stream
 
 
@@ -446,12 +482,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tracker = tracker or _NullTracker()
         if run.resumed_from:
             tracker.log_metrics({"resume/from_step": run.resumed_from}, step=run.resumed_from)
-        if run.corrupt_checkpoints_skipped:
-            tracker.log_metrics({"resume/corrupt_checkpoints_skipped": run.corrupt_checkpoints_skipped},
+        if run.corrupt_checkpoints_skipped or run.tampered_checkpoints_skipped:
+            tracker.log_metrics({"resume/corrupt_checkpoints_skipped": run.corrupt_checkpoints_skipped,
+                                 "resume/tampered_checkpoints_skipped": run.tampered_checkpoints_skipped},
                                 step=run.resumed_from)
         metrics, stream = _train(run, tracker)
         step = run.state.step
         tracker.log_metrics({f"data/bad_{k}": v for k, v in run.bad_counts(stream).items()}, step=step)
+        if run.stop_requested:  # the driver got SIGINT / SIGTERM: keep this step, no export
+            print(f"[wadi] stop requested: checkpointing step {step} and stopping", flush=True)
+            run.checkpoint(metrics, stream)
+            return
         if not every(cfg.tracking.sample_every, step):
             run.samples(tracker, step)  # the final grid (unless this step just made one)
         export_uri = run.export()

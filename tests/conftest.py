@@ -21,6 +21,32 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """Each test leaves MLflow's process-wide tracking URI and the ``MLFLOW_*`` environment as it
+    found them: ``mlflow.set_tracking_uri`` (tests, and ``pipelines.tracking.start_run``) also sets
+    ``MLFLOW_TRACKING_URI``, which ``default_tracking_uri`` and Ray workers would then inherit."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    before = _mlflow_tracking_utils()._tracking_uri if "mlflow" in sys.modules else None
+    yield
+    if "mlflow" in sys.modules:
+        utils = _mlflow_tracking_utils()
+        if utils._tracking_uri != before:
+            utils.set_tracking_uri(before)
+    for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+
+
+def _mlflow_tracking_utils():
+    """MLflow's module that holds the URI ``mlflow.set_tracking_uri`` set (private: a plain import,
+    so an MLflow that moves it fails here loudly instead of leaking URIs between tests)."""
+    from mlflow.tracking._tracking_service import utils
+
+    assert hasattr(utils, "_tracking_uri"), "mlflow moved its tracking URI global: update tests/conftest.py"
+    return utils
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import Literal
 
@@ -81,10 +82,12 @@ def test_tracking_filters_secrets_and_survives_unreachable_server(tmp_path):
     assert tracking.redact_uri("http://user:pw@host:5000") == "http://***@host:5000"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with tracking.start_run("exp", tracking_uri="http://127.0.0.1:9", params={"a": 1}) as run:
+        with tracking.start_run("exp", tracking_uri="http://user:hunter2@127.0.0.1:9", params={"a": 1}) as run:
             run.log_metrics({"loss": 1.0}, step=0)  # must be a no-op, not a crash
             assert not run.active
-    assert any("unreachable" in str(w.message) for w in caught)
+    messages = [str(w.message) for w in caught]
+    assert any("MLflow tracking at http://***@127.0.0.1:9 is unreachable" in m for m in messages), messages
+    assert not any("hunter2" in m for m in messages), messages
 
 
 def test_tracking_sqlite_logs(tmp_path):
@@ -98,6 +101,22 @@ def test_tracking_sqlite_logs(tmp_path):
         run_id = run.run_id
     data = mlflow.MlflowClient(uri).get_run(run_id).data
     assert data.params == {"vsd.lr": "0.1"} and data.metrics["loss"] == 2.0
+    # start_run sets MLflow's process-wide URI (and so MLFLOW_TRACKING_URI): the next test checks
+    # that tests/conftest.py put both back.
+    assert mlflow.get_tracking_uri() == uri and os.environ.get("MLFLOW_TRACKING_URI") == uri
+    _SET_BY_A_TEST["uri"] = uri
+
+
+_SET_BY_A_TEST: dict[str, str] = {}
+
+
+def test_tracking_uri_set_by_the_test_before_is_restored():
+    import mlflow
+
+    if not _SET_BY_A_TEST:
+        pytest.skip("runs after test_tracking_sqlite_logs (same process)")
+    leaked = _SET_BY_A_TEST.pop("uri")
+    assert os.environ.get("MLFLOW_TRACKING_URI") != leaked and mlflow.get_tracking_uri() != leaked
 
 
 def test_sample_grid_upscales_only_small_tiles(tmp_path):

@@ -43,7 +43,7 @@ def test_caption_round_trip_all_combinations():
     assert find_attributes("a blue thing") == {"colour": "blue"}
     with pytest.raises(ValueError, match="does not name the"):
         parse_caption("a blue circle")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"shape='hexagon' is not one of"):
         Attributes("hexagon", "red", "large", "left")
 
 

@@ -221,7 +221,7 @@ def test_compare_runs_pages_through_more_runs_than_one_page(tmp_path):
     rows = job.fetch_runs(["many"], uri, page_size=3)  # 3 + 3 + 1
     assert sorted(r["run"] for r in rows) == [f"r{i}" for i in range(7)]
     assert {r["run"] for r in rows[:2]} == {"r0", "r1"} and rows[-1]["run"] == "r6"  # oldest first
-    with pytest.raises(SystemExit) as exc:  # a config error: status 2, the message on stderr
+    with pytest.raises(SystemExit, match=r"^2$") as exc:  # a config error: status 2, the message on stderr
         job.main(["experiments=[many]", f"tracking_uri={uri}", "page_size=5000"])
     assert exc.value.code == 2
 

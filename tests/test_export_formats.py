@@ -192,20 +192,15 @@ def test_mlflow_runs_uri_source(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # An earlier test's mlflow.set_tracking_uri (process-global) would win over the environment.
-    previous = mlflow.get_tracking_uri()
+    # mlflow.set_tracking_uri (process-global) wins over the environment; tests/conftest.py restores it.
     mlflow.set_tracking_uri(uri)
-    request_cleanup = lambda: mlflow.set_tracking_uri(previous)  # noqa: E731
     export = _student_export(EMBEDDED_TEACHER, tmp_path / "export")
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("exports", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(exp).info.run_id
     client.log_artifacts(run, str(export), "export")
     out = tmp_path / "from_mlflow.safetensors"
-    try:
-        export_job.main([f"model=runs:/{run}/export", "format=single-file", f"out={out}"])
-    finally:
-        request_cleanup()
+    export_job.main([f"model=runs:/{run}/export", "format=single-file", f"out={out}"])
     with safe_open(str(out), "pt") as f:
         keys = set(f.keys())
         meta = f.metadata()

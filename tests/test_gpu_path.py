@@ -50,13 +50,13 @@ def test_collectives_build_their_tensors_on_the_device_they_are_given(gloo_world
     def spy(tensor: torch.Tensor, *args, **kwargs):
         seen.append(tensor.device)
         if tensor.device.type != "cpu":
-            raise _Seen
+            raise _Seen(f"all_reduce on {tensor.device}")
         return real(tensor, *args, **kwargs)
 
     monkeypatch.setattr(dist, "all_reduce", spy)
     calls = [lambda d: all_ranks_true(True, d), lambda d: any_rank_true(False, d), lambda d: sum_over_ranks([1, 2], d)]
     for call in calls:
-        with pytest.raises(_Seen):
+        with pytest.raises(_Seen, match="all_reduce on meta"):
             call(torch.device("meta"))
     assert seen == [torch.device("meta")] * 3
     seen.clear()
@@ -67,9 +67,9 @@ def test_collectives_build_their_tensors_on_the_device_they_are_given(gloo_world
 def test_collectives_take_no_default_device() -> None:
     """The device is a required argument: a call site cannot silently fall back to the CPU."""
     for fn in (all_ranks_true, any_rank_true):
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="missing 1 required positional argument: 'device'"):
             fn(True)  # type: ignore[call-arg]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'device'"):
         sum_over_ranks([1])  # type: ignore[call-arg]
 
 
@@ -210,7 +210,7 @@ def test_evaluation_flags_for_accelerator_and_metric_gpus() -> None:
     assert evaluate.parse_args(["run", "ray.gpus_per_actor=0.5"])[1].ray.metric_gpus == 0.5
     assert r.accelerator_for(0.0) is None  # CPU actors are not tied to a GPU model
     for bad in (["ray.accelerator_type=A10G"], ["ray.gpus_per_actor=1.5"], ["ray.metric_gpus_per_actor=-1"]):
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(SystemExit, match=r"^2$") as exc:
             evaluate.parse_args(["run", *bad])
         assert exc.value.code == 2
 

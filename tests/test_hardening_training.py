@@ -49,16 +49,34 @@ def _same(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]) ->
     return all(torch.equal(x, y) for r in a for x, y in zip(a[r], b[r]))
 
 
+def _poisoned_step(d: WaDiDistiller, cond: Cond, ups: dict, gen: torch.Generator, poison: str) -> dict[str, float]:
+    """A ``vsd_step`` whose loss is NaN ("loss": NaN text embeddings) or whose loss is finite but
+    one gradient of each adapter is NaN ("gradient": a hook on one parameter per role)."""
+    if poison == "loss":
+        return vsd_step(d, _nan(cond), ups["student"], ups["fake"], gen)
+    hooks = [next(iter(d.parameters(r))).register_hook(lambda g: torch.full_like(g, float("nan")))
+             for r in ("student", "fake")]
+    try:
+        m = vsd_step(d, cond, ups["student"], ups["fake"], gen)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss_gen", "loss_fake"))  # only the gradients
+    return m
+
+
 # -- non-finite steps: plain updater and the single-process loop ---------------------------------
 
-def test_torch_updater_skips_a_nan_batch_for_both_roles(sd_dir):
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_torch_updater_skips_a_nan_batch_for_both_roles(sd_dir, poison):
     d = _distiller(sd_dir)
     ups = make_updaters(d)
     cond, gen = d.teacher.encode_prompts(PROMPTS), torch.Generator().manual_seed(0)
     vsd_step(d, cond, ups["student"], ups["fake"], gen)  # Adam state exists now
     before, adam_steps = _adapters(d), [u.optimizer.state_dict()["state"][0]["step"].item() for u in ups.values()]
-    m = vsd_step(d, _nan(cond), ups["student"], ups["fake"], gen)
+    m = _poisoned_step(d, cond, ups, gen, poison)
     assert m["skipped_nonfinite"] == 1.0 and not torch.isfinite(torch.tensor(m["grad_norm_student"]))
+    assert not torch.isfinite(torch.tensor(m["grad_norm_fake"]))
     after = _adapters(d)
     assert _finite(after) and _same(before, after)  # weights untouched ...
     assert [u.optimizer.state_dict()["state"][0]["step"].item() for u in ups.values()] == adam_steps  # ... and Adam
@@ -74,7 +92,8 @@ def test_nonfinite_guard_counts_and_stops_after_n_in_a_row():
         g.update({"skipped_nonfinite": 1.0}, 11)
     g.update({"skipped_nonfinite": 0.0}, 12)
     assert (g.total, g.in_a_row) == (4, 0)
-    with pytest.warns(UserWarning), pytest.raises(NonFiniteTraining, match=r"3 VSD steps in a row .* \(vsd.gen_lr"):
+    with pytest.warns(UserWarning, match="not finite"), \
+            pytest.raises(NonFiniteTraining, match=r"3 VSD steps in a row .* \(vsd.gen_lr"):
         for step in (13, 14, 15):
             g.update({"skipped_nonfinite": 1.0}, step)
 
@@ -163,8 +182,9 @@ def _gathered(engines: dict, stage: int) -> dict[str, list[torch.Tensor]]:
     return out
 
 
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_deepspeed_updater_skips_a_nan_batch(sd_dir, ds_world, stage):
+def test_deepspeed_updater_skips_a_nan_batch(sd_dir, ds_world, stage, poison):
     from pipelines.engines import DeepSpeedUpdater
 
     d = _distiller(sd_dir)
@@ -176,12 +196,13 @@ def test_deepspeed_updater_skips_a_nan_batch(sd_dir, ds_world, stage):
     if stage > 0:  # our pre-step norm (partitions + all-reduce) is DeepSpeed's own
         assert m["grad_norm_fake"] == pytest.approx(float(engines["fake"].get_global_grad_norm()), rel=1e-4)
     before = _gathered(engines, stage)
-    m = vsd_step(d, _nan(cond), ups["student"], ups["fake"], gen)
+    m = _poisoned_step(d, cond, ups, gen, poison)
     assert m["skipped_nonfinite"] == 1.0
+    assert not any(torch.isfinite(torch.tensor(m[k])) for k in ("grad_norm_student", "grad_norm_fake"))
     after = _gathered(engines, stage)
     assert _finite(after) and _same(before, after)
     guard = NonFiniteGuard(5)
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="VSD step 2: a loss or gradient was not finite"):
         guard.update(m, 2)
     assert guard.total == 1
     m = vsd_step(d, cond, ups["student"], ups["fake"], gen)  # training continues
@@ -262,7 +283,7 @@ def test_a_crafted_pickle_in_the_deepspeed_state_is_refused_and_never_run(sd_dir
         assert not marker.exists()
     # Through DeepSpeed's own API on the engine (its checkpoint engine was replaced at build time).
     torch.save({"module": _Evil(marker)}, target)
-    with pytest.raises(UnsafeCheckpoint):
+    with pytest.raises(UnsafeCheckpoint, match="refused to load .*mp_rank_00_model_states.pt"):
         engines["student"].load_checkpoint(str(ckpt / "student"), tag="state")
     assert not marker.exists()
 
@@ -310,11 +331,12 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(sd_dir, ds_world,
     assert [checkpoint_step(c.path) for c in candidates] == [6, 3]
     with pytest.warns(UserWarning, match="skipping a checkpoint that failed verification.*rng_rank0"):
         progress, rejected = load_first_good_checkpoint(candidates, load)
-    assert progress.step == 3 and len(rejected) == 1 and "checkpoint_00000006" in rejected[0]
+    assert progress.step == 3 and len(rejected) == 1 and "checkpoint_00000006" in str(rejected[0])
     # Every checkpoint damaged: an error that says so, not a silent start from step 0.
     old = tmp_path / "run" / "checkpoint_00000003" / "train_state.json"
     old.write_text(old.read_text().replace('"step": 3', '"step": 4'))
-    with pytest.warns(UserWarning), pytest.raises(CheckpointRejected, match="none of the run's 2 complete checkpoints"):
+    with pytest.warns(UserWarning, match="skipping a checkpoint that failed verification"), \
+            pytest.raises(CheckpointRejected, match="none of the run's 2 complete checkpoints"):
         load_first_good_checkpoint(complete_checkpoints(str(tmp_path), "run"), load)
     assert load_first_good_checkpoint([], load) == (None, [])
 
@@ -336,7 +358,7 @@ def test_failed_resume_keeps_a_finished_mlflow_run_finished(tmp_path):
             raise RuntimeError("resume boom")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "resume boom" in run.data.tags["wadi.last_resume_error"]
-    with pytest.raises(RuntimeError):  # a run that never finished still ends FAILED
+    with pytest.raises(RuntimeError, match="^boom$"):  # a run that never finished still ends FAILED
         with start_run("exp", run_name="fresh", tracking_uri=uri) as fresh:
             raise RuntimeError("boom")
     assert client.get_run(fresh.run_id).info.status == "FAILED"

@@ -4,7 +4,9 @@ checkpoints on S3 (moto), nothing on a shared local disk but the MLflow sqlite f
 in for the tracking server.
 
 One uninterrupted run is the reference; every interrupted run must log the same losses step for
-step (deterministic resume), and redo no step before the checkpoint it resumed from:
+step (deterministic resume), redo no step before the checkpoint it resumed from, and end with the
+very same student adapter bytes as the reference at the same step (sha256 of
+``adapters/student.safetensors``):
   - a worker killed (``debug.fail_rank``)         -> restart from the last checkpoint
   - a node removed without notice (spot loss)      -> restart on a replacement node
   - a drain notice (``DrainNode``, PREEMPTION, deadline) then the node removed at the deadline
@@ -26,7 +28,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 SLOT = "wadi_slot"  # one per worker node: forces the two workers onto two nodes
 N_PROMPTS, SHARD = 800, 50  # 25 steps of 32 prompts
-STEPS, EVERY = 24, 4  # STEPS: the drain test must outlast its deadline on an idle machine
+STEPS, EVERY = 24, 4
+# The drain test: the reclaim comes at the notice's deadline; training is held before PAUSE_AT
+# (debug.pause_at_step) until the reclaim, so a fast machine cannot finish the run first, and the
+# deadline leaves a slow one 10x the time the notice checkpoint took here (1.5-1.8 s).
+DRAIN_DEADLINE_S, PAUSE_AT = 20.0, 3 * EVERY
 
 
 def _node_args() -> dict:
@@ -127,6 +133,45 @@ def _wait_for_checkpoint(bucket: str, run: str, step: int, fit: threading.Thread
         time.sleep(0.2)
 
 
+def _wait_until_group_gone(fit: threading.Thread, box: dict, timeout: float = 240) -> None:
+    """After a worker's node is gone: until the old worker group is torn down, i.e. its placement
+    group removed (the raylet kills the workers of a removed bundle), which frees the ``wadi_slot``
+    of the surviving node. No rank is left then to write a COMPLETE, and none of a new group can
+    start before the replacement joins (its placement group needs two slots): the set of COMPLETE
+    checkpoints is final, whatever upload was in flight at the loss."""
+    import ray
+
+    deadline = time.time() + timeout
+    while ray.available_resources().get(SLOT, 0) < 1:
+        if not fit.is_alive():
+            _join(fit, box, 0)
+            raise AssertionError(f"{fit.name} ended while its node was gone")
+        if time.time() > deadline:
+            raise TimeoutError("the worker group was not torn down after its node went")
+        time.sleep(0.2)
+
+
+def _adapter(bucket: str, run: str, step: int) -> bytes:
+    from wadi_core import storage
+
+    return storage.read_bytes(f"s3://{bucket}/ray/{run}/checkpoint_{step:08d}/adapters/student.safetensors")
+
+
+def _assert_same_adapter(bucket: str, run: str, step: int) -> None:
+    """The student adapter of ``run``'s checkpoint ``step`` is the reference's, byte for byte (the
+    file holds only the tensors and fixed metadata); else the largest difference, for the report."""
+    import hashlib
+
+    got, want = _adapter(bucket, run, step), _adapter(bucket, "reference", step)
+    if hashlib.sha256(got).hexdigest() != hashlib.sha256(want).hexdigest():
+        from safetensors.torch import load
+
+        a, b = load(got), load(want)
+        assert sorted(a) == sorted(b), f"{run}: other tensors than the reference's"
+        diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        raise AssertionError(f"{run}: adapter at step {step} differs from the reference's, max abs difference {diff:.3g}")
+
+
 def _wait_for_step(tmp: Path, run: str, step: int, fit: threading.Thread, box: dict, timeout: float = 240) -> None:
     """Until rank 0 has logged the losses of ``step`` to the MLflow run of ``run``."""
     import mlflow
@@ -187,12 +232,15 @@ def _assert_resumed_like(reference: dict, got: dict, resumed_from: int, steps: i
     for s, values in got.items():
         for v in values:  # the first try of a redone step and its redo alike
             assert v == pytest.approx(reference[s][0], rel=1e-5, abs=1e-6), f"step {s}: {v} != {reference[s][0]}"
+    exact = all(v == reference[s][0] for s, values in got.items() for v in values)
+    print(f"losses equal to the reference's: {'exactly' if exact else 'within rel 1e-5'}")
 
 
 @pytest.fixture(scope="module")
 def reference(cluster, lake, tmp_path_factory):  # noqa: ANN001
     t0 = time.time()
-    result = _fit(lake, tmp_path_factory.mktemp("ref"), "reference", steps=STEPS)
+    # every checkpoint kept (4, 8, ..., 24): the interrupted runs' adapters are compared with them
+    result = _fit(lake, tmp_path_factory.mktemp("ref"), "reference", steps=STEPS, **{"train.keep": STEPS // EVERY + 2})
     losses = _losses(result)
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in losses.values())
     print(f"reference fit: {time.time() - t0:.0f} s")
@@ -200,12 +248,14 @@ def reference(cluster, lake, tmp_path_factory):  # noqa: ANN001
 
 
 def test_killed_worker_resumes_bit_for_bit(cluster, lake, reference, tmp_path: Path) -> None:  # noqa: ANN001
-    """Deterministic resume: losses of a run interrupted at step 7 and resumed from 4 equal the reference's."""
+    """Deterministic resume: losses of a run interrupted at step 7 and resumed from 4 equal the
+    reference's, and so does its student adapter at step 8 (trained after the restart), bit for bit."""
     marker = tmp_path / "killed"
     result = _fit(lake, tmp_path, "killed", steps=10, **{"debug.fail_rank": 1, "debug.fail_at_step": 7,
                                                           "debug.fail_marker": str(marker)})
     assert marker.exists() and result.metrics["resumed_from_step"] == EVERY
     _assert_resumed_like(reference, _losses(result), EVERY, 10)
+    _assert_same_adapter(lake, "killed", 2 * EVERY)
 
 
 def test_node_loss_resumes_on_a_replacement_node(cluster, lake, reference, tmp_path: Path) -> None:  # noqa: ANN001
@@ -219,7 +269,7 @@ def test_node_loss_resumes_on_a_replacement_node(cluster, lake, reference, tmp_p
     victim = _worker_node(cluster)
     cluster.remove_node(victim, allow_graceful=False)
     cluster.slot_nodes.remove(victim)
-    time.sleep(1.0)  # a COMPLETE already past the barrier lands; none can follow (a rank is gone)
+    _wait_until_group_gone(fit, box)  # a COMPLETE already past the barrier has landed; none can follow
     complete = _complete(lake).get("node-loss", [])
     cluster.slot_nodes.append(cluster.add_node(**_node_args()))  # the replacement (autoscaler)
     result = _join(fit, box)
@@ -230,6 +280,7 @@ def test_node_loss_resumes_on_a_replacement_node(cluster, lake, reference, tmp_p
     redone = sorted(s for s, v in got.items() if len(v) > 1)
     assert all(s > resumed for s in redone), redone
     assert redone or resumed > EVERY, "no step after the checkpoint was lost: the node went too early"
+    _assert_same_adapter(lake, "node-loss", 12)
     print(f"node loss: checkpoints {complete} at the loss, resumed from {resumed}, steps redone {redone}, "
           f"fit {time.time() - t0:.0f} s")
 
@@ -238,31 +289,44 @@ def test_drain_notice_checkpoints_before_the_reclaim(cluster, lake, reference, t
     """``DrainNode`` (reason PREEMPTION, a deadline) on a worker's node, as autoscaler v2 / KubeRay
     / ``ray drain-node`` send it: Ray Train's watcher tells the workers, the loop checkpoints at
     the notice step; the node goes at the deadline and the run restarts on a replacement from
-    that checkpoint (or a later one), losing only the steps after it."""
+    that checkpoint (or a later one), losing only the steps after it.
+
+    Events, not timing: training is held before step ``PAUSE_AT`` (``debug.pause_at_step``) until
+    the test has reclaimed the node, so the run cannot end before the reclaim; the notice
+    checkpoint must be COMPLETE before the deadline (waited for, asserted); the checkpoints that
+    count are read once the old group is torn down."""
     import mlflow
     import ray
     from ray.core.generated import autoscaler_pb2
 
-    deadline_s = 6.0  # room for one step and a checkpoint after the notice, less than the rest of the run
     t0 = time.time()
-    fit, box = _fit_in_background(lake, tmp_path, "preempted", steps=STEPS)
+    release = tmp_path / "release"
+    fit, box = _fit_in_background(lake, tmp_path, "preempted", steps=STEPS, **{
+        "debug.pause_at_step": PAUSE_AT, "debug.pause_until": str(release)})
     _wait_for_checkpoint(lake, "preempted", EVERY, fit, box)
     victim = _worker_node(cluster)
     gcs = ray._raylet.GcsClient(address=cluster.gcs_address)
     before = max(_complete(lake)["preempted"])
     notice_at = time.time()
+    deadline = notice_at + DRAIN_DEADLINE_S
     accepted, why = gcs.drain_node(victim.node_id, autoscaler_pb2.DrainNodeReason.Value(
-        "DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)", int((notice_at + deadline_s) * 1000))
+        "DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)", int(deadline * 1000))
     assert accepted, why
-    saved_after_s = None  # notice -> first checkpoint after it COMPLETE in storage
-    while time.time() < notice_at + deadline_s:
-        if saved_after_s is None and max(_complete(lake)["preempted"]) > before:
-            saved_after_s = round(time.time() - notice_at, 1)
+    while max(_complete(lake)["preempted"]) <= before:  # the notice checkpoint (a step past `before`)
+        if time.time() > deadline:
+            raise AssertionError(f"no checkpoint after the notice was COMPLETE within its {DRAIN_DEADLINE_S} s")
+        if not fit.is_alive():
+            _join(fit, box, 0)
+            raise AssertionError("the run ended before the reclaim")
         time.sleep(0.1)
-    complete_at_reclaim = _complete(lake).get("preempted", [])
-    cluster.remove_node(victim, allow_graceful=False)  # the reclaim at the deadline
+    saved_after_s = round(time.time() - notice_at, 1)  # notice -> first checkpoint after it COMPLETE
+    time.sleep(max(0.0, deadline - time.time()))  # the reclaim, at the deadline; training waits at PAUSE_AT
+    cluster.remove_node(victim, allow_graceful=False)
     cluster.slot_nodes.remove(victim)
+    _wait_until_group_gone(fit, box)
+    complete_at_reclaim = _complete(lake).get("preempted", [])
     cluster.slot_nodes.append(cluster.add_node(**_node_args()))  # the autoscaler's replacement
+    release.touch()  # the restarted group trains through PAUSE_AT
     result = _join(fit, box)
 
     client = mlflow.MlflowClient(result.tracking_uri)
@@ -271,11 +335,12 @@ def test_drain_notice_checkpoints_before_the_reclaim(cluster, lake, reference, t
     assert jit[0] in complete_at_reclaim, f"the notice checkpoint {jit[0]} was not COMPLETE before the reclaim"
     resumed = int(result.metrics["resumed_from_step"])
     assert result.metrics["step"] == STEPS
-    assert resumed > 0, "the run finished before the deadline: no reclaim was survived (raise STEPS)"
+    assert resumed > 0, "no restart after the reclaim"
     assert resumed == max(complete_at_reclaim) and resumed >= jit[0]
     got = _losses(result)
     _assert_resumed_like(reference, got, resumed, STEPS)
+    _assert_same_adapter(lake, "preempted", STEPS)
     redone = sorted(s for s, v in got.items() if len(v) > 1)
     print(f"drain: notice checkpoints at {jit} (first COMPLETE {saved_after_s} s after the notice, deadline "
-          f"{deadline_s} s), COMPLETE at the reclaim {complete_at_reclaim}, resumed from {resumed}, steps redone "
-          f"{redone}, fit {time.time() - t0:.0f} s")
+          f"{DRAIN_DEADLINE_S} s), COMPLETE at the reclaim {complete_at_reclaim}, resumed from {resumed}, steps "
+          f"redone {redone}, fit {time.time() - t0:.0f} s")

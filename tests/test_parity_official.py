@@ -6,7 +6,8 @@ rebuilds each adapted Linear from its rotated weight (as the public code does), 
 parametrisation x0 = (z - sqrt(1 - 0.0047) eps_hat) / sqrt(0.0047), generator timesteps
 U{20..980}, CFG on teacher and fake, g = nan_to_num((1 - abar_t)(e_real - e_fake)),
 L_G = 0.5 mse(x0, stopgrad(x0 - g)); fake timesteps U{0..999}, L_F = mse(sqrt(abar) e_fake,
-sqrt(abar) eps); grad-norm clip 1.0; AdamW (eps 1e-8, wd 0) at 1e-4 / 1e-2.
+sqrt(abar) eps); grad-norm clip 1.0; AdamW (eps 1e-8, wd 0) at 1e-4 / 1e-2. The tiny models' gradient
+norms are ~1e-3, under the official clip: a second case clips at 1e-4 on both sides, so the clip acts.
 
 One stated difference: the official code drops the prompt of the *whole* fake batch with p = 0.1;
 we drop it per sample (same expectation, lower variance), so the oracle draws a per-sample mask.
@@ -76,8 +77,9 @@ def _ours(d: WaDiDistiller, role: str) -> dict[str, torch.Tensor]:
             for k, v in ((f"{name}.A", layer.adapters[role].A), (f"{name}.B", layer.adapters[role].B))}
 
 
-def _official_step(family, teacher, fake, student, alphas_cumprod, cond, null, gen, shape):
-    """One iteration of the official loop, transcribed; returns (loss_vsd, loss_fake)."""
+def _official_step(family, teacher, fake, student, alphas_cumprod, cond, null, gen, shape, clip=1.0):
+    """One iteration of the official loop, transcribed (grad-norm clip ``clip``, officially 1.0);
+    returns (loss_vsd, loss_fake, student optimizer, fake optimizer)."""
     n, dtype = cond.embeds.shape[0], cond.embeds.dtype
 
     def call(model, x, t, c):
@@ -108,7 +110,7 @@ def _official_step(family, teacher, fake, student, alphas_cumprod, cond, null, g
     up = torch.promote_types(dtype, torch.float32)  # the official .float(): upcast, never down from float64
     loss_vsd = 0.5 * F.mse_loss(x0.to(up), (x0 - g).detach().to(up))
     loss_vsd.backward()
-    torch.nn.utils.clip_grad_norm_(list(_thetas(student).values()), 1.0)
+    torch.nn.utils.clip_grad_norm_(list(_thetas(student).values()), clip)
     opt_s.step()
 
     # Fake score: denoising on the detached sample, per-sample weight abar_t.
@@ -121,22 +123,23 @@ def _official_step(family, teacher, fake, student, alphas_cumprod, cond, null, g
     alpha_t = (alphas_cumprod[t_f] ** 0.5).view(-1, 1, 1, 1)
     loss_fake = F.mse_loss((alpha_t * call(fake, noisy, t_f, c)).to(up), (alpha_t * noise).to(up))
     loss_fake.backward()
-    torch.nn.utils.clip_grad_norm_(list(_thetas(fake).values()), 1.0)
+    torch.nn.utils.clip_grad_norm_(list(_thetas(fake).values()), clip)
     opt_f.step()
-    return float(loss_vsd.detach()), float(loss_fake.detach())
+    return float(loss_vsd.detach()), float(loss_fake.detach()), opt_s, opt_f
 
 
 # float32: the spec's precision. AdamW's first step is lr * g / (|g| + 1e-8): for the few angle
 # gradients near 1e-8 the fp32 rounding of the score gap (a difference of two nearly equal
 # predictions, amplified by 1/sqrt(0.0047)) moves the update by a few 1e-6, so fp32 is held to
 # 1e-5 on the parameters; float64 removes that rounding and holds both implementations to 1e-6.
+@pytest.mark.parametrize("clip", [1.0, 1e-4], ids=["official-clip", "clip-acts"])
 @pytest.mark.parametrize("dtype,param_atol", [(torch.float32, 1e-5), (torch.float64, 1e-6)], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("family", ["sd", "pixart"])
-def test_vsd_step_matches_the_official_update(tmp_path, family, dtype, param_atol):
+def test_vsd_step_matches_the_official_update(tmp_path, family, dtype, param_atol, clip):
     src = save_tiny_pipeline(tmp_path / "teacher", family, seed=0)
     cfg = VSDConfig(guidance_real=GUIDANCE, guidance_fake=GUIDANCE, gen_lr=GEN_LR, fake_lr=FAKE_LR,
-                    null_prob=NULL_PROB, student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 2))
-    assert (cfg.t_min, cfg.t_max, cfg.student_alphabar, cfg.grad_clip) == (20, 980, "auto", 1.0)
+                    null_prob=NULL_PROB, student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 2), grad_clip=clip)
+    assert (cfg.t_min, cfg.t_max, cfg.student_alphabar, VSDConfig().grad_clip) == (20, 980, "auto", 1.0)
     torch.manual_seed(0)
     d = WaDiDistiller(load_teacher(src, dtype=dtype), cfg)
     assert d.student_alphabar == OFFICIAL_A  # "auto" on an eps teacher: the official constant
@@ -163,12 +166,26 @@ def test_vsd_step_matches_the_official_update(tmp_path, family, dtype, param_ato
     shape = (len(PROMPTS), *d.teacher.latent_shape)
     updaters = make_updaters(d)
     ours = vsd_step(d, cond, updaters["student"], updaters["fake"], torch.Generator().manual_seed(123))
-    loss_vsd, loss_fake = _official_step(family, teacher, fake, student, d.teacher.alphas_cumprod, cond, null,
-                                         torch.Generator().manual_seed(123), shape)
+    loss_vsd, loss_fake, opt_s, opt_f = _official_step(family, teacher, fake, student, d.teacher.alphas_cumprod,
+                                                       cond, null, torch.Generator().manual_seed(123), shape, clip)
 
     assert ours["loss_gen"] == pytest.approx(loss_vsd, rel=1e-6, abs=1e-9)
     assert ours["loss_fake"] == pytest.approx(loss_fake, rel=1e-6, abs=1e-9)
-    for role, model in (("student", student), ("fake", fake)):
+    for role, model, opt in (("student", student, opt_s), ("fake", fake, opt_f)):
+        # AdamW's first moment after one step is 0.1 x the (clipped) gradient it stepped with: AdamW's
+        # update itself, ~lr * sign(grad), hardly depends on how far the gradient was scaled down.
+        pre_clip = ours[f"grad_norm_{role}"]
+        m_official = {k: opt.state[v]["exp_avg"] for k, v in _thetas(model).items()}
+        m_mine = {k: updaters[role].optimizer.state[v]["exp_avg"] for k, v in _ours(d, role).items()}
+        m_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in m_mine.values()])).item()
+        clipped = pre_clip * min(1.0, clip / (pre_clip + 1e-6))  # as clip_grad_norm_
+        assert m_norm == pytest.approx(0.1 * clipped, rel=1e-4), f"{role}: clipped norm"
+        if clip < 1.0:
+            assert pre_clip > 2 * clip, f"{role}: the clip must act in this case"
+        scale = max(v.abs().max().item() for v in m_official.values())
+        for k in m_mine:
+            torch.testing.assert_close(m_mine[k], m_official[k], rtol=1e-4, atol=1e-4 * scale,
+                                       msg=lambda m, role=role, k=k: f"{role} {k} exp_avg: {m}")
         official = {k: v.detach() for k, v in _thetas(model).items()}
         mine = {k: v.detach() for k, v in _ours(d, role).items()}
         moved = max((mine[k] - before[role][k]).abs().max().item() for k in mine)

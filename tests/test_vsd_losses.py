@@ -119,8 +119,14 @@ def test_config_defaults_flatten_and_round_trip():
     assert AdapterSpec().resolved_targets("pixart", "student") == "dit_student"
 
 
-@pytest.mark.parametrize("bad", [{"loss": "sid"}, {"t_min": 990}, {"null_prob": 2.0},
-                                 {"fake_steps_per_gen": 0}, {"student.rank": 0}, {"guidance": 2.0}])
-def test_config_rejects_bad_values_clearly(bad):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("bad, match", [
+    ({"loss": "sid"}, r"loss: 'sid' is not one of \['vsd', 'dmd2'\]"),
+    ({"t_min": 990}, r"need 0 <= t_min <= t_max, got t_min=990"),
+    ({"null_prob": 2.0}, r"null_prob must be in \[0, 1\], got 2.0"),
+    ({"fake_steps_per_gen": 0}, r"fake_steps_per_gen must be >= 1, got 0"),
+    ({"student.rank": 0}, r"student: a lorad adapter needs rank >= 1, got 0"),
+    ({"guidance": 2.0}, r"unknown config key\(s\) \['guidance'\]"),
+])
+def test_config_rejects_bad_values_clearly(bad, match):
+    with pytest.raises(ConfigError, match=match):
         from_dict(VSDConfig, bad)

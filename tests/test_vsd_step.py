@@ -210,3 +210,22 @@ def test_pixart_teacher_runs_the_same_step(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values()) and m["grad_norm_fake"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, d.parameters("student")))
     assert all(torch.equal(d.denoiser.state_dict()[k], v) for k, v in base.items())
+
+
+@pytest.mark.parametrize("scale", [100.0, 1e-3], ids=["over-the-clip", "under-the-clip"])
+def test_torch_updater_clips_the_global_gradient_norm(scale):
+    """Gradients over ``clip`` (global norm over all parameters) are scaled down to it, those under
+    it are left alone; ``grad_norm`` is the norm before clipping. AdamW's first moment after one
+    step is 0.1 x the gradient it stepped with (its update, ~lr * sign(grad), would not show it)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+    grads = [scale * torch.randn_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
+    updater = TorchUpdater(params, lr=1e-3, clip=0.5)
+    updater.backward(sum((p * g).sum() for p, g in zip(params, grads)))  # d loss / d p = g
+    result = updater.step()
+    assert result.stepped and result.grad_norm == pytest.approx(norm, rel=1e-6)
+    assert (norm > 0.5) == (scale > 1)
+    coef = min(1.0, 0.5 / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(updater.optimizer.state[p]["exp_avg"], 0.1 * coef * g)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
@@ -94,9 +95,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if math.isnan(number):  # NaN passes every "<= 0" check: refuse it here, once for all fields
+            raise ConfigError(f"{where}: expected a number, got NaN")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -139,7 +143,11 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+        # A message that starts with a field name reads as its dotted key: "vsd.gen_lr must be ...".
+        text = str(e)
+        if prefix and text.split(" ", 1)[0] in fields:
+            raise ConfigError(prefix + text) from None
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {text}") from None
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:

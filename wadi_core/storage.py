@@ -8,6 +8,7 @@ config files; nothing here logs them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ __all__ = [
     "cache_path",
     "UnsafeKeyError",
     "retry_io",
+    "StorageFull",
+    "is_storage_full",
 ]
 
 
@@ -71,15 +74,34 @@ S3_MAX_ATTEMPTS = 8
 UPLOAD_ATTEMPTS = 4
 
 
+class StorageFull(OSError):
+    """A write failed because the storage has no space left (ENOSPC): retrying cannot help."""
+
+
+def is_storage_full(e: BaseException) -> bool:
+    """``e`` (or what it was raised from) says the storage is full: ENOSPC, EDQUOT, or pyarrow's
+    and s3fs's text for them."""
+    while e is not None:
+        if isinstance(e, StorageFull) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+                "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def retry_io(fn: Any, what: str, attempts: int = UPLOAD_ATTEMPTS, base_s: float = 0.5) -> Any:
     """``fn()`` retried on ``OSError`` (what s3fs raises for a failed request) with exponential
-    backoff; the last error is raised with ``what`` and the number of attempts."""
+    backoff; the last error is raised with ``what`` and the number of attempts. A full storage is
+    not retried: :class:`StorageFull` at once."""
     import time
 
     for attempt in range(attempts):
         try:
             return fn()
         except OSError as e:
+            if is_storage_full(e):
+                raise StorageFull(errno.ENOSPC, f"storage is full: {what} failed ({type(e).__name__}: "
+                                                f"{str(e)[:300]})") from e
             if attempt + 1 == attempts:
                 raise OSError(f"{what} failed {attempts} times, last: {type(e).__name__}: {e}") from e
             warnings.warn(f"{what} failed ({type(e).__name__}: {str(e)[:200]}), retrying")
