@@ -57,13 +57,18 @@ def test_prompt_sources(tmp_path):
         load_prompts("nothing")
 
 
-def test_coco30k_list_is_the_canonical_one():
-    from wadi_core.metrics.coco import default_coco30k_path
+def test_coco30k_list_is_the_canonical_one(monkeypatch):
+    from pathlib import Path
 
-    if not default_coco30k_path().exists():
-        pytest.skip("the COCO-30k caption list is not present (set WADI_COCO30K)")
+    from wadi_core.metrics.coco import COCO30K_SHA256, default_coco30k_path
+
+    monkeypatch.delenv("WADI_COCO30K", raising=False)
+    repo = Path(__file__).resolve().parents[1]
+    assert default_coco30k_path() == repo / "data" / "prompts" / "coco2014_val_30k_captions.txt"
     recs, info = load_prompts("coco30k")
     assert len(recs) == 30000 and info["num_prompts"] == 30000
+    assert len({r.prompt for r in recs}) == 29436  # distinct captions of the canonical list
+    assert info["sha256"] == COCO30K_SHA256
 
 
 def test_generator_is_batch_independent_and_cfg_matters(tiny_pipeline):

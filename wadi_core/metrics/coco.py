@@ -30,8 +30,8 @@ __all__ = [
 ]
 
 COCO30K_SHA256 = "edabd2a556026cbf5d36a5fffa35ad43d7ba71b72f6d640b727c1edefb7f1945"
-#: Where the list is looked for when $WADI_COCO30K is not set: a ``shared/data`` folder beside the checkout.
-COCO30K_RELATIVE_PATH = "../shared/data/coco2014_val_30k_captions.txt"
+#: Where the list is when $WADI_COCO30K is not set: shipped in the repository (COCO captions, CC BY 4.0).
+COCO30K_RELATIVE_PATH = "data/prompts/coco2014_val_30k_captions.txt"
 DRAW_SEED = 2024
 
 
@@ -43,8 +43,8 @@ class CocoPrompt:
 
 
 def default_coco30k_path() -> Path:
-    """``$WADI_COCO30K``, else ``shared/data/coco2014_val_30k_captions.txt`` beside the checkout
-    (its sha256 is checked on every read; another list goes in with ``--prompts``)."""
+    """``$WADI_COCO30K``, else the list shipped in ``data/prompts/`` (its sha256 is checked on
+    every read; another list goes in with ``--prompts``). Nothing outside the repository is read."""
     import os
 
     if os.environ.get("WADI_COCO30K"):
