@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from wadi_core.config import ConfigError
-from wadi_core.storage import is_remote, s3_endpoint
+from wadi_core.storage import S3_MAX_ATTEMPTS, is_remote, s3_endpoint
 
 __all__ = ["RunLease", "LeaseHeld", "LEASE_FILE"]
 
@@ -49,9 +49,12 @@ class _Store:
 
     def _s3(self) -> tuple[Any, str, str]:
         import boto3
+        import botocore.config
 
         bucket, _, key = self.uri[len("s3://"):].partition("/")
-        return boto3.client("s3", endpoint_url=s3_endpoint()), bucket, key
+        retries = {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}  # as every other S3 request here
+        client = boto3.client("s3", endpoint_url=s3_endpoint(), config=botocore.config.Config(retries=retries))
+        return client, bucket, key
 
     def create(self, data: bytes) -> bool:
         """Write ``data`` only if nothing is there; False if something is."""
@@ -164,6 +167,8 @@ class RunLease:
                 assert isinstance(holder, dict)
             except (ValueError, AssertionError):
                 holder = {}  # unreadable (a crash mid-write): no heartbeat, so stale
+            if holder.get("owner") == self.token:  # our own create, whose answer was lost and retried
+                break
             why = self._why_stale(holder)
             if why is None:
                 age = time.time() - float(holder.get("heartbeat", 0))
