@@ -34,13 +34,17 @@ from pipelines.tracking import install_log_redaction, redact
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, console: bool = False) -> int:
+    """The job; ``console`` (as a script): the quiet console of ``pipelines.console`` with the full
+    log in ``runs/logs/`` (``--verbose``: everything on the terminal too)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(ap, default_recipe="embedded")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (denoiser on meta, no weights) and exit")
     ap.add_argument("--run-name", help="Ray/MLflow run name (same name = resume)")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--verbose", action="store_true", help="print Ray's and the libraries' output too (it is always "
+                    "in the job's log file)")
     args = ap.parse_intermixed_args(argv)  # KEY=VALUE before or after the flags
     install_log_redaction()
 
@@ -62,33 +66,62 @@ def main(argv: list[str] | None = None) -> int:
     # An unreachable MLflow server should cost seconds, not MLflow's default minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if not console:
+        return _run(cfg, args)
+    import time
+
+    from pipelines.console import quiet_console, say
+
+    log_path = results_root() / "runs" / "logs" / f"{cfg.train.run_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with quiet_console(log_path, verbose=args.verbose):
+        say(f"[wadi] full log: {log_path}" + ("" if args.verbose else " (--verbose prints it here too)"))
+        try:
+            code = _run(cfg, args)
+        except BaseException:  # noqa: BLE001 - a person sees what ended the job, then where the rest is
+            import traceback
+
+            say(traceback.format_exc().rstrip(), err=True)
+            code = EXIT_FAILED
+        finally:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()  # its processes write into the console pipe: end them inside it
+        if code:
+            say(f"[wadi] full log: {log_path}")
+        return code
+
+
+def _run(cfg: DistillConfig, args: argparse.Namespace) -> int:
+    """The run and what is printed of it; ``say`` reaches the terminal under the quiet console."""
+    from pipelines.console import say
     from pipelines.run import RunFailed, run_distillation
     from pipelines.stop import RunInterrupted, exit_code
 
     try:
         result = run_distillation(cfg, ray_address=args.address)
     except ConfigError as e:  # preflight, the lake, the run's lease: before Ray starts
-        print(redact(f"config error: {e}"), file=sys.stderr)
+        say(redact(f"config error: {e}"), err=True)
         return EXIT_CONFIG
     except RunFailed as e:
-        print(redact(f"failed: {e}"), file=sys.stderr)
+        say(redact(f"failed: {e}"), err=True)
         return EXIT_FAILED
     except RunInterrupted as e:  # SIGINT / SIGTERM: MLflow says KILLED, the checkpoint resumes
-        print(redact(f"interrupted: {e}"), file=sys.stderr)
+        say(redact(f"interrupted: {e}"), err=True)
         return exit_code(e.signum)
     except KeyboardInterrupt:  # Ctrl-C before Ray started
-        print("interrupted before training started", file=sys.stderr)
+        say("interrupted before training started", err=True)
         return exit_code(signal.SIGINT)
     if args.json:
-        print(json.dumps(redact({"run_name": result.run_name, "mlflow_run_id": result.mlflow_run_id,
-                                 "tracking_uri": result.tracking_uri, "export_uri": result.export_uri,
-                                 "checkpoint": result.checkpoint, "model": result.model,
-                                 "evaluation": {k: v for k, v in (result.evaluation or {}).items() if k != "table"}}),
-                         default=str))
+        say(json.dumps(redact({"run_name": result.run_name, "mlflow_run_id": result.mlflow_run_id,
+                               "tracking_uri": result.tracking_uri, "export_uri": result.export_uri,
+                               "checkpoint": result.checkpoint, "model": result.model,
+                               "evaluation": {k: v for k, v in (result.evaluation or {}).items() if k != "table"}}),
+                       default=str))
     else:
-        print(redact("\n" + result.summary()))
+        say(redact("\n" + result.summary()))
     return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(console=True))

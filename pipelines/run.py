@@ -22,6 +22,7 @@ from pipelines.plan import resolve_prompts
 from pipelines.stop import RunInterrupted, StopFlag, call_in_thread, stop_on_signals
 from pipelines.cluster import check_accelerator_available, init_ray, local_cpus
 from pipelines.cluster import ray_address as resolve_ray_address
+from pipelines.console import say
 from pipelines.preflight import check_cpu_headroom, preflight
 from pipelines.tracking import default_tracking_uri, git_sha, redact, redact_uri, start_run
 from pipelines.train import dataset_name, train_loop
@@ -218,6 +219,10 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
     root, prompts_uri, num_prompts = checked.root, checked.prompts_uri, checked.num_prompts
     sample_prompts, tracking_uri, existing = checked.sample_prompts, checked.tracking_uri, checked.mlflow_run_id
     num_epochs = cfg.epochs_needed(num_prompts) if num_prompts else cfg.data.epochs
+    t = cfg.train
+    steps = cfg.total_steps(num_prompts) if num_prompts else (cfg.data.max_steps or "?")
+    say(f"[wadi] data: {redact(prompts_uri)} ({num_prompts if num_prompts is not None else 'uncounted'} prompts), "
+        f"{num_epochs} epoch(s), {steps} steps of {t.global_batch} prompts")
     started_here = init_ray(ray_address, num_cpus=local_cpus())
     # Joined or already running: check the CPUs Ray really has (a remote cluster may autoscale).
     joined_remote = not started_here and resolve_ray_address(ray_address) != "local"
@@ -255,6 +260,8 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                 "total_steps": cfg.total_steps(num_prompts) if num_prompts else None, "text_conds": text_conds,
                 "stop_flag": flag,
             }
+            say(f"[wadi] training: {t.num_workers} Ray Train workers, DeepSpeed ZeRO-{t.zero_stage}, checkpoints "
+                f"every {t.checkpoint_every or 'end'} steps in {redact(storage.join(t.storage_path, t.run_name))}")
             try:
                 result = call_in_thread(_trainer(cfg, loop_config, datasets, worker_resources,
                                                  placement_strategy).fit)
@@ -297,11 +304,15 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                 if model:
                     tracker.set_tags({"wadi.registered_model": f"{model['name']}/{model['version']}",
                                       "wadi.export_model_uri": model["model_uri"]})
+                    say(f"[wadi] export: {redact(cfg.export_uri)}, registered as models:/{model['name']}"
+                        f"@{model['alias']} (version {model['version']})")
             elif cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
                 warnings.warn("MLflow was unreachable: the export was not logged or registered")
         from pipelines.final_eval import final_evaluation
 
         # After the training run is closed: the evaluation nests its own run under it, then adds final/*.
+        if trained and cfg.evaluation.num_prompts:
+            say(f"[wadi] evaluation: the one-step student vs the teacher on {cfg.evaluation.num_prompts} prompts")
         evaluation = final_evaluation(cfg, cfg.export_uri, tracker.run_id if tracker.active else None, root,
                                       tracking_uri=tracking_uri, step=step) if trained else None
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None

@@ -430,6 +430,25 @@ def _after_step(run: _Run, tracker: Any, metrics: dict[str, float], stream: Prom
         tracker.log_metrics({"preemption/checkpoint_step": step}, step=step)
 
 
+class _Progress:
+    """Rank 0's progress for a person: one ``[wadi]`` line every tenth of the steps (the console
+    shows those; the tqdm bar goes to the job's log, pipelines/console.py)."""
+
+    def __init__(self, total: int | None, start: int, active: bool):
+        self.total, self.start, self.active = total, start, active
+        self.every = max(1, (total or 0) // 10) if total else 100
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active or not (step % self.every == 0 or step == self.total):
+            return
+        rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        left = f" | {(self.total - step) / rate / 60:.1f} min left" if self.total and rate > 0 else ""
+        of = f"/{self.total}" if self.total else ""
+        losses = " | ".join(f"{k} {metrics[k]:.4g}" for k in ("loss_gen", "loss_fake") if k in metrics)
+        print(f"[wadi] step {step}{of} | {losses} | {rate:.2f} steps/s{left}", flush=True)
+
+
 def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
     """The epochs from the resumed position to ``data.max_steps`` (or the last epoch)."""
     from tqdm.auto import tqdm
@@ -442,6 +461,7 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
     metrics: dict[str, float] = {}
     stream = run.stream()
     done = bool(max_steps) and s.step >= max_steps
+    progress = _Progress(max_steps or run.loop_config.get("total_steps"), s.step, run.rank == 0)
     with tqdm(total=max_steps or run.loop_config.get("total_steps"), initial=s.step, desc=f"vsd rank {run.rank}",
               disable=run.rank != 0, mininterval=5) as bar:
         for _, shard, skip in _epochs(run):
@@ -456,6 +476,7 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
                 step_s, t_last = now - t_last, now
                 bar.update(1)
                 done = bool(max_steps) and s.step >= max_steps
+                progress.update(s.step, metrics)
                 _after_step(run, tracker, metrics, stream, step_s, done)
                 if done:
                     break
@@ -490,7 +511,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step = run.state.step
         tracker.log_metrics({f"data/bad_{k}": v for k, v in run.bad_counts(stream).items()}, step=step)
         if run.stop_requested:  # the driver got SIGINT / SIGTERM: keep this step, no export
-            print(f"[wadi] stop requested: checkpointing step {step} and stopping", flush=True)
+            if run.rank == 0:
+                print(f"[wadi] stop requested: checkpointing step {step} and stopping", flush=True)
             run.checkpoint(metrics, stream)
             return
         if not every(cfg.tracking.sample_every, step):
