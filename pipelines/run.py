@@ -40,6 +40,15 @@ class DistillResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None  # pipelines.final_eval: teacher vs student table
+    mlflow_experiment_id: str | None = None
+
+    def run_page(self, ui: str = "http://127.0.0.1:5000") -> str | None:
+        """The training run's page in the MLflow UI (``ui``: where it is served): the run itself,
+        not MLflow 3's experiment page, which opens on its GenAI traces view."""
+        if not (self.mlflow_run_id and self.mlflow_experiment_id):
+            return None
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else ui
+        return f"{redact_uri(base).rstrip('/')}/#/experiments/{self.mlflow_experiment_id}/runs/{self.mlflow_run_id}"
 
     def summary(self) -> str:
         lines = [
@@ -54,6 +63,8 @@ class DistillResult:
                          f"(version {self.model['version']})")
         if self.tracking_uri.startswith("sqlite:"):  # a local file: no user info to redact
             lines.append(f"browse with       mlflow ui --backend-store-uri {self.tracking_uri}")
+        if self.run_page():
+            lines.append(f"run page          {self.run_page()}")
         if self.evaluation:
             lines += ["", self.evaluation["table"], f"grids             {self.evaluation['teacher_out']}/grid.png | "
                       f"{self.evaluation['student_out']}/grid.png"]
@@ -317,6 +328,7 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                                       tracking_uri=tracking_uri, step=step) if trained else None
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistillResult(run_name=cfg.train.run_name, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id,
+                         mlflow_experiment_id=tracker.run.info.experiment_id if tracker.active else None,
                          export_uri=cfg.export_uri, checkpoint=checkpoint, metrics=metrics,
                          model=model, evaluation=evaluation)
 

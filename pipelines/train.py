@@ -262,11 +262,15 @@ class _Run:
         return metrics
 
     # -- logging --------------------------------------------------------------------------------
-    def log_step(self, tracker: Any, metrics: dict[str, float], stream: PromptStream, step_s: float) -> None:
+    def log_step(self, tracker: Any, metrics: dict[str, float], stream: PromptStream, step_s: float,
+                 data_wait_s: float = 0.0) -> None:
+        """The step's metrics; ``perf/data_wait_s`` is how long the step waited for its batch
+        (``next_batch``), ``perf/data_wait_share`` that wait over the whole step (#35)."""
         s, t = self.state, self.cfg.train
         tracker.log_metrics({
             **{f"vsd/{k}": v for k, v in metrics.items()}, "vsd/nonfinite_steps": s.nonfinite_steps,
             "perf/step_seconds": step_s, "perf/prompts_per_second": t.global_batch / step_s,
+            "perf/data_wait_s": data_wait_s, "perf/data_wait_share": data_wait_s / step_s if step_s > 0 else 0.0,
             "progress/epoch": s.epoch, "progress/prompts_seen": s.prompts_seen,
             **{f"data/bad_{k}": v for k, v in self.bad_counts(stream).items()},
         }, step=s.step)
@@ -413,12 +417,12 @@ def _epochs(run: _Run) -> Iterator[tuple[int, Any, int]]:
 
 
 def _after_step(run: _Run, tracker: Any, metrics: dict[str, float], stream: PromptStream, step_s: float,
-                done: bool) -> None:
+                done: bool, data_wait_s: float = 0.0) -> None:
     """Everything on a cadence (:func:`every`) after a step: metrics, sample grid, checkpoint, and
     a checkpoint when a drain notice says a node is about to go. All ranks call it."""
     cfg, step = run.cfg, run.state.step
     if every(cfg.train.log_every, step):
-        run.log_step(tracker, metrics, stream, step_s)
+        run.log_step(tracker, metrics, stream, step_s, data_wait_s)
     if every(cfg.tracking.sample_every, step):
         run.samples(tracker, step)
     if done:  # the closing checkpoint is written after the export
@@ -470,14 +474,19 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
             stream = run.stream()
             batches = stream.batches(shard, skip=skip)
             t_last = time.perf_counter()
-            while (batch := run.next_batch(batches)) is not None:
+            while True:
+                t_ask = time.perf_counter()
+                batch = run.next_batch(batches)  # the data wait: this rank's prompts + one collective
+                if batch is None:
+                    break
+                wait_s = time.perf_counter() - t_ask
                 metrics = run.step(batch, guard)
                 now = time.perf_counter()
                 step_s, t_last = now - t_last, now
                 bar.update(1)
                 done = bool(max_steps) and s.step >= max_steps
                 progress.update(s.step, metrics)
-                _after_step(run, tracker, metrics, stream, step_s, done)
+                _after_step(run, tracker, metrics, stream, step_s, done, wait_s)
                 if done:
                     break
             if run.stop_requested:

@@ -77,9 +77,21 @@ def test_a_short_command_1_prints_a_few_lines_for_a_person(tmp_path: Path) -> No
     for noise in ("pid=", "INFO", "Reporting training result", "FutureWarning", "\x1b["):
         assert not [line for line in lines if noise in line], (noise, lines)
     text = "\n".join(lines)
-    for phase in ("[wadi] data:", "[wadi] training:", "[wadi] step 4/4", "[wadi] export:", "registered model"):
+    for phase in ("[wadi] data:", "[wadi] training:", "[wadi] step 4/4", "[wadi] export:", "registered model",
+                  "run page          http://127.0.0.1:5000/#/experiments/"):
         assert phase in text, (phase, text)
     (log,) = (tmp_path / "runs" / "logs").glob("wadi-embedded-*.log")
     assert f"[wadi] full log: {log}" in text
     full = log.read_text()
     assert "Reporting training result" in full and "[wadi] step 4/4" in full and len(full.splitlines()) > 100
+
+
+def test_the_result_names_the_run_page_in_the_mlflow_ui() -> None:
+    from pipelines.run import DistillResult
+
+    local = DistillResult("r", "sqlite:////x/mlflow.db", "abc", "/e", None, {"step": 3}, mlflow_experiment_id="7")
+    assert "run page          http://127.0.0.1:5000/#/experiments/7/runs/abc" in local.summary()
+    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in local.summary()
+    server = DistillResult("r", "https://u:secret@mlflow.example:5000/", "abc", "/e", None, mlflow_experiment_id="7")
+    assert server.run_page() == "https://***@mlflow.example:5000/#/experiments/7/runs/abc"
+    assert DistillResult("r", "sqlite:///x", None, "/e", None).run_page() is None  # untracked

@@ -1,0 +1,84 @@
+"""The trainer's data-wait metric (#35): ``perf/data_wait_s`` is the time a step waited for its batch
+(``_Run.next_batch``), ``perf/data_wait_share`` that wait over the step's wall time. Driven through
+the real ``pipelines.train._train`` loop and ``_Run.log_step`` with a fake run: no Ray, no model."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+from pipelines import train
+
+
+class _Stream:
+    bad: dict[str, int] = {}
+    remainder = 0
+
+    def batches(self, shard: Any, skip: int = 0) -> Iterator[list[str]]:
+        yield from ([f"prompt {i}"] for i in range(shard))
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, metrics))
+
+
+class _FakeRun:
+    """What ``_train`` touches of a ``_Run``; ``log_step`` is the real one."""
+
+    log_step = train._Run.log_step
+
+    def __init__(self, wait_s: float, compute_s: float) -> None:
+        self.wait_s, self.compute_s = wait_s, compute_s
+        self.rank, self.stop_requested = 1, False  # not rank 0: no progress lines
+        self.loop_config = {"total_steps": None}
+        self.state = SimpleNamespace(step=0, epoch=0, nonfinite_steps=0, prompts_seen=0, data_position=0)
+        self.cfg = SimpleNamespace(
+            data=SimpleNamespace(max_steps=4),
+            train=SimpleNamespace(max_nonfinite_in_a_row=3, log_every=1, checkpoint_every=0, global_batch=1),
+            tracking=SimpleNamespace(sample_every=0))
+
+    def stream(self) -> _Stream:
+        return _Stream()
+
+    def next_batch(self, batches: Iterator[Any]) -> Any:
+        time.sleep(self.wait_s)  # a prompt stream that keeps the step waiting
+        return next(batches, None)
+
+    def step(self, batch: Any, guard: Any) -> dict[str, float]:
+        time.sleep(self.compute_s)
+        self.state.step += 1
+        return {"loss_gen": 1.0}
+
+    def bad_counts(self, stream: Any) -> dict[str, int]:
+        return {}
+
+    def preemption_checkpoint_due(self, step_seconds: float) -> bool:
+        return False
+
+
+def _logged_perf(run: _FakeRun, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, float]]:
+    monkeypatch.setattr(train, "_epochs", lambda r: iter([(0, 10, 0)]))  # one epoch of 10 batches
+    tracker = _Tracker()
+    train._train(run, tracker)
+    assert [step for step, _ in tracker.logged] == [1, 2, 3, 4]  # data.max_steps=4, logged every step
+    return [m for _, m in tracker.logged]
+
+
+def test_data_wait_is_the_time_a_step_waits_for_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    for m in _logged_perf(_FakeRun(wait_s=0.2, compute_s=0.02), monkeypatch):
+        assert 0.2 <= m["perf/data_wait_s"] <= m["perf/step_seconds"]
+        assert m["perf/data_wait_share"] == pytest.approx(m["perf/data_wait_s"] / m["perf/step_seconds"])
+        assert m["perf/data_wait_share"] > 0.5  # the stream, not the step, is the bottleneck
+
+
+def test_a_step_that_never_waits_has_a_small_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    for m in _logged_perf(_FakeRun(wait_s=0.0, compute_s=0.2), monkeypatch):
+        assert 0.0 <= m["perf/data_wait_s"] < 0.1 and m["perf/step_seconds"] >= 0.2
+        assert 0.0 <= m["perf/data_wait_share"] < 0.5
