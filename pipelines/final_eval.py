@@ -4,7 +4,7 @@ Both go through the evaluation job's own protocol (``pipelines.eval_runs.run_eva
 prompts, per-prompt noise, extractor and reference). The teacher's numbers depend only on the
 teacher, the prompts and the sampler, so they are computed once and cached under
 ``<results>/runs/eval_cache/``; the student's are logged as metrics of the training run
-(``final/student_*``, ``final/teacher_*``, ``final/fid_ratio``) with a side-by-side grid.
+(``final/student_*``, ``final/teacher_*``, ``final/fid_ratio_lower_better``, ``final/precision_ratio_higher_better``) with a side-by-side grid.
 """
 
 from __future__ import annotations
@@ -141,8 +141,11 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
     table = format_table(teacher, student, ev)
     logged = {f"final/student_{k}": float(student[k]) for k in METRICS if k in student}
     logged.update({f"final/teacher_{k}": float(teacher[k]) for k in METRICS if k in teacher})
+    # Student over teacher; the name says which way is better.
     if teacher.get("fid") and "fid" in student:
-        logged["final/fid_ratio"] = float(student["fid"]) / float(teacher["fid"])
+        logged["final/fid_ratio_lower_better"] = float(student["fid"]) / float(teacher["fid"])
+    if teacher.get("precision") and "precision" in student:
+        logged["final/precision_ratio_higher_better"] = float(student["precision"]) / float(teacher["precision"])
     if train_run_id:
         from pipelines.tracking import start_run
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import mlflow.pyfunc
 
-__all__ = ["MODEL_CODE", "REQUIREMENTS", "model_signature", "pinned_requirements", "log_and_register"]
+__all__ = ["MODEL_CODE", "REQUIREMENTS", "model_signature", "pinned_requirements", "log_and_register",
+           "attach_quality"]
 
 
 # The pyfunc class lives in its own file, logged as a "model from code": loading the registered
@@ -96,3 +97,21 @@ def log_and_register(export_dir: str | Path, registered_name: str, alias: str,
         warnings.warn(f"MLflow model registration failed ({type(e).__name__}: {e}); the export is still at "
                       f"{export_dir}")
         return None
+
+
+def attach_quality(model: dict[str, Any], metrics: dict[str, float], run_id: str, tracking_uri: str,
+                   summary: str) -> None:
+    """Put the closing evaluation on the model itself: ``metrics`` on the LoggedModel (``model_id``,
+    logged from the training run ``run_id``), as tags of the registered version, and ``summary``
+    (the printed table) as the version's description. Warns instead of failing the finished run."""
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value), model_id=model["model_id"])
+        if model.get("version") is not None:
+            version = str(model["version"])
+            for key, value in metrics.items():
+                client.set_model_version_tag(model["name"], version, key, f"{float(value):.4g}")
+            client.update_model_version(model["name"], version, description=summary)
+    except Exception as e:  # noqa: BLE001 - the run and the registration stand
+        warnings.warn(f"could not attach the evaluation to model {model.get('name')} ({type(e).__name__}: {e})")

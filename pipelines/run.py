@@ -326,6 +326,10 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
             say(f"[wadi] evaluation: the one-step student vs the teacher on {cfg.evaluation.num_prompts} prompts")
         evaluation = final_evaluation(cfg, cfg.export_uri, tracker.run_id if tracker.active else None, root,
                                       tracking_uri=tracking_uri, step=step) if trained else None
+        if evaluation and model:  # the quality travels with the registered model
+            from pipelines.registry import attach_quality
+
+            attach_quality(model, evaluation["metrics"], tracker.run_id, tracking_uri, evaluation["table"])
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistillResult(run_name=cfg.train.run_name, tracking_uri=tracking_uri, mlflow_run_id=tracker.run_id,
                          mlflow_experiment_id=tracker.run.info.experiment_id if tracker.active else None,

@@ -82,3 +82,36 @@ def test_a_step_that_never_waits_has_a_small_share(monkeypatch: pytest.MonkeyPat
     for m in _logged_perf(_FakeRun(wait_s=0.0, compute_s=0.2), monkeypatch):
         assert 0.0 <= m["perf/data_wait_s"] < 0.1 and m["perf/step_seconds"] >= 0.2
         assert 0.0 <= m["perf/data_wait_share"] < 0.5
+
+
+# -- what the data wait rests on: a shard from S3 is one HEAD and one GET, bounded ------------------
+
+
+def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_bucket: str) -> None:  # noqa: ANN001
+    """``open_input_stream(...).read()`` read S3 in 256 KiB ranged GETs (~80 requests per 20 MB
+    shard, the S3 half of #35's regression); now one HEAD + one GET, at most ``max_bytes + 1``."""
+    import os
+
+    import pyarrow as pa
+
+    from s3_fault_proxy import FaultProxy
+
+    from pipelines.data import _read_shard, pyarrow_filesystem, read_shard_batch
+    from pipelines.tarshards import BAD_REASONS
+    from wadi_core import storage
+
+    body = os.urandom(3 << 20)  # 12 chunks of the old reader
+    storage.write_bytes(f"s3://{s3_bucket}/lake/big.bin", body)
+    with FaultProxy(s3_server) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        try:
+            fs, root = pyarrow_filesystem(f"s3://{s3_bucket}/lake")
+            before = proxy.requests
+            assert _read_shard(fs, f"{root}/big.bin") == body
+            assert proxy.requests - before == 2
+            assert _read_shard(fs, f"{root}/big.bin", max_bytes=1000) == body[:1001]  # bounded
+            out = read_shard_batch(pa.table({"path": [f"{root}/big.bin"]}), uri=f"s3://{s3_bucket}/lake",
+                                   max_shard_bytes=1000)
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = s3_server
+    assert out.column("bad").to_pylist() == [1 + BAD_REASONS.index("corrupt_shard")]

@@ -64,12 +64,15 @@ def test_final_evaluation_logs_on_the_training_run_and_caches_the_teacher(ray_lo
     for role in ("teacher", "student"):
         assert set(METRICS) <= set(out[role]), out[role]
         assert out[role]["fid"] > 0 and 0 <= out[role]["precision"] <= 1
-    assert out["metrics"]["final/fid_ratio"] == pytest.approx(out["student"]["fid"] / out["teacher"]["fid"])
+    assert out["metrics"]["final/fid_ratio_lower_better"] == pytest.approx(out["student"]["fid"] / out["teacher"]["fid"])
+    assert out["metrics"]["final/precision_ratio_higher_better"] == pytest.approx(
+        out["student"]["precision"] / out["teacher"]["precision"])
 
     client = mlflow.MlflowClient(uri)
     train = client.get_run(tracker.run_id)
     assert train.info.status == "FINISHED"
-    for k in ("final/student_fid", "final/teacher_fid", "final/fid_ratio", "final/student_precision"):
+    for k in ("final/student_fid", "final/teacher_fid", "final/fid_ratio_lower_better", "final/student_precision",
+              "final/precision_ratio_higher_better"):
         assert k in train.data.metrics
     assert "final_eval/teacher_vs_student.png" in [f.path for f in client.list_artifacts(tracker.run_id,
                                                                                           "final_eval")]
@@ -82,3 +85,27 @@ def test_final_evaluation_logs_on_the_training_run_and_caches_the_teacher(ray_lo
     again = final_evaluation(cfg, str(export), None, tmp_path, tracking_uri=uri)
     assert calls == [str(export)] and again["teacher"] == out["teacher"]
     assert again["student"]["fid"] == pytest.approx(out["student"]["fid"])  # same prompts, same noise
+
+
+def test_the_evaluation_is_attached_to_the_logged_model_and_its_version(tmp_path):
+    """What a person finds on the model page: the closing evaluation's metrics on the LoggedModel, as
+    tags of the registered version and the table as its description (read back with the client)."""
+    import mlflow
+
+    from pipelines.registry import attach_quality
+    from pipelines.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with start_run("q", run_name="train", tracking_uri=uri) as tracker:
+        logged = mlflow.create_external_model(name="one_step_pipeline")
+    version = mlflow.register_model(f"models:/{logged.model_id}", "wadi-q")
+    model = {"model_id": logged.model_id, "name": "wadi-q", "version": version.version, "alias": "candidate"}
+    metrics = {"final/student_fid": 19.17, "final/fid_ratio_lower_better": 1.22,
+               "final/precision_ratio_higher_better": 0.83}
+    attach_quality(model, metrics, tracker.run_id, uri, "evaluation on 1,000 prompts\n(table)")
+    client = mlflow.MlflowClient(uri)
+    on_model = {m.key: m.value for m in client.get_logged_model(logged.model_id).metrics}
+    assert on_model == pytest.approx(metrics)
+    mv = client.get_model_version("wadi-q", version.version)
+    assert mv.tags["final/fid_ratio_lower_better"] == "1.22" and mv.tags["final/student_fid"] == "19.17"
+    assert mv.description.startswith("evaluation on 1,000 prompts")
