@@ -235,12 +235,16 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
     if reference is not None:
         params.update({f"reference.{k}": v for k, v in reference.manifest.items()})
     model_name = Path(cfg.model.uri.rstrip("/")).name or cfg.model.uri
-    name = t.run_name or t.checkpoint_id or f"{model_name}-{cfg.model.steps}step-cfg{cfg.model.guidance:g}"
+    # Model, steps, guidance, prompt set and when: two evaluations of one model get two names.
+    name = t.run_name or t.checkpoint_id or (
+        f"{model_name}-{cfg.model.steps}step-cfg{cfg.model.guidance:g}-{prompt_info.get('source', cfg.prompts)}"
+        f"-{time.strftime('%Y%m%d-%H%M%S')}")
     model_id = logged_model_id(cfg.model.uri, t.tracking_uri)
     if model_id:
         tags["wadi.model_id"] = model_id
     with tracking.start_run(experiment, run_name=name, tracking_uri=resolve_tracking_uri(t.tracking_uri),
-                            params=params, tags=tags) as run:
+                            params=params, tags=tags,
+                            started_at=time.time() - float(metrics.get("eval_seconds", 0.0))) as run:
         dataset = None
         if run.active and records:
             try:

@@ -197,8 +197,12 @@ def start_run(
     run_id: str | None = None,
     nested: bool = False,
     log_system_metrics: bool = False,
+    started_at: float | None = None,
 ) -> Iterator[Tracker]:
     """Open (or resume, with ``run_id``) an MLflow run; yields a Tracker.
+
+    ``started_at`` (epoch seconds) back-dates a new run's start, so a run logged once its work is
+    done (an evaluation) shows how long that work took, not the milliseconds of logging it.
 
     ``log_system_metrics``: MLflow samples CPU / memory / disk / network, and GPUs when
     ``nvidia-ml-py`` is installed (extra ``system-metrics``), as ``system/*`` metrics of the run
@@ -228,6 +232,9 @@ def start_run(
             experiment, artifact_location=_sqlite_artifact_location(uri, experiment))
         # A resumed run that had FINISHED stays FINISHED if this attempt fails (see below).
         prior_status = client.get_run(run_id).info.status if run_id else None
+        if started_at is not None and run_id is None:
+            run_id = client.create_run(exp_id, start_time=int(started_at * 1000), run_name=run_name,
+                                       tags={k: str(v) for k, v in (tags or {}).items()}).info.run_id
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
                                run_name=run_name, nested=nested,
                                log_system_metrics=log_system_metrics or None)

@@ -177,6 +177,12 @@ def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir
     assert ref.manifest["num_images"] == 6 and ref.stats.n == 6 and ref.features.shape == (6, 12)
     assert ref.manifest["file_list_sha256"] == hashlib.sha256(("\n".join(names) + "\n").encode()).hexdigest()
 
+    # The single evaluation's run: named by model, steps, guidance and prompt set; its duration is the work's.
+    (single,) = [r for r in mlflow.search_runs(experiment_ids=[train_exp], output_format="list")
+                 if "wadi.checkpoint_id" not in r.data.tags and r.info.run_id != train_run]
+    assert single.info.run_name.startswith(f"{Path(tiny_pipeline_dir).name}-1step-cfg1-domain:12:0:train-")
+    assert (single.info.end_time - single.info.start_time) / 1000 >= 0.9 * m["eval_seconds"] > 0
+
     history = client.get_metric_history(train_run, "eval/fid")
     assert sorted(h.step for h in history) == [0, 10, 20, 30]
     assert client.get_run(train_run).info.status == "RUNNING"  # the training run is left alone

@@ -109,3 +109,20 @@ def test_the_evaluation_is_attached_to_the_logged_model_and_its_version(tmp_path
     mv = client.get_model_version("wadi-q", version.version)
     assert mv.tags["final/fid_ratio_lower_better"] == "1.22" and mv.tags["final/student_fid"] == "19.17"
     assert mv.description.startswith("evaluation on 1,000 prompts")
+
+
+def test_a_run_logged_after_its_work_shows_the_work_s_duration(tmp_path):
+    import time
+
+    import mlflow
+
+    from pipelines.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with start_run("q", run_name="eval", tracking_uri=uri, tags={"wadi.kind": "evaluation"},
+                   started_at=time.time() - 51.0) as run:
+        run.log_metrics({"fid": 1.0})
+    info = mlflow.MlflowClient(uri).get_run(run.run_id)
+    assert 51.0 <= (info.info.end_time - info.info.start_time) / 1000 < 80
+    assert info.info.run_name == "eval" and info.data.tags["wadi.kind"] == "evaluation"
+    assert info.info.status == "FINISHED"
