@@ -81,6 +81,9 @@ class TrackingSpec:
     checkpoint_id: str | None = None
     checkpoint_source: str | None = None
     checkpoint_step: int | None = None
+    # Headline metrics also as eval/<metric> on the training run (a checkpoint's evaluation); the
+    # job's closing evaluation logs its own final/* there instead, so it turns this off.
+    metrics_on_train_run: bool = True
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,7 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
             local = _local_copy(storage.join(cfg.out, f))
             if local is not None:
                 run.log_artifact(local, artifact_path="eval")
-    if t.train_run_id:
+    if t.train_run_id and t.metrics_on_train_run:
         _log_on_train_run(t, metrics)
 
 

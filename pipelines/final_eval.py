@@ -136,7 +136,8 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
     teacher, teacher_out = teacher_metrics(cfg, ev, cache_root, tracking_uri)
     student_out = storage.join(cfg.train.storage_path, cfg.train.run_name, "final_eval")
     spec = TrackingSpec(experiment=cfg.tracking.experiment, tracking_uri=tracking_uri, train_run_id=train_run_id,
-                        run_name=f"{cfg.train.run_name}-final-1step", checkpoint_step=step)
+                        run_name=f"{cfg.train.run_name}-final-1step", checkpoint_step=step,
+                        metrics_on_train_run=False)  # final/student_* says it once
     student = run_evaluation(_eval_config(cfg, ev, export_uri, 1, 1.0, student_out, spec))["metrics"]
     table = format_table(teacher, student, ev)
     logged = {f"final/student_{k}": float(student[k]) for k in METRICS if k in student}

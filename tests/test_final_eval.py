@@ -74,6 +74,7 @@ def test_final_evaluation_logs_on_the_training_run_and_caches_the_teacher(ray_lo
     for k in ("final/student_fid", "final/teacher_fid", "final/fid_ratio_lower_better", "final/student_precision",
               "final/precision_ratio_higher_better"):
         assert k in train.data.metrics
+    assert not [k for k in train.data.metrics if k.startswith("eval/")], "eval/* would repeat final/student_*"
     assert "final_eval/teacher_vs_student.png" in [f.path for f in client.list_artifacts(tracker.run_id,
                                                                                           "final_eval")]
     nested = client.search_runs([train.info.experiment_id],
