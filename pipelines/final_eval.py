@@ -100,9 +100,11 @@ def format_table(teacher: dict[str, float], student: dict[str, float], ev: Evalu
     return "\n".join(lines)
 
 
-def _side_by_side(left: str, right: str) -> Path | None:
-    """teacher grid | student grid as one PNG (same prompts and noise, tile for tile)."""
+def _side_by_side(left: str, right: str, labels: tuple[str, str]) -> Path | None:
+    """teacher grid | student grid as one labelled PNG (same prompts and noise, tile for tile)."""
     from PIL import Image
+
+    from wadi_core.images import labelled_panels
 
     grids = []
     for out in (left, right):
@@ -110,12 +112,8 @@ def _side_by_side(left: str, right: str) -> Path | None:
             grids.append(Image.open(storage.materialize(storage.join(out, "grid.png"))).convert("RGB"))
         except (OSError, FileNotFoundError):
             return None
-    gap = 8
-    canvas = Image.new("RGB", (grids[0].width + gap + grids[1].width, max(g.height for g in grids)), "white")
-    canvas.paste(grids[0], (0, 0))
-    canvas.paste(grids[1], (grids[0].width + gap, 0))
     path = Path(tempfile.mkdtemp(prefix="wadi-final-")) / "teacher_vs_student.png"
-    canvas.save(path)
+    labelled_panels(list(zip(labels, grids))).save(path)
     return path
 
 
@@ -152,7 +150,8 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
 
         with start_run(cfg.tracking.experiment, tracking_uri=tracking_uri, run_id=train_run_id) as tracker:
             tracker.log_metrics(logged, step=step)
-            grid = _side_by_side(teacher_out, student_out)
+            grid = _side_by_side(teacher_out, student_out, (
+                f"teacher: {ev.teacher_steps} steps, CFG {ev.teacher_guidance:g}", "student: 1 step"))
             if grid is not None:
                 tracker.log_artifact(grid, "final_eval")
     return {"teacher": teacher, "student": student, "metrics": logged, "table": table,

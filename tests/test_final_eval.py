@@ -127,3 +127,17 @@ def test_a_run_logged_after_its_work_shows_the_work_s_duration(tmp_path):
     assert 51.0 <= (info.info.end_time - info.info.start_time) / 1000 < 80
     assert info.info.run_name == "eval" and info.data.tags["wadi.kind"] == "evaluation"
     assert info.info.status == "FINISHED"
+
+
+def test_the_side_by_side_grid_says_which_side_is_which():
+    import numpy as np
+    from PIL import Image
+
+    from wadi_core.images import labelled_panels
+
+    white = Image.new("RGB", (64, 40), "white")
+    out = np.asarray(labelled_panels([("teacher: 25 steps, CFG 3", white), ("student: 1 step", white)], gap=8))
+    assert out.shape == (30 + 40, 64 + 8 + 64, 3)
+    strip, tiles = out[:30], out[30:]
+    assert (strip[:, :64] < 128).any() and (strip[:, 72:] < 128).any(), "each panel has its caption"
+    assert (tiles == 255).all()  # the panels themselves are untouched

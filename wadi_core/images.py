@@ -15,7 +15,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-__all__ = ["grid_scale", "image_grid", "save_image_grid", "to_pil"]
+__all__ = ["grid_scale", "image_grid", "save_image_grid", "to_pil", "labelled_panels"]
 
 Images = Union[Tensor, Sequence["PILImage.Image"]]
 
@@ -65,3 +65,23 @@ def save_image_grid(rows: Sequence[Tensor], path: str | Path, scale: int | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(torch.cat(list(rows)), rows=len(rows), cols=rows[0].shape[0], scale=scale).save(path)
     return path
+
+
+def labelled_panels(panels: Sequence[tuple[str, "PILImage.Image"]], gap: int = 8) -> "PILImage.Image":
+    """Images side by side, each under a caption strip that says what it is (``(label, image)``)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=18)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    strip = 30
+    width = sum(im.width for _, im in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, strip + max(im.height for _, im in panels)), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for label, im in panels:
+        draw.text((x + 6, 6), label, fill="black", font=font)
+        canvas.paste(im.convert("RGB"), (x, strip))
+        x += im.width + gap
+    return canvas
