@@ -90,6 +90,12 @@ def _maybe_fail(cfg: DistillConfig, rank: int, next_step: int) -> None:
     os._exit(1)
 
 
+def _nonzero_bad(counts: dict[str, int]) -> dict[str, int]:
+    """``data/bad_<reason>`` for the reasons that occurred: six flat-zero charts would open the
+    run's MLflow page (the checkpoint reports and the job's result keep every counter)."""
+    return {f"data/bad_{k}": v for k, v in counts.items() if v}
+
+
 def _maybe_pause(cfg: DistillConfig, next_step: int, stop_watch: Any) -> None:
     """Test hook: before ``debug.pause_at_step`` wait until ``debug.pause_until`` exists (or a stop
     is requested)."""
@@ -272,7 +278,7 @@ class _Run:
             "perf/step_seconds": step_s, "perf/prompts_per_second": t.global_batch / step_s,
             "perf/data_wait_s": data_wait_s, "perf/data_wait_share": data_wait_s / step_s if step_s > 0 else 0.0,
             "progress/epoch": s.epoch, "progress/prompts_seen": s.prompts_seen,
-            **{f"data/bad_{k}": v for k, v in self.bad_counts(stream).items()},
+            **_nonzero_bad(self.bad_counts(stream)),
         }, step=s.step)
 
     def samples(self, tracker: Any, step: int) -> None:
@@ -291,6 +297,10 @@ class _Run:
 
                 with Image.open(path) as grid:  # MLflow 3's step-aware images: one slider per key
                     tracker.log_image(grid.copy(), key="samples", step=step)
+                if step == self.resumed_from:  # the grid's prompts, tile by tile, once per job
+                    prompts = Path(tmp) / "sample_prompts.txt"
+                    prompts.write_text("".join(f"{i}: {p}\n" for i, p in enumerate(self.sample_prompts)))
+                    tracker.log_artifact(prompts, "images")
 
     def bad_counts(self, stream: PromptStream) -> dict[str, int]:
         """Bad rows over all ranks and all epochs so far (a collective)."""
@@ -306,8 +316,8 @@ class _Run:
         # Read but in no full global batch (the same on every rank: cut from the gathered pool).
         s.meta["unbatched_prompts"] = s.meta.get("unbatched_prompts", 0) + stream.remainder
         s.epoch, s.data_position = s.epoch + 1, 0
-        tracker.log_metrics({**{f"data/bad_{k}": v for k, v in bad.items()},
-                             "data/unbatched_prompts": s.meta["unbatched_prompts"]}, step=s.step)
+        tracker.log_metrics({**_nonzero_bad(bad), "data/unbatched_prompts": s.meta["unbatched_prompts"]},
+                            step=s.step)
 
     # -- preemption -----------------------------------------------------------------------------
     def preemption_checkpoint_due(self, step_seconds: float) -> bool:
@@ -512,13 +522,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tracker = tracker or _NullTracker()
         if run.resumed_from:
             tracker.log_metrics({"resume/from_step": run.resumed_from}, step=run.resumed_from)
+        if run.cfg.tracking.sample_every and not run.resumed_from:
+            run.samples(tracker, 0)  # the student at init: the slider starts where training does
         if run.corrupt_checkpoints_skipped or run.tampered_checkpoints_skipped:
             tracker.log_metrics({"resume/corrupt_checkpoints_skipped": run.corrupt_checkpoints_skipped,
                                  "resume/tampered_checkpoints_skipped": run.tampered_checkpoints_skipped},
                                 step=run.resumed_from)
         metrics, stream = _train(run, tracker)
         step = run.state.step
-        tracker.log_metrics({f"data/bad_{k}": v for k, v in run.bad_counts(stream).items()}, step=step)
+        tracker.log_metrics(_nonzero_bad(run.bad_counts(stream)), step=step)
         if run.stop_requested:  # the driver got SIGINT / SIGTERM: keep this step, no export
             if run.rank == 0:
                 print(f"[wadi] stop requested: checkpointing step {step} and stopping", flush=True)

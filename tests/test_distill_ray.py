@@ -120,7 +120,11 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     # Sample grids are step-aware images (key "samples"); the export is logged once, as the model.
     samples = {int(m.group(1)) for a in client.list_artifacts(run.info.run_id, "images")
                if (m := re.search(r"/samples[+%]step[+%](\d+)[+%]", a.path))}
-    assert {4, last} <= samples, samples
+    assert {0, 4, last} <= samples, samples  # from the student at init on
+    prompts_file = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                            artifact_path="images/sample_prompts.txt",
+                                                            tracking_uri=client.tracking_uri))
+    assert prompts_file.read_text().splitlines()[0].startswith("0: a ")  # tile 0's prompt
     assert not client.list_artifacts(run.info.run_id, "export"), "the export is logged twice"
     model_uri = run.data.tags["wadi.export_model_uri"]
     model_files = {p.name for p in Path(mlflow.artifacts.download_artifacts(
