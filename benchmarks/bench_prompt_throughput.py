@@ -101,6 +101,14 @@ def time_split(ds_factory, label: str, n_consumers: int = 2) -> dict:
     return row
 
 
+def wait_idle(below: float, timeout_s: float = 600.0) -> float:
+    """Wait until the 1-minute load average is below ``below`` (0: no wait); the load then."""
+    deadline = time.time() + timeout_s
+    while below and os.getloadavg()[0] >= below and time.time() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def moto_requests(log: Path) -> collections.Counter:
     """Requests by method so far, from the moto server's request log."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
@@ -156,6 +164,9 @@ def main() -> None:
                     help="shards read with ray.data.read_webdataset for comparison (0 = skip)")
     ap.add_argument("--profile-shards", type=int, default=5, help="shards of the per-shard profile (0 = skip)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="LOAD",
+                    help="before each timed pass, wait (up to 10 min) for the 1-minute load to drop below LOAD "
+                         "(a shared machine; 0 = do not wait)")
     args = ap.parse_args()
 
     import ray
@@ -168,57 +179,64 @@ def main() -> None:
     size_gb = sum(p.stat().st_size for p in shards) / 1e9
     print(f"{len(shards)} shards, {size_gb:.2f} GB of tar in {root}", flush=True)
 
-    init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    results = []
+    proc = moto_log = None
     profiles = []
     if args.profile_shards:
         profiles.append(profile_shards(str(root), args.profile_shards))
-    results.append(time_driver(lambda: prompt_dataset(str(root), seed=0), "local, fast tar parser, driver"))
-    results.append(time_split(lambda: prompt_dataset(str(root), seed=1), "local, fast tar parser, 2-way split"))
-    if args.baseline_shards:
-        sub = [str(p) for p in shards[: args.baseline_shards]]
-        results.append(time_driver(lambda: ray.data.read_webdataset(sub, suffixes=["txt"]),
-                                   f"local, read_webdataset baseline ({len(sub)} shards)"))
-
-    if not args.no_s3:
+    if not args.no_s3:  # upload before Ray starts: its workers inherit the AWS_* environment
         import boto3
 
         moto_log = Path(tmp.name) / "moto.log"
         proc, endpoint = start_moto(moto_log)
         os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
                            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-        try:
-            s3 = boto3.client("s3", endpoint_url=endpoint)
-            s3.create_bucket(Bucket="prompts")
-            t0 = time.perf_counter()
-            for p in tqdm(shards, desc="uploading to moto", unit="shard"):
-                s3.upload_file(str(p), "prompts", f"lake/{p.name}")
-            print(f"upload: {time.perf_counter() - t0:.1f} s", flush=True)
-            if args.profile_shards:
-                profiles.append(profile_shards("s3://prompts/lake", args.profile_shards, moto_log))
-            s3_before = moto_requests(moto_log)
-            # Ray workers started before the env change: pass it explicitly via the dataset's remote args.
-            ray.shutdown()
-            init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-            DataContext.get_current().enable_progress_bars = False
-            results.append(time_driver(lambda: prompt_dataset("s3://prompts/lake", seed=0),
-                                       "s3 (moto), fast tar parser, driver"))
-            results.append(time_split(lambda: prompt_dataset("s3://prompts/lake", seed=1),
-                                      "s3 (moto), fast tar parser, 2-way split"))
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="prompts")
+        t0 = time.perf_counter()
+        for p in tqdm(shards, desc="uploading to moto", unit="shard"):
+            s3.upload_file(str(p), "prompts", f"lake/{p.name}")
+        print(f"upload: {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.profile_shards:
+            profiles.append(profile_shards("s3://prompts/lake", args.profile_shards, moto_log))
+
+    init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    # Warm-up (untimed): start the worker processes, so the first timed pass does not pay for them.
+    ray.data.range(8, override_num_blocks=8).map_batches(lambda b: b, batch_format="pyarrow").materialize()
+    local, remote = str(root), "s3://prompts/lake"
+    passes = [(time_driver, local, 0, "local, fast tar parser, driver")]
+    passes += [] if args.no_s3 else [(time_driver, remote, 0, "s3 (moto), fast tar parser, driver")]
+    passes += [(time_split, local, 1, "local, fast tar parser, 2-way split")]
+    passes += [] if args.no_s3 else [(time_split, remote, 1, "s3 (moto), fast tar parser, 2-way split")]
+    results = []
+    try:
+        s3_before = moto_requests(moto_log) if moto_log else None
+        for timer, uri, seed, label in passes:  # local and S3 side by side: the ratio sees the same load
+            load = wait_idle(args.wait_idle)
+            row = timer(lambda uri=uri, seed=seed: prompt_dataset(uri, seed=seed), label)
+            row["load_1min_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+            results.append(row)
+        if moto_log:
             time.sleep(0.5)
             requests = moto_requests(moto_log) - s3_before
             print(f"S3 requests of the two Ray passes ({2 * len(shards)} shard reads): {dict(requests)}", flush=True)
-        finally:
+    finally:
+        if proc is not None:
             proc.terminate()
+    if args.baseline_shards:
+        sub = [str(p) for p in shards[: args.baseline_shards]]
+        results.append(time_driver(lambda: ray.data.read_webdataset(sub, suffixes=["txt"]),
+                                   f"local, read_webdataset baseline ({len(sub)} shards)"))
     rate = TARGET_PROMPTS / TARGET_S
     print(f"\nsummary (prompts/s; the project's target: {TARGET_PROMPTS / 1e6:.1f} M prompts from S3 in "
           f"{TARGET_S:.0f} s through the 2-way split = {rate / 1e3:.0f}k/s, idle machine):")
     for r in results:
         eta = TARGET_PROMPTS / max(r["prompts_per_s"], 1)
-        print(f"  {r['path']:<48} {r['prompts_per_s']:>9,d}/s   1.4M in {eta:5.1f} s")
+        load = r.get("load_1min_before_after")
+        print(f"  {r['path']:<48} {r['prompts_per_s']:>9,d}/s   1.4M in {eta:5.1f} s"
+              + (f"   (1-min load {load[0]:.1f} -> {load[1]:.1f})" if load else ""))
     by = {r["path"]: r for r in results}
     verdict = {}
     for mode in ("driver", "2-way split"):

@@ -234,7 +234,10 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
         experiment = _experiment_of_run(t.train_run_id, t.tracking_uri) or experiment
     if t.checkpoint_id:
         tags.update({"wadi.checkpoint_id": t.checkpoint_id, "wadi.checkpoint_source": t.checkpoint_source or ""})
-    params = {**to_flat_dict(cfg), "prompts.sha256": prompt_info["sha256"], "prompts.num": prompt_info["num_prompts"]}
+    # The metrics section as it applies (no unused CLIP / HPS model names) and what "fid" was computed on.
+    params = {**{k: v for k, v in to_flat_dict(cfg).items() if not k.startswith("metrics.")},
+              **cfg.metrics.describe(),
+              "prompts.sha256": prompt_info["sha256"], "prompts.num": prompt_info["num_prompts"]}
     if reference is not None:
         params.update({f"reference.{k}": v for k, v in reference.manifest.items()})
     model_name = Path(cfg.model.uri.rstrip("/")).name or cfg.model.uri

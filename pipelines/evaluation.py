@@ -54,7 +54,24 @@ class MetricsSpec:
     device: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {f"metrics.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        """The settings that apply (no CLIP model name for an evaluation without a CLIP scorer), and
+        which features the FID / precision / recall were computed on (``fid.features``)."""
+        kinds = {s.split(":", 1)[0] for s in self.scorers}
+        unused = {"clip_model"} - ({"clip_model"} if "clip" in kinds else set())
+        unused |= {"hps_model"} - ({"hps_model"} if "hps" in kinds else set())
+        out = {f"metrics.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+               if k not in unused}
+        out["fid.features"] = fid_features(self.extractor)
+        return out
+
+
+def fid_features(extractor: str) -> str:
+    """What "fid" means for an extractor: the standard Inception pool3 FID, or a Frechet distance on
+    another network's features (the embedded domain's classifier), which is not comparable to it."""
+    kind = extractor.split(":", 1)[0]
+    return {"inception": "Inception-v3 pool3 (2048-d): the standard FID",
+            "domain": "the embedded domain classifier's features: a Frechet distance within this domain, "
+                      "not comparable to Inception FID"}.get(kind, f"{extractor} features")
 
 
 def _device(spec: MetricsSpec) -> str:

@@ -81,9 +81,28 @@ def teacher_metrics(cfg: DistillConfig, ev: EvaluationConfig, cache_root: str,
     if cached is not None:
         return cached, out
     spec = TrackingSpec(experiment=cfg.tracking.experiment, tracking_uri=tracking_uri,
-                        run_name=f"teacher-{ev.teacher_steps}step-cfg{ev.teacher_guidance:g}-{key}")
+                        run_name=teacher_run_name(ev, key))
     run_evaluation(_eval_config(cfg, ev, cfg.teacher, ev.teacher_steps, ev.teacher_guidance, out, spec))
     return _read_metrics(out) or {}, out
+
+
+def teacher_run_name(ev: EvaluationConfig, key: str) -> str:
+    """The teacher's reference evaluation run: steps, guidance, prompt set and its cache key."""
+    return f"teacher-{ev.teacher_steps}step-cfg{ev.teacher_guidance:g}-{ev.prompts}-{key}"
+
+
+def _teacher_run_id(cfg: DistillConfig, ev: EvaluationConfig, tracking_uri: str | None) -> str | None:
+    """The MLflow run that holds the cached teacher numbers (logged when they were first computed)."""
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        name = teacher_run_name(ev, _teacher_key(cfg, ev))
+        runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'", max_results=1) if exp else []
+        return runs[0].info.run_id if runs else None
+    except Exception:  # noqa: BLE001 - a missing link is not worth failing the evaluation
+        return None
 
 
 def format_table(teacher: dict[str, float], student: dict[str, float], ev: EvaluationConfig) -> str:
@@ -150,6 +169,9 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
 
         with start_run(cfg.tracking.experiment, tracking_uri=tracking_uri, run_id=train_run_id) as tracker:
             tracker.log_metrics(logged, step=step)
+            teacher_run = _teacher_run_id(cfg, ev, tracking_uri)
+            if teacher_run:  # the reference run these final/teacher_* numbers come from
+                tracker.set_tags({"wadi.teacher_eval_run_id": teacher_run})
             grid = _side_by_side(teacher_out, student_out, (
                 f"teacher: {ev.teacher_steps} steps, CFG {ev.teacher_guidance:g}", "student: 1 step"))
             if grid is not None:

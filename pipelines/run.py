@@ -27,7 +27,8 @@ from pipelines.preflight import check_cpu_headroom, preflight
 from pipelines.tracking import default_tracking_uri, git_sha, redact, redact_uri, start_run
 from pipelines.train import dataset_name, train_loop
 
-__all__ = ["DistillResult", "RunFailed", "run_distillation", "ray_job_ids", "fixed_prompts", "check_lake"]
+__all__ = ["DistillResult", "RunFailed", "run_distillation", "ray_job_ids", "fixed_prompts", "check_lake",
+           "headline_params", "HEADLINE_PARAMS"]
 
 
 @dataclass
@@ -117,6 +118,20 @@ def check_lake(cfg: DistillConfig, prompts_uri: str) -> tuple[int | None, list[s
                           "Check the shards (corrupt or unreadable ones hold no prompts; write them with "
                           "wadi_core.prompts), add prompts, or lower train.global_batch")
     return num_prompts, captions[:cfg.tracking.num_sample_prompts]
+
+
+#: The run's headline params (the MLflow run page lists them); the whole resolved config is the
+#: run's ``config.yaml`` artifact (``--print-config`` of the same job).
+HEADLINE_PARAMS = ("recipe", "teacher", "vsd.loss", "vsd.gen_lr", "vsd.fake_lr", "vsd.mixed_precision", "data.prompts",
+                   "train.global_batch", "train.num_workers", "train.zero_stage", "train.storage_path")
+
+
+def headline_params(cfg: DistillConfig, num_prompts: int | None) -> dict[str, Any]:
+    flat = cfg.to_flat()
+    spec, fake = cfg.vsd.student, cfg.vsd.fake
+    return {**{k: flat[k] for k in HEADLINE_PARAMS}, "adapters": f"{spec.kind} r={spec.rank} / fake {fake.kind} "
+            f"r={fake.rank}", "steps": cfg.total_steps(num_prompts) if num_prompts else cfg.data.max_steps or "epochs",
+            "data.num_prompts_found": num_prompts}
 
 
 def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str, storage_path: str) -> str | None:
@@ -263,8 +278,10 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
     start_step = checkpoint_step(newest.path) if newest else 0  # where this job starts training
     with stop_on_signals(flag) as signals:
         with start_run(cfg.tracking.experiment, run_name=cfg.train.run_name, tracking_uri=tracking_uri,
-                       params=None if existing else {**cfg.to_flat(), "data.num_prompts_found": num_prompts},
+                       params=None if existing else headline_params(cfg, num_prompts),
                        tags=tags, run_id=existing) as tracker:
+            if not existing:
+                _log_config(tracker, cfg)
             loop_config = {
                 "config": cfg.to_flat(), "mlflow_run_id": tracker.run_id, "tracking_uri": tracking_uri,
                 "export_uri": cfg.export_uri, "sample_prompts": sample_prompts, "num_epochs": num_epochs,
@@ -335,6 +352,19 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                          mlflow_experiment_id=tracker.run.info.experiment_id if tracker.active else None,
                          export_uri=cfg.export_uri, checkpoint=checkpoint, metrics=metrics,
                          model=model, evaluation=evaluation)
+
+
+def _log_config(tracker: Any, cfg: DistillConfig) -> None:
+    """The resolved config (URI user info redacted) as the run's ``config.yaml``."""
+    import tempfile
+
+    from pipelines.cli import format_config
+
+    with tempfile.TemporaryDirectory(prefix="wadi-config-") as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            f.write(format_config(cfg) + "\n")
+        tracker.log_artifact(path)
 
 
 def _failure_message(cfg: DistillConfig, error: BaseException) -> str:

@@ -99,9 +99,14 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
 
     client = mlflow.MlflowClient(tracking_uri)
     run = client.get_run(first.mlflow_run_id)
-    assert run.data.params["train.zero_stage"] == "2"
-    assert run.data.params["vsd.guidance_real"] == str(cfg.vsd.guidance_real)
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["adapters"] == "lorad r=4 / fake lorad r=2"
     assert run.data.params["data.prompts"] == f"s3://{s3_bucket}/lake"
+    assert len(run.data.params) <= 15, "a few headline params; the whole config is config.yaml"
+    import yaml
+
+    config = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="config.yaml", tracking_uri=tracking_uri)).read_text())
+    assert config["vsd"]["guidance_real"] == cfg.vsd.guidance_real and config["train"]["run_name"] == "e2e"
     assert run.data.tags["wadi.teacher"] == str(teacher) and run.data.tags["ray.job_id"]
     assert run.data.tags["wadi.adapter"].startswith("lorad r=4")
     # Steps before a checkpoint are never redone: 1..3 once, 4 twice (after the kill), 7..8 twice

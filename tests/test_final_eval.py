@@ -75,6 +75,10 @@ def test_final_evaluation_logs_on_the_training_run_and_caches_the_teacher(ray_lo
               "final/precision_ratio_higher_better"):
         assert k in train.data.metrics
     assert not [k for k in train.data.metrics if k.startswith("eval/")], "eval/* would repeat final/student_*"
+    teacher_run = client.get_run(train.data.tags["wadi.teacher_eval_run_id"])  # linked to its reference run
+    assert teacher_run.info.run_name.startswith("teacher-4step-cfg3-domain:24:1:train-")
+    assert "metrics.clip_model" not in teacher_run.data.params  # a domain evaluation: no CLIP
+    assert "not comparable to Inception FID" in teacher_run.data.params["fid.features"]
     assert "final_eval/teacher_vs_student.png" in [f.path for f in client.list_artifacts(tracker.run_id,
                                                                                           "final_eval")]
     nested = client.search_runs([train.info.experiment_id],
@@ -141,3 +145,14 @@ def test_the_side_by_side_grid_says_which_side_is_which():
     strip, tiles = out[:30], out[30:]
     assert (strip[:, :64] < 128).any() and (strip[:, 72:] < 128).any(), "each panel has its caption"
     assert (tiles == 255).all()  # the panels themselves are untouched
+
+
+def test_evaluation_params_name_only_what_applies():
+    from pipelines.evaluation import MetricsSpec
+
+    domain = MetricsSpec().describe()
+    assert "metrics.clip_model" not in domain and "metrics.hps_model" not in domain
+    assert domain["fid.features"].startswith("the embedded domain classifier")
+    coco = MetricsSpec(extractor="inception:/w/pt_inception.pth", scorers=("clip:/w/clip.bin",)).describe()
+    assert coco["metrics.clip_model"] == "ViT-g-14" and "metrics.hps_model" not in coco
+    assert coco["fid.features"] == "Inception-v3 pool3 (2048-d): the standard FID"
