@@ -167,7 +167,7 @@ def _mlflow_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int,
 
     client = mlflow.MlflowClient(tracking_uri)
     out = {}
-    for key in ("perf/step_seconds", "resume/from_step", "vsd/loss_gen", "vsd/loss_fake"):
+    for key in ("perf/step_seconds", "resume/from_step", "distill/loss_gen", "distill/loss_fake"):
         out[key] = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
     return out
 
@@ -234,7 +234,7 @@ def rehearse(arch: str, zero: int, teacher: Path, lake: Path, work: Path, precis
         "killed_pid": watch.killed[0] if watch.killed else None,
         "resumed_from_step": [v for _, v in metrics["resume/from_step"]],
         "step_seconds": [(s, round(v, 1)) for s, v in metrics["perf/step_seconds"]],
-        "loss_gen": [(s, v) for s, v in metrics["vsd/loss_gen"]],
+        "loss_gen": [(s, v) for s, v in metrics["distill/loss_gen"]],
         "checkpoint_bytes": checkpoints, "export_bytes": export_bytes, "export_uri": str(export),
         "sample": sample, "mlflow_run_id": result["mlflow_run_id"], "log": str(log),
     }

@@ -274,7 +274,7 @@ class _Run:
         (``next_batch``), ``perf/data_wait_share`` that wait over the whole step (#35)."""
         s, t = self.state, self.cfg.train
         tracker.log_metrics({
-            **{f"vsd/{k}": v for k, v in metrics.items()}, "vsd/nonfinite_steps": s.nonfinite_steps,
+            **{f"distill/{k}": v for k, v in metrics.items()}, "distill/nonfinite_steps": s.nonfinite_steps,
             "perf/step_seconds": step_s, "perf/prompts_per_second": t.global_batch / step_s,
             "perf/data_wait_s": data_wait_s, "perf/data_wait_share": data_wait_s / step_s if step_s > 0 else 0.0,
             "progress/epoch": s.epoch, "progress/prompts_seen": s.prompts_seen,
@@ -357,7 +357,7 @@ class _Run:
         report = {**metrics, **{f"data/bad_{k}": float(v) for k, v in self.bad_counts(stream).items()},
                   "resumed_from_step": float(self.resumed_from), "step": step, "epoch": self.state.epoch,
                   "preemption/notice_step": float(-1 if self.notice_step is None else self.notice_step),
-                  "vsd/nonfinite_steps": float(self.state.nonfinite_steps),
+                  "distill/nonfinite_steps": float(self.state.nonfinite_steps),
                   "resume/corrupt_checkpoints_skipped": float(self.corrupt_checkpoints_skipped),
                   "resume/tampered_checkpoints_skipped": float(self.tampered_checkpoints_skipped),
                   "data/unbatched_prompts": float(self.state.meta.get("unbatched_prompts", 0)),

@@ -100,8 +100,8 @@ def _losses(result) -> dict[int, list[tuple[float, float]]]:  # noqa: ANN001
 
     client = mlflow.MlflowClient(result.tracking_uri)
     out: dict[int, list] = defaultdict(list)
-    gen = sorted(client.get_metric_history(result.mlflow_run_id, "vsd/loss_gen"), key=lambda m: m.timestamp)
-    fake = sorted(client.get_metric_history(result.mlflow_run_id, "vsd/loss_fake"), key=lambda m: m.timestamp)
+    gen = sorted(client.get_metric_history(result.mlflow_run_id, "distill/loss_gen"), key=lambda m: m.timestamp)
+    fake = sorted(client.get_metric_history(result.mlflow_run_id, "distill/loss_fake"), key=lambda m: m.timestamp)
     for g, f in zip(gen, fake):
         assert g.step == f.step
         out[g.step].append((g.value, f.value))
@@ -220,7 +220,7 @@ def _wait_for_step(tmp: Path, run: str, step: int, fit: threading.Thread, box: d
     while True:
         exp = client.get_experiment_by_name("multinode")
         runs = client.search_runs([exp.experiment_id], f"tags.`wadi.run_name` = '{run}'") if exp else []
-        if runs and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "vsd/loss_gen")):
+        if runs and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "distill/loss_gen")):
             return
         if not fit.is_alive():
             _join(fit, box, 0)

@@ -151,7 +151,7 @@ def test_stops_full_storage_and_a_second_job_on_one_run(tmp_path: Path, small_di
     assert run.data.metrics["data/unbatched_prompts"] == (GOOD % BATCH) * 2
     assert not {k for k in run.data.metrics if k.startswith("data/bad_")} - {"data/bad_corrupt_shard"}, \
         "counters that stayed 0 are not charted"
-    steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, "vsd/loss_fake"))
+    steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, "distill/loss_fake"))
     # 1-3 (SIGINT), 7-10 (SIGTERM) once each; 5-6 twice: C trained them before its checkpoint failed.
     assert steps == Counter({1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2, 7: 1, 8: 1, 9: 1, 10: 1}), steps
     versions = client.search_model_versions("name='wadi-trust'")

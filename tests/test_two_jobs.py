@@ -197,5 +197,5 @@ def test_two_distillation_jobs_side_by_side(tmp_path: Path) -> None:
         assert Path(res["checkpoint"]).name == f"checkpoint_{STEPS:08d}", res
         assert Path(res["checkpoint"]).is_relative_to(home), res  # its own storage, under its WADI_HOME
         client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-        steps = sorted(m.step for m in client.get_metric_history(res["mlflow_run_id"], "vsd/loss_fake"))
+        steps = sorted(m.step for m in client.get_metric_history(res["mlflow_run_id"], "distill/loss_fake"))
         assert steps == list(range(1, STEPS + 1)), (name, steps)  # every step trained, once
