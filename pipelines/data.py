@@ -266,7 +266,7 @@ class PromptStream:
 
     Every good prompt of the epoch is read exactly once across the ranks and lands in exactly one
     global batch or in the epoch's remainder (:attr:`remainder`: fewer than one global batch,
-    counted, not trained). Ray's split hands ranks unequal row counts (:class:`ExactSplit` drops
+    counted, not trained). Ray's split hands ranks unequal row counts (:func:`exact_split` drops
     nothing), so an epoch has two phases, both in lockstep on every rank:
 
     1. while every rank holds a full local batch, each trains on its own rows;

@@ -1,5 +1,6 @@
 """The quiet console (pipelines/console.py): the terminal gets the lines meant for a person, the
-log file gets everything, child processes included."""
+log file gets everything, child processes included. A whole job's console (at most 40 lines, each
+for a person) is checked in tests/test_run_trust_ray.py (job E)."""
 
 from __future__ import annotations
 
@@ -60,30 +61,6 @@ def test_quiet_console_filters_the_terminal_and_logs_everything(tmp_path: Path, 
     assert proc.stdout.splitlines() == ["[wadi] phase one", "[wadi] step 5/10",
                                         "/x/pipelines/run.py:7: UserWarning: ours", "after the block"]
     assert proc.stderr.splitlines() == ["failed: the message"]
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_a_short_command_1_prints_a_few_lines_for_a_person(tmp_path: Path) -> None:
-    """README command 1, shortened (4 steps, no closing evaluation): at most 40 lines, each meant for
-    a person; the full log holds Ray's output."""
-    proc = subprocess.run([sys.executable, "jobs/distill.py", "data.max_steps=4", "train.checkpoint_every=2",
-                           "tracking.sample_every=2", "evaluation.num_prompts=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "WADI_HOME": str(tmp_path)})
-    lines = (proc.stdout + proc.stderr).splitlines()
-    assert proc.returncode == 0, "\n".join(lines[-60:])
-    assert len(lines) <= 40, "\n".join(lines)
-    for noise in ("pid=", "INFO", "Reporting training result", "FutureWarning", "\x1b["):
-        assert not [line for line in lines if noise in line], (noise, lines)
-    text = "\n".join(lines)
-    for phase in ("[wadi] data:", "[wadi] training:", "[wadi] step 4/4", "[wadi] export:", "registered model",
-                  "run page          http://127.0.0.1:5000/#/experiments/"):
-        assert phase in text, (phase, text)
-    (log,) = (tmp_path / "runs" / "logs").glob("wadi-embedded-*.log")
-    assert f"[wadi] full log: {log}" in text
-    full = log.read_text()
-    assert "Reporting training result" in full and "[wadi] step 4/4" in full and len(full.splitlines()) > 100
 
 
 def test_the_result_names_the_run_page_in_the_mlflow_ui() -> None:

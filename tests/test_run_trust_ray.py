@@ -142,9 +142,19 @@ def test_stops_full_storage_and_a_second_job_on_one_run(tmp_path: Path, small_di
     for dump in ("Fatal Python error", "Stack (most recent call first)", "*** SIGTERM received"):
         assert dump not in log("D"), log("D")[-3000:]
 
-    # E: the rest of the two epochs; registered once.
+    # E: the rest of the two epochs; registered once. What a person sees: a few lines for a person,
+    # and the full log (Ray's output included) in runs/logs/.
     e = start("E")
     assert finish(e, "E") == 0, log("E")[-3000:]
+    lines = log("E").splitlines()
+    assert len(lines) <= 40, log("E")
+    for noise in ("pid=", "INFO", "Reporting training result", "FutureWarning", "\x1b["):
+        assert not [line for line in lines if noise in line], (noise, log("E"))
+    for said in ("[wadi] data:", "[wadi] training:", "[wadi] step 10/10 | loss_gen", "[wadi] export:",
+                 "registered model  models:/wadi-trust@candidate", "run page          http://127.0.0.1:5000/#/"):
+        assert said in log("E"), (said, log("E"))
+    full = Path(next(line for line in lines if line.startswith("[wadi] full log: ")).split(": ", 1)[1].split(" (")[0])
+    assert "Reporting training result" in full.read_text() and full.parent == tmp_path / "runs" / "logs"
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["data/bad_corrupt_shard"] == CORRUPT * 2
