@@ -78,6 +78,7 @@ def quiet_console(log_path: str | os.PathLike, verbose: bool = False) -> Iterato
     terminal = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")
     terminal_err = os.fdopen(os.dup(saved_err), "w", buffering=1, encoding="utf-8", errors="replace")
     def pump() -> None:
+        last = ""  # Ray can deliver a worker's line twice (its log file and its stream): show it once
         with os.fdopen(read_fd, "rb") as pipe:
             for raw in pipe:
                 with _lock:
@@ -88,8 +89,9 @@ def quiet_console(log_path: str | os.PathLike, verbose: bool = False) -> Iterato
                 line = raw.decode("utf-8", "replace")
                 if verbose:
                     terminal.write(line)
-                elif keep_on_console(line):
-                    terminal.write(_plain(line).rstrip("\n") + "\n")
+                elif keep_on_console(line) and _plain(line) != last:
+                    last = _plain(line)
+                    terminal.write(last.rstrip("\n") + "\n")
                 terminal.flush()
 
     thread = threading.Thread(target=pump, name="wadi-console", daemon=True)

@@ -37,6 +37,7 @@ with quiet_console(sys.argv[1], verbose=sys.argv[2] == "1"):
     print("library noise", flush=True)
     subprocess.run([sys.executable, "-c",
                     "import sys; print('child noise'); print('(Worker pid=3) [wadi] step 5/10'); "
+                    "print('(Worker pid=3) [wadi] step 5/10'); "
                     "sys.stderr.write('child err noise\\n')"], check=True)
     warnings.warn_explicit("ours", UserWarning, "/x/pipelines/run.py", 7)
     warnings.warn_explicit("theirs", FutureWarning, "/x/site-packages/torch/a.py", 7)
