@@ -452,15 +452,25 @@ class _Progress:
         self.total, self.start, self.active = total, start, active
         self.every = max(1, (total or 0) // 10) if total else 100
         self.t0 = time.perf_counter()
+        self.wait_s = self.step_s = 0.0  # steps after each epoch's first (#35: does a step wait?)
 
-    def update(self, step: int, metrics: dict[str, float]) -> None:
+    @property
+    def wait_share(self) -> float:
+        """Time steps waited for their batch over their whole time, this job, each epoch's first
+        step left out (its wait is the data pipeline starting)."""
+        return self.wait_s / self.step_s if self.step_s else 0.0
+
+    def update(self, step: int, metrics: dict[str, float], timing: tuple[float, float] | None = None) -> None:
+        if timing is not None:
+            self.wait_s, self.step_s = self.wait_s + timing[0], self.step_s + timing[1]
         if not self.active or not (step % self.every == 0 or step == self.total):
             return
         rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
         left = f" | {(self.total - step) / rate / 60:.1f} min left" if self.total and rate > 0 else ""
         of = f"/{self.total}" if self.total else ""
         losses = " | ".join(f"{k} {metrics[k]:.4g}" for k in ("loss_gen", "loss_fake") if k in metrics)
-        print(f"[wadi] step {step}{of} | {losses} | {rate:.2f} steps/s{left}", flush=True)
+        print(f"[wadi] step {step}{of} | {losses} | {rate:.2f} steps/s | data wait {100 * self.wait_share:.1f} % "
+              f"of step time{left}", flush=True)
 
 
 def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
@@ -490,12 +500,13 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
                 if batch is None:
                     break
                 wait_s = time.perf_counter() - t_ask
+                first_of_epoch = s.data_position == skip  # its wait is the data pipeline starting
                 metrics = run.step(batch, guard)
                 now = time.perf_counter()
                 step_s, t_last = now - t_last, now
                 bar.update(1)
                 done = bool(max_steps) and s.step >= max_steps
-                progress.update(s.step, metrics)
+                progress.update(s.step, metrics, None if first_of_epoch else (wait_s, step_s))
                 _after_step(run, tracker, metrics, stream, step_s, done, wait_s)
                 if done:
                     break
@@ -504,6 +515,8 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
             if not done:
                 run.end_epoch(tracker, stream)
                 stream = run.stream()
+    if metrics:  # in the closing report: README command 1 and the rehearsal print it
+        metrics = {**metrics, "perf/data_wait_share_job": progress.wait_share}
     return metrics, stream
 
 

@@ -54,6 +54,7 @@ class _FakeRun:
     def step(self, batch: Any, guard: Any) -> dict[str, float]:
         time.sleep(self.compute_s)
         self.state.step += 1
+        self.state.data_position += 1  # as the real step: global batches of this epoch trained
         return {"loss_gen": 1.0}
 
     def bad_counts(self, stream: Any) -> dict[str, int]:
@@ -66,8 +67,12 @@ class _FakeRun:
 def _logged_perf(run: _FakeRun, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, float]]:
     monkeypatch.setattr(train, "_epochs", lambda r: iter([(0, 10, 0)]))  # one epoch of 10 batches
     tracker = _Tracker()
-    train._train(run, tracker)
+    metrics, _ = train._train(run, tracker)
     assert [step for step, _ in tracker.logged] == [1, 2, 3, 4]  # data.max_steps=4, logged every step
+    # The job's share in the closing report: steps 2-4 (the epoch's first step is the pipeline starting).
+    later = [m for step, m in tracker.logged if step > 1]
+    assert metrics["perf/data_wait_share_job"] == pytest.approx(
+        sum(m["perf/data_wait_s"] for m in later) / sum(m["perf/step_seconds"] for m in later), rel=0.05)
     return [m for _, m in tracker.logged]
 
 
