@@ -112,6 +112,7 @@ def attach_quality(model: dict[str, Any], metrics: dict[str, float], run_id: str
             version = str(model["version"])
             for key, value in metrics.items():
                 client.set_model_version_tag(model["name"], version, key, f"{float(value):.4g}")
-            client.update_model_version(model["name"], version, description=summary)
+            # A code block: the UI renders descriptions as markdown, which would fold the table's columns.
+            client.update_model_version(model["name"], version, description=f"```\n{summary}\n```")
     except Exception as e:  # noqa: BLE001 - the run and the registration stand
         warnings.warn(f"could not attach the evaluation to model {model.get('name')} ({type(e).__name__}: {e})")

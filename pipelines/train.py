@@ -316,8 +316,8 @@ class _Run:
         # Read but in no full global batch (the same on every rank: cut from the gathered pool).
         s.meta["unbatched_prompts"] = s.meta.get("unbatched_prompts", 0) + stream.remainder
         s.epoch, s.data_position = s.epoch + 1, 0
-        tracker.log_metrics({**_nonzero_bad(bad), "data/unbatched_prompts": s.meta["unbatched_prompts"]},
-                            step=s.step)
+        unbatched = {"data/unbatched_prompts": s.meta["unbatched_prompts"]} if s.meta["unbatched_prompts"] else {}
+        tracker.log_metrics({**_nonzero_bad(bad), **unbatched}, step=s.step)  # data/* only when it happened
 
     # -- preemption -----------------------------------------------------------------------------
     def preemption_checkpoint_due(self, step_seconds: float) -> bool:

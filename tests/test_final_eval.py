@@ -113,7 +113,7 @@ def test_the_evaluation_is_attached_to_the_logged_model_and_its_version(tmp_path
     assert on_model == pytest.approx(metrics)
     mv = client.get_model_version("wadi-q", version.version)
     assert mv.tags["final/fid_ratio_lower_better"] == "1.22" and mv.tags["final/student_fid"] == "19.17"
-    assert mv.description.startswith("evaluation on 1,000 prompts")
+    assert mv.description == "```\nevaluation on 1,000 prompts\n(table)\n```"  # a code block keeps the columns
 
 
 def test_a_run_logged_after_its_work_shows_the_work_s_duration(tmp_path):
