@@ -515,7 +515,7 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
             if not done:
                 run.end_epoch(tracker, stream)
                 stream = run.stream()
-    if metrics:  # in the closing report: README command 1 and the rehearsal print it
+    if metrics:  # in the closing checkpoint's report (the progress lines print it as they go)
         metrics = {**metrics, "perf/data_wait_share_job": progress.wait_share}
     return metrics, stream
 
