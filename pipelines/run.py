@@ -65,8 +65,9 @@ class DistillResult:
                          f"(version {self.model['version']})")
         if self.tracking_uri.startswith("sqlite:"):  # a local file: no user info to redact
             lines.append(f"browse with       mlflow ui --backend-store-uri {self.tracking_uri}")
-        if self.run_page():
-            lines.append(f"run page          {self.run_page()}")
+        page = self.run_page()
+        if page:
+            lines.append(f"run page          {page}")
         if self.evaluation:
             lines += ["", self.evaluation["table"], f"grids             {self.evaluation['teacher_out']}/grid.png | "
                       f"{self.evaluation['student_out']}/grid.png"]
@@ -109,7 +110,7 @@ def check_lake(cfg: DistillConfig, prompts_uri: str) -> tuple[int | None, list[s
                               f"({'data.num_prompts' if d.num_prompts else 'its manifest.json'}), fewer than one global "
                               f"batch (train.global_batch={batch}): the run would train 0 steps. Add prompts, or "
                               "lower train.global_batch")
-        captions, read, listed = lake_captions(prompts_uri, max(batch, cfg.tracking.num_sample_prompts),
+        captions, _, listed = lake_captions(prompts_uri, max(batch, cfg.tracking.num_sample_prompts),
                                                d.max_caption_bytes, d.max_shard_bytes)
     except FileNotFoundError as e:
         raise ConfigError(f"data.prompts={shown}: {redact(str(e))}") from None
