@@ -167,7 +167,8 @@ def _mlflow_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int,
 
     client = mlflow.MlflowClient(tracking_uri)
     out = {}
-    for key in ("perf/step_seconds", "resume/from_step", "distill/loss_gen", "distill/loss_fake"):
+    for key in ("perf/step_seconds", "perf/data_wait_s", "perf/data_wait_share", "resume/from_step",
+                "distill/loss_gen", "distill/loss_fake"):
         out[key] = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
     return out
 
@@ -234,6 +235,9 @@ def rehearse(arch: str, zero: int, teacher: Path, lake: Path, work: Path, precis
         "killed_pid": watch.killed[0] if watch.killed else None,
         "resumed_from_step": [v for _, v in metrics["resume/from_step"]],
         "step_seconds": [(s, round(v, 1)) for s, v in metrics["perf/step_seconds"]],
+        # how long each step waited for its prompts (``next_batch``), and that wait over the step
+        "data_wait_s": [(s, round(v, 4)) for s, v in metrics["perf/data_wait_s"]],
+        "data_wait_share": [(s, v) for s, v in metrics["perf/data_wait_share"]],
         "loss_gen": [(s, v) for s, v in metrics["distill/loss_gen"]],
         "checkpoint_bytes": checkpoints, "export_bytes": export_bytes, "export_uri": str(export),
         "sample": sample, "mlflow_run_id": result["mlflow_run_id"], "log": str(log),
@@ -247,6 +251,14 @@ def rehearse(arch: str, zero: int, teacher: Path, lake: Path, work: Path, precis
     return out
 
 
+def _share(r: dict[str, Any]) -> str:
+    """The data wait's share of step time over the steps after the first of each group (the first
+    step of a group also starts the Ray Data pipeline), as a percentage."""
+    firsts = {1, *(s + 1 for s in r["resumed_from_step"])}
+    waits = [v for s, v in r.get("data_wait_share", []) if s not in firsts]
+    return f"{100 * max(waits):.3f} % (max of {len(waits)} steps)" if waits else "n/a"
+
+
 def _format(r: dict[str, Any]) -> str:
     steps = ", ".join(f"{v:.0f}" for _, v in r["step_seconds"])
     ck = max(r["checkpoint_bytes"].values(), default=0)
@@ -255,7 +267,7 @@ def _format(r: dict[str, Any]) -> str:
             f"{r.get('first_group_peak_pss_gib')} ({r.get('restarted_group_peak_pss_gib')})"
             + (f", encoder actor {r['encoder_actor_peak_rss_gib']} GiB" if r.get("encoder_actor_peak_rss_gib") else "")
             + " | "
-            f"step s [{steps}] | resumed from {r['resumed_from_step']} | checkpoint {ck / GIB:.2f} GiB | "
+            f"step s [{steps}] | data wait {_share(r)} | resumed from {r['resumed_from_step']} | checkpoint {ck / GIB:.2f} GiB | "
             f"export {r['export_bytes'] / GIB:.2f} GiB | 1-step sample {r['sample']['size'][0]} px "
             f"{r['sample']['sample_s']:.1f} s | wall {r['wall_s'] / 60:.1f} min")
 

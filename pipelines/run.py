@@ -59,7 +59,9 @@ class DistillResult:
             f"export            {self.export_uri}",
             f"MLflow            {redact_uri(self.tracking_uri)} (run {self.mlflow_run_id})",
         ]
-
+        if "perf/data_wait_share_job" in self.metrics:
+            lines.insert(2, f"data wait         {100 * self.metrics['perf/data_wait_share_job']:.2f} % of step time "
+                            "(steps waiting for prompts; each epoch's first step left out)")
         if self.model:
             lines.append(f"registered model  models:/{self.model['name']}@{self.model['alias']} "
                          f"(version {self.model['version']})")

@@ -175,6 +175,7 @@ class _Run:
         self.state = TrainState(mlflow_run_id=self.loop_config.get("mlflow_run_id"), fingerprint=self.fingerprint)
         self.resumed_from = 0
         self.last_saved_step = -1
+        self.data_wait_share_job = 0.0  # kept up to date by _train
         self.checkpoint_seconds = 0.0  # the last checkpoint's save + upload time
         self.notice_step: int | None = None  # step at which a drain (preemption) notice was seen
         self.stop_watch = StopWatch(self.loop_config.get("stop_flag"))
@@ -362,6 +363,9 @@ class _Run:
                   "resume/tampered_checkpoints_skipped": float(self.tampered_checkpoints_skipped),
                   "data/unbatched_prompts": float(self.state.meta.get("unbatched_prompts", 0)),
                   "stopped": float(self.stop_requested),
+                  # this job's steps: time waiting for prompts over step time (the summary prints it;
+                  # Ray's result keeps the newest checkpoint's report, so each one carries it)
+                  "perf/data_wait_share_job": self.data_wait_share_job,
                   "worker/text_encoder_params": float(self.text_encoder_params)}
         if step in (self.last_saved_step, 0):  # nothing new to keep (step 0: nothing trained)
             ray.train.report(report)
@@ -507,6 +511,7 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
                 bar.update(1)
                 done = bool(max_steps) and s.step >= max_steps
                 progress.update(s.step, metrics, None if first_of_epoch else (wait_s, step_s))
+                run.data_wait_share_job = progress.wait_share  # every checkpoint's report carries it
                 _after_step(run, tracker, metrics, stream, step_s, done, wait_s)
                 if done:
                     break
@@ -515,8 +520,6 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
             if not done:
                 run.end_epoch(tracker, stream)
                 stream = run.stream()
-    if metrics:  # in the closing checkpoint's report (the progress lines print it as they go)
-        metrics = {**metrics, "perf/data_wait_share_job": progress.wait_share}
     return metrics, stream
 
 

@@ -71,7 +71,7 @@ def _logged_perf(run: _FakeRun, monkeypatch: pytest.MonkeyPatch) -> list[dict[st
     assert [step for step, _ in tracker.logged] == [1, 2, 3, 4]  # data.max_steps=4, logged every step
     # The job's share in the closing report: steps 2-4 (the epoch's first step is the pipeline starting).
     later = [m for step, m in tracker.logged if step > 1]
-    assert metrics["perf/data_wait_share_job"] == pytest.approx(
+    assert run.data_wait_share_job == pytest.approx(
         sum(m["perf/data_wait_s"] for m in later) / sum(m["perf/step_seconds"] for m in later), rel=0.05)
     return [m for _, m in tracker.logged]
 

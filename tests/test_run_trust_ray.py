@@ -151,7 +151,7 @@ def test_stops_full_storage_and_a_second_job_on_one_run(tmp_path: Path, small_di
     for noise in ("pid=", "INFO", "Reporting training result", "FutureWarning", "\x1b["):
         assert not [line for line in lines if noise in line], (noise, log("E"))
     for said in ("[wadi] data:", "[wadi] training:", "[wadi] step 10/10 | loss_gen", "[wadi] export:",
-                 "| data wait ",
+                 "| data wait ", "data wait         ",
                  "registered model  models:/wadi-trust@candidate", "run page          http://127.0.0.1:5000/#/"):
         assert said in log("E"), (said, log("E"))
     full = Path(next(line for line in lines if line.startswith("[wadi] full log: ")).split(": ", 1)[1].split(" (")[0])
