@@ -80,7 +80,7 @@ def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | N
     s, t25, t1 = out["student_1step"], out["teacher_25step"], out["teacher_1step"]
     out["fid_student_over_teacher25"] = s["fid"] / t25["fid"]
     out["fid_teacher1_over_student"] = t1["fid"] / s["fid"]
-    # The targets of the quality bar (docs/QUALITY.md): FID <= 1x, precision and all-four >= 0.9x.
+    # The targets of the quality bar (docs/history/QUALITY.md): FID <= 1x, precision and all-four >= 0.9x.
     for key in ("alignment", "precision", "all_correct"):
         out[f"{key}_student_over_teacher25"] = s[key] / max(t25[key], 1e-9)
     if grid:

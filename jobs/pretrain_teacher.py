@@ -1,7 +1,7 @@
 """Pretrain the embedded teacher (VAE, then text encoder + UNet) and save it as a diffusers pipeline.
 
 The shipped teacher is made in two runs (20 + 11 min on 2 cores): an eps-prediction teacher from
-scratch, then fine-tuned into v-prediction (SD 2.1's parametrisation; docs/QUALITY.md says why):
+scratch, then fine-tuned into v-prediction (SD 2.1's parametrisation; docs/history/QUALITY.md says why):
 
     python jobs/pretrain_teacher.py out=runs/teacher_eps/pipeline state_dir=runs/teacher_eps/state
     python jobs/pretrain_teacher.py init_from=runs/teacher_eps/pipeline prediction_type=v_prediction \

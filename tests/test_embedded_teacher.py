@@ -37,7 +37,7 @@ def test_from_pretrained_and_two_step_sample(pipe):
     assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents' std, not SD's value
     sched = pipe.scheduler.config
     assert (sched.beta_start, sched.beta_end, sched.beta_schedule) == (0.00085, 0.012, "scaled_linear")
-    assert sched.prediction_type == "v_prediction"  # its one-step x0 does not amplify errors (docs/QUALITY.md)
+    assert sched.prediction_type == "v_prediction"  # its one-step x0 does not amplify errors (docs/history/QUALITY.md)
     pipe.scheduler.set_timesteps(1)
     assert pipe.scheduler.timesteps.tolist() == [999]  # trailing spacing: one step starts from pure noise
     out = pipe(["a large red circle on the left", "a small blue square at the top"], num_inference_steps=2,

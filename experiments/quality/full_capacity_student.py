@@ -11,7 +11,7 @@ step are the embedded recipe's (``wadi_core.vsd.vsd_step``); the student EMA (0.
 as a one-step diffusers pipeline in the same layout as ``wadi_core.export``.
 
     python -m experiments.quality.full_capacity_student --out runs/fs_lorad --mode lorad --lr 1e-3
-    python jobs/evaluate.py run ...   # or pipelines.final_eval's protocol, see docs/QUALITY.md
+    python jobs/evaluate.py run ...   # or pipelines.final_eval's protocol, see docs/history/QUALITY.md
 """
 
 from __future__ import annotations
