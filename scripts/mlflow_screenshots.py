@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def _free_port() -> int:
@@ -61,9 +62,11 @@ def pages(tracking_uri: str, experiment: str, run_id: str | None) -> dict[str, s
     return out
 
 
-async def _capture(chromium: str, shots: list[tuple[str, Path]], size: tuple[int, int], wait_s: float) -> None:
+async def _capture(chromium: str, shots: list[tuple[str, Path]], size: tuple[int, int], wait_s: float,
+                   on_page: Any = None) -> None:
     """Each URL in one headless Chromium over the DevTools protocol: navigate, wait ``wait_s`` of
-    real time (the UI fetches and draws its charts lazily), capture a PNG."""
+    real time (the UI fetches and draws its charts lazily), capture a PNG. ``on_page(call, url)``, when
+    given, runs after each navigation with the DevTools ``call`` (scripts/serve_screenshot.py types there)."""
     import asyncio
     import base64
     import json
@@ -102,6 +105,8 @@ async def _capture(chromium: str, shots: list[tuple[str, Path]], size: tuple[int
                                deviceScaleFactor=1, mobile=False)
                     for url, path in shots:
                         await call("Page.navigate", url=url)
+                        if on_page is not None:
+                            await on_page(call, url)
                         await asyncio.sleep(wait_s)
                         data = await call("Page.captureScreenshot", format="png")
                         path.write_bytes(base64.b64decode(data["data"]))

@@ -273,12 +273,28 @@ def test_ray_objects_versions_images_gpus_and_secrets() -> None:
 # ---------------------------------------------------------------- KubeRay CRD schema
 
 
+def rayservice_defs() -> dict[str, Any]:
+    """KubeRay's RayService, closed like the vendored types and built on them (RayClusterSpec, V1Service):
+    ``RayServiceSpec`` of github.com/ray-project/kuberay ``ray-operator/apis/ray/v1/rayservice_types.go`` at
+    ``834fe3a876c5b5631ffc2e33f82dca3a6f31137d`` (newer fields such as ``upgradeStrategy`` are reported as unknown)."""
+    int32 = {"type": "integer", "minimum": -2**31, "maximum": 2**31 - 1}
+    spec = {"type": "object", "additionalProperties": False, "properties": {
+        "serveConfigV2": {"type": "string"}, "rayClusterConfig": {"$ref": "#/$defs/RayClusterSpec"},
+        "serviceUnhealthySecondThreshold": int32, "deploymentUnhealthySecondThreshold": int32,
+        "serveService": {"$ref": "#/$defs/V1Service"}}}
+    top = {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "spec"], "properties": {
+        "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayService"}, "metadata": {"type": "object"},
+        "spec": {"$ref": "#/$defs/RayServiceSpec"}}}
+    return {"RayServiceSpec": spec, "RayService": top}
+
+
 @pytest.fixture(scope="module")
 def crd_validators() -> dict[str, Any]:
     jsonschema = pytest.importorskip("jsonschema")
     defs = json.loads(CRD_SCHEMA.read_text())["$defs"]
+    defs = {**defs, **rayservice_defs()}
     out = {}
-    for kind in ("RayCluster", "RayJob", "RayCronJob"):
+    for kind in ("RayCluster", "RayJob", "RayCronJob", "RayService"):
         schema = {"$defs": defs, "$ref": f"#/$defs/{kind}"}
         jsonschema.Draft202012Validator.check_schema(schema)
         out[kind] = jsonschema.Draft202012Validator(schema)
@@ -303,7 +319,7 @@ def test_crd_schema_is_vendored_with_its_provenance() -> None:
 
 def test_ray_manifests_match_kuberays_crd_schema(crd_validators: dict) -> None:
     objects = ray_objects()
-    assert {o["kind"] for _, o in objects} == {"RayCluster", "RayJob", "RayCronJob"}
+    assert {o["kind"] for _, o in objects} == {"RayCluster", "RayJob", "RayCronJob", "RayService"}
     bad = {where: errs for where, o in objects if (errs := schema_errors(crd_validators, o))}
     assert not bad, bad
 
@@ -366,12 +382,60 @@ def test_crd_schema_rejects_wrong_manifests(crd_validators: dict, kind: str, wha
     assert schema_errors(crd_validators, obj), f"{what} passed the schema"
 
 
+# ---------------------------------------------------------------- RayService of the student (jobs/serve.py)
+
+
+def _rayservice() -> dict:
+    return copy.deepcopy(next(o for _, o in ray_objects() if o["kind"] == "RayService"))
+
+
+def test_student_rayservice_cluster_serve_config_and_app_args(crd_validators: dict) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve.app import app_builder
+
+    obj = _rayservice()
+    assert not schema_errors(crd_validators, obj)
+    service_accounts = {o["metadata"]["name"] for _, o in all_objects() if o["kind"] == "ServiceAccount"}
+    check_ray_cluster_spec(obj["spec"]["rayClusterConfig"], "rayservice-student.yaml", service_accounts)
+    # serveConfigV2 as Ray Serve reads it (its own schema), and the app's args as the app builder reads them
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(obj["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    assert app.import_path == "pipelines.serve.app:app_builder" and app.route_prefix == "/"
+    app_builder(app.args)  # unknown or invalid keys raise ConfigError
+    assert app.args["replicas"]["num_gpus"] >= 1 and app.args["dtype"] == "auto"  # float16 on the GPU
+
+
+@pytest.mark.parametrize("what, mutate", [
+    ("misspelt serve config field", lambda o: o["spec"].update(serveConfig=o["spec"].pop("serveConfigV2"))),
+    ("serve config as a mapping", lambda o: o["spec"].update(serveConfigV2=yaml.safe_load(o["spec"]["serveConfigV2"]))),
+    ("misspelt cluster field", lambda o: o["spec"]["rayClusterConfig"].update(
+        rayVerison=o["spec"]["rayClusterConfig"].pop("rayVersion"))),
+])
+def test_crd_schema_rejects_wrong_rayservice(crd_validators: dict, what: str, mutate: Any) -> None:
+    obj = _rayservice()
+    mutate(obj)
+    assert schema_errors(crd_validators, obj), f"{what} passed the schema"
+
+
+def test_student_rayservice_app_args_with_a_typo_fail() -> None:
+    from pipelines.serve.app import app_builder
+    from wadi_core.config import ConfigError
+
+    args = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])["applications"][0]["args"]
+    args["batch"]["max_batch_sise"] = args["batch"].pop("max_batch_size")
+    with pytest.raises(ConfigError, match="max_batch_sise"):
+        app_builder(args)
+
+
 # ---------------------------------------------------------------- KubeRay placement, clean-up, GPUs
 
 
 def worker_groups(obj: dict) -> list[dict]:
     if obj["kind"] == "RayCluster":
         return obj["spec"]["workerGroupSpecs"]
+    if obj["kind"] == "RayService":
+        return obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     spec = obj["spec"]["jobTemplate"] if obj["kind"] == "RayCronJob" else obj["spec"]
     return spec["rayClusterSpec"]["workerGroupSpecs"]
 
@@ -393,11 +457,14 @@ def test_training_on_demand_evaluation_on_spot() -> None:
             if role == "train":
                 assert market == "on-demand" and not _tolerates_spot(pod), f"{where}: training may land on spot"
                 assert pod["nodeSelector"]["karpenter.k8s.aws/instance-gpu-count"] == "8"
+            elif role == "serve":  # a reclaimed spot node would drop the requests in flight
+                assert market == "on-demand" and not _tolerates_spot(pod), f"{where}: serving may land on spot"
             else:
                 assert role == "eval" and market == "spot" and _tolerates_spot(pod), where
                 assert pod["nodeSelector"]["karpenter.k8s.aws/instance-gpu-count"] == "4"
     assert {("rayjob-distill.yaml", "train"), ("raycluster.yaml", "train"), ("raycluster.yaml", "eval"),
-            ("raycronjob-evaluate.yaml", "eval"), ("cronjob-evaluate.yaml", "eval")} <= seen
+            ("raycronjob-evaluate.yaml", "eval"), ("cronjob-evaluate.yaml", "eval"),
+            ("rayservice-student.yaml", "serve")} <= seen
 
 
 def _rules(spec: dict) -> dict[tuple, dict[str, int]]:
