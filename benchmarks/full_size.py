@@ -8,7 +8,7 @@ images/s at SD 1.5 shapes.
 Rehearsal, per ZeRO stage (2, then 3): the teacher (``benchmarks/full_size_models.py``, configs in
 ``benchmarks/configs/<arch>/``) is written as a diffusers folder, then ``jobs/distill.py`` runs
 the paper recipe with only what this machine needs overridden: 2 Ray workers, batch 1 per worker,
-3 steps, a checkpoint every 2 steps, fp32 (DeepSpeed on CPU has no fp16; ``--precision`` keeps
+3 steps, a checkpoint every 2 steps, fp32 (``vsd.mixed_precision=fp16`` needs GPUs; ``--precision`` keeps
 PixArt's bf16), student EMA off under ZeRO-3 (refused with it), a local prompt lake and local
 storage; PixArt's text encoder stays in its own Ray Data actor (``data.text_encoding: actors``), on
 CPU. After the checkpoint at step 2 this script SIGKILLs one train worker: Ray Train restarts

@@ -236,7 +236,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         if self.vsd.mixed_precision == "fp16" and self.train.gpus_per_worker == 0:
-            raise ConfigError("vsd.mixed_precision=fp16 needs GPUs (DeepSpeed on CPU has no fp16): use bf16 or no")
+            raise ConfigError("vsd.mixed_precision=fp16 needs GPUs (the GPU recipes' mode; fp16 kernels on the CPU "
+                              "are slow or missing): use bf16 or no")
         if self.vsd.student_ema and self.train.zero_stage == 3:
             raise ConfigError("vsd.student_ema needs train.zero_stage <= 2 (ZeRO-3 partitions the student's "
                               "parameters across ranks): use zero_stage 2 or vsd.student_ema=0")

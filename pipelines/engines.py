@@ -4,6 +4,15 @@ Each engine wraps ``adapter_modules(denoiser, role)``: a ModuleList whose parame
 one adapter's, so the frozen shared base sits outside both optimizers (and both ZeRO partitions).
 The denoiser itself is never called through an engine: ``vsd_step`` runs the adapted denoiser,
 and the engine only owns backward / clip / step / checkpoint of its adapter's parameters.
+
+Precision: the engines are always fp32 (no ``bf16`` / ``fp16`` section). DeepSpeed's bf16 / fp16
+modes cast the engine's module, i.e. the adapters' angles, to half precision and keep fp32 only as
+the optimizer's master copy; the official code keeps the angles in fp32 and only the frozen base in
+half precision under autocast. ``vsd.mixed_precision`` does exactly that in ``WaDiDistiller`` (half
+base, fp32 adapters, torch.autocast forward); for fp16 ``DeepSpeedUpdater`` scales the loss as
+torch's GradScaler would. DeepSpeed's own ``torch_autocast`` section would only wrap ``engine(x)``,
+which is never called; its fp16 GradScaler never stepped under ZeRO-2 with DeepSpeed 0.19.8 on this
+CPU (every step skipped at scale 65536), so it is not used.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Any
 import torch
 
 from wadi_core.vsd import StepResult, VSDConfig
+from wadi_core.vsd.optim import make_optimizer
 
 from pipelines.checkpoint import install_safe_loading
 from pipelines.config import TrainConfig
@@ -30,15 +40,13 @@ def deepspeed_config(train: TrainConfig, vsd: VSDConfig) -> dict[str, Any]:
         "train_batch_size": train.global_batch,
         "gradient_clipping": vsd.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
-        # We pass torch's AdamW: DeepSpeed's CPUAdam/FusedAdam would compile C++ ops for minutes.
+        # We pass torch's AdamW (or bitsandbytes' 8-bit one): DeepSpeed's CPUAdam/FusedAdam would
+        # compile C++ ops for minutes.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if vsd.mixed_precision == "bf16":  # bf16 adapter weights, fp32 master copy in the optimizer
-        cfg["bf16"] = {"enabled": True}
-    elif vsd.mixed_precision == "fp16":
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    # No bf16 / fp16 section whatever vsd.mixed_precision says: the adapters stay fp32 (module docstring).
     return cfg
 
 
@@ -62,13 +70,14 @@ def init_distributed() -> None:
 
 
 def build_engine(module: torch.nn.Module, lr: float, train: TrainConfig, vsd: VSDConfig) -> Any:
-    """A DeepSpeed engine over ``module`` (one adapter's parameters) with torch AdamW (paper: wd 0)."""
+    """A DeepSpeed engine over ``module`` (one adapter's parameters) with ``vsd.optimizer`` (torch AdamW
+    or bitsandbytes' AdamW8bit; paper: wd 0) as its client optimizer."""
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the adapter module has no trainable parameters: was the adapter added?")
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(vsd.adam_betas), weight_decay=vsd.weight_decay)
+    optimizer = make_optimizer(params, vsd.optimizer, lr, tuple(vsd.adam_betas), vsd.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=deepspeed_config(train, vsd),
         dist_init_required=False,
@@ -84,15 +93,25 @@ class DeepSpeedUpdater:
     under ZeRO-0, its partition under ZeRO-1/2/3) and one all-reduce agrees on finiteness and the
     global norm, so a non-finite step is skipped on every rank. DeepSpeed's own skip covers only
     some precisions and stages (ZeRO-0 fp32 would step into NaN weights) and counts nothing.
+
+    ``fp16=True`` (``vsd.mixed_precision=fp16``): dynamic loss scaling with torch GradScaler's
+    defaults (start 2^16, halve on overflow, double after 2,000 good steps). The gradients are
+    unscaled before DeepSpeed clips and steps; a step whose scaled gradients overflowed is the
+    scaler's business (skipped, not counted as non-finite), as in ``TorchUpdater``.
     """
 
-    def __init__(self, engine: Any):
+    INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 16, 2000
+
+    def __init__(self, engine: Any, fp16: bool = False):
         self.engine = engine
         self._loss_finite = torch.ones((), dtype=torch.bool)
+        self.loss_scale = self.INIT_SCALE if fp16 else 1.0
+        self._fp16 = fp16
+        self._good_steps = 0
 
     def backward(self, loss: torch.Tensor) -> None:
         self._loss_finite = torch.isfinite(loss.detach()).all()
-        self.engine.backward(loss)
+        self.engine.backward(loss * self.loss_scale if self._fp16 else loss)
 
     def _local_grads(self) -> tuple[list[torch.Tensor], bool]:
         """The gradients this rank holds after backward, and whether every rank holds all of them
@@ -115,13 +134,21 @@ class DeepSpeedUpdater:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)  # nan / inf on any rank reach every rank
-        norm = float((stats[1] / (world if replicated else 1)).sqrt())
-        fp16 = self.engine.fp16_enabled()  # fp16 overflows are DeepSpeed's loss-scaler business
-        if stats[0] == 0 and (fp16 or math.isfinite(norm)):
+        norm = float((stats[1] / (world if replicated else 1)).sqrt()) / self.loss_scale
+        if stats[0] == 0 and self._fp16 and not math.isfinite(norm):  # the scale was too high: lower it
+            self.loss_scale /= 2
+            self._good_steps = 0
+            self._drop_gradients(grads)
+            return StepResult(norm, True)
+        if stats[0] == 0 and math.isfinite(norm):
+            if self._fp16:
+                for g in grads:  # every rank unscales what it holds, before DeepSpeed's clip sees it
+                    g.mul_(1.0 / self.loss_scale)
+                self._good_steps += 1
+                if self._good_steps >= self.GROWTH_INTERVAL:
+                    self.loss_scale *= 2
+                    self._good_steps = 0
             self.engine.step()  # clips to gradient_clipping, steps the optimizer, zeroes grads
-            if fp16:
-                ds_norm = self.engine.get_global_grad_norm()
-                norm = float(ds_norm) if ds_norm is not None else norm
             return StepResult(norm, True)
         self._drop_gradients(grads)
         return StepResult(norm if not math.isfinite(norm) else float("nan"), False)

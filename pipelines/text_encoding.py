@@ -75,13 +75,15 @@ class EncodedPrompts:
 
 class TextEncoderActor:
     """Ray Data callable class: loads the teacher's tokenizer + text encoder once; adds ``embeds``
-    (and ``mask`` for T5) to rows ``caption``, ``bad``. Bad rows (dropped by the worker) get zeros."""
+    (and ``mask`` for T5) to rows ``caption``, ``bad``. Bad rows (dropped by the worker) get zeros.
+    ``clip_mask``: CLIP runs with the attention mask (``vsd.prompt_encoding=official``, training prompts)."""
 
-    def __init__(self, teacher: str, dtype: str = "float32", use_gpu: bool = False):
+    def __init__(self, teacher: str, dtype: str = "float32", use_gpu: bool = False, clip_mask: bool = False):
         from wadi_core.models import load_prompt_encoder
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.encoder = load_prompt_encoder(teacher, DTYPES[dtype], device)
+        self.clip_mask = clip_mask
         self.empty = self.encoder([""])  # shape and mask layout for batches without a good row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,7 +92,7 @@ class TextEncoderActor:
         n, (_, length, dim) = len(captions), self.empty.embeds.shape
         embeds = np.zeros((n, length, dim), dtype=to_numpy(self.empty.embeds[:0]).dtype)
         out = {**batch, "embeds": embeds}
-        cond = self.encoder([captions[i] for i in good]) if good else None
+        cond = self.encoder([captions[i] for i in good], clip_mask=self.clip_mask) if good else None
         if cond is not None:
             embeds[good] = to_numpy(cond.embeds)
         if self.empty.mask is not None:
@@ -101,21 +103,22 @@ class TextEncoderActor:
         return out
 
 
-def _actor_args(cfg: "DistillConfig") -> dict[str, Any]:
+def _actor_args(cfg: "DistillConfig", clip_mask: bool = False) -> dict[str, Any]:
     import ray.data
 
     d = cfg.data
     return dict(
         fn_constructor_kwargs={"teacher": cfg.teacher, "dtype": d.encoder_dtype,
-                               "use_gpu": d.encoder_gpus_per_actor > 0},
+                               "use_gpu": d.encoder_gpus_per_actor > 0, "clip_mask": clip_mask},
         compute=ray.data.ActorPoolStrategy(size=d.encoder_actors), batch_size=d.encoder_batch_size,
         num_cpus=d.encoder_cpus_per_actor, num_gpus=d.encoder_gpus_per_actor, batch_format="numpy",
     )
 
 
 def encode_stage(ds: "ray.data.Dataset", cfg: "DistillConfig") -> "ray.data.Dataset":
-    """``ds`` (rows ``caption``, ``bad``) + the text-encoder actor stage (rows gain ``embeds``, ``mask``)."""
-    return ds.map_batches(TextEncoderActor, **_actor_args(cfg))
+    """``ds`` (rows ``caption``, ``bad``) + the text-encoder actor stage (rows gain ``embeds``, ``mask``);
+    training prompts, so encoded as ``vsd.prompt_encoding`` says."""
+    return ds.map_batches(TextEncoderActor, **_actor_args(cfg, clip_mask=cfg.vsd.prompt_encoding == "official"))
 
 
 def precompute_conds(cfg: "DistillConfig", prompts: list[str]) -> dict[str, Any]:
@@ -138,7 +141,8 @@ def remember_conds(teacher: "Teacher", conds: dict[str, Any]) -> None:
 
 
 def batch_cond(teacher: "Teacher", batch: "EncodedPrompts | list[str]") -> Cond:
-    """The conditioning of a train batch: streamed embeddings, or the worker's own text encoder."""
+    """The conditioning of a train batch: streamed embeddings, or the worker's own text encoder
+    (as ``teacher.prompt_encoding`` says, set from ``vsd.prompt_encoding``)."""
     if isinstance(batch, EncodedPrompts):
         return batch.cond(teacher.device, teacher.dtype)
-    return teacher.encode_prompts(batch)
+    return teacher.encode_train_prompts(batch)

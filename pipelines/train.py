@@ -162,7 +162,8 @@ class _Run:
         torch.manual_seed(cfg.train.seed + 7919 * self.rank)
         lrs = {"student": cfg.vsd.gen_lr, "fake": cfg.vsd.fake_lr}
         self.engines = {r: build_engine(self.distiller.modules(r), lrs[r], cfg.train, cfg.vsd) for r in ROLES}
-        self.updaters = {r: DeepSpeedUpdater(e) for r, e in self.engines.items()}
+        fp16 = cfg.vsd.mixed_precision == "fp16"  # loss scaling in the updater (the engines are fp32)
+        self.updaters = {r: DeepSpeedUpdater(e, fp16=fp16) for r, e in self.engines.items()}
         # Under ZeRO <= 2 every rank holds the full (identical) student: each keeps the same average.
         self.ema = (AdapterEMA(self.distiller.parameters("student"), cfg.vsd.student_ema)
                     if cfg.vsd.student_ema else None)

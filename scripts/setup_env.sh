@@ -15,5 +15,5 @@ fi
 # torch first and pinned, in its own command: a resolver that sees an unpinned torch first
 # would pick a multi-GB CUDA build from the index.
 .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[pipeline,eval,dev,system-metrics]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[pipeline,eval,dev,system-metrics,adam8bit]"
 echo "$want" > "$stamp"

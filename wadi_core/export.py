@@ -64,7 +64,9 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
     Built from config and the base weights, so the (shared, frozen) training model is untouched.
     """
     den = teacher.denoiser
-    dtype = dtype or teacher.dtype
+    # At least fp32 by default: a base trained in half precision (vsd.mixed_precision) must not make a
+    # half-precision denoiser next to the pipeline's fp32 VAE and text encoder.
+    dtype = dtype or torch.promote_types(teacher.dtype, torch.float32)
     merged = type(den).from_config(den.config)  # fp32 on CPU
     wanted = merged.state_dict()
     base = {k: v.detach().to("cpu", torch.float32) for k, v in den.state_dict().items() if k in wanted}

@@ -138,7 +138,7 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
                 break  # wall-clock budget spent: stop here, still save state and export
             batch = [next(prompts) for _ in range(cfg.batch_size)]
             position += cfg.batch_size
-            cond = teacher.encode_prompts(batch)
+            cond = teacher.encode_train_prompts(batch)
             metrics = vsd_step(distiller, cond, updaters["student"], updaters["fake"], generator)
             if ema is not None and not metrics.get("skipped_nonfinite"):
                 ema.update()

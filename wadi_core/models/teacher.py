@@ -76,6 +76,9 @@ class Teacher:
     source: str = ""
     max_text_length: int = 77
     root: Path | None = None  # the local diffusers folder it was loaded from
+    # How ``encode_train_prompts`` encodes CLIP prompts: "diffusers" (no attention mask, as
+    # StableDiffusionPipeline) or "official" (the official training data's mask); see VSDConfig.
+    prompt_encoding: str = "diffusers"
     _null: Cond | None = field(default=None, repr=False)
     _known: dict[str, Cond] = field(default_factory=dict, repr=False)
 
@@ -127,6 +130,16 @@ class Teacher:
                                f"{len(missing)} prompt(s) were not precomputed (first: {missing[0]!r}): pass their "
                                "embeddings with Teacher.remember, or load it with text_encoder=True")
         return Cond.cat([self._known[p] for p in prompts]).to(self.device).to_dtype(self.dtype)
+
+    @torch.no_grad()
+    def encode_train_prompts(self, prompts: list[str]) -> Cond:
+        """Training prompts as ``prompt_encoding`` says: "official" runs CLIP with the attention mask
+        (the official training data); "diffusers", and every T5 teacher, as ``encode_prompts``. The null
+        prompt and sample prompts always go through ``encode_prompts`` (the official code: no mask)."""
+        if self.prompt_encoding == "official" and self.family == "sd" and self.text_encoder is not None:
+            return encode_text(self.text_encoder, self.tokenizer, self.family, self.max_text_length, prompts,
+                               clip_mask=True).to_dtype(self.dtype)
+        return self.encode_prompts(prompts)
 
     def remember(self, prompts: list[str], cond: Cond) -> None:
         """Keep precomputed conditionings (one row per prompt), e.g. the empty prompt and the
@@ -203,9 +216,11 @@ class Teacher:
 
 @torch.no_grad()
 def encode_text(text_encoder: nn.Module, tokenizer: Any, family: Family, max_length: int,
-                prompts: list[str]) -> Cond:
+                prompts: list[str], clip_mask: bool = False) -> Cond:
     """Prompts -> ``Cond`` in the encoder's dtype, as the diffusers pipelines encode them: CLIP at
-    77 tokens (SD), T5 with its attention mask at 120 tokens (PixArt-alpha)."""
+    77 tokens (SD), T5 with its attention mask at 120 tokens (PixArt-alpha). ``clip_mask`` runs CLIP
+    with the tokenizer's attention mask too (the official WaDi training data); the UNet takes no mask,
+    so only the padding positions' embeddings change."""
     tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="pt")
     device = next(text_encoder.parameters()).device
@@ -213,7 +228,8 @@ def encode_text(text_encoder: nn.Module, tokenizer: Any, family: Family, max_len
     if family == "pixart":
         mask = tok.attention_mask.to(device)
         return Cond(text_encoder(ids, attention_mask=mask)[0], mask)
-    mask = tok.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    use_mask = clip_mask or getattr(text_encoder.config, "use_attention_mask", False)
+    mask = tok.attention_mask.to(device) if use_mask else None
     return Cond(text_encoder(ids, attention_mask=mask)[0], None)
 
 
@@ -226,8 +242,10 @@ class PromptEncoder:
     family: Family
     max_length: int
 
-    def __call__(self, prompts: list[str]) -> Cond:
-        return encode_text(self.text_encoder, self.tokenizer, self.family, self.max_length, prompts)
+    def __call__(self, prompts: list[str], clip_mask: bool = False) -> Cond:
+        """``encode_text`` of ``prompts`` (``clip_mask``: CLIP with the attention mask)."""
+        return encode_text(self.text_encoder, self.tokenizer, self.family, self.max_length, prompts,
+                           clip_mask=clip_mask)
 
 
 def resolve_teacher_dir(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -46,8 +46,17 @@ class VSDConfig:
     student: AdapterSpec = field(default_factory=lambda: AdapterSpec("lorad", 256))
     fake: AdapterSpec = field(default_factory=lambda: AdapterSpec("lorad", 32))
     student_ema: float = 0.0          # EMA decay of the student adapter used for samples and export (0: off)
+    # "bf16" / "fp16": the frozen base in that dtype and the forward under torch.autocast, the adapters
+    # and their optimizer state in fp32 (as the official code: fp16 base, fp32 angles, autocast)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    # "adamw": torch AdamW, fp32 state; "adamw_8bit": bitsandbytes AdamW8bit (the official --use_8bit_adam),
+    # 8-bit blockwise state, an optional dependency (pip install bitsandbytes)
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    # CLIP training prompts: "diffusers" encodes them as StableDiffusionPipeline does at inference (no
+    # attention mask); "official" as the official training data (mask on), the null prompt without.
+    # T5 (PixArt) takes its mask either way.
+    prompt_encoding: Literal["diffusers", "official"] = "diffusers"
 
     def __post_init__(self) -> None:
         if not 0 <= self.t_min <= self.t_max:
@@ -64,6 +73,12 @@ class VSDConfig:
             raise ValueError(f"student_ema is an EMA decay in [0, 1) (0: off), got {self.student_ema}")
         if self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 (use a large value to disable), got {self.grad_clip}")
+        if self.optimizer not in ("adamw", "adamw_8bit"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adamw_8bit', got {self.optimizer!r}")
+        if self.prompt_encoding not in ("diffusers", "official"):
+            raise ValueError(f"prompt_encoding must be 'diffusers' or 'official', got {self.prompt_encoding!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         for name, lr in (("gen_lr", self.gen_lr), ("fake_lr", self.fake_lr)):
             if not 0.0 < lr < float("inf"):
                 raise ValueError(f"{name} must be a positive, finite learning rate, got {lr}")

@@ -12,13 +12,16 @@ from wadi_core.models.teacher import Cond, Teacher
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.losses import at_least_fp32, cfg_combine, x0_from_eps
 
-__all__ = ["OFFICIAL_STUDENT_ALPHABAR", "Role", "WaDiDistiller", "resolve_student_alphabar"]
+__all__ = ["HALF_DTYPES", "OFFICIAL_STUDENT_ALPHABAR", "Role", "WaDiDistiller", "resolve_student_alphabar"]
 
 Role = Literal["teacher", "student", "fake"]
 _ADAPTER_OF_ROLE: dict[str, str | None] = {"teacher": None, "student": "student", "fake": "fake"}
 
 
 OFFICIAL_STUDENT_ALPHABAR = 0.0047  # the official code's one-step ``a``, SD and PixArt alike
+
+#: The frozen base's dtype and the autocast dtype of each ``VSDConfig.mixed_precision``.
+HALF_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_student_alphabar(cfg: VSDConfig, alphas_cumprod: Tensor, prediction_type: str) -> float:
@@ -52,6 +55,11 @@ class WaDiDistiller:
             raise ValueError(f"a v-prediction teacher needs vsd.student_alphabar=schedule or auto (alphabar_"
                              f"{cfg.student_timestep} = {schedule_a:.3g}), got {cfg.student_alphabar}")
         den = teacher.denoiser
+        if cfg.mixed_precision != "no":
+            # As the official code: the frozen base in half precision, the adapters added after it in
+            # fp32 (``default_adapter_dtype``), the forward under autocast (``autocast``).
+            den.to(HALF_DTYPES[cfg.mixed_precision])
+        teacher.prompt_encoding = cfg.prompt_encoding  # how ``encode_train_prompts`` encodes
         for role, spec in (("student", cfg.student), ("fake", cfg.fake)):
             apply_adapter(den, spec, role, teacher.family)
         set_adapter(den, None)
@@ -96,11 +104,11 @@ class WaDiDistiller:
             self._active = previous
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """torch.autocast in ``cfg.mixed_precision`` (a no-op for "no")."""
         mp = self.cfg.mixed_precision
         if mp == "no":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=HALF_DTYPES[mp])
 
     # -- predictions ----------------------------------------------------------------------------
     def abar(self, t: Tensor) -> Tensor:

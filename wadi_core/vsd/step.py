@@ -12,6 +12,7 @@ from wadi_core.models.teacher import Cond
 from wadi_core.vsd.distiller import WaDiDistiller
 from wadi_core.vsd.losses import (add_noise, at_least_fp32, dmd2_gradient, fake_score_loss, generator_loss,
                                   guidance_in_interval, vsd_gradient)
+from wadi_core.vsd.optim import make_optimizer
 
 __all__ = ["Updater", "StepResult", "TorchUpdater", "vsd_step", "make_updaters", "NonFiniteGuard", "NonFiniteTraining"]
 
@@ -50,11 +51,12 @@ class TorchUpdater:
     """AdamW on a parameter list with grad-norm clipping, a non-finite check (and a GradScaler for fp16)."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, clip: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), fp16_scaler: bool = False) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), fp16_scaler: bool = False,
+                 optimizer: str = "adamw") -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("TorchUpdater got no trainable parameters: was the adapter added?")
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.optimizer = make_optimizer(self.params, optimizer, lr, betas, weight_decay)
         self.clip = clip
         device = self.params[0].device.type
         self.scaler = torch.amp.GradScaler(device) if fp16_scaler else None
@@ -199,12 +201,12 @@ class NonFiniteGuard:
 
 
 def make_updaters(distiller: WaDiDistiller) -> dict[str, TorchUpdater]:
-    """Plain AdamW updaters for "student" (gen_lr) and "fake" (fake_lr) as in the paper."""
+    """AdamW updaters (``cfg.optimizer``) for "student" (gen_lr) and "fake" (fake_lr) as in the paper."""
     cfg = distiller.cfg
     fp16 = cfg.mixed_precision == "fp16"
     return {
         "student": TorchUpdater(distiller.parameters("student"), cfg.gen_lr, cfg.grad_clip, cfg.weight_decay,
-                                cfg.adam_betas, fp16_scaler=fp16),
+                                cfg.adam_betas, fp16_scaler=fp16, optimizer=cfg.optimizer),
         "fake": TorchUpdater(distiller.parameters("fake"), cfg.fake_lr, cfg.grad_clip, cfg.weight_decay,
-                             cfg.adam_betas, fp16_scaler=fp16),
+                             cfg.adam_betas, fp16_scaler=fp16, optimizer=cfg.optimizer),
     }
