@@ -70,7 +70,7 @@ def worker(teacher: str, mode: str, dtype: str) -> dict:
 
     from wadi_core.models import load_teacher
 
-    from pipelines.text_encoding import EncodedPrompts
+    from pipelines.data.text_encoding import EncodedPrompts
 
     torch.set_num_threads(1)
     Path("/proc/self/clear_refs").write_text("5")  # peak-RSS mark := current RSS (after imports)

@@ -153,7 +153,7 @@ def _overrides(arch: str, zero: int, teacher: Path, lake: Path, work: Path, prec
     }
     if zero == 3:
         ov["vsd.student_ema"] = 0  # ZeRO-3 partitions the student: the EMA is refused with it
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     if load_config(RECIPES[arch]).data.text_encoding == "actors":  # PixArt: T5 in its own Ray Data actor
         # On CPU: 2 x 0.25 (workers) + 0.5 (encoder actor) of 2 CPUs leaves Ray Data 1 to read with.

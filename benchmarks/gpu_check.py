@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --smoke         # CPU, tiny sizes, seconds (what the tests run)
 
 Needs torch, diffusers and transformers only: it imports ``wadi_core`` and
-``pipelines.collectives``, neither of which imports ray, deepspeed or mlflow. Weights are random
+``pipelines.runtime.collectives``, neither of which imports ray, deepspeed or mlflow. Weights are random
 (built from the configs in the repo): speed and memory do not depend on their values.
 
 1. ``vsd``: one ``vsd_step`` (student + fake update, AdamW, LoRaD r=256 / r=32) on the SD1.5 UNet
@@ -14,7 +14,7 @@ Needs torch, diffusers and transformers only: it imports ``wadi_core`` and
 2. ``adapters``: one LoRaD layer forward + backward against full fine-tuning, LoRA and the
    public code's hook-style LoRaD at SD1.5 layer shapes and token counts, fp16 autocast
    (``benchmarks/bench_adapters.py``).
-3. ``collectives``: the train loop's flag / counter all-reduces (``pipelines.collectives``) on a
+3. ``collectives``: the train loop's flag / counter all-reduces (``pipelines.runtime.collectives``) on a
    1-rank NCCL group with CUDA tensors, their answers, and the refusal of a CPU tensor.
 4. ``generation``: images/s of the student (1 step, no CFG, merged = a plain UNet pass) and the
    teacher (25 DDIM steps with CFG, two UNet passes per step), text encoding and VAE decoding
@@ -107,7 +107,7 @@ def check_collectives(args: argparse.Namespace, device: torch.device) -> list[Ro
 
     import torch.distributed as dist
 
-    from pipelines.collectives import all_ranks_true, any_rank_true, sum_over_ranks
+    from pipelines.runtime.collectives import all_ranks_true, any_rank_true, sum_over_ranks
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     with socket.socket() as s:

@@ -28,10 +28,10 @@ from pathlib import Path
 from experiments.ablation import BUDGETS, AblationConfig, load_rows, run_ablation, write_report
 from wadi_core.config import base_part, to_flat_dict
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.config import check_adapter_ranks
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.config.job import check_adapter_ranks
 
-from pipelines.tracking import redact
+from wadi_core.redact import redact
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         import functools
 
-        from pipelines.tracking import default_tracking_uri, start_run
+        from pipelines.tracking.client import default_tracking_uri, start_run
 
         uri = cfg.tracking_uri or default_tracking_uri(out)
         factory = functools.partial(start_run, cfg.experiment, tracking_uri=uri)

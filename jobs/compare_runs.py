@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines import tracking
+from pipelines.tracking.client import default_tracking_uri, redact_uri
 
 DEFAULT_METRICS = ("fid", "precision", "recall", "alignment", "clip_score", "hpsv2")
 COLUMNS = ("run", "run_id", "model", "steps", "guidance", "checkpoint")
@@ -41,12 +41,12 @@ def fetch_runs(experiments: list[str], tracking_uri: str | None, filter_string: 
     """One dict per run: identity columns plus all its metrics, oldest first."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri or tracking.default_tracking_uri(Path.cwd() / "runs"))
+    client = mlflow.MlflowClient(tracking_uri or default_tracking_uri(Path.cwd() / "runs"))
     ids = []
     for name in experiments:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            raise SystemExit(f"no MLflow experiment named {name!r} at {tracking.redact_uri(client.tracking_uri)}")
+            raise SystemExit(f"no MLflow experiment named {name!r} at {redact_uri(client.tracking_uri)}")
         ids.append(exp.experiment_id)
     # run_id breaks ties of start_time, so that pages never repeat or skip a run
     runs = search_all_runs(client, ids, filter_string, ["attributes.start_time ASC", "attributes.run_id ASC"],
@@ -123,7 +123,7 @@ class CompareRunsJob:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from pipelines.cli import add_config_arguments, config_from_args
+    from pipelines.config.cli import add_config_arguments, config_from_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)

@@ -39,7 +39,7 @@ class ControlNetJob(ControlNetConfig):
     teacher: str = "embedded"       # diffusers SD folder, s3:// prefix or "embedded"
     controlnet: str = ""            # an existing diffusers ControlNetModel folder (local or s3://): no training
     trainer: str = "local"          # local: one process | ray: Ray Train workers on an image lake
-    lake: str = ""                  # trainer=ray: image lake (pipelines/control_lake.py), local or s3://;
+    lake: str = ""                  # trainer=ray: image lake (pipelines/data/control_lake.py), local or s3://;
                                     # empty: num_images domain renders written to <out>/lake
     workers: int = 2                # trainer=ray: data-parallel workers (batch_size is the global batch)
     cpus_per_worker: float = 0.5    # Ray Data needs a CPU beside the workers (checked before the run)
@@ -71,7 +71,7 @@ class ControlNetJob(ControlNetConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> ControlNetJob:
-    from pipelines.cli import add_config_arguments, config_from_args
+    from pipelines.config.cli import add_config_arguments, config_from_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
@@ -79,12 +79,12 @@ def parse_args(argv: list[str] | None = None) -> ControlNetJob:
 
 
 def _train_on_ray(args: ControlNetJob, cfg: ControlNetConfig, out: Path, size: int, tracker, tracking_uri: str):
-    """The ControlNet trained by Ray Train workers (pipelines/controlnet_train.py) on an image lake."""
-    from pipelines.controlnet_train import RayControlNetSpec, run_controlnet_training
+    """The ControlNet trained by Ray Train workers (pipelines/train/controlnet.py) on an image lake."""
+    from pipelines.train.controlnet import RayControlNetSpec, run_controlnet_training
 
     lake = args.lake
     if not lake:
-        from pipelines.control_lake import write_control_shards
+        from pipelines.data.control_lake import write_control_shards
         from wadi_core.downstream.controlnet import domain_control_samples
 
         lake = str(out / "lake")
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from pipelines.tracking import default_tracking_uri, redact, start_run
+    from pipelines.tracking.client import default_tracking_uri, start_run
+    from wadi_core.redact import redact
     from wadi_core.config import to_flat_dict
     from wadi_core.domain.evaluator import load_domain_evaluator
     from wadi_core.domain.quality import real_feature_stats

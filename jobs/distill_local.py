@@ -100,8 +100,8 @@ def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import add_config_arguments, config_from_args
-    from pipelines.config import check_adapter_ranks
+    from pipelines.config.cli import add_config_arguments, config_from_args
+    from pipelines.config.job import check_adapter_ranks
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(ap, default_recipe="embedded")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from wadi_core.config import to_flat_dict
     from wadi_core.local_train import train_local
 
-    from pipelines.tracking import redact  # no Ray, DeepSpeed or MLflow import
+    from wadi_core.redact import redact  # no Ray, DeepSpeed or MLflow import
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

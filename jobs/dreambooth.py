@@ -57,7 +57,7 @@ class DreamBoothJob(DreamBoothConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> DreamBoothJob:
-    from pipelines.cli import add_config_arguments, config_from_args
+    from pipelines.config.cli import add_config_arguments, config_from_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from pipelines.tracking import default_tracking_uri, redact, start_run
+    from pipelines.tracking.client import default_tracking_uri, start_run
+    from wadi_core.redact import redact
     from wadi_core.adapters import save_adapter
     from wadi_core.domain.evaluator import load_domain_evaluator
     from wadi_core.downstream.dreambooth import (DreamBoothConfig, apply_subject_adapter, make_subject_data,

@@ -39,7 +39,7 @@ class TeacherEvalJob:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import add_config_arguments, config_from_args
+    from pipelines.config.cli import add_config_arguments, config_from_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)

@@ -36,10 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 from wadi_core.config import base_part
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.eval_runs import (EvalConfig, ensure_reference, init_ray, run_evaluation,
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.evaluate.runs import (EvalConfig, ensure_reference, init_ray, run_evaluation,
                                  run_schedule)
-from pipelines.tracking import redact
+from wadi_core.redact import redact
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def _vsd_config(recipe: str, student_spec):
     from wadi_core.config import from_dict, unflatten
     from wadi_core.vsd import VSDConfig
 
-    from pipelines.config import read_recipe
+    from pipelines.config.cli import read_recipe
 
     _, data = read_recipe(recipe)
     cfg = from_dict(VSDConfig, unflatten(dict(data.get("vsd") or {})))
@@ -165,7 +165,7 @@ class ExportJob:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from pipelines.cli import add_config_arguments, config_from_args
+    from pipelines.config.cli import add_config_arguments, config_from_args
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(ap)

@@ -18,8 +18,8 @@ from typing import Literal
 from wadi_core import storage
 from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.tracking import redact
+from pipelines.config.cli import add_config_arguments, config_from_args
+from wadi_core.redact import redact
 
 Split = Literal["train", "heldout", "all"]
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = p.parse_args(argv)
     args = config_from_args(JourneyDBShards if ns.source == "journeydb" else DomainShards, ns)
     if args.writer == "webdataset":
-        from pipelines.wds_shards import write_prompt_shards_webdataset as writer
+        from pipelines.data.wds_shards import write_prompt_shards_webdataset as writer
     else:
         from wadi_core.prompts import write_prompt_shards as writer
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.tracking import start_run
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.tracking.client import start_run
 from wadi_core.config import base_part, to_flat_dict
 from wadi_core.domain.pretrain import GRID_PROMPTS, PretrainConfig, pretrain_teacher
 

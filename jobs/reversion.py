@@ -58,7 +58,7 @@ class ReVersionJob:
 
 
 def parse_args(argv: list[str] | None = None) -> ReVersionJob:
-    from pipelines.cli import add_config_arguments, config_from_args
+    from pipelines.config.cli import add_config_arguments, config_from_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from pipelines.tracking import default_tracking_uri, redact, start_run
+    from pipelines.tracking.client import default_tracking_uri, start_run
+    from wadi_core.redact import redact
     from wadi_core.downstream.report import labelled_grid, markdown_table
     from wadi_core.downstream.reversion import (RelationConfig, SceneTeacherConfig, finetune_scene_teacher,
                                                 invert_relation, load_token, relation_accuracy, save_token,

@@ -46,7 +46,7 @@ def recipe_vsd(recipe: str = "embedded") -> VSDConfig:
     student weights (its runs export nothing), whatever ``student_ema`` says."""
     from wadi_core.config import from_dict
 
-    from pipelines.config import read_recipe
+    from pipelines.config.cli import read_recipe
 
     _, data = read_recipe(recipe)
     return from_dict(VSDConfig, data.get("vsd") or {})

@@ -11,7 +11,7 @@ step are the embedded recipe's (``wadi_core.vsd.vsd_step``); the student EMA (0.
 as a one-step diffusers pipeline in the same layout as ``wadi_core.export``.
 
     python -m experiments.quality.full_capacity_student --out runs/fs_lorad --mode lorad --lr 1e-3
-    python jobs/evaluate.py run ...   # or pipelines.final_eval's protocol, see docs/QUALITY.md
+    python jobs/evaluate.py run ...   # or pipelines.evaluate.final's protocol, see docs/QUALITY.md
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def student_copy(unet: nn.Module, mode: str, rank: int) -> tuple[nn.Module, list
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.config import read_recipe
+    from pipelines.config.cli import read_recipe
     from wadi_core.config import from_dict
     from wadi_core.export import export_one_step_pipeline
     from wadi_core.local_train import prompt_stream

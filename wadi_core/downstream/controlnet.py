@@ -223,7 +223,7 @@ def control_eval_set(n: int, seed: int = 1, split: str = "train", size: int = 32
 
 def domain_control_samples(n: int, seed: int, size: int = 32):
     """``(key, image uint8 (H, W, 3), silhouette uint8 (H, W), caption)`` for ``n`` domain renders: the
-    rows of an image lake (``pipelines.control_lake.write_control_shards``) for Ray Train, the same
+    rows of an image lake (``pipelines.data.control_lake.write_control_shards``) for Ray Train, the same
     renders ``train_controlnet`` draws its batches from for a given ``seed``."""
     from wadi_core.domain import caption
     from wadi_core.domain.data import make_render_set

@@ -25,7 +25,7 @@ __all__ = ["journeydb_to_shards", "domain_to_shards", "EmbeddedLake", "ensure_em
 LAKE_VERSION = "v1"
 
 
-ShardWriterFn = Callable[..., dict[str, Any]]  # write_prompt_shards' signature (pipelines.wds_shards has one too)
+ShardWriterFn = Callable[..., dict[str, Any]]  # write_prompt_shards' signature (pipelines.data.wds_shards has one too)
 
 
 def journeydb_to_shards(annotation_uris: Iterable[str], out_uri: str, shard_size: int = 10_000,

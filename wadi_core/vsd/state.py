@@ -2,7 +2,7 @@
 was trained for) and, for the single-process trainer, its tensors (adapters, optimizers, RNG).
 
 One type for both trainers. ``wadi_core.local_train`` keeps everything in it; a Ray Train worker
-(``pipelines.checkpoint``) keeps only the scalars here, because DeepSpeed's engines write the
+(``pipelines.train.checkpoint``) keeps only the scalars here, because DeepSpeed's engines write the
 sharded tensors. Kept apart from the exported model: ``<dir>/train_state.json`` (structure and
 scalars) and ``<dir>/train_state.safetensors`` (every tensor, when there are any). No pickle.
 """

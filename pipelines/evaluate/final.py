@@ -1,6 +1,6 @@
 """The end of a distillation job: its exported one-step student measured against the teacher.
 
-Both go through the evaluation job's own protocol (``pipelines.eval_runs.run_evaluation``: the same
+Both go through the evaluation job's own protocol (``pipelines.evaluate.runs.run_evaluation``: the same
 prompts, per-prompt noise, extractor and reference). The teacher's numbers depend only on the
 teacher, the prompts and the sampler, so they are computed once and cached under
 ``<results>/runs/eval_cache/``; the student's are logged as metrics of the training run
@@ -19,7 +19,7 @@ from typing import Any
 
 from wadi_core import storage
 
-from pipelines.config import DistillConfig, EvaluationConfig
+from pipelines.config.job import DistillConfig, EvaluationConfig
 
 __all__ = ["final_evaluation", "format_table", "METRICS"]
 
@@ -28,9 +28,9 @@ METRICS = ("fid", "precision", "recall", "alignment")
 
 def _eval_config(cfg: DistillConfig, ev: EvaluationConfig, model_uri: str, steps: int, guidance: float,
                  out: str, tracking: Any) -> Any:
-    from pipelines.eval_runs import EvalConfig, RayResources, TrackingSpec
-    from pipelines.evaluation import MetricsSpec
-    from pipelines.generation import ModelSpec
+    from pipelines.evaluate.runs import EvalConfig, RayResources, TrackingSpec
+    from pipelines.evaluate.metrics import MetricsSpec
+    from pipelines.evaluate.generation import ModelSpec
 
     return EvalConfig(
         model=ModelSpec(uri=model_uri, steps=steps, guidance=guidance),
@@ -73,7 +73,7 @@ def teacher_metrics(cfg: DistillConfig, ev: EvaluationConfig, cache_root: str,
                     tracking_uri: str | None = None) -> tuple[dict[str, float], str]:
     """The teacher's metrics at ``ev.teacher_steps`` / ``ev.teacher_guidance``: cached, else computed
     (and then logged once as an evaluation run of the training experiment)."""
-    from pipelines.eval_runs import TrackingSpec, run_evaluation
+    from pipelines.evaluate.runs import TrackingSpec, run_evaluation
 
     key = _teacher_key(cfg, ev)
     out = storage.join(cache_root, f"teacher-{key}")
@@ -147,7 +147,7 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
     ev = cfg.evaluation
     if not ev.num_prompts:
         return None
-    from pipelines.eval_runs import TrackingSpec, run_evaluation
+    from pipelines.evaluate.runs import TrackingSpec, run_evaluation
 
     cache_root = str(Path(results_root) / "runs" / "eval_cache")
     teacher, teacher_out = teacher_metrics(cfg, ev, cache_root, tracking_uri)
@@ -165,7 +165,7 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
     if teacher.get("precision") and "precision" in student:
         logged["final/precision_ratio_higher_better"] = float(student["precision"]) / float(teacher["precision"])
     if train_run_id:
-        from pipelines.tracking import start_run
+        from pipelines.tracking.client import start_run
 
         with start_run(cfg.tracking.experiment, tracking_uri=tracking_uri, run_id=train_run_id) as tracker:
             tracker.log_metrics(logged, step=step)

@@ -21,10 +21,10 @@ from typing import Any, Literal
 from wadi_core import storage
 from wadi_core.config import to_flat_dict
 
-from pipelines import tracking
-from pipelines.evaluation import (MetricsSpec, Reference, build_reference, compute_metrics, env_for_workers,
+from pipelines.tracking.client import default_tracking_uri, git_sha, start_run
+from pipelines.evaluate.metrics import (MetricsSpec, Reference, build_reference, compute_metrics, env_for_workers,
                                   extractor_weights_sha256, features_and_stats, sample_grid)
-from pipelines.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
+from pipelines.evaluate.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
 
 __all__ = ["RayResources", "TrackingSpec", "EvalConfig", "run_evaluation", "ensure_reference", "init_ray",
            "check_actor_accelerator",
@@ -50,7 +50,7 @@ class RayResources:
     accelerator_type: str = ""
 
     def __post_init__(self) -> None:
-        from pipelines.cluster import check_accelerator_type
+        from pipelines.runtime.cluster import check_accelerator_type
 
         if self.gen_workers < 1 or self.metric_workers < 1 or self.batch_size < 1:
             raise ValueError("gen_workers, metric_workers and batch_size must be >= 1")
@@ -105,7 +105,7 @@ class EvalConfig:
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; workers get the S3 / MLflow env."""
-    from pipelines.cluster import init_ray as start_or_join
+    from pipelines.runtime.cluster import init_ray as start_or_join
 
     start_or_join(num_cpus=num_cpus, runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
 
@@ -116,7 +116,7 @@ def check_actor_accelerator(r: RayResources) -> None:
         return
     import ray
 
-    from pipelines.cluster import check_accelerator_available
+    from pipelines.runtime.cluster import check_accelerator_available
 
     check_accelerator_available(r.accelerator_type, ray.cluster_resources(), "ray.accelerator_type", strict=False)
 
@@ -228,7 +228,7 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
                 reference: Reference | None, records: list[Any] | None = None) -> None:
     t = cfg.tracking
     experiment, tags = t.experiment, {"wadi.kind": "evaluation", "wadi.model_uri": cfg.model.uri,
-                                      "wadi.git_sha": tracking.git_sha()}
+                                      "wadi.git_sha": git_sha()}
     if t.train_run_id:
         tags.update({"wadi.train_run_id": t.train_run_id, "mlflow.parentRunId": t.train_run_id})
         experiment = _experiment_of_run(t.train_run_id, t.tracking_uri) or experiment
@@ -248,7 +248,7 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
     model_id = logged_model_id(cfg.model.uri, t.tracking_uri)
     if model_id:
         tags["wadi.model_id"] = model_id
-    with tracking.start_run(experiment, run_name=name, tracking_uri=resolve_tracking_uri(t.tracking_uri),
+    with start_run(experiment, run_name=name, tracking_uri=resolve_tracking_uri(t.tracking_uri),
                             params=params, tags=tags,
                             started_at=time.time() - float(metrics.get("eval_seconds", 0.0))) as run:
         dataset = None
@@ -284,7 +284,7 @@ def _local_copy(uri: str) -> Path | None:
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
     """The given URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/runs/mlflow.db`` (jobs/distill.py's)."""
-    return tracking_uri or tracking.default_tracking_uri(Path.cwd() / "runs")
+    return tracking_uri or default_tracking_uri(Path.cwd() / "runs")
 
 
 def _client(tracking_uri: str | None) -> Any:
@@ -409,9 +409,9 @@ def evaluated_checkpoint_ids(cfg: EvalConfig, source: str) -> set[str]:
 
 def checkpoint_train_run_id(source: str, checkpoint_id: str) -> str | None:
     """The MLflow run that wrote a checkpoint, from its own record (the ``mlflow_run_id`` of its
-    ``train_state.json``, or ``progress.json`` in older ones: pipelines.checkpoint); None when the
+    ``train_state.json``, or ``progress.json`` in older ones: pipelines.train.checkpoint); None when the
     checkpoint has no such record."""
-    from pipelines.checkpoint import STATE_FILES
+    from pipelines.train.checkpoint import STATE_FILES
 
     if source.startswith(("runs:/", "models:/")):
         return None

@@ -167,7 +167,7 @@ class MetricActor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.generation import encode_png
+        from pipelines.evaluate.generation import encode_png
 
         x = images_for_metrics(batch["image"], self.spec.protocol_size)
         out = {k: v for k, v in batch.items() if k != "image"}

@@ -5,7 +5,7 @@ Layout: a folder (local or ``s3://bucket/prefix``) of tar shards whose samples a
 depth map; grey or RGB) and ``<key>.txt`` (the caption); the usual way to build one for a real
 model is to run a control extractor (Canny, depth, segmentation) over an image-caption lake once.
 
-Reading mirrors the prompt lake (``pipelines.data``): one shard per Ray Data row, read with
+Reading mirrors the prompt lake (``pipelines.data.prompts``): one shard per Ray Data row, read with
 retries, parsed in the same task; images stay PNG-encoded until the train worker decodes them
 (the object store moves compressed bytes). A shard that cannot be read or parsed, and a sample
 missing a part or holding an image PIL cannot decode, become counted rows (``bad`` > 0) that the
@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from pipelines.data import _read_shard as read_shard
-from pipelines.data import cached_filesystem, shard_path_dataset
+from pipelines.data.prompts import cached_filesystem, read_shard, shard_path_dataset
 
 if TYPE_CHECKING:
     import pyarrow

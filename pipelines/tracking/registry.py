@@ -23,7 +23,7 @@ __all__ = ["MODEL_CODE", "REQUIREMENTS", "model_signature", "pinned_requirements
 # The pyfunc class lives in its own file, logged as a "model from code": loading the registered
 # model then executes that reviewed source instead of unpickling a Python object.
 MODEL_CODE = Path(__file__).with_name("one_step_model.py")
-CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
 # What loading and running the model needs (mlflow itself is added by MLflow).
 REQUIREMENTS = ("torch", "diffusers", "transformers", "safetensors", "accelerate", "numpy", "pillow")
 

@@ -21,18 +21,18 @@ import torch
 from wadi_core.config import from_dict
 from wadi_core.vsd.ema import AdapterEMA
 
-from pipelines.checkpoint import (TamperedCheckpoint, TrainState, file_manifest, load_first_good_checkpoint,
+from pipelines.train.checkpoint import (TamperedCheckpoint, TrainState, file_manifest, load_first_good_checkpoint,
                                   load_training_state, mark_complete, merge_manifests, model_fingerprint,
                                   save_training_state, upload_checkpoint)
 # Flag / counter all-reduces on the training device (NCCL takes CUDA tensors only).
-from pipelines.collectives import all_ranks_true as _all_ranks_true
-from pipelines.collectives import any_rank_true as _any_rank_true
-from pipelines.collectives import sum_over_ranks as _sum_over_ranks
-from pipelines.config import DistillConfig
-from pipelines.data import PromptStream
-from pipelines.stop import StopWatch
-from pipelines.tarshards import BAD_REASONS
-from pipelines.text_encoding import batch_cond, remember_conds
+from pipelines.runtime.collectives import all_ranks_true as _all_ranks_true
+from pipelines.runtime.collectives import any_rank_true as _any_rank_true
+from pipelines.runtime.collectives import sum_over_ranks as _sum_over_ranks
+from pipelines.config.job import DistillConfig
+from pipelines.data.prompts import PromptStream
+from pipelines.runtime.stop import StopWatch
+from pipelines.data.tarshards import BAD_REASONS
+from pipelines.data.text_encoding import batch_cond, remember_conds
 
 __all__ = ["train_loop", "dataset_name", "every"]
 
@@ -129,7 +129,7 @@ class _Run:
         from wadi_core.models import load_teacher
         from wadi_core.vsd import WaDiDistiller
 
-        from pipelines.engines import init_distributed
+        from pipelines.train.engines import init_distributed
 
         cfg = self.cfg
         ctx = ray.train.get_context()
@@ -156,7 +156,7 @@ class _Run:
                                              {r: self.distiller.modules(r) for r in ROLES})
 
     def _build_engines(self) -> None:
-        from pipelines.engines import DeepSpeedUpdater, build_engine
+        from pipelines.train.engines import DeepSpeedUpdater, build_engine
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed + 7919 * self.rank)
@@ -196,7 +196,7 @@ class _Run:
                                     generator=torch.Generator().manual_seed(self.cfg.train.seed + 1))
 
     def _load_state(self, directory: str) -> TrainState:
-        """DeepSpeed engines, RNG and TrainState (pipelines.checkpoint), then the student EMA."""
+        """DeepSpeed engines, RNG and TrainState (pipelines.train.checkpoint), then the student EMA."""
         state = load_training_state(directory, self.engines, self.generator, self.rank, self.fingerprint,
                                     verify=False)
         if self.ema is not None:
@@ -217,7 +217,7 @@ class _Run:
         """Ray's checkpoint for this attempt and every complete one in storage, newest first."""
         import ray.train
 
-        from pipelines.checkpoint import checkpoint_step, complete_checkpoints
+        from pipelines.train.checkpoint import checkpoint_step, complete_checkpoints
 
         found = complete_checkpoints(self.cfg.train.storage_path, self.cfg.train.run_name)
         ray_checkpoint = ray.train.get_checkpoint()
@@ -254,7 +254,7 @@ class _Run:
         s, cfg = self.state, self.cfg
         _maybe_fail(cfg, self.rank, s.step + 1)
         _maybe_pause(cfg, s.step + 1, self.stop_watch)
-        cond = batch_cond(self.teacher, batch)  # here or streamed: pipelines/text_encoding.py
+        cond = batch_cond(self.teacher, batch)  # here or streamed: pipelines/data/text_encoding.py
         cond = _maybe_nan(cfg, self.rank, s.step + 1, cond)
         metrics = vsd_step(self.distiller, cond, self.updaters["student"], self.updaters["fake"], self.generator)
         s.step += 1
@@ -378,7 +378,7 @@ class _Run:
             # What every rank wrote, hashed before upload: COMPLETE holds it, resume checks it.
             manifests: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(manifests, file_manifest(tmp))
-            # Our upload: every file retried on transient storage faults (pipelines.checkpoint).
+            # Our upload: every file retried on transient storage faults (pipelines.train.checkpoint).
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
                              checkpoint_upload_fn=lambda c, n: upload_checkpoint(
                                  c.path, self.cfg.train.storage_path, self.cfg.train.run_name, n))
@@ -446,7 +446,7 @@ def _after_step(run: _Run, tracker: Any, metrics: dict[str, float], stream: Prom
 
 class _Progress:
     """Rank 0's progress for a person: one ``[wadi]`` line every tenth of the steps (the console
-    shows those; the tqdm bar goes to the job's log, pipelines/console.py)."""
+    shows those; the tqdm bar goes to the job's log, pipelines/runtime/console.py)."""
 
     def __init__(self, total: int | None, start: int, active: bool):
         self.total, self.start, self.active = total, start, active
@@ -522,7 +522,7 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (``train_loop_config``: flat config, MLflow ids, export uri, prompts)."""
-    from pipelines.tracking import start_run
+    from pipelines.tracking.client import start_run
 
     cfg = from_dict(DistillConfig, loop_config["config"])
     run = _Run(cfg, loop_config)

@@ -2,7 +2,7 @@
 
 The same step as the single-process loop (``wadi_core.downstream.controlnet.controlnet_step``:
 the frozen teacher, the Min-SNR epsilon loss and the one-step x0 term) runs in every worker on
-its share of the lake (``pipelines.control_lake``), with the ControlNet wrapped for data
+its share of the lake (``pipelines.data.control_lake``), with the ControlNet wrapped for data
 parallelism by ``ray.train.torch.prepare_model`` (DDP: gloo on CPU, NCCL on GPU). A ControlNet
 is ~360 M parameters at SD 1.5 scale, so plain DDP fits every worker; ZeRO would only shard an
 optimizer state of a few GB.
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pipelines.control_lake import CONTROL_BAD_REASONS
+from pipelines.data.control_lake import CONTROL_BAD_REASONS
 
 __all__ = ["RayControlNetSpec", "run_controlnet_training", "controlnet_train_loop", "save_optimizer",
            "load_optimizer"]
@@ -42,7 +42,7 @@ CONTROLNET_DIR = "controlnet"
 class RayControlNetSpec:
     """Where and how wide the Ray Train run is (the training itself: ``ControlNetConfig``)."""
 
-    lake: str                        # image lake (pipelines.control_lake layout), local or s3://
+    lake: str                        # image lake (pipelines.data.control_lake layout), local or s3://
     teacher: str = "embedded"
     workers: int = 2
     cpus_per_worker: float = 0.5     # leave at least one CPU to Ray Data (checked)
@@ -125,9 +125,9 @@ def controlnet_train_loop(config: dict[str, Any]) -> None:
     from wadi_core.models import load_teacher
     from wadi_core.models.teacher import Cond
 
-    from pipelines.collectives import all_ranks_true, any_rank_true
-    from pipelines.control_lake import decode_rows
-    from pipelines.tracking import start_run
+    from pipelines.runtime.collectives import all_ranks_true, any_rank_true
+    from pipelines.data.control_lake import decode_rows
+    from pipelines.tracking.client import start_run
 
     cfg = ControlNetConfig(**{**config["train"], "embedding_channels": tuple(config["train"]["embedding_channels"])})
     spec = RayControlNetSpec(**config["spec"])
@@ -201,7 +201,7 @@ def _report(base: Any, optimizer: torch.optim.Optimizer, step: int, metrics: dic
     summed over ranks (a collective) and added to those of earlier attempts."""
     import ray.train
 
-    from pipelines.collectives import sum_over_ranks
+    from pipelines.runtime.collectives import sum_over_ranks
 
     total = dict(zip(CONTROL_BAD_REASONS, sum_over_ranks([bad[r] for r in CONTROL_BAD_REASONS], device)))
     total = {k: v + int(bad_before.get(k, 0)) for k, v in total.items()}
@@ -231,11 +231,11 @@ def run_controlnet_training(cfg: Any, spec: RayControlNetSpec, ray_address: str 
 
     import ray
 
-    from pipelines.cluster import init_ray, local_cpus
-    from pipelines.cluster import ray_address as resolve_ray_address
-    from pipelines.preflight import check_worker_cpus
-    from pipelines.control_lake import control_dataset
-    from pipelines.run import _storage
+    from pipelines.runtime.cluster import init_ray, local_cpus
+    from pipelines.runtime.cluster import ray_address as resolve_ray_address
+    from pipelines.runtime.preflight import check_worker_cpus
+    from pipelines.data.control_lake import control_dataset
+    from pipelines.train.checkpoint import run_storage
 
     from wadi_core import storage
 
@@ -249,7 +249,7 @@ def run_controlnet_training(cfg: Any, spec: RayControlNetSpec, ray_address: str 
     check_worker_cpus(spec.workers, spec.cpus_per_worker, ray.cluster_resources().get("CPU", 0.0),
                       strict=not joined_remote, keys=("workers", "cpus_per_worker"))
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
-    storage_path, storage_fs = _storage(spec.storage_path)
+    storage_path, storage_fs = run_storage(spec.storage_path)
     trainer = TorchTrainer(
         controlnet_train_loop,
         train_loop_config={"train": dataclasses.asdict(cfg), "spec": dataclasses.asdict(spec),
@@ -263,7 +263,7 @@ def run_controlnet_training(cfg: Any, spec: RayControlNetSpec, ray_address: str 
     )
     result = trainer.fit()
     if result.error is not None:
-        from pipelines.tracking import redact
+        from wadi_core.redact import redact
 
         raise RuntimeError(redact(f"ControlNet run {spec.run_name} failed: {result.error}"))
     if result.checkpoint is None:

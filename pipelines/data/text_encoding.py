@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from wadi_core.models import Teacher
 
-    from pipelines.config import DistillConfig
+    from pipelines.config.job import DistillConfig
 
 __all__ = ["EncodedPrompts", "TextEncoderActor", "encode_stage", "precompute_conds", "remember_conds",
            "batch_cond", "to_numpy", "to_tensor"]

@@ -2,7 +2,7 @@
 
 Same layout and manifest as ``wadi_core.prompts.write_prompt_shards`` (``<key>.txt`` caption +
 ``<key>.json`` metadata, ``{prefix}-000000.tar`` ..., ``manifest.json``), so every reader of the
-prompt lake reads either: ``pipelines.tarshards`` (the training reader), Ray's
+prompt lake reads either: ``pipelines.data.tarshards`` (the training reader), Ray's
 ``read_webdataset`` and ``webdataset.WebDataset``. Lives in ``pipelines`` because webdataset is a
 pipeline dependency, not a core one. Tars are reproducible (mtime 0).
 """

@@ -16,8 +16,8 @@ import torch
 
 from wadi_core.vsd import StepResult, VSDConfig
 
-from pipelines.checkpoint import install_safe_loading
-from pipelines.config import TrainConfig
+from pipelines.train.checkpoint import install_safe_loading
+from pipelines.config.job import TrainConfig
 
 __all__ = ["deepspeed_config", "init_distributed", "build_engine", "DeepSpeedUpdater"]
 
@@ -140,4 +140,4 @@ class DeepSpeedUpdater:
         if self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed applied an optimizer step that every rank agreed to skip "
                                "(non-finite loss or gradient): its overflow handling changed; "
-                               "check pipelines/engines.py against the installed DeepSpeed version")
+                               "check pipelines/train/engines.py against the installed DeepSpeed version")

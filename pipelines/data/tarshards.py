@@ -26,7 +26,7 @@ __all__ = ["ParsedShard", "BAD_REASONS", "parse_prompt_tar", "write_prompt_shard
 BLOCK = 512
 #: Reasons a record (or shard) is dropped; these become metric names ``data/bad_<reason>``.
 BAD_REASONS = ("corrupt_shard", "empty_caption", "undecodable", "missing_caption", "too_long",
-               "unreadable_shard")  # the last: storage kept failing on every retry (pipelines.data)
+               "unreadable_shard")  # the last: storage kept failing on every retry (pipelines.data.prompts)
 #: Defaults of the recipe keys ``data.max_caption_bytes`` and ``data.max_shard_bytes``.
 MAX_CAPTION_BYTES = 16 * 1024
 MAX_SHARD_BYTES = 1 << 30

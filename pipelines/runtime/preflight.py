@@ -1,6 +1,6 @@
 """Checks of a job against the outside world, on the driver, before Ray starts or is joined.
 
-``pipelines.config`` checks the values themselves; this module checks what they point at, so
+``pipelines.config.job`` checks the values themselves; this module checks what they point at, so
 that a wrong teacher path, a tracking server that is down or refuses the credentials, or a
 worker layout that leaves Ray Data no CPU fails in seconds with a message, not inside the
 workers after several restarts. Every failure is a ``ConfigError``.
@@ -20,8 +20,8 @@ from pathlib import Path
 from wadi_core.config import ConfigError
 from wadi_core.storage import is_remote, s3_endpoint
 
-from pipelines.config import NUM_TRAIN_TIMESTEPS, DistillConfig
-from pipelines.tracking import redact
+from pipelines.config.job import NUM_TRAIN_TIMESTEPS, DistillConfig
+from wadi_core.redact import redact
 
 __all__ = ["check_teacher", "check_tracking_server", "check_cpu_headroom", "preflight"]
 
