@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from pipelines.runtime.cluster import init_ray  # noqa: E402
-from pipelines.data.prompts import read_shard, exact_split, list_shards, prompt_dataset  # noqa: E402
+from pipelines.data.prompts import exact_split, list_shards, prompt_dataset, read_shard  # noqa: E402
 from pipelines.data.tarshards import parse_prompt_tar, write_prompt_shard  # noqa: E402
+from pipelines.runtime.cluster import init_ray  # noqa: E402
 
 #: The project's goal: 1.4 M prompts from S3 in 20 s (2-way split, idle 2-core machine).
 TARGET_PROMPTS, TARGET_S = 1_400_000, 20.0
@@ -80,8 +80,8 @@ def time_driver(ds_factory, label: str) -> dict:
 def time_split(ds_factory, label: str, n_consumers: int = 2) -> dict:
     """Like the train path: ``exact_split`` (``streaming_split(n, equal=False)``, preserve_order)
     read by ``n`` consumer tasks."""
-    import ray
-    from ray.train import DataConfig
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
+    from ray.train import DataConfig  # noqa: PLC0415 -- Ray only on the cluster path
 
     @ray.remote(num_cpus=0.1)
     def consume(it) -> int:
@@ -169,7 +169,7 @@ def main() -> None:
                          "(a shared machine; 0 = do not wait)")
     args = ap.parse_args()
 
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     tmp = tempfile.TemporaryDirectory(prefix="wadi-bench-")
     root = Path(args.data) if args.data else Path(tmp.name) / "shards"
@@ -184,7 +184,7 @@ def main() -> None:
     if args.profile_shards:
         profiles.append(profile_shards(str(root), args.profile_shards))
     if not args.no_s3:  # upload before Ray starts: its workers inherit the AWS_* environment
-        import boto3
+        import boto3  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
 
         moto_log = Path(tmp.name) / "moto.log"
         proc, endpoint = start_moto(moto_log)
@@ -200,7 +200,7 @@ def main() -> None:
             profiles.append(profile_shards("s3://prompts/lake", args.profile_shards, moto_log))
 
     init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    from ray.data import DataContext
+    from ray.data import DataContext  # noqa: PLC0415 -- Ray only on the cluster path
 
     DataContext.get_current().enable_progress_bars = False
     # Warm-up (untimed): start the worker processes, so the first timed pass does not pay for them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +14,11 @@ from wadi_core.config import ConfigError
 from wadi_core.redact import redact
 from wadi_core.storage import is_storage_full
 
+from pipelines.config.cli import format_config
 from pipelines.config.job import DistillConfig, absolute_paths, results_root
 from pipelines.data.prompts import count_prompts, exact_split, lake_captions, prompt_dataset, resolve_prompts
+from pipelines.data.text_encoding import encode_stage, precompute_conds
+from pipelines.evaluate.final import final_evaluation
 from pipelines.runtime.cluster import check_accelerator_available, init_ray, local_cpus
 from pipelines.runtime.cluster import ray_address as resolve_ray_address
 from pipelines.runtime.console import say
@@ -75,7 +79,7 @@ class DistillResult:
 
 def ray_job_ids() -> dict[str, str]:
     """Ray job id (and the submission id under ``ray job submit``) for the MLflow tags."""
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     ids = {"ray.job_id": os.environ.get("RAY_JOB_ID") or ray.get_runtime_context().get_job_id()}
     try:
@@ -140,7 +144,7 @@ def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str, storage_
     Raises ``ConfigError`` when that run recorded another ``train.storage_path``: it belongs to
     another run that shares the name, whose page this job would overwrite."""
     try:
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
         client = mlflow.MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(experiment)
@@ -163,8 +167,9 @@ def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str, storage_
 
 def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str, Any],
              worker_resources: dict[str, float] | None = None, placement_strategy: str = "PACK") -> Any:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, RunConfig,  # noqa: PLC0415 -- cluster path only
+                           ScalingConfig)
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415 -- Ray only on the cluster path
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **(worker_resources or {})}
@@ -202,7 +207,7 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None, *,
     resources added to each worker's, e.g. one ``{"trainer_slot": 1}`` per node) and
     ``placement_strategy`` (``PACK`` / ``SPREAD`` / ``STRICT_SPREAD``) place the workers on a cluster.
     """
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     root = results_root()
     cfg = absolute_paths(cfg, root)
@@ -233,7 +238,7 @@ class _Checked:
 def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
          worker_resources: dict[str, float] | None, placement_strategy: str) -> DistillResult:
     """:func:`run_distillation` once the run is checked and leased."""
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     root, prompts_uri, num_prompts = checked.root, checked.prompts_uri, checked.num_prompts
     sample_prompts, tracking_uri, existing = checked.sample_prompts, checked.tracking_uri, checked.mlflow_run_id
@@ -254,8 +259,6 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                 for e in range(num_epochs)}
     text_conds = None
     if cfg.data.text_encoding == "actors":  # text-encoder actors feed the workers (pipelines/data/text_encoding.py)
-        from pipelines.data.text_encoding import encode_stage, precompute_conds
-
         datasets = {name: encode_stage(ds, cfg) for name, ds in datasets.items()}
         text_conds = precompute_conds(cfg, ["", *sample_prompts])
     spec = cfg.vsd.student
@@ -315,7 +318,8 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                               "nothing registered and no closing evaluation (give a new train.run_name, or raise "
                               "data.max_steps / data.epochs, to train more)")
             elif tracker.active:
-                from pipelines.tracking.registry import log_and_register
+                from pipelines.tracking.registry import \
+                    log_and_register  # noqa: PLC0415 -- loads MLflow (slow), only to register
 
                 local_export = storage.materialize(cfg.export_uri)
                 # One copy in MLflow: the logged model (its "pipeline" artifact is the export); the run
@@ -329,7 +333,6 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                         f"@{model['alias']} (version {model['version']})")
             elif cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
                 warnings.warn("MLflow was unreachable: the export was not logged or registered")
-        from pipelines.evaluate.final import final_evaluation
 
         # After the training run is closed: the evaluation nests its own run under it, then adds final/*.
         if trained and cfg.evaluation.num_prompts:
@@ -337,7 +340,8 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
         evaluation = final_evaluation(cfg, cfg.export_uri, tracker.run_id if tracker.active else None, root,
                                       tracking_uri=tracking_uri, step=step) if trained else None
         if evaluation and model:  # the quality travels with the registered model
-            from pipelines.tracking.registry import attach_quality
+            from pipelines.tracking.registry import \
+                attach_quality  # noqa: PLC0415 -- loads MLflow (slow), only to register
 
             attach_quality(model, evaluation["metrics"], tracker.run_id, tracking_uri, evaluation["table"])
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
@@ -349,10 +353,6 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
 
 def _log_config(tracker: Any, cfg: DistillConfig) -> None:
     """The resolved config (URI user info redacted) as the run's ``config.yaml``."""
-    import tempfile
-
-    from pipelines.config.cli import format_config
-
     with tempfile.TemporaryDirectory(prefix="wadi-config-") as tmp:
         path = os.path.join(tmp, "config.yaml")
         with open(path, "w") as f:

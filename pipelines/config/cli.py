@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import yaml
 
 from wadi_core.config import ConfigError, from_dict, merge, parse_overrides, to_flat_dict, unflatten
+from wadi_core.redact import redact
 
 __all__ = ["RECIPES_DIR", "available_recipes", "read_recipe", "add_config_arguments", "load_job_config",
            "config_from_args", "format_config"]
@@ -104,8 +106,6 @@ def load_job_config(cls: type[T], recipe: str | None = None, overrides: Sequence
 def _known_keys(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a shared recipe that ``cls`` has fields for, section by section (a recipe's
     ``tracking:`` for the Ray job may hold keys another job's ``tracking`` does not have)."""
-    import typing
-
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -121,8 +121,6 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, fixed: Mapping[s
                      preset: Mapping[str, Any] | None = None) -> T:
     """``load_job_config`` on parsed arguments; a config error exits with status 2 and the message,
     ``--print-config`` prints the result and exits 0."""
-    from wadi_core.redact import redact
-
     try:
         cfg = load_job_config(cls, args.config, args.overrides, fixed=fixed, check=check, whole_recipe=whole_recipe,
                               preset=preset)
@@ -137,6 +135,4 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, fixed: Mapping[s
 
 def format_config(cfg: Any) -> str:
     """The resolved config as YAML (URI user info redacted), in the override syntax's nesting."""
-    from wadi_core.redact import redact
-
     return yaml.safe_dump(redact(unflatten(to_flat_dict(cfg))), sort_keys=False).rstrip()

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+from wadi_core.adapters import check_rank
 from wadi_core.config import ConfigError, parse_overrides, to_flat_dict
 from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
-from wadi_core.storage import is_remote
+from wadi_core.storage import is_remote, join
 from wadi_core.vsd import VSDConfig
 
 from pipelines.config.cli import load_job_config
@@ -246,8 +247,6 @@ class DistillConfig:
 
     @property
     def export_uri(self) -> str:
-        from wadi_core.storage import join
-
         return self.export_dir or join(self.train.storage_path, self.train.run_name, "export")
 
     def steps_per_epoch(self, num_prompts: int) -> int:
@@ -272,8 +271,6 @@ class DistillConfig:
 def check_adapter_ranks(data: Mapping[str, Any]) -> None:
     """The adapters' one rank rule (``wadi_core.adapters.check_rank``), reported with the config key:
     a recipe's ``rank: 32`` left in place under ``vsd.student.kind=full`` fails here, not in a worker."""
-    from wadi_core.adapters import check_rank
-
     vsd = data.get("vsd")
     if not isinstance(vsd, Mapping):
         return

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipelines.config.job import DistillConfig
+import torch
+
+from wadi_core.adapters import apply_adapter, count_trainable
+from wadi_core.models import build_denoiser_on_meta, denoiser_config, family_of_config
 from wadi_core.redact import redact
+
+from pipelines.config.job import DistillConfig
 
 __all__ = ["Plan", "build_plan"]
 
@@ -52,19 +57,12 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict for ``--json`` (URI user info redacted, as in ``format``)."""
-        from dataclasses import asdict
-
         return redact(asdict(self))
 
 
 def build_plan(cfg: DistillConfig, lake_prompts: int | None = None) -> Plan:
     """Denoiser on the meta device + both adapters -> counts; the prompt count from the config, else
     ``lake_prompts`` (the lake's manifest: ``pipelines.data.prompts.lake_prompt_count``)."""
-    import torch
-
-    from wadi_core.adapters import apply_adapter, count_trainable
-    from wadi_core.models import build_denoiser_on_meta, denoiser_config, family_of_config
-
     arch = cfg.architecture or cfg.teacher
     config = denoiser_config(arch)
     family = family_of_config(config)

@@ -23,15 +23,19 @@ drops bad rows and counts them so the run can log ``data/bad_<reason>``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
 import os
+import random
+import time
 import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import urlparse
 
+from wadi_core.prompts import ensure_embedded_lake
 from wadi_core.storage import is_remote, s3_endpoint
 
 from pipelines.data.tarshards import BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, parse_prompt_tar
@@ -73,7 +77,7 @@ def pyarrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     credentials stay with pyarrow's default AWS chain (environment, config files) and are never
     read or printed here.
     """
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
 
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
@@ -102,7 +106,7 @@ def list_shards(uri: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple["pyar
     Shards larger than ``max_shard_bytes`` are left out with a warning: a shard is read whole
     into one read task's memory, so one stray multi-GB file must not be loaded.
     """
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
 
     fs, root = pyarrow_filesystem(uri)
     try:
@@ -142,10 +146,6 @@ def resolve_prompts(uri: str) -> str:
     """The shard folder for ``data.prompts``; "embedded" builds (once) and returns the embedded lake."""
     if uri != "embedded":
         return uri
-    try:
-        from wadi_core.prompts import ensure_embedded_lake
-    except ImportError as e:  # pragma: no cover - depends on the checkout
-        raise RuntimeError("data.prompts=embedded needs wadi_core.prompts.ensure_embedded_lake") from e
     return str(ensure_embedded_lake().train_shards)
 
 
@@ -179,7 +179,7 @@ def lake_captions(uri: str, need: int, max_caption_bytes: int = MAX_CAPTION_BYTE
 def parse_shard_batch(batch: "pyarrow.Table", max_caption_bytes: int = MAX_CAPTION_BYTES,
                       max_shard_bytes: int = MAX_SHARD_BYTES) -> "pyarrow.Table":
     """Ray Data map_batches fn: a batch of whole shards (``bytes``) -> rows ``caption``, ``bad``."""
-    import pyarrow as pa
+    import pyarrow as pa  # noqa: PLC0415 -- pyarrow only where storage is read
 
     captions: list[str] = []
     codes: list[int] = []
@@ -204,8 +204,6 @@ def read_shard(fs: "pyarrow.fs.FileSystem", path: str, attempts: int = SHARD_REA
     unknown length read S3 in 256 KiB ranged GETs, ~80 requests for a 20 MB shard, which cost ~5x
     the read time against moto (#35). At most ``max_bytes + 1`` bytes are read: a shard that grew
     past the bound after it was listed is counted as corrupt by the parser, never loaded whole."""
-    import time
-
     for attempt in range(attempts):
         try:
             with fs.open_input_file(path) as f:
@@ -237,7 +235,7 @@ def read_shard_batch(batch: "pyarrow.Table", uri: str, max_caption_bytes: int = 
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> "pyarrow.Table":
     """Ray Data map_batches fn: shard paths -> rows ``caption``, ``bad``. Reads with retries; a
     shard that keeps failing becomes one ``unreadable_shard`` row instead of failing the run."""
-    import pyarrow as pa
+    import pyarrow as pa  # noqa: PLC0415 -- pyarrow only where storage is read
 
     fs = cached_filesystem(uri)
     raws, unreadable = [], 0
@@ -259,9 +257,7 @@ def shard_path_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0,
                        max_shard_bytes: int = MAX_SHARD_BYTES) -> "ray.data.Dataset":
     """The lake's shard paths as a Ray dataset (``path`` rows), in the order of ``seed + epoch``;
     ``read_tasks`` blocks (default one per shard)."""
-    import random
-
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     _, paths = list_shards(uri, max_shard_bytes)
     order = list(paths)
@@ -331,7 +327,7 @@ class PromptStream:
         """This rank's slice of each global batch of the epoch; the first ``skip`` global batches
         are read and dropped (resume inside an epoch). Every rank must iterate to the end (or stop
         at the same step): both phases are collectives."""
-        from pipelines.data.text_encoding import EncodedPrompts
+        from pipelines.data.text_encoding import EncodedPrompts  # noqa: PLC0415 -- torch, which Ray Data tasks skip
 
         b, rows, buf = self.batch_size, self.rows(shard), []
         while True:  # phase 1: own rows while every rank has a full batch
@@ -365,9 +361,7 @@ def exact_split(execution_options: Any) -> Any:
     (its bad-shard record), were lost. Here ``equal=False``: with ``preserve_order`` Ray hands each
     block, in order, to the split with the fewest rows so far (deterministic, so resume replays the
     same split), and :class:`PromptStream` evens the ranks out."""
-    import copy
-
-    from ray.train import DataConfig
+    from ray.train import DataConfig  # noqa: PLC0415 -- Ray only on the cluster path
 
     class ExactSplit(DataConfig):
         def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,

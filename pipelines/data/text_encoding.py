@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from wadi_core.models import Cond
+from wadi_core.models import Cond, load_prompt_encoder
 
 if TYPE_CHECKING:
     import ray.data
@@ -78,8 +78,6 @@ class TextEncoderActor:
     (and ``mask`` for T5) to rows ``caption``, ``bad``. Bad rows (dropped by the worker) get zeros."""
 
     def __init__(self, teacher: str, dtype: str = "float32", use_gpu: bool = False):
-        from wadi_core.models import load_prompt_encoder
-
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.encoder = load_prompt_encoder(teacher, DTYPES[dtype], device)
         self.empty = self.encoder([""])  # shape and mask layout for batches without a good row
@@ -102,7 +100,7 @@ class TextEncoderActor:
 
 
 def _actor_args(cfg: "DistillConfig") -> dict[str, Any]:
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     d = cfg.data
     return dict(
@@ -121,7 +119,7 @@ def encode_stage(ds: "ray.data.Dataset", cfg: "DistillConfig") -> "ray.data.Data
 def precompute_conds(cfg: "DistillConfig", prompts: list[str]) -> dict[str, Any]:
     """Embeddings of a few fixed prompts (the empty prompt, the sample prompts), computed once by
     one text-encoder actor, as a picklable dict for ``train_loop_config``."""
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     rows = [{"idx": i, "caption": p, "bad": 0} for i, p in enumerate(prompts)]
     args = {**_actor_args(cfg), "compute": ray.data.ActorPoolStrategy(size=1)}

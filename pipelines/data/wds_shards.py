@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from tqdm.auto import tqdm
+
 from wadi_core import storage
 from wadi_core.prompts.shards import MANIFEST, check_sample_key, shard_manifest
 
@@ -32,8 +34,7 @@ def write_prompt_shards_webdataset(
 
     Drop-in for ``wadi_core.prompts.write_prompt_shards`` (same signature and manifest).
     """
-    import webdataset as wds
-    from tqdm.auto import tqdm
+    import webdataset as wds  # noqa: PLC0415 -- webdataset only for WebDataset shards
 
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")

@@ -76,7 +76,7 @@ class StopWatch:
         now = time.monotonic()
         if now - self._last >= self.poll_s:
             self._last = now
-            import ray
+            import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
             with contextlib.suppress(Exception):  # the driver is gone: Ray ends this worker anyway
                 self._signum = ray.get(self.flag.requested.remote(), timeout=10)

@@ -10,10 +10,13 @@ tag, warning and printed line.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import re
 import subprocess
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -122,7 +125,7 @@ class Tracker:
         """A dataset input of the run (``mlflow.log_input``), optionally as the input of a LoggedModel."""
         model = None
         if model_id and self._mlflow is not None:
-            from mlflow.entities import LoggedModelInput
+            from mlflow.entities import LoggedModelInput  # noqa: PLC0415 -- MLflow is optional and slow to import
 
             model = LoggedModelInput(model_id)
         self._call("log_input", dataset, context=context, model=model,
@@ -167,7 +170,7 @@ def start_run(
     Tracker so the job continues.
     """
     try:
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
     except ImportError:
         warnings.warn("mlflow is not installed: tracking is off")
         yield Tracker(None, None)
@@ -227,10 +230,6 @@ def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
     """
     if not uri.startswith(("http://", "https://")):
         return None
-    import http.client
-    import urllib.error
-    import urllib.request
-
     # /health needs no credentials; user info in the URI (MLflow sends it as basic auth) would be
     # taken for part of the host name, and a password with a "/" for a port.
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 
 __all__ = ["MODEL_CODE", "REQUIREMENTS", "model_signature", "pinned_requirements", "log_and_register",
            "attach_quality"]
@@ -58,9 +59,9 @@ def model_signature() -> Any:
     """Input: prompt strings (a list, or a one-column DataFrame); output: uint8 images (N, H, W, 3);
     param ``seed``. The input column is unnamed so that a plain list of prompts passes MLflow's
     schema check."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.models import ModelSignature  # noqa: PLC0415 -- MLflow is optional and slow to import
+    from mlflow.types import (ColSpec, ParamSchema, ParamSpec, Schema,  # noqa: PLC0415 -- optional, slow import
+                              TensorSpec)
 
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),

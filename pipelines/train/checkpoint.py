@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from wadi_core import storage
 from wadi_core.storage import retry_io  # per file, on top of the AWS SDK's own retries
-from wadi_core.vsd.state import IncompatibleCheckpoint, TrainState, model_fingerprint
+from wadi_core.vsd.state import IncompatibleCheckpoint, TrainState
 from wadi_core.vsd.state import check_fingerprint as _check_fingerprint
+from wadi_core.vsd.state import model_fingerprint
 
 from pipelines.data.prompts import pyarrow_filesystem
 
@@ -348,7 +349,7 @@ def upload_checkpoint(local_dir: str | os.PathLike, storage_uri: str, run_name: 
     worker, so it keeps the S3 retry strategy (pyarrow drops it when pickled). Raises if a file
     cannot be uploaded: then no rank reaches :func:`mark_complete` and the checkpoint never
     becomes COMPLETE."""
-    import ray.train
+    import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
     fs, root = pyarrow_filesystem(storage_uri)
     local = fs.type_name == "local"
@@ -397,8 +398,8 @@ def latest_complete_checkpoint(storage_uri: str, run_name: str) -> Any | None:
 
 def complete_checkpoints(storage_uri: str, run_name: str) -> list[Any]:
     """Every ``checkpoint_*`` of the run in storage with a ``COMPLETE`` marker, newest first."""
-    import pyarrow.fs as pafs
-    import ray.train
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
+    import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
     fs, root = pyarrow_filesystem(storage_uri)
     try:
@@ -414,7 +415,7 @@ def complete_checkpoints(storage_uri: str, run_name: str) -> list[Any]:
 def prune_untracked_checkpoints(storage_uri: str, run_name: str, tracked: list[str]) -> list[str]:
     """Driver, after the fit: delete ``checkpoint_*`` dirs Ray's manager does not track and that are
     older than its newest one (reported just before a worker died, they escape ``num_to_keep``)."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
 
     fs, root = pyarrow_filesystem(storage_uri)
     keep = {p.rstrip("/").rsplit("/", 1)[-1] for p in tracked}
@@ -442,7 +443,7 @@ def repair_ray_snapshot(storage_uri: str, run_name: str) -> str | None:
     source of truth for resume (:func:`complete_checkpoints`), so without the index Ray starts a
     fresh index and the loop still resumes from the newest complete checkpoint. Returns why it was
     moved (also warned), or None when it is fine or absent."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
 
     fs, root = pyarrow_filesystem(storage_uri)
     path = f"{root}/{run_name}/{RAY_SNAPSHOT}"
