@@ -422,6 +422,7 @@ def test_log_records_are_redacted_once_installed() -> None:
 def test_job_result_prints_no_secret(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                      as_json: bool) -> None:
     """The result jobs/distill.py prints (summary or --json) of a run whose URIs hold user info."""
+    import jobs.distill
     import pipelines.run
     from jobs.distill import main
 
@@ -430,7 +431,7 @@ def test_job_result_prints_no_secret(monkeypatch: pytest.MonkeyPatch, capsys: py
         run_name="r", tracking_uri=f"http://admin:{SECRET}@mlflow:5000", mlflow_run_id="abc",
         export_uri=f"{runs}/export", checkpoint=f"{runs}/checkpoint_00000008", metrics={"step": 8},
         model={"name": "wadi", "alias": "latest", "version": 1, "source": f"{runs}/export"})
-    monkeypatch.setattr(pipelines.run, "run_distillation", lambda cfg, ray_address=None: result)
+    monkeypatch.setattr(jobs.distill, "run_distillation", lambda cfg, ray_address=None: result)  # as the job calls it
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # main sets these defaults
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     assert main([*(f"{k}={v}" for k, v in _secret_overrides().items()), *(["--json"] if as_json else [])]) == 0
