@@ -18,24 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+from wadi_core.domain import eval_prompts
+from wadi_core.domain.data import make_render_set
+from wadi_core.domain.evaluator import load_domain_evaluator
+from wadi_core.domain.quality import REAL_SEED, alignment_report
+from wadi_core.domain.teacher import sample_images
+from wadi_core.metrics import GaussianStats, frechet_distance
+from wadi_core.metrics.precision_recall import precision_recall
+from wadi_core.models import resolve_teacher_dir
+
+from jobs import export as export_job
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from safetensors import safe_open
-
-    from jobs import export as export_job
-    from wadi_core.domain import eval_prompts
-    from wadi_core.domain.data import make_render_set
-    from wadi_core.domain.evaluator import load_domain_evaluator
-    from wadi_core.domain.quality import REAL_SEED, alignment_report
-    from wadi_core.domain.teacher import sample_images
-    from wadi_core.metrics import GaussianStats, frechet_distance
-    from wadi_core.metrics.precision_recall import precision_recall
-    from wadi_core.models import resolve_teacher_dir
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", required=True)

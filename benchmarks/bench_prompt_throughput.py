@@ -2,7 +2,7 @@
 
 Target (the project's): 1.4 M prompts (JourneyDB-sized) from S3 in <= 20 s through the 2-way
 split on an idle 2-core machine; the S3 / local ratio of the same run says what object storage
-costs on top of the parse. The 2-way split is the trainer's (``pipelines.data.exact_split`` with
+costs on top of the parse. The 2-way split is the trainer's (``pipelines.data.prompts.exact_split`` with
 ``preserve_order``), read by 2 consumer tasks. Before the S3 pass, a per-shard profile on the
 driver (no Ray): S3 requests per shard (counted in moto's request log), read and parse seconds.
 Writes the benchmark shards into a temporary folder (never committed) unless ``--data`` points at
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from pipelines.cluster import init_ray  # noqa: E402
-from pipelines.data import _read_shard, exact_split, list_shards, prompt_dataset  # noqa: E402
-from pipelines.tarshards import parse_prompt_tar, write_prompt_shard  # noqa: E402
+from pipelines.data.prompts import exact_split, list_shards, prompt_dataset, read_shard  # noqa: E402
+from pipelines.data.tarshards import parse_prompt_tar, write_prompt_shard  # noqa: E402
+from pipelines.runtime.cluster import init_ray  # noqa: E402
 
 #: The project's goal: 1.4 M prompts from S3 in 20 s (2-way split, idle 2-core machine).
 TARGET_PROMPTS, TARGET_S = 1_400_000, 20.0
@@ -80,8 +80,8 @@ def time_driver(ds_factory, label: str) -> dict:
 def time_split(ds_factory, label: str, n_consumers: int = 2) -> dict:
     """Like the train path: ``exact_split`` (``streaming_split(n, equal=False)``, preserve_order)
     read by ``n`` consumer tasks."""
-    import ray
-    from ray.train import DataConfig
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
+    from ray.train import DataConfig  # noqa: PLC0415 -- Ray only on the cluster path
 
     @ray.remote(num_cpus=0.1)
     def consume(it) -> int:
@@ -116,7 +116,7 @@ def moto_requests(log: Path) -> collections.Counter:
 
 
 def profile_shards(uri: str, n: int, log: Path | None = None) -> dict:
-    """Per-shard cost on the driver (no Ray): read (``pipelines.data._read_shard``, with its
+    """Per-shard cost on the driver (no Ray): read (``pipelines.data.prompts.read_shard``, with its
     retries) and parse seconds, and S3 requests per shard when ``log`` is moto's request log."""
     fs, paths = list_shards(uri)
     paths = paths[:n]
@@ -124,7 +124,7 @@ def profile_shards(uri: str, n: int, log: Path | None = None) -> dict:
     read_s = parse_s = 0.0
     for path in paths:
         t0 = time.perf_counter()
-        raw = _read_shard(fs, path)
+        raw = read_shard(fs, path)
         t1 = time.perf_counter()
         parse_prompt_tar(raw or b"")
         read_s, parse_s = read_s + t1 - t0, parse_s + time.perf_counter() - t1
@@ -169,7 +169,7 @@ def main() -> None:
                          "(a shared machine; 0 = do not wait)")
     args = ap.parse_args()
 
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     tmp = tempfile.TemporaryDirectory(prefix="wadi-bench-")
     root = Path(args.data) if args.data else Path(tmp.name) / "shards"
@@ -184,7 +184,7 @@ def main() -> None:
     if args.profile_shards:
         profiles.append(profile_shards(str(root), args.profile_shards))
     if not args.no_s3:  # upload before Ray starts: its workers inherit the AWS_* environment
-        import boto3
+        import boto3  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
 
         moto_log = Path(tmp.name) / "moto.log"
         proc, endpoint = start_moto(moto_log)
@@ -200,7 +200,7 @@ def main() -> None:
             profiles.append(profile_shards("s3://prompts/lake", args.profile_shards, moto_log))
 
     init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    from ray.data import DataContext
+    from ray.data import DataContext  # noqa: PLC0415 -- Ray only on the cluster path
 
     DataContext.get_current().enable_progress_bars = False
     # Warm-up (untimed): start the worker processes, so the first timed pass does not pay for them.

@@ -20,12 +20,23 @@ import json
 import socket
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import aiohttp
+import ray
+from ray import serve
+
+from wadi_core.domain import eval_prompts
+
+from pipelines.config.cli import load_job_config
+from pipelines.evaluate.runs import resolve_tracking_uri
+from pipelines.runtime.cluster import init_ray
+from pipelines.serve.app import build_app
+from pipelines.serve.options import ServeConfig
 
 # issue #34, for the embedded default on 2 cores, 32 concurrent clients, 2,000 requests
 TARGET_IMAGES_PER_S = 100.0
@@ -64,8 +75,6 @@ def percentile(values: list[float], q: float) -> float:
 async def run_phase(url: str, model: str, prompts: list[str], requests: int, concurrency: int, max_seconds: float,
                     timeout_s: float) -> PhaseResult:
     """``requests`` POSTs by ``concurrency`` clients; stops sending after ``max_seconds`` (the rest count as errors)."""
-    import aiohttp
-
     endpoint = url.rstrip("/") + "/generate" + ("?model=teacher" if model == "teacher" else "")
     latencies: list[float] = []
     batches: list[int] = []
@@ -119,18 +128,9 @@ def _free_port() -> int:
 
 def start_app(overrides: list[str], recipe: str | None) -> tuple[str, Any]:
     """Serve a ServeConfig on a private local Ray and a free loopback port; returns the URL and the config."""
-    from ray import serve
-
-    from pipelines.cli import load_job_config
-    from pipelines.cluster import init_ray
-    from pipelines.serve.app import build_app
-    from pipelines.serve.options import ServeConfig
-
     cfg = load_job_config(ServeConfig, recipe, overrides)
     tracking = cfg.tracking_uri
     if cfg.model.startswith(("models:/", "runs:/")) and tracking is None:
-        from pipelines.eval_runs import resolve_tracking_uri
-
         tracking = resolve_tracking_uri(None)
     init_ray(include_dashboard=False, log_to_driver=False)
     port = _free_port()
@@ -141,8 +141,6 @@ def start_app(overrides: list[str], recipe: str | None) -> tuple[str, Any]:
 
 
 def _healthz(url: str) -> dict[str, Any]:
-    import urllib.request
-
     with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=60) as r:
         return json.loads(r.read())
 
@@ -188,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         raise SystemExit("--requests and --concurrency must be >= 1")
-    from wadi_core.domain import eval_prompts
-
     prompts = eval_prompts(500, seed=1, split="train")
     if args.url:
         if args.overrides or args.config:
@@ -219,9 +215,6 @@ def main(argv: list[str] | None = None) -> int:
                                             "teacher": asdict(teacher) if teacher else None}, indent=2))
     finally:
         if not args.url:
-            import ray
-            from ray import serve
-
             serve.shutdown()
             ray.shutdown()
     return 0 if student.errors == 0 else 1

@@ -21,6 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from wadi_core.models import load_teacher
+from wadi_core.models.tiny import build_tiny_pixart_pipeline
+
+from pipelines.data.text_encoding import EncodedPrompts
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 T5_XXL = {"d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240, "vocab_size": 32128,
@@ -37,10 +45,7 @@ def t5_params(num_layers: int) -> int:
 
 
 def build_standin(out: Path, layers: int) -> Path:
-    import torch
-    from transformers import T5Config, T5EncoderModel
-
-    from wadi_core.models.tiny import build_tiny_pixart_pipeline
+    from transformers import T5Config, T5EncoderModel  # noqa: PLC0415 -- transformers: seconds to import
 
     pipe = build_tiny_pixart_pipeline()
     cfg = T5Config(**{**T5_XXL, "num_layers": layers}, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
@@ -48,7 +53,7 @@ def build_standin(out: Path, layers: int) -> Path:
     encoder = T5EncoderModel(cfg)  # random weights: memory does not depend on their values
     pipe.register_modules(text_encoder=encoder)
     # The DiT's caption projection must take 4096-wide embeddings, as PixArt-alpha's does.
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import PixArtTransformer2DModel  # noqa: PLC0415 -- diffusers models: seconds to import
 
     dit = PixArtTransformer2DModel.from_config({**pipe.transformer.config, "caption_channels": 4096})
     pipe.register_modules(transformer=dit)
@@ -65,13 +70,6 @@ def _status(field: str) -> int:
 
 def worker(teacher: str, mode: str, dtype: str) -> dict:
     """One train worker's model loading and one batch's conditioning, in this (fresh) process."""
-    import numpy as np
-    import torch
-
-    from wadi_core.models import load_teacher
-
-    from pipelines.text_encoding import EncodedPrompts
-
     torch.set_num_threads(1)
     Path("/proc/self/clear_refs").write_text("5")  # peak-RSS mark := current RSS (after imports)
     before = _status("VmRSS")

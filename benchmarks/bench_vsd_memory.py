@@ -28,6 +28,7 @@ same in both layouts). Printed: both peaks and the ratio shared / copies (target
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import resource
@@ -36,23 +37,24 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from wadi_core.adapters import adapter_parameters, apply_adapter, set_adapter
+from wadi_core.models import Cond, Teacher, denoiser_config
+from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, make_updaters, vsd_step
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _unet_config(width: float) -> dict:
-    from wadi_core.models import denoiser_config
-
     cfg = denoiser_config("sd15")
     cfg["block_out_channels"] = [int(round(c * width / 32)) * 32 for c in cfg["block_out_channels"]]
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def _make_teacher(args):
-    import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from torch import nn
-
-    from wadi_core.models import Cond, Teacher
+    from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: PLC0415 -- diffusers models: seconds to import
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config({**_unet_config(args.width), "sample_size": args.latent})
@@ -67,9 +69,6 @@ class ThreeCopiesDistiller:
     """Same interface as WaDiDistiller, but every role is its own full UNet (public WaDi / DMD2)."""
 
     def __new__(cls, teacher, cfg):
-        from wadi_core.adapters import apply_adapter, set_adapter
-        from wadi_core.vsd import WaDiDistiller
-
         class _Copies(WaDiDistiller):
             def __init__(self, teacher, cfg):
                 self.teacher, self.cfg, self._active = teacher, cfg, None
@@ -85,13 +84,9 @@ class ThreeCopiesDistiller:
                     self.models[role] = m
 
             def parameters(self, role):
-                from wadi_core.adapters import adapter_parameters
-
                 return adapter_parameters(self.models[role], role)
 
             def role(self, role):
-                import contextlib
-
                 @contextlib.contextmanager
                 def swap():
                     previous = self.teacher.denoiser
@@ -126,10 +121,6 @@ def _tensor_bytes(modules) -> int:
 
 
 def run_variant(args) -> dict:
-    import torch
-
-    from wadi_core.models import Cond
-    from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, make_updaters, vsd_step
 
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")

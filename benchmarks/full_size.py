@@ -44,7 +44,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import torch
 from full_size_models import ARCHS, RECIPES, write_teacher  # noqa: E402
+
+from wadi_core.prompts import write_prompt_shards
+
+from pipelines.config.job import load_config
 
 GIB = 2**30
 CHECKPOINT_EVERY = 2  # the worker is killed after this checkpoint; the group resumes from it
@@ -86,7 +91,7 @@ class WorkerWatch(threading.Thread):
         self.stop = threading.Event()
 
     def workers(self) -> list[int]:
-        import psutil
+        import psutil  # noqa: PLC0415 -- the optional [system-metrics] extra
 
         try:
             procs = psutil.Process(self.root_pid).children(recursive=True)
@@ -127,8 +132,6 @@ class WorkerWatch(threading.Thread):
 
 
 def _prompt_lake(path: Path, n: int = 64) -> Path:
-    from wadi_core.prompts import write_prompt_shards
-
     if not (path / "manifest.json").exists():
         subjects = ("a red fox", "a lighthouse", "a bowl of ramen", "an old tram", "a snowy forest",
                     "a robot reading", "a glass teapot", "a mountain lake")
@@ -153,7 +156,6 @@ def _overrides(arch: str, zero: int, teacher: Path, lake: Path, work: Path, prec
     }
     if zero == 3:
         ov["vsd.student_ema"] = 0  # ZeRO-3 partitions the student: the EMA is refused with it
-    from pipelines.config import load_config
 
     if load_config(RECIPES[arch]).data.text_encoding == "actors":  # PixArt: T5 in its own Ray Data actor
         # On CPU: 2 x 0.25 (workers) + 0.5 (encoder actor) of 2 CPUs leaves Ray Data 1 to read with.
@@ -163,7 +165,7 @@ def _overrides(arch: str, zero: int, teacher: Path, lake: Path, work: Path, prec
 
 
 def _mlflow_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    import mlflow
+    import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
     client = mlflow.MlflowClient(tracking_uri)
     out = {}
@@ -175,8 +177,7 @@ def _mlflow_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int,
 
 def _sample(export: Path, prompt: str, family: str) -> dict[str, Any]:
     """``DiffusionPipeline.from_pretrained(export)``: 1 step at the recipe resolution."""
-    import torch
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     t0 = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(export)
@@ -291,8 +292,6 @@ class _Timer:
 
 
 def _time_pipeline(pipe: Any, steps: int, guidance: float, n: int, prompt: str) -> dict[str, Any]:
-    import torch
-
     timers = {"unet": _Timer(pipe.unet), "text_encoder": _Timer(pipe.text_encoder),
               "vae_decoder": _Timer(pipe.vae.decoder)}
     t0 = time.perf_counter()
@@ -311,8 +310,7 @@ def component_times(teacher: Path, teacher_steps: int, repeats: int = 3) -> dict
     and 2 prompts, UNet pass on 1 and 2 latents, VAE decode): on a machine shared with other jobs
     the two end-to-end pipelines run minutes apart under different loads, so the ratio is also
     computed from these (student = TE(1) + UNet(1) + VAE; teacher = TE(2) + calls x UNet(2) + VAE)."""
-    import torch
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     pipe = DiffusionPipeline.from_pretrained(teacher)
     side = int(pipe.unet.config.sample_size)
@@ -342,8 +340,7 @@ def component_times(teacher: Path, teacher_steps: int, repeats: int = 3) -> dict
 def throughput(teacher: Path, student: Path, teacher_steps: int, guidance: float, student_images: int,
                threads: int) -> dict[str, Any]:
     """Teacher (``teacher_steps``, CFG) vs the one-step student, images/s, same process and threads."""
-    import torch
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     torch.set_num_threads(threads)
     prompt = "a red fox in a snowy forest at dawn, photograph"

@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from wadi_core.domain.tokenizer import bytes_to_unicode
+from wadi_core.models.tiny import tiny_t5_tokenizer
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 #: Architecture -> the paper recipe it rehearses (``recipes/<name>.yaml``).
 RECIPES = {"sd15": "sd15", "sd21": "sd21", "pixart": "pixart_alpha_256"}
@@ -79,9 +82,7 @@ def _config_only(config: dict[str, Any]) -> dict[str, Any]:
 def clip_tokenizer(config: dict[str, Any]) -> Any:
     """A CLIPTokenizer with CLIP's 49,408 ids and special tokens but a byte-level vocabulary
     (every byte a token, no merges): real shapes and max length, no download."""
-    from transformers import CLIPTokenizer
-
-    from wadi_core.domain.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer  # noqa: PLC0415 -- transformers: seconds to import
 
     chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
@@ -97,10 +98,8 @@ def clip_tokenizer(config: dict[str, Any]) -> Any:
 
 def build_pipeline(arch: str, scale: float = 1.0, latent: int | None = None, seed: int = 0) -> Any:
     """The random-weight diffusers pipeline (fp32, CPU) of ``arch`` from the configs in the repo."""
-    import diffusers
-    import transformers
-
-    from wadi_core.models.tiny import tiny_t5_tokenizer
+    import diffusers  # noqa: PLC0415 -- diffusers models: seconds to import
+    import transformers  # noqa: PLC0415 -- transformers: seconds to import
 
     cfg = component_configs(arch, scale, latent)
     torch.manual_seed(seed)
@@ -137,7 +136,7 @@ def write_teacher(arch: str, out: str | Path, scale: float = 1.0, latent: int | 
 
 def denoiser_on_meta(arch: str) -> torch.nn.Module:
     """The full-size denoiser with parameters on the meta device (no memory)."""
-    import diffusers
+    import diffusers  # noqa: PLC0415 -- diffusers models: seconds to import
 
     cfg = component_configs(arch)["denoiser"]
     with torch.device("meta"):

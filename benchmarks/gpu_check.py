@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --smoke         # CPU, tiny sizes, seconds (what the tests run)
 
 Needs torch, diffusers and transformers only: it imports ``wadi_core`` and
-``pipelines.collectives``, neither of which imports ray, deepspeed or mlflow. Weights are random
+``pipelines.runtime.collectives``, neither of which imports ray, deepspeed or mlflow. Weights are random
 (built from the configs in the repo): speed and memory do not depend on their values.
 
 1. ``vsd``: one ``vsd_step`` (student + fake update, AdamW, LoRaD r=256 / r=32) on the SD1.5 UNet
@@ -14,7 +14,7 @@ Needs torch, diffusers and transformers only: it imports ``wadi_core`` and
 2. ``adapters``: one LoRaD layer forward + backward against full fine-tuning, LoRA and the
    public code's hook-style LoRaD at SD1.5 layer shapes and token counts, fp16 autocast
    (``benchmarks/bench_adapters.py``).
-3. ``collectives``: the train loop's flag / counter all-reduces (``pipelines.collectives``) on a
+3. ``collectives``: the train loop's flag / counter all-reduces (``pipelines.runtime.collectives``) on a
    1-rank NCCL group with CUDA tensors, their answers, and the refusal of a CPU tensor.
 4. ``generation``: images/s of the student (1 step, no CFG, merged = a plain UNet pass) and the
    teacher (25 DDIM steps with CFG, two UNet passes per step), text encoding and VAE decoding
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +37,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import bench_adapters as ba
+import bench_vsd_memory
 import torch  # noqa: E402
+import torch.distributed as dist
+
+from wadi_core.models import Cond, Teacher, denoiser_config
+from wadi_core.models.tiny import build_tiny_sd_pipeline, tiny_clip_tokenizer
+
+from pipelines.runtime.collectives import all_ranks_true, any_rank_true, sum_over_ranks
 
 Row = tuple[str, str, str]  # (section, what, value)
 
@@ -54,8 +63,6 @@ def check_vsd(args: argparse.Namespace) -> list[Row]:
     rank_flags = ["--student-rank", "256", "--fake-rank", "32"]
     out: dict[str, dict[str, Any]] = {}
     if args.smoke:  # in this process: the smoke run checks the code path, not the numbers
-        import bench_vsd_memory
-
         for variant in ("shared", "copies"):
             ns = argparse.Namespace(width=0.1, latent=8, batch=1, device="cpu", mixed_precision="no",
                                     gradient_checkpointing=False, student_rank=8, fake_rank=4, threads=1,
@@ -81,8 +88,6 @@ def check_vsd(args: argparse.Namespace) -> list[Row]:
 
 # ------------------------------------------------------------------------------- 2. adapters
 def check_adapters(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    import bench_adapters as ba
-
     shapes = [(64, 64, 16, 2)] if args.smoke else ba.SHAPES
     rank = 8 if args.smoke else 256
     autocast = None if args.smoke else torch.float16
@@ -103,11 +108,6 @@ def check_adapters(args: argparse.Namespace, device: torch.device) -> list[Row]:
 
 # ---------------------------------------------------------------------------- 3. collectives
 def check_collectives(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    import socket
-
-    import torch.distributed as dist
-
-    from pipelines.collectives import all_ranks_true, any_rank_true, sum_over_ranks
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     with socket.socket() as s:
@@ -139,11 +139,8 @@ def check_collectives(args: argparse.Namespace, device: torch.device) -> list[Ro
 # ----------------------------------------------------------------------------- 4. generation
 def _sd15_teacher(device: torch.device, dtype: torch.dtype, smoke: bool) -> Any:
     """A random-weight teacher with SD1.5's UNet / VAE / CLIP-L shapes (tiny ones in smoke mode)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from wadi_core.models import Teacher, denoiser_config
-    from wadi_core.models.tiny import build_tiny_sd_pipeline, tiny_clip_tokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: PLC0415 -- slow import
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415 -- transformers: seconds to import
 
     torch.manual_seed(0)
     if smoke:
@@ -169,9 +166,7 @@ def _sd15_teacher(device: torch.device, dtype: torch.dtype, smoke: bool) -> Any:
 
 
 def check_generation(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    from diffusers import DDIMScheduler
-
-    from wadi_core.models import Cond
+    from diffusers import DDIMScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
 
     dtype = torch.float32 if args.smoke else torch.float16
     teacher = _sd15_teacher(device, dtype, args.smoke)

@@ -17,7 +17,10 @@ $MLFLOW_TRACKING_URI, or sqlite under ``out_dir``) unless ``track=false``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import shutil
@@ -25,13 +28,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.ablation import BUDGETS, AblationConfig, load_rows, run_ablation, write_report
 from wadi_core.config import base_part, to_flat_dict
+from wadi_core.models import resolve_teacher_dir
+from wadi_core.redact import redact
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.config import check_adapter_ranks
-
-from pipelines.tracking import redact
+from experiments.ablation import BUDGETS, AblationConfig, load_rows, run_ablation, write_report
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.config.job import check_adapter_ranks
+from pipelines.tracking.client import default_tracking_uri, start_run
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,6 @@ _PARAM_KEYS = ("name", "group", "variant", "kind", "rank", "lr", "seed", "steps"
 
 def _row_logger(tracker_factory):
     """on_row callback: refresh the report files, log one nested MLflow run per row."""
-
     last_plot = [0.0]
 
     def on_row(row: dict, cfg: AblationConfig) -> None:
@@ -102,10 +105,6 @@ def _row_logger(tracker_factory):
 def snapshot_teacher(uri: str, out: Path) -> str:
     """Copy the teacher into ``out/teacher_snapshot`` (once) and record its files' sha256, so a
     teacher retrained while the job runs (or before a rerun continues it) cannot mix into the table."""
-    import hashlib
-
-    from wadi_core.models import resolve_teacher_dir
-
     dest = out / "teacher_snapshot"
     if not dest.exists():
         src = resolve_teacher_dir(uri)
@@ -173,14 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         print((out / "ablation.md").read_text())
         return {"rows": load_rows(out), "report": report, "wall_s": 0.0}
 
-    import contextlib
-
     if not cfg.track:
         tracker_cm, factory = contextlib.nullcontext(None), None
     else:
-        import functools
-
-        from pipelines.tracking import default_tracking_uri, start_run
 
         uri = cfg.tracking_uri or default_tracking_uri(out)
         factory = functools.partial(start_run, cfg.experiment, tracking_uri=uri)

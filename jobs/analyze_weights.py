@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from wadi_core.analysis import AnalyzeWeightsConfig, analyze_checkpoints
 from wadi_core.config import base_part, to_flat_dict
 
-from pipelines.cli import add_config_arguments, config_from_args
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.tracking.client import start_run
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not tracking_uri:
         summary = analyze_checkpoints(cfg)
     else:
-        from pipelines.tracking import start_run
-
         with start_run(job.experiment, run_name=job.run_name or None, tracking_uri=tracking_uri,
                        params=to_flat_dict(cfg)) as tracker:
             summary = analyze_checkpoints(cfg, on_written=lambda d: tracker.log_artifacts(d, "analysis"))

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines import tracking
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.tracking.client import default_tracking_uri, redact_uri
 
 DEFAULT_METRICS = ("fid", "precision", "recall", "alignment", "clip_score", "hpsv2")
 COLUMNS = ("run", "run_id", "model", "steps", "guidance", "checkpoint")
@@ -39,14 +40,14 @@ def search_all_runs(client: Any, experiment_ids: list[str], filter_string: str =
 def fetch_runs(experiments: list[str], tracking_uri: str | None, filter_string: str = "",
                page_size: int = 1000) -> list[dict[str, Any]]:
     """One dict per run: identity columns plus all its metrics, oldest first."""
-    import mlflow
+    import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
-    client = mlflow.MlflowClient(tracking_uri or tracking.default_tracking_uri(Path.cwd() / "runs"))
+    client = mlflow.MlflowClient(tracking_uri or default_tracking_uri(Path.cwd() / "runs"))
     ids = []
     for name in experiments:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            raise SystemExit(f"no MLflow experiment named {name!r} at {tracking.redact_uri(client.tracking_uri)}")
+            raise SystemExit(f"no MLflow experiment named {name!r} at {redact_uri(client.tracking_uri)}")
         ids.append(exp.experiment_id)
     # run_id breaks ties of start_time, so that pages never repeat or skip a run
     runs = search_all_runs(client, ids, filter_string, ["attributes.start_time ASC", "attributes.run_id ASC"],
@@ -82,10 +83,10 @@ def write_table(rows: list[dict[str, Any]], metrics: list[str], out: Path) -> No
 
 
 def plot(rows: list[dict[str, Any]], metrics: list[str], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 -- matplotlib only for a figure (slow import)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 -- matplotlib only for a figure (slow import)
 
     labels = [f"{r['run']}" for r in rows]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(rows) + 1.8), squeeze=False)
@@ -123,8 +124,6 @@ class CompareRunsJob:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from pipelines.cli import add_config_arguments, config_from_args
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     cfg = config_from_args(CompareRunsJob, p.parse_intermixed_args(argv))

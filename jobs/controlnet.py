@@ -20,15 +20,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
-from wadi_core.config import base_part
+from wadi_core.config import base_part, to_flat_dict
 from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
-from wadi_core.downstream.controlnet import ControlNetConfig
+from wadi_core.domain.evaluator import load_domain_evaluator
+from wadi_core.domain.quality import real_feature_stats
+from wadi_core.downstream import geometry as geo
+from wadi_core.downstream.controlnet import (ControlNetConfig, control_eval_set, control_tensor, controlnet_residuals,
+                                             domain_control_samples, load_controlnet, train_controlnet)
+from wadi_core.downstream.report import domain_scores, labelled_grid, markdown_table
+from wadi_core.downstream.sampling import image_size, load_one_step_student, sample, seeded_noise, time_per_image
+from wadi_core.models import load_teacher
+from wadi_core.redact import redact
+
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.data.control_lake import write_control_shards
+from pipelines.tracking.client import default_tracking_uri, start_run
+from pipelines.train.controlnet import RayControlNetSpec, run_controlnet_training
 
 
 @dataclass(frozen=True)
@@ -39,7 +55,7 @@ class ControlNetJob(ControlNetConfig):
     teacher: str = "embedded"       # diffusers SD folder, s3:// prefix or "embedded"
     controlnet: str = ""            # an existing diffusers ControlNetModel folder (local or s3://): no training
     trainer: str = "local"          # local: one process | ray: Ray Train workers on an image lake
-    lake: str = ""                  # trainer=ray: image lake (pipelines/control_lake.py), local or s3://;
+    lake: str = ""                  # trainer=ray: image lake (pipelines/data/control_lake.py), local or s3://;
                                     # empty: num_images domain renders written to <out>/lake
     workers: int = 2                # trainer=ray: data-parallel workers (batch_size is the global batch)
     cpus_per_worker: float = 0.5    # Ray Data needs a CPU beside the workers (checked before the run)
@@ -71,28 +87,19 @@ class ControlNetJob(ControlNetConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> ControlNetJob:
-    from pipelines.cli import add_config_arguments, config_from_args
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     return config_from_args(ControlNetJob, p.parse_intermixed_args(argv))
 
 
 def _train_on_ray(args: ControlNetJob, cfg: ControlNetConfig, out: Path, size: int, tracker, tracking_uri: str):
-    """The ControlNet trained by Ray Train workers (pipelines/controlnet_train.py) on an image lake."""
-    from pipelines.controlnet_train import RayControlNetSpec, run_controlnet_training
-
+    """The ControlNet trained by Ray Train workers (pipelines/train/controlnet.py) on an image lake."""
     lake = args.lake
     if not lake:
-        from pipelines.control_lake import write_control_shards
-        from wadi_core.downstream.controlnet import domain_control_samples
-
         lake = str(out / "lake")
         if sorted(Path(lake).glob("*.tar")):
             print(f"image lake: reusing {lake}")
         else:
-            import shutil
-
             tmp = Path(lake + ".partial")  # renamed when complete: a cut-off write is never reused
             shutil.rmtree(tmp, ignore_errors=True)
             paths = write_control_shards(tmp, domain_control_samples(cfg.num_images, cfg.seed, size), per_shard=500)
@@ -113,18 +120,6 @@ def _train_on_ray(args: ControlNetJob, cfg: ControlNetConfig, out: Path, size: i
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import torch
-
-    from pipelines.tracking import default_tracking_uri, redact, start_run
-    from wadi_core.config import to_flat_dict
-    from wadi_core.domain.evaluator import load_domain_evaluator
-    from wadi_core.domain.quality import real_feature_stats
-    from wadi_core.downstream import geometry as geo
-    from wadi_core.downstream.controlnet import (ControlNetConfig, control_eval_set, control_tensor,
-                                                 controlnet_residuals, load_controlnet, train_controlnet)
-    from wadi_core.downstream.report import domain_scores, labelled_grid, markdown_table
-    from wadi_core.downstream.sampling import image_size, load_one_step_student, sample, seeded_noise, time_per_image
-    from wadi_core.models import load_teacher
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,8 +8,8 @@
 
 Rerunning with the same run name (``--run-name`` or ``train.run_name=``) resumes from its latest
 checkpoint. Every config error is raised here, before any cluster resources are requested:
-values (``pipelines.config``), then the teacher, the tracking server and the CPUs
-(``pipelines.preflight``, inside ``run_distillation`` before Ray starts). With neither
+values (``pipelines.config.job``), then the teacher, the tracking server and the CPUs
+(``pipelines.runtime.preflight``, inside ``run_distillation`` before Ray starts). With neither
 ``--address`` nor ``RAY_ADDRESS`` a private local Ray is started. URI user info
 (``s3://KEY:SECRET@...``) is redacted in everything printed, logged or tracked.
 """
@@ -18,15 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+import time
+import traceback
 
 from wadi_core.config import ConfigError
+from wadi_core.redact import redact
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.config import DistillConfig, absolute_paths, check_adapter_ranks, results_root
-from pipelines.tracking import install_log_redaction, redact
-
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.config.job import DistillConfig, absolute_paths, check_adapter_ranks, results_root
+from pipelines.config.plan import build_plan
+from pipelines.data.prompts import lake_prompt_count
+from pipelines.run import RunFailed, run_distillation
+from pipelines.runtime.console import quiet_console, say
+from pipelines.runtime.stop import RunInterrupted, exit_code
+from pipelines.tracking.client import install_log_redaction
 
 #: Exit codes (README, docs/RELIABILITY.md): 0 trained (or already complete), 1 the run failed or
 #: trained nothing, 2 refused before Ray started (config, lake, another job holds the run),
@@ -35,7 +43,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def main(argv: list[str] | None = None, console: bool = False) -> int:
-    """The job; ``console`` (as a script): the quiet console of ``pipelines.console`` with the full
+    """The job; ``console`` (as a script): the quiet console of ``pipelines.runtime.console`` with the full
     log in ``runs/logs/`` (``--verbose``: everything on the terminal too)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(ap, default_recipe="embedded")
@@ -55,22 +63,16 @@ def main(argv: list[str] | None = None, console: bool = False) -> int:
         return int(e.code or 0)
 
     if args.dry_run:
-        from pipelines.plan import build_plan
-
-        plan = build_plan(absolute_paths(cfg, results_root()))
+        cfg = absolute_paths(cfg, results_root())
+        plan = build_plan(cfg, None if cfg.data.num_prompts else lake_prompt_count(cfg.data.prompts))
         print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.format())
         return 0
-
-    import os
 
     # An unreachable MLflow server should cost seconds, not MLflow's default minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if not console:
         return _run(cfg, args)
-    import time
-
-    from pipelines.console import quiet_console, say
 
     log_path = results_root() / "runs" / "logs" / f"{cfg.train.run_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     with quiet_console(log_path, verbose=args.verbose):
@@ -78,12 +80,10 @@ def main(argv: list[str] | None = None, console: bool = False) -> int:
         try:
             code = _run(cfg, args)
         except BaseException:  # noqa: BLE001 - a person sees what ended the job, then where the rest is
-            import traceback
-
             say(traceback.format_exc().rstrip(), err=True)
             code = EXIT_FAILED
         finally:
-            import ray
+            import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
             if ray.is_initialized():
                 ray.shutdown()  # its processes write into the console pipe: end them inside it
@@ -94,10 +94,6 @@ def main(argv: list[str] | None = None, console: bool = False) -> int:
 
 def _run(cfg: DistillConfig, args: argparse.Namespace) -> int:
     """The run and what is printed of it; ``say`` reaches the terminal under the quiet console."""
-    from pipelines.console import say
-    from pipelines.run import RunFailed, run_distillation
-    from pipelines.stop import RunInterrupted, exit_code
-
     try:
         result = run_distillation(cfg, ray_address=args.address)
     except ConfigError as e:  # preflight, the lake, the run's lease: before Ray starts

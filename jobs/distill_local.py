@@ -21,8 +21,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from wadi_core.config import to_flat_dict
 from wadi_core.domain import TEACHER_GUIDANCE
-from wadi_core.local_train import LocalTrainConfig
+from wadi_core.domain.evaluator import load_domain_evaluator
+from wadi_core.domain.pretrain import GRID_PROMPTS
+from wadi_core.domain.quality import feature_stats, generated_report, real_features
+from wadi_core.domain.teacher import sample_images
+from wadi_core.images import image_grid
+from wadi_core.local_train import LocalTrainConfig, train_local
+from wadi_core.models import resolve_teacher_dir
+from wadi_core.redact import redact
+
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.config.job import check_adapter_ranks
 
 
 @dataclass(frozen=True)
@@ -51,15 +64,7 @@ def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | N
              guidance: float, workers: int) -> dict:
     """Student (1 step, no CFG) vs teacher (25 steps CFG and 1 step CFG), same domain protocol
     as jobs/eval_teacher_domain.py (wadi_core.domain.quality.generated_report)."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from wadi_core.domain.evaluator import load_domain_evaluator
-    from wadi_core.domain.pretrain import GRID_PROMPTS
-    from wadi_core.domain.quality import feature_stats, generated_report, real_features
-    from wadi_core.domain.teacher import sample_images
-    from wadi_core.images import image_grid
-    from wadi_core.models import resolve_teacher_dir
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     teacher_dir = str(resolve_teacher_dir(teacher_dir))
     evaluator = load_domain_evaluator()
@@ -100,21 +105,12 @@ def evaluate(export_dir: Path, teacher_dir: str, n: int, teacher_report: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import add_config_arguments, config_from_args
-    from pipelines.config import check_adapter_ranks
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(ap, default_recipe="embedded")
     ap.add_argument("--eval-only", default=None, metavar="EXPORT_DIR", help="skip training; evaluate this export")
     args = ap.parse_intermixed_args(argv)  # KEY=VALUE before or after the flags
     cfg = config_from_args(DistillLocalJob, args, check=check_adapter_ranks)
 
-    import torch
-
-    from wadi_core.config import to_flat_dict
-    from wadi_core.local_train import train_local
-
-    from pipelines.tracking import redact  # no Ray, DeepSpeed or MLflow import
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -20,11 +20,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
+from wadi_core.adapters import save_adapter
 from wadi_core.config import base_part
 from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
-from wadi_core.downstream.dreambooth import DreamBoothConfig
+from wadi_core.domain.evaluator import load_domain_evaluator
+from wadi_core.downstream.dreambooth import (DreamBoothConfig, apply_subject_adapter, make_subject_data, subject_scores,
+                                             subject_test_prompts, train_dreambooth)
+from wadi_core.downstream.report import labelled_grid
+from wadi_core.downstream.sampling import image_size, load_one_step_student, sample, seeded_noise
+from wadi_core.downstream.subjects import render_subject, subject_caption
+from wadi_core.images import image_grid
+from wadi_core.models import load_teacher
+from wadi_core.redact import redact
+
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.tracking.client import default_tracking_uri, start_run
 
 SCORES = ("fidelity", "shape_rate", "descriptor", "adherence", "acc_colour", "acc_size", "acc_position")
 
@@ -57,16 +72,12 @@ class DreamBoothJob(DreamBoothConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> DreamBoothJob:
-    from pipelines.cli import add_config_arguments, config_from_args
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     return config_from_args(DreamBoothJob, p.parse_intermixed_args(argv))
 
 
 def _table(rows: dict[str, dict[str, list[float]]], params: dict[str, float]) -> str:
-    import numpy as np
-
     head = "| adapter | sampler | params | " + " | ".join(SCORES) + " |\n|---|---|---|" + "---|" * len(SCORES) + "\n"
     body = ""
     for name, vals in rows.items():
@@ -82,19 +93,6 @@ def _table(rows: dict[str, dict[str, list[float]]], params: dict[str, float]) ->
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import numpy as np
-    import torch
-
-    from pipelines.tracking import default_tracking_uri, redact, start_run
-    from wadi_core.adapters import save_adapter
-    from wadi_core.domain.evaluator import load_domain_evaluator
-    from wadi_core.downstream.dreambooth import (DreamBoothConfig, apply_subject_adapter, make_subject_data,
-                                                 subject_scores, subject_test_prompts, train_dreambooth)
-    from wadi_core.downstream.report import labelled_grid
-    from wadi_core.downstream.sampling import image_size, load_one_step_student, sample, seeded_noise
-    from wadi_core.downstream.subjects import render_subject, subject_caption
-    from wadi_core.images import image_grid
-    from wadi_core.models import load_teacher
 
     if args.threads:
         torch.set_num_threads(args.threads)

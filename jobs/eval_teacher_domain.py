@@ -19,6 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
+from wadi_core.domain.teacher import sample_images
+
+from pipelines.config.cli import add_config_arguments, config_from_args
 
 
 @dataclass(frozen=True)
@@ -39,19 +42,17 @@ class TeacherEvalJob:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.cli import add_config_arguments, config_from_args
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     args = config_from_args(TeacherEvalJob, p.parse_intermixed_args(argv))
-    import torch
-    from diffusers import StableDiffusionPipeline
+    import torch  # noqa: PLC0415 -- torch only here: --help stays fast
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
-    from wadi_core.domain.evaluator import load_domain_evaluator
-    from wadi_core.domain.pretrain import GRID_PROMPTS
-    from wadi_core.domain.quality import feature_stats, generated_report, real_feature_stats, real_features
-    from wadi_core.domain.teacher import sample_images
-    from wadi_core.images import image_grid
+    from wadi_core.domain.evaluator import load_domain_evaluator  # noqa: PLC0415 -- torch only here: --help stays fast
+    from wadi_core.domain.pretrain import GRID_PROMPTS  # noqa: PLC0415 -- torch only here: --help stays fast
+    from wadi_core.domain.quality import (feature_stats,  # noqa: PLC0415 -- torch only here: --help stays fast
+                                          generated_report, real_feature_stats, real_features)
+    from wadi_core.images import image_grid  # noqa: PLC0415 -- torch only here: --help stays fast
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     real = feature_stats(real_f)
     results: dict = {"teacher": args.teacher, "n": args.n, "n_real": args.n_real, "guidance": args.guidance}
     # Reference: a second set of real renders (other seed) vs the first: the FID floor.
-    from wadi_core.metrics import frechet_distance
+    from wadi_core.metrics import frechet_distance  # noqa: PLC0415 -- torch only here: --help stays fast
 
     results["fid_real_vs_real"] = float(frechet_distance(real_feature_stats(evaluator, n=args.n_real, seed=778), real))
     for steps in args.steps:

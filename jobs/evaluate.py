@@ -34,12 +34,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from wadi_core import storage
 from wadi_core.config import base_part
+from wadi_core.metrics.coco import draw_coco_captions, write_prompt_list
+from wadi_core.redact import redact
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.eval_runs import (EvalConfig, ensure_reference, init_ray, run_evaluation,
-                                 run_schedule)
-from pipelines.tracking import redact
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.evaluate.runs import EvalConfig, ensure_reference, init_ray, run_evaluation, run_schedule
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, EvaluateJob | Schedu
 
 
 def write_drawn_prompts(args: PromptsJob) -> dict:
-    from wadi_core.metrics.coco import draw_coco_captions, write_prompt_list
-
     drawn = draw_coco_captions(args.captions, args.num, args.draw_seed)
     sha = write_prompt_list([p.caption for p in drawn], args.out)
     ids = "\n".join(f"{p.image_id}\t{p.file_name}" for p in drawn) + "\n"
-    from wadi_core import storage
 
     storage.write_bytes(args.out + ".images.tsv", ids.encode())
     info = {"captions": args.captions, "num": len(drawn), "draw_seed": args.draw_seed, "sha256": sha}

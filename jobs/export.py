@@ -24,6 +24,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from wadi_core import storage
+from wadi_core.config import from_dict, unflatten
+
+from pipelines.config.cli import add_config_arguments, config_from_args, read_recipe
+
 ADAPTER = Path("adapters") / "student.safetensors"
 
 
@@ -37,15 +42,13 @@ class Source:
 
 
 def _download(uri: str) -> Path:
-    import mlflow
+    import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="wadi-src-")))
 
 
 def resolve_source(model: str, teacher: str | None) -> Source:
     """Local folder / file, ``s3://`` or MLflow URI -> :class:`Source` (downloads remote ones)."""
-    from wadi_core import storage
-
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:")):
         local = _download(model)
     elif storage.is_remote(model):
@@ -77,7 +80,7 @@ def _teacher_uri(src: Source, recipe_teacher: str) -> str:
 
 
 def _load_teacher(uri: str):
-    from wadi_core.models import load_teacher
+    from wadi_core.models import load_teacher  # noqa: PLC0415 -- torch only here: --help stays fast
 
     try:
         return load_teacher(uri)
@@ -87,10 +90,7 @@ def _load_teacher(uri: str):
 
 
 def _vsd_config(recipe: str, student_spec):
-    from wadi_core.config import from_dict, unflatten
-    from wadi_core.vsd import VSDConfig
-
-    from pipelines.config import read_recipe
+    from wadi_core.vsd import VSDConfig  # noqa: PLC0415 -- torch only here: --help stays fast
 
     _, data = read_recipe(recipe)
     cfg = from_dict(VSDConfig, unflatten(dict(data.get("vsd") or {})))
@@ -103,8 +103,8 @@ def diffusers_export(src: Source, out: Path, recipe: str) -> Path:
         if out.resolve() != src.pipeline.resolve():
             shutil.copytree(src.pipeline, out, dirs_exist_ok=True)
         return out
-    from wadi_core.adapters import load_adapter_file
-    from wadi_core.export import export_one_step_pipeline
+    from wadi_core.adapters import load_adapter_file  # noqa: PLC0415 -- torch only here: --help stays fast
+    from wadi_core.export import export_one_step_pipeline  # noqa: PLC0415 -- torch only here: --help stays fast
 
     state, spec = load_adapter_file(src.adapter)
     cfg, recipe_teacher = _vsd_config(recipe, spec)
@@ -114,8 +114,9 @@ def diffusers_export(src: Source, out: Path, recipe: str) -> Path:
 
 def lora_export(src: Source, out: Path, rank: int | None, recipe: str, dtype) -> dict:
     """LoRA factors of the student's weight change on its teacher; returns a small report."""
-    from wadi_core.adapters import load_adapter_file
-    from wadi_core.export_formats import lora_from_deltas, lorad_weight_deltas, save_lora_file
+    from wadi_core.adapters import load_adapter_file  # noqa: PLC0415 -- torch only here: --help stays fast
+    from wadi_core.export_formats import (lora_from_deltas,  # noqa: PLC0415 -- torch only here: --help stays fast
+                                          lorad_weight_deltas, save_lora_file)
 
     if src.adapter is None:
         raise SystemExit("a LoRA needs the student adapter (adapters/student.safetensors): this source has only "
@@ -163,9 +164,7 @@ class ExportJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from pipelines.cli import add_config_arguments, config_from_args
+    import torch  # noqa: PLC0415 -- torch only here: --help stays fast
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(ap)
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "diffusers":
         result = {"out": str(diffusers_export(src, out, args.recipe))}
     elif args.format == "single-file":
-        from wadi_core.export_formats import save_single_file
+        from wadi_core.export_formats import save_single_file  # noqa: PLC0415 -- torch only here: --help stays fast
 
         with tempfile.TemporaryDirectory(prefix="wadi-export-") as tmp:
             pipe_dir = src.pipeline or diffusers_export(src, Path(tmp) / "export", args.recipe)

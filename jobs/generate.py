@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.eval_runs import RayResources, check_actor_accelerator, init_ray
-from pipelines.tracking import redact
-from pipelines.generation import (ModelSpec, generation_dataset, load_prompts, prompt_seed,
-                                  write_png_files)
 from wadi_core import storage
+from wadi_core.redact import redact
+
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.data.prompts import pyarrow_filesystem
+from pipelines.evaluate.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
+from pipelines.evaluate.runs import RayResources, check_actor_accelerator, init_ray
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,6 @@ def main(argv: list[str] | None = None) -> dict:
         ds.map_batches(write_png_files, fn_kwargs={"root": args.out}, batch_format="numpy", num_cpus=0.25) \
           .select_columns(["key"]).materialize()
     else:
-        from pipelines.data import pyarrow_filesystem
-
         fs, path = pyarrow_filesystem(args.out)
         ds.map_batches(_to_webdataset_rows, batch_format="numpy", num_cpus=0.25).write_webdataset(
             path, filesystem=fs, min_rows_per_file=args.shard_size, ray_remote_args={"num_cpus": 0.25})

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from wadi_core import storage
-from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions
+from wadi_core.domain.attributes import eval_prompts
+from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions, write_prompt_shards
+from wadi_core.redact import redact
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.tracking import redact
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.data.wds_shards import write_prompt_shards_webdataset
 
 Split = Literal["train", "heldout", "all"]
 
@@ -62,17 +64,12 @@ def main(argv: list[str] | None = None) -> None:
         add_config_arguments(sub.add_parser(name, help=cls.__doc__.split(": ", 1)[1]))
     ns = p.parse_args(argv)
     args = config_from_args(JourneyDBShards if ns.source == "journeydb" else DomainShards, ns)
-    if args.writer == "webdataset":
-        from pipelines.wds_shards import write_prompt_shards_webdataset as writer
-    else:
-        from wadi_core.prompts import write_prompt_shards as writer
+    writer = write_prompt_shards_webdataset if args.writer == "webdataset" else write_prompt_shards
 
     if isinstance(args, JourneyDBShards):
         manifest = journeydb_to_shards(list(args.inputs), args.out, args.shard_size, seed=args.seed, progress=True,
                                        writer=writer)
     else:
-        from wadi_core.domain.attributes import eval_prompts
-
         manifest = domain_to_shards(args.num, args.out, seed=args.seed, split=args.split, shard_size=args.shard_size,
                                     writer=writer)
         if args.eval_num:

@@ -20,10 +20,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.tracking import start_run
 from wadi_core.config import base_part, to_flat_dict
 from wadi_core.domain.pretrain import GRID_PROMPTS, PretrainConfig, pretrain_teacher
+from wadi_core.domain.teacher import folder_size_mb, sample_images
+from wadi_core.images import image_grid
+
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.tracking.client import start_run
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                    params=to_flat_dict(cfg)) as tracker:
         summary = pretrain_teacher(cfg, args.out, args.state_dir, log=tracker.log_metrics)
         tracker.log_metrics(summary)
-        from diffusers import StableDiffusionPipeline
-
-        from wadi_core.domain.teacher import folder_size_mb, sample_images
-        from wadi_core.images import image_grid
+        from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
         pipe = StableDiffusionPipeline.from_pretrained(args.out)
         prompts = [p for p in GRID_PROMPTS for _ in range(6)]

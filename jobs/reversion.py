@@ -27,10 +27,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
-from wadi_core.downstream.reversion import RelationConfig, SceneTeacherConfig
+from wadi_core.downstream.report import labelled_grid, markdown_table
+from wadi_core.downstream.reversion import (RelationConfig, SceneTeacherConfig, finetune_scene_teacher, invert_relation,
+                                            load_token, relation_accuracy, save_token, scene_eval_set)
+from wadi_core.downstream.sampling import load_one_step_student, sample, seeded_noise, time_per_image
+from wadi_core.downstream.subjects import sample_scene, scene_caption
+from wadi_core.images import image_grid
+from wadi_core.models import load_teacher
+from wadi_core.redact import redact
+
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.tracking.client import default_tracking_uri, start_run
 
 
 @dataclass(frozen=True)
@@ -58,8 +71,6 @@ class ReVersionJob:
 
 
 def parse_args(argv: list[str] | None = None) -> ReVersionJob:
-    from pipelines.cli import add_config_arguments, config_from_args
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     return config_from_args(ReVersionJob, p.parse_intermixed_args(argv))
@@ -67,10 +78,6 @@ def parse_args(argv: list[str] | None = None) -> ReVersionJob:
 
 def _distill(scene_teacher: Path, out: Path, steps: int, minutes: float, threads: int) -> Path:
     """A one-step student of the scene teacher: jobs/distill_local.py on scene captions."""
-    import numpy as np
-
-    from wadi_core.downstream.subjects import sample_scene, scene_caption
-
     rng = np.random.default_rng(5)
     prompts = out / "scene_prompts.txt"
     prompts.write_text("\n".join(scene_caption(sample_scene(rng)) for _ in range(20_000)) + "\n")
@@ -84,18 +91,6 @@ def _distill(scene_teacher: Path, out: Path, steps: int, minutes: float, threads
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import numpy as np
-    import torch
-
-    from pipelines.tracking import default_tracking_uri, redact, start_run
-    from wadi_core.downstream.report import labelled_grid, markdown_table
-    from wadi_core.downstream.reversion import (RelationConfig, SceneTeacherConfig, finetune_scene_teacher,
-                                                invert_relation, load_token, relation_accuracy, save_token,
-                                                scene_eval_set)
-    from wadi_core.downstream.sampling import load_one_step_student, sample, seeded_noise, time_per_image
-    from wadi_core.downstream.subjects import scene_caption
-    from wadi_core.images import image_grid
-    from wadi_core.models import load_teacher
 
     if args.threads:
         torch.set_num_threads(args.threads)

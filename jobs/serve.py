@@ -20,7 +20,10 @@ import signal
 import sys
 import threading
 
-from pipelines.cli import add_config_arguments, config_from_args
+from wadi_core.redact import redact
+
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.runtime.cluster import init_ray
 from pipelines.serve.options import ServeConfig
 
 
@@ -36,19 +39,18 @@ def _tracking_uri(cfg: ServeConfig) -> str | None:
     uris = [cfg.model] + ([cfg.teacher] if cfg.teacher else [])
     if not any(u.startswith(("models:/", "runs:/")) for u in uris):
         return cfg.tracking_uri
-    from pipelines.eval_runs import resolve_tracking_uri
+    from pipelines.evaluate.runs import resolve_tracking_uri  # noqa: PLC0415 -- torch: only for MLflow model URIs
 
     return resolve_tracking_uri(cfg.tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    from ray import serve
+    # Ray Serve, FastAPI and torch load once the config is checked: --help and --print-config stay fast.
+    from ray import serve  # noqa: PLC0415 -- see above
 
-    from pipelines.cluster import init_ray
-    from pipelines.evaluation import env_for_workers
-    from pipelines.serve.app import build_app
-    from pipelines.tracking import redact
+    from pipelines.evaluate.metrics import env_for_workers  # noqa: PLC0415 -- see above
+    from pipelines.serve.app import build_app  # noqa: PLC0415 -- see above
 
     stop = threading.Event()
     received: list[str] = []
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         what = "serve.shutdown" if own_ray else "serve.delete, the cluster's other applications keep running"
         print(f"[serve] {received[0]} received: shutting the application down ({what})", flush=True)
     finally:
-        import ray
+        import ray  # noqa: PLC0415 -- already loaded by serve above
 
         if own_ray:
             serve.shutdown()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipelines.cli import add_config_arguments, config_from_args
-from pipelines.tracking import start_run
+from pipelines.config.cli import add_config_arguments, config_from_args
+from pipelines.tracking.client import start_run
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     add_config_arguments(p)
     args = config_from_args(EvaluatorJob, p.parse_intermixed_args(argv))
 
-    import torch
+    import torch  # noqa: PLC0415 -- torch only here: --help stays fast
 
-    from wadi_core.domain.evaluator import render_accuracy, train_domain_evaluator
+    from wadi_core.domain.evaluator import (render_accuracy,  # noqa: PLC0415 -- torch only here: --help stays fast
+                                            train_domain_evaluator)
 
     torch.set_num_threads(args.threads)
     params = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("tracking_uri", "experiment")}

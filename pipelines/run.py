@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from wadi_core import storage
-
 from wadi_core.config import ConfigError
+from wadi_core.redact import redact
 from wadi_core.storage import is_storage_full
 
-from pipelines.checkpoint import (checkpoint_step, latest_complete_checkpoint, prune_untracked_checkpoints,
-                                  repair_ray_snapshot)
-from pipelines.config import DistillConfig, absolute_paths, results_root
-from pipelines.data import count_prompts, exact_split, lake_captions, prompt_dataset, pyarrow_filesystem
-from pipelines.lease import RunLease
-from pipelines.plan import resolve_prompts
-from pipelines.stop import RunInterrupted, StopFlag, call_in_thread, stop_on_signals
-from pipelines.cluster import check_accelerator_available, init_ray, local_cpus
-from pipelines.cluster import ray_address as resolve_ray_address
-from pipelines.console import say
-from pipelines.preflight import check_cpu_headroom, preflight
-from pipelines.tracking import default_tracking_uri, git_sha, redact, redact_uri, start_run
-from pipelines.train import dataset_name, train_loop
+from pipelines.config.cli import format_config
+from pipelines.config.job import DistillConfig, absolute_paths, results_root
+from pipelines.data.prompts import count_prompts, exact_split, lake_captions, prompt_dataset, resolve_prompts
+from pipelines.data.text_encoding import encode_stage, precompute_conds
+from pipelines.evaluate.final import final_evaluation
+from pipelines.runtime.cluster import check_accelerator_available, init_ray, local_cpus
+from pipelines.runtime.cluster import ray_address as resolve_ray_address
+from pipelines.runtime.console import say
+from pipelines.runtime.lease import RunLease
+from pipelines.runtime.preflight import check_cpu_headroom, preflight
+from pipelines.runtime.stop import RunInterrupted, StopFlag, call_in_thread, stop_on_signals
+from pipelines.tracking.client import default_tracking_uri, git_sha, redact_uri, start_run
+from pipelines.train.checkpoint import (checkpoint_step, latest_complete_checkpoint, prune_untracked_checkpoints,
+                                        repair_ray_snapshot, run_storage)
+from pipelines.train.worker import dataset_name, train_loop
 
 __all__ = ["DistillResult", "RunFailed", "run_distillation", "ray_job_ids", "fixed_prompts", "check_lake",
            "headline_params", "HEADLINE_PARAMS"]
@@ -40,7 +43,7 @@ class DistillResult:
     checkpoint: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = None  # pipelines.final_eval: teacher vs student table
+    evaluation: dict[str, Any] | None = None  # pipelines.evaluate.final: teacher vs student table
     mlflow_experiment_id: str | None = None
 
     def run_page(self, ui: str = "http://127.0.0.1:5000") -> str | None:
@@ -78,7 +81,7 @@ class DistillResult:
 
 def ray_job_ids() -> dict[str, str]:
     """Ray job id (and the submission id under ``ray job submit``) for the MLflow tags."""
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     ids = {"ray.job_id": os.environ.get("RAY_JOB_ID") or ray.get_runtime_context().get_job_id()}
     try:
@@ -143,7 +146,7 @@ def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str, storage_
     Raises ``ConfigError`` when that run recorded another ``train.storage_path``: it belongs to
     another run that shares the name, whose page this job would overwrite."""
     try:
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
         client = mlflow.MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(experiment)
@@ -164,18 +167,11 @@ def _find_mlflow_run(tracking_uri: str, experiment: str, run_name: str, storage_
     return runs[0].info.run_id
 
 
-def _storage(uri: str) -> tuple[str, Any]:
-    """RunConfig (storage_path, storage_filesystem): pyarrow S3 with the endpoint from the env."""
-    if storage.is_remote(uri):
-        fs, path = pyarrow_filesystem(uri)
-        return path, fs
-    return uri, None
-
-
 def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str, Any],
              worker_resources: dict[str, float] | None = None, placement_strategy: str = "PACK") -> Any:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, RunConfig,  # noqa: PLC0415 -- cluster path only
+                           ScalingConfig)
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415 -- Ray only on the cluster path
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **(worker_resources or {})}
@@ -185,7 +181,7 @@ def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str
     # then ignores locality and deals blocks in order), so resume skips exactly what was trained.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    storage_path, storage_fs = _storage(t.storage_path)
+    storage_path, storage_fs = run_storage(t.storage_path)
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -208,12 +204,12 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None, *,
     """Run (or resume, same ``train.run_name``) one distillation job; returns where results are.
 
     Ray is joined only at ``ray_address`` / ``RAY_ADDRESS``; otherwise a local Ray is started.
-    ``pipelines.preflight`` runs first: a bad teacher, tracking server or CPU layout raises
+    ``pipelines.runtime.preflight`` runs first: a bad teacher, tracking server or CPU layout raises
     ``ConfigError`` before any Ray resources are requested. ``worker_resources`` (custom Ray
     resources added to each worker's, e.g. one ``{"trainer_slot": 1}`` per node) and
     ``placement_strategy`` (``PACK`` / ``SPREAD`` / ``STRICT_SPREAD``) place the workers on a cluster.
     """
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     root = results_root()
     cfg = absolute_paths(cfg, root)
@@ -225,7 +221,7 @@ def run_distillation(cfg: DistillConfig, ray_address: str | None = None, *,
     checked = _Checked(root, prompts_uri, num_prompts, sample_prompts, tracking_uri,
                        _find_mlflow_run(tracking_uri, cfg.tracking.experiment, cfg.train.run_name,
                                         cfg.train.storage_path))
-    with RunLease(cfg.train.storage_path, cfg.train.run_name):  # one job per run (pipelines.lease)
+    with RunLease(cfg.train.storage_path, cfg.train.run_name):  # one job per run (pipelines.runtime.lease)
         return _run(cfg, checked, ray_address, worker_resources, placement_strategy)
 
 
@@ -244,7 +240,7 @@ class _Checked:
 def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
          worker_resources: dict[str, float] | None, placement_strategy: str) -> DistillResult:
     """:func:`run_distillation` once the run is checked and leased."""
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     root, prompts_uri, num_prompts = checked.root, checked.prompts_uri, checked.num_prompts
     sample_prompts, tracking_uri, existing = checked.sample_prompts, checked.tracking_uri, checked.mlflow_run_id
@@ -264,9 +260,7 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                                                 max_shard_bytes=cfg.data.max_shard_bytes)
                 for e in range(num_epochs)}
     text_conds = None
-    if cfg.data.text_encoding == "actors":  # text-encoder actors feed the workers (pipelines/text_encoding.py)
-        from pipelines.text_encoding import encode_stage, precompute_conds
-
+    if cfg.data.text_encoding == "actors":  # text-encoder actors feed the workers (pipelines/data/text_encoding.py)
         datasets = {name: encode_stage(ds, cfg) for name, ds in datasets.items()}
         text_conds = precompute_conds(cfg, ["", *sample_prompts])
     spec = cfg.vsd.student
@@ -276,7 +270,7 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                                                      f"r={cfg.vsd.fake.rank})",
         "wadi.prompts": prompts_uri, **ray_job_ids(),
     }
-    flag = ray.remote(num_cpus=0)(StopFlag).remote()  # SIGINT / SIGTERM -> a clean stop (pipelines.stop)
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()  # SIGINT / SIGTERM -> a clean stop (pipelines.runtime.stop)
     repair_ray_snapshot(cfg.train.storage_path, cfg.train.run_name)
     newest = latest_complete_checkpoint(cfg.train.storage_path, cfg.train.run_name)
     start_step = checkpoint_step(newest.path) if newest else 0  # where this job starts training
@@ -326,7 +320,8 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                               "nothing registered and no closing evaluation (give a new train.run_name, or raise "
                               "data.max_steps / data.epochs, to train more)")
             elif tracker.active:
-                from pipelines.registry import log_and_register
+                from pipelines.tracking.registry import \
+                    log_and_register  # noqa: PLC0415 -- loads MLflow (slow), only to register
 
                 local_export = storage.materialize(cfg.export_uri)
                 # One copy in MLflow: the logged model (its "pipeline" artifact is the export); the run
@@ -340,7 +335,6 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                         f"@{model['alias']} (version {model['version']})")
             elif cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
                 warnings.warn("MLflow was unreachable: the export was not logged or registered")
-        from pipelines.final_eval import final_evaluation
 
         # After the training run is closed: the evaluation nests its own run under it, then adds final/*.
         if trained and cfg.evaluation.num_prompts:
@@ -348,7 +342,8 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
         evaluation = final_evaluation(cfg, cfg.export_uri, tracker.run_id if tracker.active else None, root,
                                       tracking_uri=tracking_uri, step=step) if trained else None
         if evaluation and model:  # the quality travels with the registered model
-            from pipelines.registry import attach_quality
+            from pipelines.tracking.registry import \
+                attach_quality  # noqa: PLC0415 -- loads MLflow (slow), only to register
 
             attach_quality(model, evaluation["metrics"], tracker.run_id, tracking_uri, evaluation["table"])
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
@@ -360,10 +355,6 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
 
 def _log_config(tracker: Any, cfg: DistillConfig) -> None:
     """The resolved config (URI user info redacted) as the run's ``config.yaml``."""
-    import tempfile
-
-    from pipelines.cli import format_config
-
     with tempfile.TemporaryDirectory(prefix="wadi-config-") as tmp:
         path = os.path.join(tmp, "config.yaml")
         with open(path, "w") as f:

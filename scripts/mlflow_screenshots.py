@@ -11,6 +11,9 @@ teacher | student grid), and the registered model version when there is one. The
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import json
 import shutil
 import socket
 import subprocess
@@ -37,7 +40,7 @@ def _chromium() -> str:
 
 def pages(tracking_uri: str, experiment: str, run_id: str | None) -> dict[str, str]:
     """``{name: URL fragment}`` of what to look at for the run."""
-    import mlflow
+    import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
     client = mlflow.MlflowClient(tracking_uri)
     if run_id is None:
@@ -67,11 +70,7 @@ async def _capture(chromium: str, shots: list[tuple[str, Path]], size: tuple[int
     """Each URL in one headless Chromium over the DevTools protocol: navigate, wait ``wait_s`` of
     real time (the UI fetches and draws its charts lazily), capture a PNG. ``on_page(call, url)``, when
     given, runs after each navigation with the DevTools ``call`` (scripts/serve_screenshot.py types there)."""
-    import asyncio
-    import base64
-    import json
-
-    import aiohttp
+    import aiohttp  # noqa: PLC0415 -- aiohttp (a dev dependency) only when a screenshot is taken
 
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="wadi-chromium-") as profile:
@@ -142,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
                 if server.poll() is not None or time.time() > deadline:
                     raise SystemExit("mlflow ui did not come up") from None
                 time.sleep(0.5)
-        import asyncio
-
         shots = [(f"http://127.0.0.1:{port}/{fragment}", out / f"{name}.png") for name, fragment in targets.items()]
         width, height = (int(v) for v in args.size.split(","))
         asyncio.run(_capture(_chromium(), shots, (width, height), args.wait_s))

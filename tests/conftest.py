@@ -23,7 +23,7 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _restore_mlflow_tracking_uri():
     """Each test leaves MLflow's process-wide tracking URI and the ``MLFLOW_*`` environment as it
-    found them: ``mlflow.set_tracking_uri`` (tests, and ``pipelines.tracking.start_run``) also sets
+    found them: ``mlflow.set_tracking_uri`` (tests, and ``pipelines.tracking.client.start_run``) also sets
     ``MLFLOW_TRACKING_URI``, which ``default_tracking_uri`` and Ray workers would then inherit."""
     env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     before = _mlflow_tracking_utils()._tracking_uri if "mlflow" in sys.modules else None
@@ -108,10 +108,10 @@ def ray_local(s3_server):
     """A 2-CPU local Ray per test module, started after the moto env is set (workers inherit AWS_*).
 
     Never the cluster of Ray's current-cluster file (another ``ray start --head`` on this machine):
-    ``pipelines.cluster.init_ray`` starts a private one unless RAY_ADDRESS is set.
+    ``pipelines.runtime.cluster.init_ray`` starts a private one unless RAY_ADDRESS is set.
     """
     ray = pytest.importorskip("ray")
-    from pipelines.cluster import init_ray
+    from pipelines.runtime.cluster import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
@@ -120,7 +120,7 @@ def ray_local(s3_server):
 
 def reset_process_group() -> None:
     """Destroy the default torch.distributed group and DeepSpeed's cached handle on it, so a later
-    test's ``init_process_group`` + ``pipelines.engines.init_distributed`` starts clean."""
+    test's ``init_process_group`` + ``pipelines.train.engines.init_distributed`` starts clean."""
     import torch.distributed as dist
 
     if dist.is_initialized():

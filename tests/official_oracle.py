@@ -171,11 +171,11 @@ def official_step(family, teacher, fake, student, alphas_cumprod, cond, null, ge
 
 @contextlib.contextmanager
 def deepspeed_world_of_one() -> Iterator[None]:
-    """torch.distributed (gloo, world 1) + ``pipelines.engines.init_distributed``; undone on exit."""
+    """torch.distributed (gloo, world 1) + ``pipelines.train.engines.init_distributed``; undone on exit."""
     import torch.distributed as dist
 
     from conftest import reset_process_group
-    from pipelines.engines import init_distributed
+    from pipelines.train.engines import init_distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -348,7 +348,7 @@ def test_one_rank_rule_for_spec_layers_and_config(kind: str, rank: int, ok: bool
     from wadi_core.adapters import AdapterSpec, apply_adapter
     from wadi_core.config import ConfigError
 
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     def spec() -> AdapterSpec:
         return AdapterSpec(kind, rank, "re:0")

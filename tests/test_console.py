@@ -1,4 +1,4 @@
-"""The quiet console (pipelines/console.py): the terminal gets the lines meant for a person, the
+"""The quiet console (pipelines/runtime/console.py): the terminal gets the lines meant for a person, the
 log file gets everything, child processes included. A whole job's console (at most 40 lines, each
 for a person) is checked in tests/test_run_trust_ray.py (job E)."""
 
@@ -15,12 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_keep_on_console_picks_the_lines_for_a_person() -> None:
-    from pipelines.console import keep_on_console
+    from pipelines.runtime.console import keep_on_console
 
     assert keep_on_console("[wadi] data: 20,000 prompts\n")
     assert keep_on_console("\x1b[36m(RayTrainWorker pid=42)\x1b[0m [wadi] step 90/900 | loss_gen 0.1\n")
     assert keep_on_console("(RayTrainWorker pid=42, ip=10.0.0.2) [wadi] stop requested\n")
-    assert keep_on_console("/repo/pipelines/lease.py:170: UserWarning: taking over the lease\n")
+    assert keep_on_console("/repo/pipelines/runtime/lease.py:170: UserWarning: taking over the lease\n")
     assert keep_on_console("(pid=7) /x/wadi_core/storage.py:12: UserWarning: retrying\n")
     for noise in ("(RayTrainWorker pid=42) Reporting training result 1: TrainingReport(...)\n",
                   "2026-12-06 13:52:02,443\tINFO worker.py:1 -- Started a local Ray instance.\n",
@@ -31,7 +31,7 @@ def test_keep_on_console_picks_the_lines_for_a_person() -> None:
 
 SCRIPT = r"""
 import subprocess, sys, warnings
-from pipelines.console import quiet_console, say
+from pipelines.runtime.console import quiet_console, say
 with quiet_console(sys.argv[1], verbose=sys.argv[2] == "1"):
     say("[wadi] phase one")
     print("library noise", flush=True)

@@ -1,5 +1,5 @@
-"""ControlNet training through Ray Train on an image lake (pipelines/controlnet_train.py,
-pipelines/control_lake.py): what a lake holds and drops, the optimizer state without pickle, and
+"""ControlNet training through Ray Train on an image lake (pipelines/train/controlnet.py,
+pipelines/data/control_lake.py): what a lake holds and drops, the optimizer state without pickle, and
 `jobs/controlnet.py trainer=ray` on 2 workers with a corrupt shard, resumed by a second run."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.control_lake import CONTROL_BAD_REASONS, decode_rows, parse_control_tar, write_control_shards
+from pipelines.data.control_lake import CONTROL_BAD_REASONS, decode_rows, parse_control_tar, write_control_shards
 
 
 def _samples(n: int, seed: int = 0):
@@ -65,7 +65,7 @@ def test_control_lake_keeps_good_samples_and_counts_the_rest(tmp_path):
 
 
 def test_optimizer_state_round_trips_through_safetensors(tmp_path):
-    from pipelines.controlnet_train import load_optimizer, save_optimizer
+    from pipelines.train.controlnet import load_optimizer, save_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
@@ -95,7 +95,7 @@ def test_controlnet_job_trains_on_ray_workers_and_resumes(ray_local, tmp_path, m
     import mlflow
 
     from jobs import controlnet as job
-    from pipelines.controlnet_train import RayControlNetSpec, run_controlnet_training
+    from pipelines.train.controlnet import RayControlNetSpec, run_controlnet_training
     from wadi_core.downstream.controlnet import ControlNetConfig, build_controlnet, load_controlnet
     from wadi_core.export import export_one_step_pipeline
     from wadi_core.models import load_teacher
@@ -139,7 +139,7 @@ def test_controlnet_job_trains_on_ray_workers_and_resumes(ray_local, tmp_path, m
 
 
 def test_ray_workers_must_leave_a_cpu_to_ray_data():
-    from pipelines.preflight import check_worker_cpus
+    from pipelines.runtime.preflight import check_worker_cpus
     from wadi_core.config import ConfigError
 
     check_worker_cpus(2, 0.5, 2.0, keys=("workers", "cpus_per_worker"))

@@ -1,4 +1,4 @@
-"""wadi_core.storage (local + S3 over moto), wadi_core.config, pipelines.tracking."""
+"""wadi_core.storage (local + S3 over moto), wadi_core.config, pipelines.tracking.client."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_storage_s3_round_trip(s3_bucket, tmp_path):
 
 
 def test_tracking_filters_secrets_and_survives_unreachable_server(tmp_path):
-    from pipelines import tracking
+    from pipelines.tracking import client as tracking
 
     params = tracking.safe_params({"aws_secret_access_key": "s", "data.uri": "s3://b/p", "api_token": "t"})
     assert params == {"data.uri": "s3://b/p"}
@@ -93,7 +93,7 @@ def test_tracking_filters_secrets_and_survives_unreachable_server(tmp_path):
 def test_tracking_sqlite_logs(tmp_path):
     import mlflow
 
-    from pipelines import tracking
+    from pipelines.tracking import client as tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking.start_run("exp", tracking_uri=uri, params={"vsd.lr": 0.1, "password": "x"}) as run:

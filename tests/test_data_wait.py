@@ -1,6 +1,6 @@
 """The trainer's data-wait metric (#35): ``perf/data_wait_s`` is the time a step waited for its batch
 (``_Run.next_batch``), ``perf/data_wait_share`` that wait over the step's wall time. Driven through
-the real ``pipelines.train._train`` loop and ``_Run.log_step`` with a fake run: no Ray, no model."""
+the real ``pipelines.train.worker._train`` loop and ``_Run.log_step`` with a fake run: no Ray, no model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from pipelines import train
+from pipelines.train import worker as train
 
 
 class _Stream:
@@ -101,8 +101,8 @@ def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_b
 
     from s3_fault_proxy import FaultProxy
 
-    from pipelines.data import _read_shard, pyarrow_filesystem, read_shard_batch
-    from pipelines.tarshards import BAD_REASONS
+    from pipelines.data.prompts import read_shard, pyarrow_filesystem, read_shard_batch
+    from pipelines.data.tarshards import BAD_REASONS
     from wadi_core import storage
 
     body = os.urandom(3 << 20)  # 12 chunks of the old reader
@@ -112,9 +112,9 @@ def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_b
         try:
             fs, root = pyarrow_filesystem(f"s3://{s3_bucket}/lake")
             before = proxy.requests
-            assert _read_shard(fs, f"{root}/big.bin") == body
+            assert read_shard(fs, f"{root}/big.bin") == body
             assert proxy.requests - before == 2
-            assert _read_shard(fs, f"{root}/big.bin", max_bytes=1000) == body[:1001]  # bounded
+            assert read_shard(fs, f"{root}/big.bin", max_bytes=1000) == body[:1001]  # bounded
             out = read_shard_batch(pa.table({"path": [f"{root}/big.bin"]}), uri=f"s3://{s3_bucket}/lake",
                                    max_shard_bytes=1000)
         finally:

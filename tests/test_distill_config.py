@@ -8,7 +8,8 @@ import pytest
 
 from wadi_core.config import ConfigError
 
-from pipelines.config import DistillConfig, available_recipes, load_config, parse_overrides
+from pipelines.config.cli import available_recipes
+from pipelines.config.job import DistillConfig, load_config, parse_overrides
 
 
 def _ray_started() -> bool:
@@ -96,7 +97,7 @@ def test_flat_round_trip() -> None:
 
 
 def test_deepspeed_config_follows_the_job() -> None:
-    from pipelines.engines import deepspeed_config
+    from pipelines.train.engines import deepspeed_config
 
     cfg = load_config("sd15")
     ds = deepspeed_config(cfg.train, cfg.vsd)

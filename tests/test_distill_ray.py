@@ -52,7 +52,7 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
     from wadi_core import storage
     from wadi_core.models.tiny import save_tiny_pipeline
 
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
     from pipelines.run import run_distillation
 
     teacher = save_tiny_pipeline(tmp_path / "teacher", "sd")
@@ -177,7 +177,7 @@ def test_distill_end_to_end_with_failure_and_resume(tmp_path: Path, s3_bucket: s
 def test_checkpoint_discovery_and_pruning(tmp_path: Path) -> None:
     """Resume looks for the newest *complete* checkpoint in storage; pruning spares tracked ones."""
     pytest.importorskip("ray")
-    from pipelines.checkpoint import (checkpoint_step, latest_complete_checkpoint, mark_complete,
+    from pipelines.train.checkpoint import (checkpoint_step, latest_complete_checkpoint, mark_complete,
                                       prune_untracked_checkpoints)
 
     run = tmp_path / "run"
@@ -199,7 +199,7 @@ def test_checkpoint_discovery_and_pruning(tmp_path: Path) -> None:
 
 
 def test_relative_paths_become_absolute(tmp_path: Path) -> None:
-    from pipelines.config import absolute_paths, load_config
+    from pipelines.config.job import absolute_paths, load_config
 
     cfg = absolute_paths(load_config("embedded", {"data.prompts": "lake", "export_dir": "out/export"}), tmp_path)
     assert cfg.train.storage_path == str(tmp_path / "runs" / "ray")
@@ -220,10 +220,10 @@ def test_deepspeed_updater_and_checkpoint_round_trip(tmp_path: Path, monkeypatch
     pytest.importorskip("deepspeed")
     from wadi_core.vsd import Updater, VSDConfig
 
-    from pipelines.checkpoint import (IncompatibleCheckpoint, TrainState, load_training_state, model_fingerprint,
+    from pipelines.train.checkpoint import (IncompatibleCheckpoint, TrainState, load_training_state, model_fingerprint,
                                       read_train_state, save_training_state)
-    from pipelines.config import TrainConfig
-    from pipelines.engines import DeepSpeedUpdater, build_engine, init_distributed
+    from pipelines.config.job import TrainConfig
+    from pipelines.train.engines import DeepSpeedUpdater, build_engine, init_distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

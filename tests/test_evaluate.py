@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.eval_runs import EvalConfig, RayResources, TrackingSpec, list_checkpoints, run_schedule
-from pipelines.evaluation import (MetricActor, MetricsSpec, Reference, compute_metrics, merge_partials,
+from pipelines.evaluate.runs import EvalConfig, RayResources, TrackingSpec, list_checkpoints, run_schedule
+from pipelines.evaluate.metrics import (MetricActor, MetricsSpec, Reference, compute_metrics, merge_partials,
                                   partial_stats)
-from pipelines.generation import ModelSpec
+from pipelines.evaluate.generation import ModelSpec
 from wadi_core.metrics import GaussianStats, frechet_distance
 
 SPEC = MetricsSpec(extractor="thumbnail:2", scorers=("mean_intensity",))
@@ -115,7 +115,7 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
 def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir, tmp_path):
     import mlflow
 
-    from pipelines.eval_runs import run_evaluation
+    from pipelines.evaluate.runs import run_evaluation
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -165,7 +165,7 @@ def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir
 
     from PIL import Image
 
-    from pipelines.evaluation import build_reference
+    from pipelines.evaluate.metrics import build_reference
 
     photos = tmp_path / "val2014"
     photos.mkdir()
@@ -237,10 +237,10 @@ def test_evaluation_run_links_prompt_dataset_logged_model_and_training_run(tmp_p
     its sha256), the metrics belong to the model's LoggedModel, the run sits under the training run."""
     import mlflow
 
-    from pipelines.eval_runs import _log_mlflow
-    from pipelines.generation import load_prompts
-    from pipelines.registry import log_and_register
-    from pipelines.tracking import start_run
+    from pipelines.evaluate.runs import _log_mlflow
+    from pipelines.evaluate.generation import load_prompts
+    from pipelines.tracking.registry import log_and_register
+    from pipelines.tracking.client import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with start_run("train", run_name="distill", tracking_uri=uri) as train:
@@ -269,6 +269,6 @@ def test_evaluation_run_links_prompt_dataset_logged_model_and_training_run(tmp_p
     assert by_key["fid"].value == 12.5 and by_key["fid"].run_id == run.info.run_id
     assert by_key["fid"].dataset_digest == sha[:32]
     # a checkpoint folder is not a logged model: no link, no warning-free failure
-    from pipelines.eval_runs import logged_model_id
+    from pipelines.evaluate.runs import logged_model_id
 
     assert logged_model_id(tiny_pipeline_dir, uri) is None

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from pipelines.config import DistillConfig, EvaluationConfig
-from pipelines.final_eval import METRICS, final_evaluation, format_table
+from pipelines.config.job import DistillConfig, EvaluationConfig
+from pipelines.evaluate.final import METRICS, final_evaluation, format_table
 
 
 def test_table_lists_both_models_and_the_ratio():
@@ -38,8 +38,8 @@ def test_final_evaluation_logs_on_the_training_run_and_caches_the_teacher(ray_lo
     from wadi_core.models import load_teacher
     from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller
 
-    import pipelines.eval_runs as eval_runs
-    from pipelines.tracking import start_run
+    import pipelines.evaluate.runs as eval_runs
+    from pipelines.tracking.client import start_run
 
     # An (untrained) one-step export of the embedded teacher stands in for a student.
     torch.manual_seed(0)
@@ -97,8 +97,8 @@ def test_the_evaluation_is_attached_to_the_logged_model_and_its_version(tmp_path
     tags of the registered version and the table as its description (read back with the client)."""
     import mlflow
 
-    from pipelines.registry import attach_quality
-    from pipelines.tracking import start_run
+    from pipelines.tracking.registry import attach_quality
+    from pipelines.tracking.client import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with start_run("q", run_name="train", tracking_uri=uri) as tracker:
@@ -121,7 +121,7 @@ def test_a_run_logged_after_its_work_shows_the_work_s_duration(tmp_path):
 
     import mlflow
 
-    from pipelines.tracking import start_run
+    from pipelines.tracking.client import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with start_run("q", run_name="eval", tracking_uri=uri, tags={"wadi.kind": "evaluation"},
@@ -148,7 +148,7 @@ def test_the_side_by_side_grid_says_which_side_is_which():
 
 
 def test_evaluation_params_name_only_what_applies():
-    from pipelines.evaluation import MetricsSpec
+    from pipelines.evaluate.metrics import MetricsSpec
 
     domain = MetricsSpec().describe()
     assert "metrics.clip_model" not in domain and "metrics.hps_model" not in domain

@@ -28,7 +28,7 @@ def _count(module: torch.nn.Module) -> int:
 def test_real_size_denoiser_matches_the_published_checkpoint(arch: str) -> None:
     from wadi_core.models import build_denoiser_on_meta
 
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     assert _count(denoiser_on_meta(arch)) == REAL_DENOISER_PARAMS[arch]
     # The recipe's own architecture (what --dry-run plans with) is the same network.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.generation import ImageGenerator, ModelSpec, PromptRecord, load_prompts, prompt_seed
+from pipelines.evaluate.generation import ImageGenerator, ModelSpec, PromptRecord, load_prompts, prompt_seed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_model_spec_rejects_bad_values():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_images_do_not_depend_on_worker_count(s3_bucket, ray_local, tiny_pipeline, tmp_path):
-    from pipelines.generation import generation_dataset
+    from pipelines.evaluate.generation import generation_dataset
 
     recs = [PromptRecord(i, f"p-{i:06d}", f"a prompt number {i % 3}") for i in range(10)]
     spec = ModelSpec(uri=tiny_pipeline, steps=2, guidance=2.0)
@@ -186,7 +186,7 @@ def test_generator_reads_export_style_adapter_files(tiny_pipeline, tmp_path):
 def test_resolve_model_dir_from_mlflow_runs_uri(tiny_pipeline, tmp_path, monkeypatch):
     import mlflow
 
-    from pipelines.generation import resolve_model_dir
+    from pipelines.evaluate.generation import resolve_model_dir
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

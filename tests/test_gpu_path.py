@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipelines.collectives import all_ranks_true, any_rank_true, sum_over_ranks
+from pipelines.runtime.collectives import all_ranks_true, any_rank_true, sum_over_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_train_loop_passes_the_training_device_to_every_collective() -> None:
     """Every collective helper call in the train loop names the worker's training device."""
     import ast
 
-    tree = ast.parse((REPO / "pipelines" / "train.py").read_text())
+    tree = ast.parse((REPO / "pipelines" / "train" / "worker.py").read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
              and n.func.id in ("_all_ranks_true", "_any_rank_true", "_sum_over_ranks")]
     assert len(calls) >= 4
@@ -89,7 +89,7 @@ def test_train_loop_passes_the_training_device_to_every_collective() -> None:
 WORKER = r"""
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[3])
-from pipelines.collectives import all_ranks_true, any_rank_true, sum_over_ranks
+from pipelines.runtime.collectives import all_ranks_true, any_rank_true, sum_over_ranks
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
 out = {"all": all_ranks_true(rank == 0, "cpu"), "any": any_rank_true(rank == 0, "cpu"),
@@ -115,7 +115,7 @@ def test_collectives_agree_over_two_ranks() -> None:
 def test_collectives_and_wadi_core_import_without_ray_deepspeed_mlflow(tmp_path: Path) -> None:
     from tests.test_gpu_check import _blocked_env
 
-    code = ("import pipelines.collectives, wadi_core.models, wadi_core.vsd, wadi_core.adapters, wadi_core.export\n"
+    code = ("import pipelines.runtime.collectives, wadi_core.models, wadi_core.vsd, wadi_core.adapters, wadi_core.export\n"
             "import sys; print(sorted(m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_blocked_env(tmp_path), capture_output=True,
                          text=True, timeout=300)
@@ -129,7 +129,7 @@ def _job_env(env_vars: dict[str, str]) -> dict[str, str]:
 
 
 def test_runtime_env_leaves_out_what_the_submitted_job_sets() -> None:
-    from pipelines.cluster import without_job_conflicts
+    from pipelines.runtime.cluster import without_job_conflicts
 
     ours = {"env_vars": {"AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1"}, "working_dir": "."}
     assert without_job_conflicts(ours, {}) == ours  # not inside a submitted job: unchanged
@@ -141,8 +141,8 @@ def test_runtime_env_leaves_out_what_the_submitted_job_sets() -> None:
 
 DRIVER = r"""
 import os, ray
-from pipelines.eval_runs import init_ray
-from pipelines.evaluation import env_for_workers
+from pipelines.evaluate.runs import init_ray
+from pipelines.evaluate.metrics import env_for_workers
 try:  # what Ray does with the old call: refuse the driver's runtime env
     ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env={"env_vars": env_for_workers()})
     clash = "none"
@@ -180,8 +180,8 @@ def test_evaluation_driver_starts_inside_a_job_that_sets_a_conflicting_variable(
 def test_accelerator_type_reaches_the_scaling_config_and_is_checked() -> None:
     from wadi_core.config import ConfigError
 
-    from pipelines.cluster import check_accelerator_available
-    from pipelines.config import load_config
+    from pipelines.runtime.cluster import check_accelerator_available
+    from pipelines.config.job import load_config
     from pipelines.run import _trainer
 
     cfg = load_config("sd15", {"train.accelerator_type": "A100"})
@@ -219,8 +219,8 @@ def test_generation_and_metric_actors_ask_ray_for_their_accelerator(monkeypatch)
     """The accelerator type and each stage's own GPUs reach Ray Data's map_batches (no Ray started:
     the dataset is a recorder)."""
     ray_data = pytest.importorskip("ray.data")
-    from pipelines.evaluation import MetricsSpec, features_and_stats
-    from pipelines.generation import ModelSpec, PromptRecord, generation_dataset
+    from pipelines.evaluate.metrics import MetricsSpec, features_and_stats
+    from pipelines.evaluate.generation import ModelSpec, PromptRecord, generation_dataset
 
     calls: list[dict] = []
 

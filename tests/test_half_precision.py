@@ -56,8 +56,8 @@ def test_bf16_deepspeed_step_keeps_fp32_adapters_and_matches_an_autocast_referen
     """After a ZeRO-2 step under bf16 the adapters (engine module and optimizer partitions) are fp32,
     and the adapted forward equals a plain autocast forward of the merged bf16 weights: both run the
     same bf16 matmuls, so they agree to 1 % of the output's scale, 10x closer than to the fp32 forward."""
-    from pipelines.config import TrainConfig
-    from pipelines.engines import DeepSpeedUpdater, build_engine, deepspeed_config
+    from pipelines.config.job import TrainConfig
+    from pipelines.train.engines import DeepSpeedUpdater, build_engine, deepspeed_config
 
     d = _distiller(sd_dir, "bf16")
     with torch.no_grad():  # a fake score away from the teacher, so the student has a gradient
@@ -101,8 +101,8 @@ def test_fp16_loss_scaling_in_the_deepspeed_updater(ds_world, stage):
     """fp16: the loss is scaled by 2^16 for backward and unscaled before DeepSpeed clips and steps, so
     the step equals the unscaled one; an overflow of the scaled gradients halves the scale and skips
     the step (the scaler's business, not counted as non-finite), and the next step applies."""
-    from pipelines.config import TrainConfig
-    from pipelines.engines import DeepSpeedUpdater, build_engine
+    from pipelines.config.job import TrainConfig
+    from pipelines.train.engines import DeepSpeedUpdater, build_engine
 
     train = TrainConfig(global_batch=2, num_workers=1, zero_stage=stage)
 

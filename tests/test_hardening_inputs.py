@@ -20,7 +20,7 @@ import pytest
 from wadi_core import storage
 from wadi_core.config import ConfigError
 
-from pipelines.tarshards import BAD_REASONS, BLOCK, parse_prompt_tar, write_prompt_shard
+from pipelines.data.tarshards import BAD_REASONS, BLOCK, parse_prompt_tar, write_prompt_shard
 
 
 SECRET = "wJalr/XUtnFEMI+K7MDENG"  # looks like an AWS secret key: it contains "/" and "+"
@@ -185,7 +185,7 @@ def test_long_caption_is_counted_not_kept(tmp_path: Path) -> None:
     assert peak < 1 << 20, f"parsing allocated {peak:,} bytes at its peak"
     # the cap is the recipe key data.max_caption_bytes
     assert parse_prompt_tar(crafted, max_caption_bytes=4).bad["too_long"] == 2
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     assert load_config("embedded").data.max_caption_bytes == 16 * 1024
     with pytest.raises(ConfigError, match="max_caption_bytes"):
@@ -195,7 +195,7 @@ def test_long_caption_is_counted_not_kept(tmp_path: Path) -> None:
 def test_too_long_reaches_the_bad_rows_and_metrics_names() -> None:
     import pyarrow as pa
 
-    from pipelines.data import parse_shard_batch
+    from pipelines.data.prompts import parse_shard_batch
 
     crafted = _member(b"k0.txt", b"ok") + _member(b"k1.txt", b"y" * 100) + bytes(2 * BLOCK)
     table = parse_shard_batch(pa.table({"bytes": pa.array([crafted], pa.binary())}), max_caption_bytes=50)
@@ -207,7 +207,7 @@ def test_shard_size_cap(tmp_path: Path) -> None:
     data = _shard(tmp_path, 8)
     parsed = parse_prompt_tar(data, max_shard_bytes=len(data) - 1)
     assert parsed.captions == [] and parsed.bad["corrupt_shard"] == 1 and "max_shard_bytes" in parsed.error
-    from pipelines.data import list_shards
+    from pipelines.data.prompts import list_shards
 
     lake = tmp_path / "lake"
     lake.mkdir()
@@ -293,7 +293,7 @@ def test_fuzz_mutated_shards_end_fast_and_only_count(tmp_path: Path) -> None:
     ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
 ])
 def test_redact(text: str, expected: str) -> None:
-    from pipelines.tracking import redact
+    from wadi_core.redact import redact
 
     assert redact(text) == expected
     assert redact({"k": [text]}) == {"k": [expected]}
@@ -328,8 +328,8 @@ def test_config_error_prints_no_secret(capsys: pytest.CaptureFixture) -> None:
 def test_mlflow_sqlite_run_holds_no_secret(tmp_path: Path) -> None:
     import mlflow
 
-    from pipelines.config import load_config
-    from pipelines.tracking import start_run
+    from pipelines.config.job import load_config
+    from pipelines.tracking.client import start_run
 
     cfg = load_config("embedded", {**_secret_overrides(), "teacher": f"s3://AKIAXYZ:{SECRET}@bucket/teacher"})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -353,7 +353,7 @@ def _no_secret(text: str) -> bool:
 def test_unreachable_tracking_server_warning_holds_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first "unreachable" warning (the /health probe finds nothing listening): the URI in it
     is redacted, and a password with a "/" neither crashes the probe nor leaks through its reason."""
-    from pipelines.tracking import start_run
+    from pipelines.tracking.client import start_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     port = _free_port()
@@ -370,7 +370,7 @@ def test_tracking_server_that_fails_after_the_probe_warns_without_secret(fake_ml
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The second "unreachable" warning: the server answers the probe but MLflow's own calls fail
     (here: it refuses the credentials). Credentials in the URI do not make the probe fail."""
-    from pipelines.tracking import start_run, unreachable_reason
+    from pipelines.tracking.client import start_run, unreachable_reason
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -392,7 +392,7 @@ def test_log_records_are_redacted_once_installed() -> None:
     import io
     import logging
 
-    from pipelines.tracking import install_log_redaction
+    from pipelines.tracking.client import install_log_redaction
 
     uri = f"s3://AKIAXYZ:{SECRET}@bucket/runs"
     streams = {name: io.StringIO() for name in ("", "ray", "mlflow")}
@@ -422,6 +422,7 @@ def test_log_records_are_redacted_once_installed() -> None:
 def test_job_result_prints_no_secret(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                      as_json: bool) -> None:
     """The result jobs/distill.py prints (summary or --json) of a run whose URIs hold user info."""
+    import jobs.distill
     import pipelines.run
     from jobs.distill import main
 
@@ -430,7 +431,7 @@ def test_job_result_prints_no_secret(monkeypatch: pytest.MonkeyPatch, capsys: py
         run_name="r", tracking_uri=f"http://admin:{SECRET}@mlflow:5000", mlflow_run_id="abc",
         export_uri=f"{runs}/export", checkpoint=f"{runs}/checkpoint_00000008", metrics={"step": 8},
         model={"name": "wadi", "alias": "latest", "version": 1, "source": f"{runs}/export"})
-    monkeypatch.setattr(pipelines.run, "run_distillation", lambda cfg, ray_address=None: result)
+    monkeypatch.setattr(jobs.distill, "run_distillation", lambda cfg, ray_address=None: result)  # as the job calls it
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # main sets these defaults
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     assert main([*(f"{k}={v}" for k, v in _secret_overrides().items()), *(["--json"] if as_json else [])]) == 0
@@ -445,7 +446,7 @@ def test_job_result_prints_no_secret(monkeypatch: pytest.MonkeyPatch, capsys: py
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from jobs.distill import main
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher: embedded\nvsd:\n  t_max: [1, 2\n  t_min: 3\n")
@@ -472,14 +473,14 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, capsys: pytest.Ca
     ({"train.max_failures": -1}, r"max_failures"),
 ])
 def test_out_of_range_values_are_config_errors(overrides: dict, match: str) -> None:
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     with pytest.raises(ConfigError, match=match):
         load_config("embedded", overrides)
 
 
 def test_full_without_rank_is_fine() -> None:
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     cfg = load_config("embedded", {"vsd.student.kind": "full", "vsd.student.rank": 0})
     assert cfg.vsd.student.kind == "full"
@@ -500,13 +501,13 @@ def test_full_without_rank_is_fine() -> None:
 
 
 def _cfg(**overrides):  # noqa: ANN202
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     return load_config("embedded", overrides)
 
 
 def test_teacher_local_checks(tmp_path: Path) -> None:
-    from pipelines.preflight import check_teacher
+    from pipelines.runtime.preflight import check_teacher
 
     check_teacher(_cfg())  # embedded
     with pytest.raises(ConfigError, match="does not exist"):
@@ -527,7 +528,7 @@ def test_teacher_local_checks(tmp_path: Path) -> None:
 
 
 def test_teacher_s3_checks(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.preflight import check_teacher
+    from pipelines.runtime.preflight import check_teacher
 
     with pytest.raises(ConfigError, match="does not exist"):
         check_teacher(_cfg(teacher=f"s3://{s3_bucket}/teacher"))
@@ -572,7 +573,7 @@ def fake_mlflow():  # noqa: ANN201
 
 
 def test_tracking_server_checks(fake_mlflow: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.preflight import check_tracking_server
+    from pipelines.runtime.preflight import check_tracking_server
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     check_tracking_server(_cfg())  # embedded default: local sqlite, not checked
@@ -597,7 +598,7 @@ def test_tracking_server_checks(fake_mlflow: int, monkeypatch: pytest.MonkeyPatc
 
 
 def test_cpu_headroom() -> None:
-    from pipelines.preflight import check_cpu_headroom
+    from pipelines.runtime.preflight import check_cpu_headroom
 
     check_cpu_headroom(_cfg(), 2)  # 2 x 0.5 leaves 1 CPU
     with pytest.raises(ConfigError, match=r"leaves Ray Data less than 1 CPU .* lower train.cpus_per_worker"):
@@ -634,7 +635,7 @@ def test_job_fails_before_ray_starts(overrides: dict, match: str, capsys: pytest
 
 
 def test_ray_address_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.cluster import ray_address
+    from pipelines.runtime.cluster import ray_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_address() == "local"
@@ -663,7 +664,7 @@ def ray_tmpdir(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
 def test_stale_current_cluster_file_is_ignored(ray_tmpdir: Path) -> None:
     import ray
 
-    from pipelines.cluster import init_ray
+    from pipelines.runtime.cluster import init_ray
 
     (ray_tmpdir / "ray").mkdir()
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # nobody there
@@ -688,7 +689,7 @@ def test_local_ray_is_started_while_a_head_runs(ray_tmpdir: Path) -> None:
     import psutil
     import ray
 
-    from pipelines.cluster import init_ray
+    from pipelines.runtime.cluster import init_ray
 
     port = _free_port()
     ray_bin = Path(sys.executable).with_name("ray")

@@ -138,7 +138,7 @@ def ds_world():
 
     import torch.distributed as dist
 
-    from pipelines.engines import init_distributed
+    from pipelines.train.engines import init_distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,8 +162,8 @@ def ds_world():
 def _engines(d: WaDiDistiller, stage: int, mixed_precision: str = "no") -> dict:
     import dataclasses
 
-    from pipelines.config import TrainConfig
-    from pipelines.engines import build_engine
+    from pipelines.config.job import TrainConfig
+    from pipelines.train.engines import build_engine
 
     train = TrainConfig(global_batch=2, num_workers=1, zero_stage=stage)
     vsd = dataclasses.replace(d.cfg, mixed_precision=mixed_precision)
@@ -185,7 +185,7 @@ def _gathered(engines: dict, stage: int) -> dict[str, list[torch.Tensor]]:
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_updater_skips_a_nan_batch(sd_dir, ds_world, stage, poison):
-    from pipelines.engines import DeepSpeedUpdater
+    from pipelines.train.engines import DeepSpeedUpdater
 
     d = _distiller(sd_dir)
     engines = _engines(d, stage)
@@ -214,7 +214,7 @@ def test_deepspeed_updater_skips_a_nan_batch(sd_dir, ds_world, stage, poison):
 # -- checkpoints: safe loading, manifest, fallback -----------------------------------------------
 
 def _save(d: WaDiDistiller, engines: dict, storage: Path, step: int) -> Path:
-    from pipelines.checkpoint import TrainState, file_manifest, mark_complete, save_training_state
+    from pipelines.train.checkpoint import TrainState, file_manifest, mark_complete, save_training_state
 
     name = f"checkpoint_{step:08d}"
     out = storage / "run" / name
@@ -225,19 +225,19 @@ def _save(d: WaDiDistiller, engines: dict, storage: Path, step: int) -> Path:
 
 def _rewrite_manifest(ckpt: Path) -> None:
     """What an attacker with write access to the storage would do after replacing a file."""
-    from pipelines.checkpoint import file_manifest, mark_complete
+    from pipelines.train.checkpoint import file_manifest, mark_complete
 
     mark_complete(str(ckpt.parent.parent), ckpt.parent.name, ckpt.name, file_manifest(ckpt))
 
 
 @pytest.mark.parametrize("stage,precision", [(0, "no"), (1, "no"), (2, "no"), (2, "bf16"), (3, "no")])
 def test_checkpoint_round_trip_with_weights_only_loading(sd_dir, ds_world, tmp_path, stage, precision):
-    from pipelines.checkpoint import _SafeLoads, load_training_state, verify_checkpoint
+    from pipelines.train.checkpoint import _SafeLoads, load_training_state, verify_checkpoint
 
     d = _distiller(sd_dir)
     engines = _engines(d, stage, precision)
     assert all(isinstance(e.checkpoint_engine, _SafeLoads) for e in engines.values())
-    from pipelines.engines import DeepSpeedUpdater
+    from pipelines.train.engines import DeepSpeedUpdater
 
     ups = {r: DeepSpeedUpdater(e) for r, e in engines.items()}
     vsd_step(d, d.teacher.encode_prompts(PROMPTS), ups["student"], ups["fake"], torch.Generator().manual_seed(0))
@@ -265,7 +265,7 @@ class _Evil:
 def test_a_crafted_pickle_in_the_deepspeed_state_is_refused_and_never_run(sd_dir, ds_world, tmp_path):
     import pickle
 
-    from pipelines.checkpoint import UnsafeCheckpoint, load_training_state, verify_checkpoint
+    from pipelines.train.checkpoint import UnsafeCheckpoint, load_training_state, verify_checkpoint
 
     d = _distiller(sd_dir)
     engines = _engines(d, 2)
@@ -289,7 +289,7 @@ def test_a_crafted_pickle_in_the_deepspeed_state_is_refused_and_never_run(sd_dir
 
 
 def test_manifest_catches_a_truncated_file_and_a_same_size_byte_flip(sd_dir, ds_world, tmp_path):
-    from pipelines.checkpoint import CorruptCheckpoint, load_training_state
+    from pipelines.train.checkpoint import CorruptCheckpoint, load_training_state
 
     d = _distiller(sd_dir)
     engines = _engines(d, 2)
@@ -313,7 +313,7 @@ def test_manifest_catches_a_truncated_file_and_a_same_size_byte_flip(sd_dir, ds_
 
 def test_resume_falls_back_to_the_previous_complete_checkpoint(sd_dir, ds_world, tmp_path):
     pytest.importorskip("ray")
-    from pipelines.checkpoint import (CheckpointRejected, checkpoint_step, complete_checkpoints,
+    from pipelines.train.checkpoint import (CheckpointRejected, checkpoint_step, complete_checkpoints,
                                       load_first_good_checkpoint, load_training_state)
 
     d = _distiller(sd_dir)
@@ -345,7 +345,7 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(sd_dir, ds_world,
 
 def test_failed_resume_keeps_a_finished_mlflow_run_finished(tmp_path):
     mlflow = pytest.importorskip("mlflow")
-    from pipelines.tracking import start_run
+    from pipelines.tracking.client import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with start_run("exp", run_name="r", tracking_uri=uri) as tracker:

@@ -559,7 +559,7 @@ def test_evaluation_actors_fit_the_evaluation_pods() -> None:
 
 
 def test_distill_world_size_fits_the_training_pods() -> None:
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     (job,) = [o for w, o in ray_objects() if w == "rayjob-distill.yaml:RayJob"]
     recipe = re.search(r"--config (\S+)", job["spec"]["entrypoint"]).group(1)
@@ -625,7 +625,7 @@ def test_entrypoints_name_jobs_recipes_and_flags_that_exist() -> None:
         args = command.split(job, 1)[1].split()
         if args and not args[0].startswith("-") and "=" not in args[0] and f'"{args[0]}"' not in source:
             missing.append(f"{where}: {job} has no subcommand {args[0]}")
-        shared = {"--config", "--print-config"} if "add_config_arguments(" in source else set()  # pipelines/cli.py
+        shared = {"--config", "--print-config"} if "add_config_arguments(" in source else set()  # pipelines/config/cli.py
         for flag in (a for a in args if a.startswith("--")):
             if f'"{flag.split("=")[0]}"' not in source and flag.split("=")[0] not in shared:
                 missing.append(f"{where}: {job} has no option {flag}")

@@ -196,7 +196,7 @@ def test_stored_prompt_lists_match_their_hashes():
     """data/prompts/manifest.json: stored lists keep their sha256; the domain list regenerates exactly."""
     from pathlib import Path
 
-    from pipelines.generation import load_prompts
+    from pipelines.evaluate.generation import load_prompts
 
     repo = Path(__file__).resolve().parents[1]
     manifest = json.loads((repo / "data/prompts/manifest.json").read_text())

@@ -77,7 +77,7 @@ def lake(cluster, s3_server, tmp_path_factory):  # noqa: ANN001
 
 
 def _cfg(bucket: str, tmp: Path, run: str, steps: int = STEPS, **extra):  # noqa: ANN003
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     return load_config("embedded", {
         "data.prompts": f"s3://{bucket}/lake", "data.max_steps": steps,

@@ -79,8 +79,8 @@ def test_deepspeed_zero2_takes_the_8bit_optimizer_as_client_optimizer(sd_dir):
     """DeepSpeed hands the 8-bit AdamW its flat fp32 partitions; the step applies, the state is uint8."""
     bnb = pytest.importorskip("bitsandbytes")
     pytest.importorskip("deepspeed")
-    from pipelines.config import TrainConfig
-    from pipelines.engines import DeepSpeedUpdater, build_engine
+    from pipelines.config.job import TrainConfig
+    from pipelines.train.engines import DeepSpeedUpdater, build_engine
 
     d = _distiller(sd_dir)
     with deepspeed_world_of_one():

@@ -139,8 +139,8 @@ def test_the_deepspeed_updater_matches_the_official_update(tmp_path, clip):
     """The same fp32 SD step through the pipelines' DeepSpeed engines (ZeRO-2, torch AdamW over flat
     fp32 partitions, DeepSpeed's clip): parameters held to the plain-torch case's 1e-5."""
     pytest.importorskip("deepspeed")
-    from pipelines.config import TrainConfig
-    from pipelines.engines import DeepSpeedUpdater, build_engine
+    from pipelines.config.job import TrainConfig
+    from pipelines.train.engines import DeepSpeedUpdater, build_engine
 
     d, models, before = _setup(tmp_path, "sd", torch.float32, clip)
     train = TrainConfig(global_batch=len(PROMPTS), num_workers=1, zero_stage=2)

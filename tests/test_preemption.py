@@ -1,4 +1,4 @@
-"""The drain-notice rule of the train loop (pipelines.train._Run.preemption_checkpoint_due), at unit
+"""The drain-notice rule of the train loop (pipelines.train.worker._Run.preemption_checkpoint_due), at unit
 level: a checkpoint at the notice, one more when the deadline is closer than 2 x (checkpoint +
 step time) + 1 s, none in between and none after. The multi-node test (tests/test_multinode.py)
 holds the notice checkpoint end to end; the second one depends on the clock, so it is held here."""
@@ -12,7 +12,7 @@ import pytest
 
 
 def _run(monkeypatch, info):  # noqa: ANN001, ANN202
-    import pipelines.train as train
+    import pipelines.train.worker as train
 
     monkeypatch.setattr("ray.train.get_preemption_info", lambda: info["now"])
     monkeypatch.setattr(train, "_any_rank_true", lambda flag, device: flag)  # one rank

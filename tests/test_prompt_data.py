@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipelines.data import PromptStream, parse_shard_batch
-from pipelines.tarshards import BAD_REASONS, parse_prompt_tar, write_prompt_shard
+from pipelines.data.prompts import PromptStream, parse_shard_batch
+from pipelines.data.tarshards import BAD_REASONS, parse_prompt_tar, write_prompt_shard
 
 CAPTIONS = [f"a {c} {s} on the left" for c in ("red", "blue", "green") for s in ("circle", "square")]
 
@@ -140,7 +140,7 @@ def test_prompt_stream_carries_streamed_embeddings_with_their_captions() -> None
     import numpy as np
     import torch
 
-    from pipelines.text_encoding import EncodedPrompts, to_numpy
+    from pipelines.data.text_encoding import EncodedPrompts, to_numpy
 
     codes = [0, 0, 1 + BAD_REASONS.index("empty_caption"), 0, 0, 0, 0]
     caps = ["p0", "p1", "", "p2", "p3", "p4", "p5"]
@@ -166,7 +166,7 @@ def test_ray_data_reads_local_and_s3_and_skips_a_corrupt_shard(tmp_path: Path, s
     from wadi_core import storage
     from wadi_core.prompts import write_prompt_shards
 
-    from pipelines.data import count_prompts, prompt_dataset
+    from pipelines.data.prompts import count_prompts, prompt_dataset
 
     local = tmp_path / "lake"
     write_prompt_shards(_samples(25), str(local), shard_size=10)
@@ -175,7 +175,7 @@ def test_ray_data_reads_local_and_s3_and_skips_a_corrupt_shard(tmp_path: Path, s
     storage.upload_dir(local, remote)
     assert count_prompts(remote) == 25
 
-    from pipelines.cluster import init_ray
+    from pipelines.runtime.cluster import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

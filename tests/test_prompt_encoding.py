@@ -62,7 +62,7 @@ def test_official_encoding_masks_training_prompts_only(teacher):
 
 def test_text_encoder_actors_encode_training_prompts_the_same_way(teacher):
     """``data.text_encoding=actors``: the actor stage gives the worker's ``encode_train_prompts``."""
-    from pipelines.text_encoding import TextEncoderActor
+    from pipelines.data.text_encoding import TextEncoderActor
 
     batch = {"caption": np.array(PROMPTS + ["dropped"]), "bad": np.array([0, 0, 1])}
     for encoding in ("diffusers", "official"):

@@ -15,8 +15,8 @@ from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller
 def test_registered_model_loads_from_code_and_samples(tmp_path):
     import mlflow
 
-    from pipelines.registry import log_and_register
-    from pipelines.tracking import start_run
+    from pipelines.tracking.registry import log_and_register
+    from pipelines.tracking.client import start_run
 
     d = WaDiDistiller(load_teacher(save_tiny_pipeline(tmp_path / "teacher", "sd")),
                       VSDConfig(student=AdapterSpec("lorad", 4), fake=AdapterSpec("lorad", 2)))
@@ -68,7 +68,7 @@ def _pinned(package: str) -> str:
 def test_pinned_requirements_refuse_unknown_packages(tmp_path):
     import pytest
 
-    from pipelines.registry import pinned_requirements
+    from pipelines.tracking.registry import pinned_requirements
 
     constraints = tmp_path / "constraints.txt"
     constraints.write_text("torch==2.14.1\nSome_Pkg==1.2  # comment\n")

@@ -16,7 +16,7 @@ import pytest
 from wadi_core.config import ConfigError
 
 
-# -- every prompt once per epoch (pipelines.data.PromptStream) ------------------------------------------------
+# -- every prompt once per epoch (pipelines.data.prompts.PromptStream) ------------------------------------------------
 
 
 class _World:
@@ -35,7 +35,7 @@ class _World:
         return out
 
     def stream(self, rank: int, batch: int):  # noqa: ANN201
-        from pipelines.data import PromptStream
+        from pipelines.data.prompts import PromptStream
 
         return PromptStream(batch, rank, self.n, all_true=lambda f: all(self._exchange(rank, f)),
                             gather=lambda rows: self._exchange(rank, rows))
@@ -111,15 +111,15 @@ def test_prompt_stream_counts_every_bad_row() -> None:
 @pytest.mark.ray
 @pytest.mark.parametrize("workers", [2, 3])
 def test_ray_split_of_real_lakes_reads_every_prompt_once(tmp_path: Path, workers: int) -> None:
-    """The real Ray Data split (pipelines.data.exact_split) over lakes of 1 to 7 shards, with corrupt
+    """The real Ray Data split (pipelines.data.prompts.exact_split) over lakes of 1 to 7 shards, with corrupt
     shards, two epochs: prompt ids counted, bad shards x epochs counted."""
     ray = pytest.importorskip("ray")
     from ray.train import DataConfig
 
     from wadi_core.prompts import write_prompt_shards
 
-    from pipelines.cluster import init_ray
-    from pipelines.data import exact_split, prompt_dataset
+    from pipelines.runtime.cluster import init_ray
+    from pipelines.data.prompts import exact_split, prompt_dataset
 
     started = init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -151,7 +151,7 @@ def test_ray_split_of_real_lakes_reads_every_prompt_once(tmp_path: Path, workers
 
 
 def _cfg(lake: Path, **over):  # noqa: ANN001, ANN003, ANN202
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     return load_config("embedded", {"data.prompts": str(lake), "train.global_batch": 16, **over})
 
@@ -217,7 +217,7 @@ def test_the_job_refuses_a_tiny_lake_with_exit_2_before_ray(tmp_path: Path) -> N
 
 
 def test_nan_and_learning_rate_messages() -> None:
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     with pytest.raises(ConfigError, match=r"^train.cpus_per_worker: expected a number, got NaN$"):
         load_config("embedded", {"train.cpus_per_worker": "nan"})
@@ -226,7 +226,7 @@ def test_nan_and_learning_rate_messages() -> None:
 
 
 def test_captions_of_only_whitespace_nul_or_zero_width_are_empty(tmp_path: Path) -> None:
-    from pipelines.tarshards import parse_prompt_tar, write_prompt_shard
+    from pipelines.data.tarshards import parse_prompt_tar, write_prompt_shard
 
     texts = ["\0\0\0", " \t\n", "\u200b\u200b", "\u00a0", "ok", "🙂", "a\0b"]
     write_prompt_shard(tmp_path / "s.tar", [(f"{i:04d}", t, {}) for i, t in enumerate(texts)])
@@ -239,7 +239,7 @@ def test_captions_of_only_whitespace_nul_or_zero_width_are_empty(tmp_path: Path)
 
 
 def _checkpoint(root: Path, files: dict[str, bytes]) -> Path:
-    from pipelines.checkpoint import COMPLETE, file_manifest
+    from pipelines.train.checkpoint import COMPLETE, file_manifest
 
     d = root / "run" / "checkpoint_00000004"
     for name, data in files.items():
@@ -255,7 +255,7 @@ def test_a_manifest_that_names_a_file_outside_is_tampered_and_nothing_is_read(tm
                                                                              entry: str) -> None:  # noqa: ANN001
     import hashlib
 
-    import pipelines.checkpoint as ck
+    import pipelines.train.checkpoint as ck
 
     outside = tmp_path / "outside.txt"
     outside.write_bytes(b"secret")
@@ -276,7 +276,7 @@ def test_a_manifest_that_names_a_file_outside_is_tampered_and_nothing_is_read(tm
 
 
 def test_an_unlisted_symlink_out_of_a_checkpoint_is_tampered(tmp_path: Path) -> None:
-    import pipelines.checkpoint as ck
+    import pipelines.train.checkpoint as ck
 
     d = _checkpoint(tmp_path, {"train_state.json": b"{}"})
     (d / "student").mkdir()
@@ -286,7 +286,7 @@ def test_an_unlisted_symlink_out_of_a_checkpoint_is_tampered(tmp_path: Path) -> 
 
 
 def test_resume_counts_tampered_checkpoints_apart_and_falls_back(tmp_path: Path) -> None:
-    import pipelines.checkpoint as ck
+    import pipelines.train.checkpoint as ck
 
     good = _checkpoint(tmp_path / "a", {"x.bin": b"1"})
     bad = _checkpoint(tmp_path / "b", {"x.bin": b"2"})
@@ -308,11 +308,11 @@ def test_resume_counts_tampered_checkpoints_apart_and_falls_back(tmp_path: Path)
     assert state == str(good) and len(rejected) == 1 and isinstance(rejected[0], ck.TamperedCheckpoint)
 
 
-# -- one job per run (pipelines.lease) ------------------------------------------------------------------------
+# -- one job per run (pipelines.runtime.lease) ------------------------------------------------------------------------
 
 
 def _lease_roundtrip(storage: str) -> None:
-    from pipelines.lease import LeaseHeld, RunLease
+    from pipelines.runtime.lease import LeaseHeld, RunLease
 
     first = RunLease(storage, "run", heartbeat_s=0.2).acquire()
     try:
@@ -342,7 +342,7 @@ def test_the_run_lease_on_s3_is_atomic(s3_bucket: str) -> None:
 def test_a_stale_or_dead_lease_is_taken_over(tmp_path: Path) -> None:
     import socket
 
-    from pipelines.lease import RunLease
+    from pipelines.runtime.lease import RunLease
 
     lease = tmp_path / "ray" / "run" / "LEASE.json"
     lease.parent.mkdir(parents=True)
@@ -361,7 +361,7 @@ def test_a_stale_or_dead_lease_is_taken_over(tmp_path: Path) -> None:
 
 def test_an_mlflow_run_of_another_storage_path_is_not_resumed(tmp_path: Path) -> None:
     from pipelines.run import _find_mlflow_run
-    from pipelines.tracking import start_run
+    from pipelines.tracking.client import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with start_run("exp", run_name="r", tracking_uri=uri, params={"train.storage_path": "/data/a"},
@@ -390,7 +390,7 @@ def test_a_full_storage_is_not_retried_and_says_so() -> None:
 
 
 def test_an_unusable_ray_snapshot_is_moved_aside(tmp_path: Path) -> None:
-    from pipelines.checkpoint import RAY_SNAPSHOT, repair_ray_snapshot
+    from pipelines.train.checkpoint import RAY_SNAPSHOT, repair_ray_snapshot
 
     run = tmp_path / "run"
     run.mkdir()
@@ -417,8 +417,8 @@ def test_a_stopped_run_is_killed_in_mlflow_and_exits_128_plus_signal(tmp_path: P
 
     import mlflow
 
-    from pipelines.stop import RunInterrupted, exit_code
-    from pipelines.tracking import start_run
+    from pipelines.runtime.stop import RunInterrupted, exit_code
+    from pipelines.tracking.client import start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RunInterrupted, match=r"SIGTERM: stopped after step 7; newest checkpoint /c\. Rerun"):

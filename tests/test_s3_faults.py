@@ -25,7 +25,7 @@ N_PROMPTS, SHARD, STEPS, EVERY = 480, 40, 6, 2
 
 def test_pyarrow_and_s3fs_retry_through_the_proxy(s3_server, s3_bucket: str) -> None:
     """Fast, no Ray: both S3 clients survive 503 / reset / slow answers on reads and writes."""
-    from pipelines.data import pyarrow_filesystem, read_shard_batch
+    from pipelines.data.prompts import pyarrow_filesystem, read_shard_batch
     from wadi_core import storage
 
     os.environ["AWS_ENDPOINT_URL"] = s3_server
@@ -61,7 +61,7 @@ def proxied_ray(s3_server):  # noqa: ANN001
     to 20 s between attempts, so 3 reads of the shard that never reads took ~130 s of this test;
     every bounded fault below still needs the retries (at most 2 per request)."""
     ray = pytest.importorskip("ray")
-    from pipelines.cluster import init_ray
+    from pipelines.runtime.cluster import init_ray
 
     with FaultProxy(s3_server) as proxy:
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
@@ -79,8 +79,8 @@ def test_distillation_survives_object_store_faults(proxied_ray, s3_server, tmp_p
     import boto3
     import pyarrow.fs as pafs
 
-    from pipelines.checkpoint import complete_checkpoints, verify_checkpoint
-    from pipelines.config import load_config
+    from pipelines.train.checkpoint import complete_checkpoints, verify_checkpoint
+    from pipelines.config.job import load_config
     from pipelines.run import run_distillation
     from wadi_core import storage
     from wadi_core.prompts import write_prompt_shards

@@ -196,7 +196,7 @@ def served(student_export):
     import ray
     from ray import serve
 
-    from pipelines.cluster import init_ray
+    from pipelines.runtime.cluster import init_ray
     from pipelines.serve.app import build_app
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)

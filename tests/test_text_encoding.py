@@ -22,8 +22,8 @@ def pixart_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_actor_rows_equal_the_teachers_own_encoding(pixart_teacher: Path) -> None:
     from wadi_core.models import load_teacher
 
-    from pipelines.tarshards import BAD_REASONS
-    from pipelines.text_encoding import EncodedPrompts, TextEncoderActor
+    from pipelines.data.tarshards import BAD_REASONS
+    from pipelines.data.text_encoding import EncodedPrompts, TextEncoderActor
 
     teacher = load_teacher(pixart_teacher)
     want = teacher.encode_prompts(PROMPTS)
@@ -59,7 +59,7 @@ def test_a_teacher_without_text_encoder_answers_only_remembered_prompts(pixart_t
 def test_config_defaults_and_checks() -> None:
     from wadi_core.config import ConfigError
 
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
 
     assert load_config("pixart_alpha_256").data.text_encoding == "actors"
     for recipe in ("embedded", "sd15", "sd21"):
@@ -88,7 +88,7 @@ def test_actors_mode_trains_like_the_trainer_mode_without_a_text_encoder(
     actors-mode workers hold no text-encoder parameter; the export still has the teacher's T5."""
     from diffusers import DiffusionPipeline
 
-    from pipelines.config import load_config
+    from pipelines.config.job import load_config
     from pipelines.run import run_distillation
 
     lake = _lake(tmp_path / "lake")

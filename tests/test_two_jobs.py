@@ -5,7 +5,7 @@ every second whether the run's controller still lives and removes the run's plac
 the answer is "no such actor". Unpinned, its lookup resolves "the" Ray of this host (every GCS
 process plus ``ray_current_cluster``) and then the dashboard URL that cluster advertises; with
 another Ray on the machine the answer can come from that other Ray and the live run loses its
-workers ("Destroying worker since its placement group was removed"). ``pipelines.cluster.init_ray``
+workers ("Destroying worker since its placement group was removed"). ``pipelines.runtime.cluster.init_ray``
 pins each private Ray's own processes to their own cluster.
 """
 
@@ -32,7 +32,7 @@ PROBE = r"""
 import json, os, sys, time
 from pathlib import Path
 import ray
-from pipelines.cluster import init_ray
+from pipelines.runtime.cluster import init_ray
 
 name, dashboard, sync = sys.argv[1], sys.argv[2] == "1", Path(sys.argv[3])
 other = "a" if name == "b" else "b"

@@ -53,7 +53,7 @@ def test_distill_local_job_reads_recipe_and_overrides(tmp_path):
     # data/train sections belong to the Ray job: this job takes the sections it has fields for
     recipe.write_text("teacher: /some/dir\nvsd:\n  gen_lr: 3.0e-4\n  student: {kind: lorad, rank: 8}\n"
                       "train: {num_workers: 4}\n")
-    from pipelines.cli import load_job_config
+    from pipelines.config.cli import load_job_config
 
     cfg = load_job_config(mod.DistillLocalJob, str(recipe), ["steps=7", "vsd.fake.rank=2", "vsd.loss=dmd2",
                                                            "domain_eval.num_prompts=10"])

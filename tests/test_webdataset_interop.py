@@ -1,7 +1,7 @@
 """Prompt shards interoperate with the reference WebDataset library, both ways.
 
-Shards written by ``webdataset.ShardWriter`` (pipelines.wds_shards, jobs/make_prompt_shards.py's
-default) are read by our fast training reader (pipelines.tarshards.parse_prompt_tar) and by
+Shards written by ``webdataset.ShardWriter`` (pipelines.data.wds_shards, jobs/make_prompt_shards.py's
+default) are read by our fast training reader (pipelines.data.tarshards.parse_prompt_tar) and by
 wadi_core's reader with the same captions; shards written by our writers are read by
 ``webdataset.WebDataset``.
 """
@@ -14,8 +14,8 @@ import pytest
 
 wds = pytest.importorskip("webdataset")
 
-from pipelines.tarshards import parse_prompt_tar, write_prompt_shard  # noqa: E402
-from pipelines.wds_shards import write_prompt_shards_webdataset  # noqa: E402
+from pipelines.data.tarshards import parse_prompt_tar, write_prompt_shard  # noqa: E402
+from pipelines.data.wds_shards import write_prompt_shards_webdataset  # noqa: E402
 from wadi_core.prompts import read_prompt_shards, write_prompt_shards  # noqa: E402
 
 CAPTIONS = ["a large red circle on the left", "ünïcödé prompt, with commas", "x" * 3000, "", "tab\there\nnewline"]

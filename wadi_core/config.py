@@ -8,6 +8,8 @@ import types
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
+import yaml
+
 __all__ = ["ConfigError", "to_flat_dict", "from_dict", "unflatten", "replace_flat", "parse_overrides", "merge", "base_part"]
 
 T = TypeVar("T")
@@ -169,8 +171,6 @@ def replace_flat(cfg: T, overrides: Mapping[str, Any]) -> T:
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["train.zero_stage=3", "vsd.guidance_real=2"]`` -> dotted dict (values parsed as YAML scalars)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

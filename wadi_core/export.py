@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from wadi_core.adapters import (AdapterSpec, apply_adapter, load_adapter_state_dict, merge_adapter, remove_adapters,
-                                save_adapter_file, set_adapter)
+from wadi_core.adapters import (AdapterSpec, adapter_state_dict, apply_adapter, load_adapter_state_dict, merge_adapter,
+                                remove_adapters, save_adapter_file, set_adapter)
 from wadi_core.config import to_flat_dict
 from wadi_core.models.teacher import Teacher
 from wadi_core.vsd.config import VSDConfig
+from wadi_core.vsd.distiller import resolve_student_alphabar
 
 __all__ = ["export_one_step_pipeline", "one_step_scheduler", "merged_student_denoiser"]
 
@@ -45,7 +47,7 @@ def one_step_betas(alphas_cumprod: Tensor, alphabar_last: float) -> list[float]:
 def one_step_scheduler(teacher_scheduler: Any, student_alphabar: float | None = None) -> Any:
     """DDIM on the teacher's noise schedule whose 1-step sample starts at t = T-1 and returns
     x0 = (z - sqrt(1 - a) eps) / sqrt(a) with ``a = student_alphabar`` (default: the schedule's)."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
 
     extra: dict[str, Any] = {}
     abar = teacher_scheduler.alphas_cumprod.detach().cpu()
@@ -85,8 +87,6 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
 
 def _copy_text_encoder(teacher: Teacher, out: Path) -> None:
     """The teacher's ``text_encoder`` folder and its ``model_index.json`` entry, unchanged."""
-    import shutil
-
     if teacher.root is None or not (teacher.root / "text_encoder").is_dir():
         raise ValueError("the teacher was loaded without its text encoder and without a local folder to copy it "
                          "from: load it with load_teacher(..., text_encoder=True) to export")
@@ -106,8 +106,6 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
     ``source`` is a ``WaDiDistiller`` or a ``Teacher`` (then pass ``cfg`` and ``student_state``,
     e.g. from a DeepSpeed engine's ``adapter_modules`` state).
     """
-    from wadi_core.adapters import adapter_state_dict
-
     if isinstance(source, Teacher):
         teacher = source
         if cfg is None or student_state is None:
@@ -119,7 +117,6 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
     if cfg.student_timestep != teacher.num_train_timesteps - 1:
         raise ValueError(f"the one-step export starts at t={teacher.num_train_timesteps - 1}, but the student was "
                          f"trained at t={cfg.student_timestep}: train with student_timestep=T-1")
-    from wadi_core.vsd.distiller import resolve_student_alphabar
 
     alphabar = resolve_student_alphabar(cfg, teacher.alphas_cumprod, teacher.prediction_type)
     out = Path(out_dir)
@@ -127,12 +124,12 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
     denoiser = merged_student_denoiser(teacher, cfg.student, student_state, dtype)
     scheduler = one_step_scheduler(teacher.scheduler, alphabar)
     if teacher.family == "pixart":
-        from diffusers import PixArtAlphaPipeline
+        from diffusers import PixArtAlphaPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
         pipe = PixArtAlphaPipeline(tokenizer=teacher.tokenizer, text_encoder=teacher.text_encoder,
                                    vae=teacher.vae, transformer=denoiser, scheduler=scheduler)
     else:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
         pipe = StableDiffusionPipeline(
             vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=denoiser,

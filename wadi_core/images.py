@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -27,8 +28,6 @@ def grid_scale(tile: int, min_tile: int = 128) -> int:
 
 def to_pil(images: Images) -> list["PILImage.Image"]:
     """(B, 3, H, W) floats in [0, 1] (or PIL images) -> RGB PIL images."""
-    from PIL import Image
-
     if isinstance(images, Tensor):
         arr = (images.detach().float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arr]
@@ -40,8 +39,7 @@ def image_grid(images: Images, rows: int | None = None, cols: int | None = None,
     """A PIL grid of ``images`` filled row by row (``rows`` or ``cols``, default up to 8 columns);
     a last row that is not full is padded with white; tiles upscaled ``scale`` x (default:
     ``grid_scale(tile, min_tile)``)."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
+    from diffusers.utils import make_image_grid  # noqa: PLC0415 -- diffusers models: seconds to import
 
     tiles = to_pil(images)
     if not tiles:
@@ -69,8 +67,6 @@ def save_image_grid(rows: Sequence[Tensor], path: str | Path, scale: int | None 
 
 def labelled_panels(panels: Sequence[tuple[str, "PILImage.Image"]], gap: int = 8) -> "PILImage.Image":
     """Images side by side, each under a caption strip that says what it is (``(label, image)``)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     try:
         font = ImageFont.load_default(size=18)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font

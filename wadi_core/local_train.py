@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from wadi_core.config import to_flat_dict
+from wadi_core.domain import train_prompts
+from wadi_core.export import export_one_step_pipeline
 from wadi_core.images import save_image_grid
 from wadi_core.models.teacher import Teacher, load_teacher
 from wadi_core.vsd.config import VSDConfig
@@ -60,8 +63,6 @@ class LocalTrainConfig:
 def prompt_stream(source: str, seed: int) -> Iterator[str]:
     """Endless prompts: the embedded domain's generator, or a text file reshuffled every epoch."""
     if source == "domain":
-        from wadi_core.domain import train_prompts
-
         yield from train_prompts(seed)
         return
     path = Path(source)
@@ -85,8 +86,6 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
     Writes ``metrics.jsonl``, ``samples/step_*.png``, ``state/`` (TrainState) and ``export/``
     (merged one-step pipeline). Returns the last metrics plus paths and timings.
     """
-    from tqdm.auto import tqdm
-
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -162,8 +161,6 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
     save_state(step)
     result["state"] = str(out / "state")
     if export:
-        from wadi_core.export import export_one_step_pipeline
-
         with averaged():  # the product is the averaged student when vsd.student_ema is on
             result["export"] = str(export_one_step_pipeline(distiller, out / "export"))
         if ema is not None and cfg.export_live:

@@ -12,10 +12,13 @@ import errno
 import hashlib
 import json
 import os
-import warnings
 import re
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
+
+from tqdm.auto import tqdm
 
 __all__ = [
     "is_remote",
@@ -53,7 +56,7 @@ def s3_endpoint() -> str | None:
 
 def filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
     """Return ``(fsspec filesystem, path without scheme)`` for a local path or s3 URI."""
-    import fsspec
+    import fsspec  # noqa: PLC0415 -- fsspec only for remote paths
 
     uri = str(uri)
     if is_remote(uri):
@@ -93,8 +96,6 @@ def retry_io(fn: Any, what: str, attempts: int = UPLOAD_ATTEMPTS, base_s: float 
     """``fn()`` retried on ``OSError`` (what s3fs raises for a failed request) with exponential
     backoff; the last error is raised with ``what`` and the number of attempts. A full storage is
     not retried: :class:`StorageFull` at once."""
-    import time
-
     for attempt in range(attempts):
         try:
             return fn()
@@ -192,7 +193,7 @@ def _node_lock(path: Path, what: str) -> Iterator[None]:
     own; the temp-file + rename still keeps every cached file whole.
     """
     try:
-        import fcntl
+        import fcntl  # noqa: PLC0415 -- POSIX only: without it (Windows) each process downloads
     except ImportError:  # pragma: no cover - Windows
         yield
         return
@@ -254,7 +255,6 @@ def _mirror(uri: str, cache: Path, digest: str) -> Path:
         result = root
     dests = [(f, key, cache_path(root, key), info) for f, key, info in items]  # all checked before any write
     todo = [(f, key, dest, info) for f, key, dest, info in dests if not _valid(manifest.get(key), dest, _etag(info))]
-    from tqdm.auto import tqdm
 
     with tqdm(total=sum(int(info.get("size") or 0) for *_, info in todo), unit="B", unit_scale=True,
               desc=f"download {uri}", disable=not todo, mininterval=2) as bar:
@@ -308,7 +308,7 @@ def list_files(uri: str | os.PathLike, suffix: str = "") -> list[str]:
 def load_component_weights(pipeline_dir: str | os.PathLike, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The safetensors weights and ``config.json`` of one component folder of a saved diffusers
     pipeline (``unet``, ``vae``, ``text_encoder``...); an fp16 variant is used only when alone."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # noqa: PLC0415 -- torch only here; the module imports without it
 
     sub = Path(pipeline_dir) / name
     files = sorted(sub.glob("*.safetensors"))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from wadi_core.adapters import AdapterSpec, adapter_class
+from wadi_core.adapters import ADAPTER_KINDS, AdapterSpec, adapter_class
+from wadi_core.config import from_dict
 from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
 from wadi_core.vsd.config import VSDConfig
+
+from pipelines.config.cli import read_recipe
 
 __all__ = ["AblationBudget", "AblationConfig", "BUDGETS", "recipe_vsd"]
 
@@ -44,10 +47,6 @@ def recipe_vsd(recipe: str = "embedded") -> VSDConfig:
     """The ``vsd`` section of a recipe (name in recipes/ or a YAML path): every ablation run uses it,
     only the student adapter (kind, rank, lr) changes. The ablation scores and analyses the live
     student weights (its runs export nothing), whatever ``student_ema`` says."""
-    from wadi_core.config import from_dict
-
-    from pipelines.config import read_recipe
-
     _, data = read_recipe(recipe)
     return from_dict(VSDConfig, data.get("vsd") or {})
 
@@ -87,8 +86,6 @@ class AblationConfig:
     workers: int = 1                            # processes running independent runs in parallel
 
     def __post_init__(self) -> None:
-        from wadi_core.adapters import ADAPTER_KINDS
-
         bad = [k for k in self.kinds if k not in ADAPTER_KINDS]
         if bad or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {sorted(ADAPTER_KINDS)}, got {self.kinds}")

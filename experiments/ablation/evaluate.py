@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from wadi_core.domain import eval_prompts
 from wadi_core.domain.evaluator import DomainEvaluator
+from wadi_core.domain.quality import alignment_report, real_features
 from wadi_core.metrics import GaussianStats, frechet_distance, precision_recall
+from wadi_core.models import resolve_teacher_dir
 
 __all__ = ["DomainEval", "RealReference", "cached_real", "teacher_pipeline", "teacher_images"]
 
@@ -45,10 +48,6 @@ class RealReference:
 
 def cached_real(evaluator: DomainEvaluator, n: int, seed: int, cache_dir: str | Path) -> RealReference:
     """Evaluator features of ``n`` real renders (``wadi_core.domain.quality``), cached as safetensors."""
-    from safetensors.torch import load_file, save_file
-
-    from wadi_core.domain.quality import real_features
-
     path = Path(cache_dir) / f"real_features_n{n}_seed{seed}.safetensors"
     if path.exists():
         return RealReference.of(load_file(str(path))["features"])
@@ -80,8 +79,6 @@ class DomainEval:
     def score(self, images: Tensor) -> dict[str, float]:
         """``fid``, ``precision`` and ``recall`` vs the real renders, ``alignment`` (mean fraction of
         caption attributes shown) and ``all_correct`` (share of images with every attribute right)."""
-        from wadi_core.domain.quality import alignment_report
-
         if len(images) != len(self.prompts):
             raise ValueError(f"{len(images)} images for {len(self.prompts)} prompts")
         report = alignment_report(self.evaluator, images, self.prompts)
@@ -102,9 +99,7 @@ class DomainEval:
 def teacher_pipeline(teacher_uri: str):
     """The teacher as a StableDiffusionPipeline sampling with DDIM, eta 0, "trailing" spacing
     (the project's protocol: a 1-step sample starts at t = T-1)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from wadi_core.models import resolve_teacher_dir
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     pipe = StableDiffusionPipeline.from_pretrained(resolve_teacher_dir(teacher_uri))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from experiments.ablation.config import AblationConfig
+from experiments.ablation.runner import choose_lr
 
 __all__ = ["Aggregate", "summarize", "verdicts", "write_report", "SUMMARY_COLUMNS", "PLOTS"]
 
@@ -227,7 +228,6 @@ def markdown(summary: dict[str, list[Aggregate]], cfg: AblationConfig, rows: lis
                           _fmt(a.mean("norm_change_pct")), _fmt(a.mean("dir_norm_ratio")),
                           _fmt(a.mean("svd_energy_30pct"), ".1%")] for a in summary["swaps"]]))
     parts.append("\n## Learning-rate sweep (validation prompts and noise, one seed)\n")
-    from experiments.ablation.runner import choose_lr
 
     chosen = {k: choose_lr(rows, k) for k in {a.first("kind") for a in summary["lr_sweep"]}}
     parts.append(_table(["run", "val FID", "val alignment", "diverged", "lowest val FID"],
@@ -242,7 +242,7 @@ def markdown(summary: dict[str, list[Aggregate]], cfg: AblationConfig, rows: lis
 
 
 def _figure(w: float = 6.0, h: float = 4.0):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib only for a figure (slow import)
 
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
 

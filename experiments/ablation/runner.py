@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
+
+from wadi_core.config import to_flat_dict
+from wadi_core.domain.evaluator import load_domain_evaluator
 
 from experiments.ablation.config import AblationConfig
 from experiments.ablation.evaluate import cached_real
 from experiments.ablation.runs import AblationContext, RunSpec, score_baselines, train_and_score
-from wadi_core.config import to_flat_dict
 
 __all__ = ["RunSpec", "AblationContext", "run_ablation", "choose_lr", "load_rows", "train_and_score",
            "score_baselines"]
@@ -92,8 +96,6 @@ class _Runner:
         self.pool: ProcessPoolExecutor | None = None
         self.ctx: AblationContext | None = None
         if cfg.workers > 1:
-            import multiprocessing
-
             self.pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_init_worker, initargs=(cfg,))
         else:
@@ -184,9 +186,6 @@ class _Runner:
         return self.pool.submit(_worker_train, task.spec, task.group, done)
 
     def run(self) -> dict[str, float]:
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        from tqdm.auto import tqdm
 
         pending = self.plan()
         in_flight: dict[Any, _Task] = {}
@@ -265,8 +264,6 @@ def run_ablation(cfg: AblationConfig, on_row: OnRow | None = None, progress: boo
     else:
         cfg_file.write_text(json.dumps(flat, indent=1))
     if cfg.workers > 1:  # the workers read the cached real statistics instead of each rendering them
-        from wadi_core.domain.evaluator import load_domain_evaluator
-
         cached_real(load_domain_evaluator(), cfg.budget.real_images, cfg.real_seed, out)
     runner = _Runner(cfg, on_row, progress)
     runner.run()

@@ -14,6 +14,14 @@ from typing import Any
 
 import torch
 
+from wadi_core.adapters import adapter_state_dict, count_trainable, save_adapter_file
+from wadi_core.analysis.plots import plot_histograms, plot_layer_scatter, plot_svd_energy
+from wadi_core.domain.evaluator import load_domain_evaluator
+from wadi_core.domain.quality import real_features
+from wadi_core.local_train import LocalTrainConfig, train_local
+from wadi_core.models import load_teacher
+from wadi_core.vsd.state import TrainState
+
 from experiments.ablation.config import AblationConfig
 from experiments.ablation.evaluate import DomainEval, cached_real, teacher_images, teacher_pipeline
 from experiments.ablation.weights import compare_student, swapped_full_state, use_student_state
@@ -66,9 +74,6 @@ class AblationContext:
     per process)."""
 
     def __init__(self, cfg: AblationConfig) -> None:
-        from wadi_core.domain.evaluator import load_domain_evaluator
-        from wadi_core.models import load_teacher
-
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.evaluator = load_domain_evaluator()
@@ -104,8 +109,6 @@ def score_baselines(ctx: AblationContext, done: frozenset[str]) -> list[Row]:
     """The FID floor (real vs real renders) and the teacher on the test set: K steps with CFG, 1 step
     with CFG, and 1 step without CFG, which is the student at initialisation (LoRaD starts at zero
     angles, and for a v-prediction teacher the student's x0 is the plain 1-step DDIM image)."""
-    from wadi_core.domain.quality import real_features
-
     cfg, b, ev = ctx.cfg, ctx.cfg.budget, ctx.test
     rows: list[Row] = []
     if "real_floor" not in done:
@@ -133,10 +136,6 @@ def train_and_score(ctx: AblationContext, spec: RunSpec, group: str, done: froze
                     progress: bool = True) -> list[Row]:
     """Train (or resume) and score one run; a full fine-tune on the test set also yields its
     swap-norm / swap-direction rows. Rows whose name is in ``done`` are not produced again."""
-    from wadi_core.adapters import count_trainable
-    from wadi_core.vsd.state import TrainState
-    from wadi_core.local_train import LocalTrainConfig, train_local
-
     cfg, b = ctx.cfg, ctx.cfg.budget
     want_swaps = spec.kind == "full" and spec.evalset == "test" and cfg.swaps
     if spec.name in done and (not want_swaps or f"swap_direction_of_{spec.name}" in done):
@@ -178,10 +177,6 @@ def train_and_score(ctx: AblationContext, spec: RunSpec, group: str, done: froze
 
 def _swap_rows(ctx: AblationContext, spec: RunSpec, distiller: Any, cmp: Any) -> list[Row]:
     """Weight-analysis files and the swap-norm / swap-direction students of a full fine-tune."""
-    from wadi_core.adapters import adapter_state_dict
-    from wadi_core.analysis.plots import plot_histograms, plot_layer_scatter, plot_svd_energy
-    from wadi_core.adapters import save_adapter_file
-
     den, ev = distiller.denoiser, ctx.test
     wdir = ctx.out / "weights" / spec.name
     wdir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ step are the embedded recipe's (``wadi_core.vsd.vsd_step``); the student EMA (0.
 as a one-step diffusers pipeline in the same layout as ``wadi_core.export``.
 
     python -m experiments.quality.full_capacity_student --out runs/fs_lorad --mode lorad --lr 1e-3
-    python jobs/evaluate.py run ...   # or pipelines.final_eval's protocol, see docs/history/QUALITY.md
+    python jobs/evaluate.py run ...   # or pipelines.evaluate.final's protocol, see docs/history/QUALITY.md
 """
 
 from __future__ import annotations
@@ -28,10 +28,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from wadi_core.adapters.lorad.function import rotate_pairs
+from wadi_core.config import from_dict
+from wadi_core.export import export_one_step_pipeline
+from wadi_core.local_train import prompt_stream
+from wadi_core.models import load_teacher
 from wadi_core.vsd import VSDConfig, WaDiDistiller, vsd_step
 from wadi_core.vsd.distiller import at_least_fp32
 from wadi_core.vsd.ema import AdapterEMA
 from wadi_core.vsd.step import make_updaters
+
+from pipelines.config.cli import read_recipe
 
 
 class RowRotation(nn.Module):
@@ -103,12 +109,6 @@ def student_copy(unet: nn.Module, mode: str, rank: int) -> tuple[nn.Module, list
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.config import read_recipe
-    from wadi_core.config import from_dict
-    from wadi_core.export import export_one_step_pipeline
-    from wadi_core.local_train import prompt_stream
-    from wadi_core.models import load_teacher
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--mode", choices=MODES, default="lorad")

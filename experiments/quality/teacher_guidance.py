@@ -17,6 +17,10 @@ import json
 
 import torch
 
+from wadi_core.domain.attributes import eval_prompts
+from wadi_core.domain.evaluator import load_domain_evaluator
+from wadi_core.domain.quality import alignment_report, feature_stats, real_features
+
 
 def sample_with_interval(pipe, prompts: list[str], w: float, t_lo: int, t_hi: int, seed: int, batch: int = 250,
                          steps: int = 25) -> torch.Tensor:
@@ -46,12 +50,10 @@ def sample_with_interval(pipe, prompts: list[str], w: float, t_lo: int, t_hi: in
 
 
 def main() -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
-    from wadi_core.domain.attributes import eval_prompts
-    from wadi_core.domain.evaluator import load_domain_evaluator
-    from wadi_core.domain.quality import alignment_report, feature_stats, real_features
-    from wadi_core.metrics import frechet_distance, precision_recall
+    from wadi_core.metrics import (frechet_distance,  # noqa: PLC0415 -- loads scipy (slow), only needed here
+                                   precision_recall)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="wadi_core/assets/embedded_teacher")

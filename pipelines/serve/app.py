@@ -25,6 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from wadi_core.config import from_dict
+
 from pipelines.serve.options import ModelOptions, ServeConfig, deployment_options
 from pipelines.serve.validation import BadRequest, RequestLimits, check_body_size, parse_generate_request, wants_json
 
@@ -36,13 +38,13 @@ http = FastAPI(title="WaDi one-step student", docs_url=None, redoc_url=None)
 
 def _load_sampler(model: ModelOptions, tracking_uri: str | None) -> Any:
     """Resolve the URI on this replica's node (MLflow, s3:// and folders alike) and load the pipeline."""
-    import torch
+    import torch  # noqa: PLC0415 -- the model stack loads in the replica, not where the app is built
 
-    from pipelines.generation import resolve_model_dir
-    from pipelines.serve.sampler import Sampler
+    from pipelines.evaluate.generation import resolve_model_dir  # noqa: PLC0415 -- the same: torch
+    from pipelines.serve.sampler import Sampler  # noqa: PLC0415 -- the same: torch, diffusers
 
     if tracking_uri and model.uri.startswith(("models:/", "runs:/")):
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow only for models:/ and runs:/ URIs
 
         mlflow.set_tracking_uri(tracking_uri)
     if not torch.cuda.is_available():  # Ray gives a CPU actor OMP_NUM_THREADS from num_cpus; torch reads it once
@@ -169,7 +171,5 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """Ray Serve's application builder (``serve run pipelines.serve.app:app_builder model=...``, a RayService's
     ``serveConfigV2`` ``import_path``): ``args`` are ``ServeConfig`` keys, nested or dotted; host and port
     are Serve's ``http_options`` there, not these. ``models:/`` URIs use the replicas' MLFLOW_TRACKING_URI."""
-    from wadi_core.config import from_dict
-
     cfg = from_dict(ServeConfig, dict(args))
     return build_app(cfg.student_options(), cfg.teacher_options(), cfg.limits, cfg.tracking_uri)

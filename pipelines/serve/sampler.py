@@ -2,7 +2,7 @@
 
 Each prompt gets its own CPU ``torch.Generator`` seeded with the request's seed, so the same prompt
 and seed give the same image whatever else is in the batch and on any device (the noise is drawn
-on the CPU, as in ``pipelines/one_step_model.py``).
+on the CPU, as in ``pipelines/tracking/one_step_model.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 __all__ = ["Sampler", "pick_device_dtype", "encode_png"]
 
@@ -32,8 +33,6 @@ def pick_device_dtype(dtype: str = "auto", device: str | None = None) -> tuple[s
 
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 (H, W, 3) -> PNG bytes; compression level 1: the images are small and latency matters more."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -44,7 +43,7 @@ class Sampler:
 
     def __init__(self, model_dir: str | os.PathLike, steps: int = 1, guidance: float = 1.0, dtype: str = "auto",
                  device: str | None = None):
-        from diffusers import DDIMScheduler, DiffusionPipeline
+        from diffusers import DDIMScheduler, DiffusionPipeline  # noqa: PLC0415 -- diffusers loads with a model
 
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")

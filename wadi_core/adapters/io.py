@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from .. import storage
@@ -27,8 +28,6 @@ FORMAT = "wadi-adapter-v1"
 
 def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> None:
     """Write adapter ``name`` of ``model`` to a ``.safetensors`` file (local or s3://)."""
-    from safetensors.torch import save
-
     info = adapter_info(model, name)
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     meta = {"format": FORMAT, "kind": info["kind"], "rank": str(info["rank"]),
@@ -40,8 +39,6 @@ def save_adapter_file(path: str | os.PathLike, state: Mapping[str, Tensor], spec
                       role: Role = "student", student_alphabar: float | None = None) -> None:
     """Write a bare adapter state dict in the same format; family, role and (for a student) the ``a``
     of its one-step parametrisation x0 = (z - sqrt(1 - a) eps) / sqrt(a) go in the metadata."""
-    from safetensors.torch import save
-
     meta = {"format": FORMAT, "kind": spec.kind, "rank": str(spec.rank), "options": "{}",
             "targets": json.dumps(spec.resolved_targets(family, role)), "family": family, "role": role}
     if student_alphabar is not None:
@@ -58,8 +55,6 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], AdapterSpec]:
     """(state dict, AdapterSpec) of an adapter file whose targets are a preset or a regex."""
-    from safetensors.torch import load
-
     data = storage.read_bytes(str(path))
     meta = _checked(_metadata(data), path)
     targets = json.loads(meta["targets"])
@@ -73,8 +68,6 @@ def load_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> dict[s
 
     If the model has no adapter ``name`` yet, it is added first with the saved kind, rank and targets.
     """
-    from safetensors.torch import load
-
     data = storage.read_bytes(str(path))
     meta = _checked(_metadata(data), path)
     if name not in adapter_names(model):

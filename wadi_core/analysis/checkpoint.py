@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 __all__ = ["WeightsCheckpoint", "locate_weights", "load_weights", "save_weights_like"]
 
@@ -63,8 +65,6 @@ def locate_weights(path: str | Path) -> WeightsCheckpoint:
 
 def load_weights(ckpt: WeightsCheckpoint) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint, on CPU, dtypes as stored."""
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     for f in ckpt.files:
         part = load_file(str(f))
@@ -77,9 +77,6 @@ def load_weights(ckpt: WeightsCheckpoint) -> dict[str, torch.Tensor]:
 
 def save_weights_like(ckpt: WeightsCheckpoint, state: Mapping[str, torch.Tensor], out: str | Path) -> Path:
     """Write ``state`` at ``out`` in the layout of ``ckpt`` (file, model dir or pipeline dir)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.resolve() == ckpt.root.resolve():
         raise ValueError(f"refusing to overwrite the source checkpoint {ckpt.root}")

@@ -22,7 +22,7 @@ def layer_category(name: str) -> str:
 
 
 def _figure(w: float = 6.0, h: float = 4.5):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib only for a figure (slow import)
 
     return Figure(figsize=(w, h), dpi=120, layout="constrained")
 

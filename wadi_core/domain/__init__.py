@@ -23,7 +23,7 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy: importing the domain should not import torch.
     if name in ("load_domain_evaluator", "DomainEvaluator"):
-        from wadi_core.domain import evaluator
+        from wadi_core.domain import evaluator  # noqa: PLC0415 -- importing the domain must not import torch
 
         return getattr(evaluator, name)
     raise AttributeError(f"module 'wadi_core.domain' has no attribute {name!r}")

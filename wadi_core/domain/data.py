@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from wadi_core.domain.attributes import ALL_COMBOS, TRAIN_COMBOS, Attributes, caption
 from wadi_core.domain.render import render_with_mask
@@ -28,8 +29,6 @@ class RenderSet:
 
 def make_render_set(n: int, seed: int, split: str = "train", size: int = 32, progress: bool = False) -> RenderSet:
     """``n`` renders of combinations drawn uniformly from ``split`` with per-image jitter seeds."""
-    from tqdm.auto import tqdm
-
     combos = {"train": TRAIN_COMBOS, "all": ALL_COMBOS}[split]
     rng = np.random.default_rng(seed)
     combo = rng.integers(len(combos), size=n)

@@ -18,8 +18,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from wadi_core.domain.attributes import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, Attributes, find_attributes
+from wadi_core.domain.data import make_render_set
 
 __all__ = ["EvaluatorConfig", "DomainEvaluator", "load_domain_evaluator", "train_domain_evaluator",
            "DEFAULT_EVALUATOR_DIR", "render_accuracy"]
@@ -108,8 +111,6 @@ class DomainEvaluator(nn.Module):
         return next(self.parameters()).device
 
     def save(self, out_dir: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "model.safetensors"))
@@ -119,8 +120,6 @@ class DomainEvaluator(nn.Module):
 
 def load_domain_evaluator(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> DomainEvaluator:
     """Load the shipped evaluator (or one saved with ``DomainEvaluator.save`` at ``path``), in eval mode."""
-    from safetensors.torch import load_file
-
     d = Path(path or DEFAULT_EVALUATOR_DIR)
     if not (d / "model.safetensors").exists():
         raise FileNotFoundError(f"no domain evaluator in {d}: train one with `python jobs/train_domain_evaluator.py`")
@@ -163,10 +162,6 @@ def train_domain_evaluator(
     progress: bool = True,
 ) -> DomainEvaluator:
     """Train on fresh renders of all 144 combinations each step (blur/noise augmented)."""
-    from tqdm.auto import tqdm
-
-    from wadi_core.domain.data import make_render_set
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = DomainEvaluator(cfg)
@@ -195,8 +190,6 @@ def train_domain_evaluator(
 
 def render_accuracy(model: DomainEvaluator, n: int = 2000, seed: int = 12345) -> dict[str, float]:
     """Per-attribute accuracy on ``n`` fresh clean renders (all combinations)."""
-    from wadi_core.domain.data import make_render_set
-
     data = make_render_set(n, seed, "all", model.cfg.image_size)
     x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
     preds = model.predict(x)

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from wadi_core.domain.attributes import caption
 from wadi_core.domain.checkpoint import load_training_state, save_training_state
@@ -27,6 +28,7 @@ from wadi_core.domain.pretrain_denoiser import DenoiserData, _lr, run_denoiser_p
 from wadi_core.domain.teacher import (TeacherArch, assemble_pipeline, build_scheduler, build_text_encoder,
                                       build_training_scheduler, build_unet, build_vae)
 from wadi_core.domain.tokenizer import build_tokenizer
+from wadi_core.storage import load_component_weights
 
 __all__ = ["PretrainConfig", "pretrain_teacher", "GRID_PROMPTS"]
 
@@ -91,8 +93,6 @@ def _vae_loss(vae, x: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig, dec
 @torch.no_grad()
 def _load_pipeline_weights(folder: str, models: dict) -> float:
     """Copy a saved teacher pipeline's VAE, text encoder and UNet weights into ``models``; its latent scaling."""
-    from wadi_core.storage import load_component_weights
-
     configs = {}
     for name, model in models.items():
         state, configs[name] = load_component_weights(folder, name)
@@ -127,8 +127,6 @@ def pretrain_teacher(
     ``stop_after_steps`` stops (as if killed) at the first checkpoint after that many steps of
     this call, without exporting; the summary then has ``stopped: 1.0``. Used to test resuming.
     """
-    from tqdm.auto import tqdm
-
     log = log or (lambda metrics, step: None)
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)

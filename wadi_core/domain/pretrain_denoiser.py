@@ -9,17 +9,23 @@ Per-rank RNG states are saved in the checkpoint, so resuming stays exact.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import queue
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from wadi_core.domain.checkpoint import load_training_state, save_training_state
+from wadi_core.domain.teacher import build_text_encoder, build_unet, build_vae
 
 __all__ = ["DenoiserData", "train_denoiser", "run_denoiser_phase"]
 
@@ -43,8 +49,6 @@ class DenoiserData:
 
 
 def _lr(base: float, step: int, total: int, warmup: int) -> float:
-    import math
-
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -75,14 +79,9 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
                    log: Callable[[dict[str, float], int], None] | None, progress: bool,
                    stop_after_steps: int | None, step_offset: int, init_file: str | None = None) -> bool:
     """Run (or resume) the denoiser phase from the checkpoint in ``state_dir``; True if stopped early."""
-    from tqdm.auto import tqdm
-
-    from wadi_core.domain.teacher import build_text_encoder, build_unet, build_vae
-
     dist = None
     if world > 1:
-        import torch.distributed as dist
-
+        dist = torch.distributed
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     if models is None:
@@ -98,7 +97,6 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
     if meta["phase"] != "denoiser":
         raise RuntimeError(f"expected a denoiser-phase checkpoint in {state_dir}, found phase {meta['phase']!r}")
     gen = generators[f"generator_rank{rank}" if rank else "generator"]
-    import time
 
     started, elapsed0 = time.time(), float(meta.get("elapsed_s", 0.0))
     unet.train()
@@ -200,7 +198,6 @@ def run_denoiser_phase(cfg: Any, data: DenoiserData, state_dir: str | os.PathLik
     world = cfg.denoiser_workers
     if world <= 1:
         return train_denoiser(0, 1, cfg, data, str(state_dir), models, log, progress, stop_after_steps, step_offset)
-    import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     log_queue = ctx.Queue()

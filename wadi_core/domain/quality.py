@@ -8,6 +8,7 @@ import torch
 from wadi_core.domain.attributes import ATTRIBUTE_NAMES, eval_prompts
 from wadi_core.domain.data import make_render_set
 from wadi_core.domain.evaluator import DomainEvaluator
+from wadi_core.domain.teacher import sample_images_parallel
 
 __all__ = ["real_features", "real_feature_stats", "feature_stats", "alignment_report", "generated_report"]
 
@@ -16,7 +17,7 @@ REAL_SEED = 777
 
 def feature_stats(features: torch.Tensor):
     """Mean and covariance (float64) of evaluator features ``(n, dim)``: what FID compares."""
-    from wadi_core.metrics import GaussianStats
+    from wadi_core.metrics import GaussianStats  # noqa: PLC0415 -- loads scipy (slow), only needed here
 
     return GaussianStats.from_features(features.double().numpy())
 
@@ -55,8 +56,8 @@ def generated_report(teacher_dir: str, evaluator: DomainEvaluator, real_stats, n
     given the real features themselves (``real_feats``), improved precision / recall (k = 3, the
     evaluation job's setting): FID alone cannot tell a student that misses parts of the real
     distribution from one that draws off it."""
-    from wadi_core.domain.teacher import sample_images_parallel
-    from wadi_core.metrics import frechet_distance, precision_recall
+    from wadi_core.metrics import (frechet_distance,  # noqa: PLC0415 -- loads scipy (slow), only needed here
+                                   precision_recall)
 
     prompts = eval_prompts(n, seed=seed, split=split)
     images = sample_images_parallel(teacher_dir, prompts, steps=steps, guidance=guidance, seed=seed, batch=250,

@@ -9,10 +9,14 @@ noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps). Sampling us
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
+import multiprocessing as mp
 import os
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
 
@@ -41,7 +45,7 @@ class TeacherArch:
 
 
 def build_vae(arch: TeacherArch):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # noqa: PLC0415 -- diffusers models: seconds to import
 
     n = len(arch.vae_channels)
     return AutoencoderKL(
@@ -53,7 +57,7 @@ def build_vae(arch: TeacherArch):
 
 
 def build_text_encoder(arch: TeacherArch, vocab_size: int, bos_id: int, eos_id: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415 -- transformers: seconds to import
 
     cfg = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=4 * arch.text_hidden,
@@ -65,7 +69,7 @@ def build_text_encoder(arch: TeacherArch, vocab_size: int, bos_id: int, eos_id: 
 
 
 def build_unet(arch: TeacherArch):
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415 -- diffusers models: seconds to import
 
     n = len(arch.unet_channels)
     return UNet2DConditionModel(
@@ -79,7 +83,7 @@ def build_unet(arch: TeacherArch):
 
 def build_training_scheduler():
     """DDPM with SD's schedule: ``add_noise`` for training."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
 
     return DDPMScheduler(**SCHEDULE)
 
@@ -89,7 +93,7 @@ def build_scheduler(prediction_type: str = "epsilon"):
 
     ``prediction_type`` is what the UNet predicts: ``"epsilon"`` (SD 1.5) or ``"v_prediction"`` (SD 2.1).
     """
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
 
     return DDIMScheduler(**{**SCHEDULE, "prediction_type": prediction_type}, set_alpha_to_one=False, steps_offset=1,
                          timestep_spacing="trailing")
@@ -97,7 +101,7 @@ def build_scheduler(prediction_type: str = "epsilon"):
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
     """A complete ``StableDiffusionPipeline`` (no safety checker) from the parts."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -113,8 +117,7 @@ def folder_size_mb(path: str | os.PathLike) -> float:
 def sample_images(pipe, prompts: list[str], steps: int = TEACHER_STEPS, guidance: float = TEACHER_GUIDANCE, seed: int = 0,
                   batch: int = 256, progress: bool = False):
     """Generate one image per prompt with the pipeline; float [0,1] tensor (B,3,H,W)."""
-    import torch
-    from tqdm.auto import tqdm
+    import torch  # noqa: PLC0415 -- torch only here; the module imports without it
 
     pipe.set_progress_bar_config(disable=True)
     out = []
@@ -127,8 +130,8 @@ def sample_images(pipe, prompts: list[str], steps: int = TEACHER_STEPS, guidance
 
 
 def _sample_chunk(args: tuple) -> "Any":
-    import torch
-    from diffusers import StableDiffusionPipeline
+    import torch  # noqa: PLC0415 -- torch only here; the module imports without it
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     teacher_dir, prompts, steps, guidance, seed, batch = args
     torch.set_num_threads(1)
@@ -140,10 +143,7 @@ def sample_images_parallel(teacher_dir: str, prompts: list[str], steps: int = TE
                            seed: int = 0, batch: int = 250, workers: int = 2):
     """``sample_images`` split over ``workers`` spawned processes (one thread each); same result
     as one process, since every batch is seeded by its start index."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    import torch
+    import torch  # noqa: PLC0415 -- torch only here; the module imports without it
 
     chunk = -(-len(prompts) // workers)
     chunk = -(-chunk // batch) * batch  # whole batches per worker keep the seeds aligned

@@ -71,7 +71,7 @@ def write_tokenizer_files(out_dir: str | os.PathLike, words: Iterable[str] | Non
 
 def build_tokenizer(work_dir: str | os.PathLike, model_max_length: int = 32):
     """Write the files into ``work_dir`` and load a ``CLIPTokenizer`` from them."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # noqa: PLC0415 -- transformers: seconds to import
 
     write_tokenizer_files(work_dir)
     return CLIPTokenizer.from_pretrained(str(work_dir), model_max_length=model_max_length,

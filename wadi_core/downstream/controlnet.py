@@ -19,8 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from wadi_core.downstream.sampling import image_size
+from wadi_core import storage
+from wadi_core.domain import caption, eval_prompts, parse_caption, render_with_mask
+from wadi_core.domain.data import make_render_set
+from wadi_core.downstream.sampling import image_size, unet_eps
+from wadi_core.downstream.training import encode_renders, snr_weight
 from wadi_core.models.teacher import Cond, Teacher
 
 __all__ = ["ControlNetConfig", "build_controlnet", "load_controlnet", "control_tensor", "controlnet_residuals",
@@ -61,7 +66,7 @@ def vae_factor(model: Teacher) -> int:
 
 def build_controlnet(model: Teacher, cfg: ControlNetConfig = ControlNetConfig()) -> Any:
     """A diffusers ``ControlNetModel`` initialised from the teacher's UNet (zero convs at zero)."""
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel  # noqa: PLC0415 -- diffusers models: seconds to import
 
     downs = len(cfg.embedding_channels) - 1
     if 2 ** downs != vae_factor(model):
@@ -77,9 +82,7 @@ def build_controlnet(model: Teacher, cfg: ControlNetConfig = ControlNetConfig())
 def load_controlnet(uri: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     """A saved ``ControlNetModel`` (diffusers folder with config.json + safetensors): a local path or an
     ``s3://`` prefix, e.g. an SD 1.5 ControlNet you converted to diffusers format. Never the hub."""
-    from diffusers import ControlNetModel
-
-    from wadi_core import storage
+    from diffusers import ControlNetModel  # noqa: PLC0415 -- diffusers models: seconds to import
 
     root = storage.materialize(uri) if storage.is_remote(uri) else Path(uri).expanduser()
     if not (Path(root) / "config.json").exists():
@@ -105,7 +108,6 @@ def control_tensor(masks: np.ndarray | Tensor, controlnet: Any, model: Teacher) 
 def controlnet_residuals(controlnet: Any, control: Tensor, scale: float = 1.0) -> Callable:
     """``residuals(x_t, t, cond)`` for ``sampling.sample``: the control is repeated to match a
     CFG-doubled batch (the unconditional half is controlled too, as diffusers' pipeline does)."""
-
     def residuals(x_t: Tensor, t: Tensor, cond: Cond) -> tuple[tuple[Tensor, ...], Tensor]:
         c = control.repeat(x_t.shape[0] // control.shape[0], 1, 1, 1)
         tt = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t
@@ -130,8 +132,6 @@ def controlnet_step(model: Teacher, controlnet: Any, optimizer: torch.optim.Opti
     rest of the batch has the teacher's uniform-t, Min-SNR epsilon loss. This is the whole
     per-worker step: a data-parallel trainer wraps ``controlnet`` (DDP/DeepSpeed) and calls it unchanged.
     """
-    from wadi_core.downstream.sampling import unet_eps
-
     b = latents.shape[0]
     last = model.num_train_timesteps - 1
     k = int(round(b * one_step_fraction)) if one_step_weight > 0 else 0
@@ -171,12 +171,6 @@ def train_controlnet(model: Teacher, cfg: ControlNetConfig, controlnet: Any | No
                      log: Callable[[dict[str, float], int], None] | None = None,
                      progress: bool = True) -> tuple[Any, dict[str, float]]:
     """Train a ControlNet on ``cfg.num_images`` domain renders (silhouette control); returns it and a summary."""
-    from tqdm.auto import tqdm
-
-    from wadi_core.domain import caption
-    from wadi_core.domain.data import make_render_set
-    from wadi_core.downstream.training import encode_renders, snr_weight
-
     torch.manual_seed(cfg.seed)
     data = make_render_set(cfg.num_images, cfg.seed + 101, "train", size=image_size(model))
     latents = encode_renders(model, data.images)
@@ -214,8 +208,6 @@ def train_controlnet(model: Teacher, cfg: ControlNetConfig, controlnet: Any | No
 def control_eval_set(n: int, seed: int = 1, split: str = "train", size: int = 32) -> tuple[list[str], np.ndarray]:
     """``n`` evaluation captions and, for each, an exact silhouette (float coverage (n, H, W)) of a
     fresh render of that caption: what the generated object should cover."""
-    from wadi_core.domain import eval_prompts, parse_caption, render_with_mask
-
     prompts = eval_prompts(n, seed=seed, split=split)
     masks = np.stack([render_with_mask(parse_caption(p), seed * 7919 + i, size)[1] for i, p in enumerate(prompts)])
     return prompts, masks
@@ -223,11 +215,8 @@ def control_eval_set(n: int, seed: int = 1, split: str = "train", size: int = 32
 
 def domain_control_samples(n: int, seed: int, size: int = 32):
     """``(key, image uint8 (H, W, 3), silhouette uint8 (H, W), caption)`` for ``n`` domain renders: the
-    rows of an image lake (``pipelines.control_lake.write_control_shards``) for Ray Train, the same
+    rows of an image lake (``pipelines.data.control_lake.write_control_shards``) for Ray Train, the same
     renders ``train_controlnet`` draws its batches from for a given ``seed``."""
-    from wadi_core.domain import caption
-    from wadi_core.domain.data import make_render_set
-
     data = make_render_set(n, seed + 101, "train", size=size)
     for i in range(n):
         mask = np.clip(np.rint(data.masks[i] * 255), 0, 255).astype(np.uint8)

@@ -18,9 +18,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from wadi_core.downstream.training import encode_renders, eps_loss, snr_weight
+from wadi_core.adapters import (adapted_layers, adapter_class, adapter_info, adapter_parameters, adapter_state_dict,
+                                add_adapter, load_adapter_state_dict, merge_adapter, remove_adapters, set_adapter)
+from wadi_core.domain import caption
+from wadi_core.domain.attributes import COLOURS, POSITIONS, SHAPES, SIZES
+from wadi_core.domain.data import make_render_set
+from wadi_core.downstream import geometry as geo
 from wadi_core.downstream.sampling import image_size
+from wadi_core.downstream.subjects import render_subject, subject_caption
+from wadi_core.downstream.training import encode_renders, eps_loss, snr_weight
 from wadi_core.models.teacher import Cond, Teacher
 
 __all__ = ["DreamBoothConfig", "SubjectData", "make_subject_data", "dreambooth_step", "train_dreambooth",
@@ -77,8 +85,6 @@ class SubjectData:
 
 def make_subject_data(model: Teacher, cfg: DreamBoothConfig, size: int = 32) -> SubjectData:
     """``cfg.num_instances`` renders of the subject (seeded), captioned with the rare token."""
-    from wadi_core.downstream.subjects import render_subject, subject_caption
-
     specs = DEFAULT_INSTANCES[:cfg.num_instances]
     images = np.stack([render_subject(cfg.subject, c, s, p, seed=10_000 + i, size=size)[0]
                        for i, (c, s, p) in enumerate(specs)])
@@ -88,8 +94,6 @@ def make_subject_data(model: Teacher, cfg: DreamBoothConfig, size: int = 32) -> 
 
 def subject_test_prompts(cfg: DreamBoothConfig) -> list[tuple[str, str, str]]:
     """Every (colour, size, position) of the domain that is not an instance image: recontextualisation."""
-    from wadi_core.domain.attributes import COLOURS, POSITIONS, SIZES
-
     seen = set(DEFAULT_INSTANCES[:cfg.num_instances])
     return [(c, s, p) for c in COLOURS for s in SIZES for p in POSITIONS if (c, s, p) not in seen]
 
@@ -118,12 +122,6 @@ def train_dreambooth(model: Teacher, cfg: DreamBoothConfig, name: str = "subject
                      progress: bool = True) -> dict[str, float]:
     """Add adapter ``name`` (``cfg.kind``) to the teacher's UNet, train it, leave it active.
     Returns a summary (trainable parameters, seconds, last losses)."""
-    from tqdm.auto import tqdm
-
-    from wadi_core.adapters import adapter_class, adapter_parameters, add_adapter, set_adapter
-    from wadi_core.domain import caption
-    from wadi_core.domain.data import make_render_set
-
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     size = image_size(model)
@@ -166,9 +164,6 @@ def apply_subject_adapter(student: Teacher, teacher: Teacher, name: str = "subje
     Low-rank kinds: the same adapter (kind, rank, targets, weights) is added to the student and
     merged into its weights. ``full``: each targeted weight moves by (fine-tuned - teacher base).
     """
-    from wadi_core.adapters import (adapted_layers, adapter_info, adapter_state_dict, add_adapter,
-                                    load_adapter_state_dict, merge_adapter, remove_adapters, set_adapter)
-
     info = adapter_info(teacher.denoiser, name)
     if info["kind"] == "full":
         layers = adapted_layers(teacher.denoiser, name)
@@ -195,8 +190,6 @@ SHAPE_DESCRIPTORS: dict[str, tuple[str, int]] = {"bar": ("elongation", +1), "sta
 
 @torch.no_grad()
 def _mean_features(evaluator: Any, shape: str, spec: tuple[str, str, str], n: int, size: int) -> Tensor:
-    from wadi_core.downstream.subjects import render_subject
-
     imgs = np.stack([render_subject(shape, *spec, seed=900_000 + i, size=size)[0] for i in range(n)])
     feats = evaluator.features(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255)
     return torch.nn.functional.normalize(feats, dim=1).mean(0)
@@ -216,10 +209,6 @@ def subject_scores(images: Tensor, specs: list[tuple[str, str, str]], evaluator:
     ``descriptor``: the mean of that measurement.
     Adherence (colour, size, position) is read from the pixels with the renderer's geometry.
     """
-    from wadi_core.domain.attributes import SHAPES
-    from wadi_core.downstream import geometry as geo
-    from wadi_core.downstream.subjects import render_subject
-
     size = images.shape[-1]
     feats = torch.nn.functional.normalize(evaluator.features(images), dim=1)
     fid, cls, win = [], [], []

@@ -6,6 +6,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+from PIL import Image, ImageDraw
+
+from wadi_core.domain.quality import alignment_report
+from wadi_core.images import image_grid
 
 __all__ = ["domain_scores", "labelled_grid", "markdown_table"]
 
@@ -14,8 +18,8 @@ __all__ = ["domain_scores", "labelled_grid", "markdown_table"]
 def domain_scores(images: torch.Tensor, prompts: list[str], evaluator: Any, real_stats: Any | None) -> dict[str, float]:
     """Per-attribute accuracy / alignment (domain evaluator heads) and, with ``real_stats``, the domain
     FID (evaluator features) of float [0, 1] images against real renders."""
-    from wadi_core.domain.quality import alignment_report
-    from wadi_core.metrics import GaussianStats, frechet_distance
+    from wadi_core.metrics import (GaussianStats,  # noqa: PLC0415 -- loads scipy (slow), only needed here
+                                   frechet_distance)
 
     out = alignment_report(evaluator, images, prompts)
     if real_stats is not None:
@@ -28,10 +32,6 @@ def labelled_grid(columns: Sequence[torch.Tensor], labels: Sequence[str], scale:
                   row_labels: Sequence[str] = ()):
     """PIL image: one column per tensor (B, 3, H, W) in [0, 1] (row i = item i), a header with the
     column labels and optional row labels on the left."""
-    from PIL import Image, ImageDraw
-
-    from wadi_core.images import image_grid
-
     n = columns[0].shape[0]
     tiles = torch.stack([c[:n].float() for c in columns], dim=1).flatten(0, 1)  # (n * ncol, 3, H, W)
     grid = image_grid(tiles, rows=n, scale=scale)

@@ -22,10 +22,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from wadi_core.downstream.training import encode_renders, eps_loss, focal_timesteps, snr_weight
+from wadi_core.domain.attributes import COLOURS, SHAPES
+from wadi_core.domain.teacher import assemble_pipeline
+from wadi_core.downstream.geometry import RELATIONS, colour_masks, layout_axis, relation_of
 from wadi_core.downstream.sampling import image_size
+from wadi_core.downstream.subjects import render_scene, sample_scene, scene_caption
+from wadi_core.downstream.training import encode_renders, eps_loss, focal_timesteps, snr_weight
 from wadi_core.models.teacher import Cond, Teacher
 
 __all__ = ["SceneTeacherConfig", "finetune_scene_teacher", "RelationConfig", "PREPOSITIONS", "add_token",
@@ -51,9 +58,6 @@ class SceneTeacherConfig:
 
 
 def _scene_set(n: int, seed: int, size: int, relations: tuple[str, ...] | None = None):
-    from wadi_core.downstream.geometry import RELATIONS
-    from wadi_core.downstream.subjects import render_scene, sample_scene
-
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, relations or RELATIONS) for _ in range(n)]
     images = np.stack([render_scene(s, seed * 1_000_003 + i, size)[0] for i, s in enumerate(scenes)])
@@ -65,10 +69,6 @@ def finetune_scene_teacher(model: Teacher, cfg: SceneTeacherConfig, out_dir: str
                            progress: bool = True) -> dict[str, float]:
     """Train the teacher's UNet and text encoder on scene renders and captions (in place); with
     ``out_dir``, save it as a diffusers pipeline (the scene teacher for distillation and inversion)."""
-    from tqdm.auto import tqdm
-
-    from wadi_core.downstream.subjects import scene_caption
-
     size = image_size(model)
     scenes, images = _scene_set(cfg.num_images, cfg.seed + 31, size)
     latents = encode_renders(model, images)
@@ -107,8 +107,6 @@ def finetune_scene_teacher(model: Teacher, cfg: SceneTeacherConfig, out_dir: str
     model.freeze()
     model._null = None  # the text encoder changed: re-encode the empty prompt
     if out_dir is not None:
-        from wadi_core.domain.teacher import assemble_pipeline
-
         assemble_pipeline(model.vae, model.text_encoder, model.tokenizer, model.denoiser,
                           model.scheduler).save_pretrained(str(out_dir), safe_serialization=True)
     return {"scene_teacher_steps": float(done),
@@ -168,11 +166,6 @@ def invert_relation(model: Teacher, cfg: RelationConfig, log: Callable[[dict[str
                     progress: bool = True) -> dict[str, Any]:
     """Learn ``cfg.token`` (added to the model's tokenizer/text encoder) from exemplar scenes in
     ``cfg.relation``; everything else stays frozen. Returns a summary and the exemplars."""
-    from tqdm.auto import tqdm
-
-    from wadi_core.domain.attributes import COLOURS, SHAPES
-    from wadi_core.downstream.subjects import scene_caption
-
     size = image_size(model)
     scenes, images = _scene_set(cfg.num_exemplars, 4242 + cfg.seed, size, (cfg.relation,))
     latents = encode_renders(model, images)
@@ -228,8 +221,6 @@ def invert_relation(model: Teacher, cfg: RelationConfig, log: Callable[[dict[str
 
 def save_token(model: Teacher, token: str, path: str | os.PathLike, relation: str = "") -> None:
     """The learned token's embedding as safetensors (token and relation in the metadata)."""
-    from safetensors.torch import save_file
-
     token_id = model.tokenizer.convert_tokens_to_ids(token)
     vec = model.text_encoder.get_input_embeddings().weight[token_id].detach().cpu().contiguous()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -239,8 +230,6 @@ def save_token(model: Teacher, token: str, path: str | os.PathLike, relation: st
 
 def load_token(model: Teacher, path: str | os.PathLike) -> str:
     """Add a token saved by ``save_token`` to ``model`` (e.g. the one-step student); returns the token."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != "wadi-token-v1":
@@ -256,8 +245,6 @@ def load_token(model: Teacher, path: str | os.PathLike) -> str:
 
 def scene_eval_set(n: int, relation: str, seed: int = 99):
     """``n`` new object pairs in ``relation`` (scenes), for generating with the token or the word."""
-    from wadi_core.downstream.subjects import sample_scene
-
     rng = np.random.default_rng(seed)
     return [sample_scene(rng, (relation,)) for _ in range(n)]
 
@@ -267,8 +254,6 @@ def relation_accuracy(images: Tensor, scenes: list) -> dict[str, float]:
     the scene's relation; ``both_found``: how often both colours were there at all;
     ``axis_accuracy``: how often the two largest objects, whatever their colours, are arranged
     along the relation's axis (vertical for above/below), which separates layout from colour binding."""
-    from wadi_core.downstream.geometry import colour_masks, layout_axis, relation_of
-
     found, correct, axis = [], [], []
     for img, s in zip(images, scenes):
         a, b = colour_masks(img, [s.colour_a, s.colour_b])

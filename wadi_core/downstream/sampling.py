@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from wadi_core.models.teacher import Cond, Teacher, load_teacher
+from wadi_core.models.teacher import Cond, Teacher, load_teacher, resolve_teacher_dir
 
 __all__ = ["Residuals", "unet_eps", "sampling_scheduler", "seeded_noise", "sample", "load_one_step_student",
            "time_per_image", "image_size"]
@@ -50,7 +50,7 @@ def image_size(model: Teacher) -> int:
 def sampling_scheduler(scheduler: Any, steps: int) -> Any:
     """DDIM, trailing spacing, last step returning x0 (``set_alpha_to_one``): for 1 step from a
     WaDi export's scheduler this is exactly the student's generator."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
 
     sched = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
                                       prediction_type="epsilon")
@@ -91,7 +91,6 @@ def load_one_step_student(uri: str | os.PathLike, device: str = "cpu") -> Teache
     """A WaDi one-step export (diffusers folder, ``s3://`` prefix) as a ``Teacher`` whose scheduler is
     the export's one-step scheduler; refuses a folder that is not a one-step export."""
     model = load_teacher(uri, device=device)
-    from wadi_core.models.teacher import resolve_teacher_dir
 
     root = Path(resolve_teacher_dir(uri))
     if not (root / "wadi_export.json").exists():

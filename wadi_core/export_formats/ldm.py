@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from wadi_core.storage import load_component_weights
@@ -217,8 +218,6 @@ def pipeline_to_ldm(pipeline_dir: str | os.PathLike, text_layout: str = "auto",
 def save_single_file(pipeline_dir: str | os.PathLike, out_path: str | os.PathLike, *, text_layout: str = "auto",
                      dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``pipeline_dir`` as one LDM-layout ``.safetensors`` (scheduler config in the metadata)."""
-    from safetensors.torch import save_file
-
     root, out = Path(pipeline_dir), Path(out_path)
     state = pipeline_to_ldm(root, text_layout, dtype)
     meta = {"format": "pt", "wadi.layout": "ldm-stable-diffusion"}

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
+
+from wadi_core.adapters import resolve_targets
+from wadi_core.export import merged_student_denoiser
 
 __all__ = ["LayerFit", "lorad_weight_deltas", "lora_from_deltas", "save_lora_file", "LORA_FORMAT"]
 
@@ -45,9 +49,6 @@ def lorad_weight_deltas(teacher: "object", spec: "object", student_state: Mappin
     ``AdapterSpec``; the rotated weights come from ``wadi_core.export.merged_student_denoiser``
     (the same merge the diffusers export writes).
     """
-    from wadi_core.adapters import resolve_targets
-    from wadi_core.export import merged_student_denoiser
-
     merged = merged_student_denoiser(teacher, spec, student_state, torch.float32)
     names = resolve_targets(merged, spec.resolved_targets(teacher.family, "student"))
     base = teacher.denoiser
@@ -80,8 +81,6 @@ def lora_from_deltas(deltas: Mapping[str, Tensor], rank: int | None, prefix: str
 def save_lora_file(path: str | os.PathLike, state: Mapping[str, Tensor], fits: list[LayerFit],
                    scheduler_config: Mapping | None = None, info: Mapping | None = None) -> Path:
     """Write the LoRA ``.safetensors``; metadata: format, per-layer fits, the one-step scheduler config."""
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "wadi.format": LORA_FORMAT,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from wadi_core.metrics.protocol import tensor_to_pils
 from wadi_core.metrics.weights import resolve_weights
@@ -23,7 +24,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _open_clip() -> Any:
     try:
-        import open_clip
+        import open_clip  # noqa: PLC0415 -- the optional [eval] extra
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("CLIP/HPS scores need open_clip: pip install 'wadi[eval]'") from e
     return open_clip
@@ -96,8 +97,6 @@ def hps_preprocess(img: Image.Image, size: int = 224) -> torch.Tensor:
 
 def _load_hps_state_dict(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         state = load_file(path)
     else:
         # the HPS release is a torch zip of tensors: weights_only=True refuses anything else

@@ -45,8 +45,6 @@ class CocoPrompt:
 def default_coco30k_path() -> Path:
     """``$WADI_COCO30K``, else the list shipped in ``data/prompts/`` (its sha256 is checked on
     every read; another list goes in with ``--prompts``). Nothing outside the repository is read."""
-    import os
-
     if os.environ.get("WADI_COCO30K"):
         return Path(os.environ["WADI_COCO30K"]).expanduser().resolve()
     repo = Path(__file__).resolve().parents[2]

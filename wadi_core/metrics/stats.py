@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 from scipy import linalg
 
 __all__ = ["GaussianStats", "frechet_distance", "sqrt_psd"]
@@ -108,8 +110,6 @@ class GaussianStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
-            from safetensors.numpy import save_file
-
             save_file(self.state_dict(), str(path), metadata={k: str(v) for k, v in self.metadata.items()})
         elif path.suffix == ".npz":
             np.savez(path, **self.state_dict(), metadata=np.array(json.dumps(self.metadata)))
@@ -120,9 +120,6 @@ class GaussianStats:
     def load(cls, path: str | os.PathLike) -> "GaussianStats":
         path = Path(path)
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.numpy import load_file
-
             with safe_open(str(path), framework="numpy") as f:
                 metadata = f.metadata() or {}
             return cls.from_state_dict(load_file(str(path)), metadata)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from wadi_core.models.teacher import EMBEDDED_TEACHER
+
 __all__ = ["DENOISER_CONFIGS", "denoiser_config", "build_denoiser_on_meta", "family_of_config"]
 
 _SD15_UNET: dict[str, Any] = {
@@ -51,8 +53,6 @@ def denoiser_config(family_or_config: str | os.PathLike | dict[str, Any]) -> dic
     if key in DENOISER_CONFIGS:
         return dict(DENOISER_CONFIGS[key])
     if key in ("embedded", "embedded_teacher"):
-        from wadi_core.models.teacher import EMBEDDED_TEACHER
-
         key = str(EMBEDDED_TEACHER)
     path = Path(key)
     for candidate in (path, path / "unet" / "config.json", path / "transformer" / "config.json"):
@@ -71,7 +71,7 @@ def family_of_config(config: dict[str, Any]) -> str:
 
 def build_denoiser_on_meta(family_or_config: str | os.PathLike | dict[str, Any]) -> nn.Module:
     """The denoiser architecture with parameters on the meta device (no memory, no weights)."""
-    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel  # noqa: PLC0415 -- slow import
 
     config = denoiser_config(family_or_config)
     cls = PixArtTransformer2DModel if family_of_config(config) == "pixart" else UNet2DConditionModel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -266,7 +267,7 @@ def resolve_teacher_dir(uri: str | os.PathLike, cache_dir: str | os.PathLike | N
     if uri.count("/") == 1 and not uri.startswith((".", "/", "~")):
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             raise FileNotFoundError(f"{uri} is not a local path and HF_HUB_OFFLINE is set: pass a local dir or s3://")
-        from huggingface_hub import snapshot_download  # network only here, on request
+        from huggingface_hub import snapshot_download  # noqa: PLC0415 -- network, only on request
 
         return Path(snapshot_download(
             uri, cache_dir=cache_dir,
@@ -277,8 +278,8 @@ def resolve_teacher_dir(uri: str | os.PathLike, cache_dir: str | os.PathLike | N
 
 
 def _component_class(index: dict[str, Any], name: str) -> type:
-    import diffusers
-    import transformers
+    import diffusers  # noqa: PLC0415 -- diffusers models: seconds to import
+    import transformers  # noqa: PLC0415 -- transformers: seconds to import
 
     entry = index.get(name)
     if not entry or entry[1] is None:
@@ -294,8 +295,6 @@ def _low_memory_kwargs() -> dict[str, Any]:
     """Build each model on the meta device and fill it from the checkpoint, so a large model is
     held once in RAM while loading instead of twice (random init + weights). Needs accelerate;
     without it the models load the slow way (transformers 5 always loads this way)."""
-    import importlib.util
-
     return {"low_cpu_mem_usage": True} if importlib.util.find_spec("accelerate") is not None else {}
 
 

@@ -21,7 +21,7 @@ __all__ = ["tiny_clip_tokenizer", "tiny_t5_tokenizer", "build_tiny_sd_pipeline",
 
 def tiny_clip_tokenizer():
     """A character-level CLIPTokenizer (514 tokens: 2 x 256 byte symbols + bos/eos), offline."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # noqa: PLC0415 -- transformers: seconds to import
 
     chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
@@ -36,7 +36,7 @@ def tiny_clip_tokenizer():
 
 def tiny_t5_tokenizer():
     """A character-level Unigram T5Tokenizer, offline."""
-    from transformers import T5Tokenizer
+    from transformers import T5Tokenizer  # noqa: PLC0415 -- transformers: seconds to import
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789,.-'"
@@ -45,7 +45,7 @@ def tiny_t5_tokenizer():
 
 
 def _scheduler(family: str = "sd"):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
 
     if family == "pixart":  # PixArt-alpha's linear schedule (alphabar_999 ~ 4.0e-5)
         return DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -57,7 +57,7 @@ def _scheduler(family: str = "sd"):
 
 
 def _vae(latent_size: int):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # noqa: PLC0415 -- diffusers models: seconds to import
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
@@ -68,8 +68,8 @@ def _vae(latent_size: int):
 
 def build_tiny_sd_pipeline(seed: int = 0, latent_size: int = 8, width: int = 32):
     """A random StableDiffusionPipeline: UNet (width, 2*width), 8x8x4 latents, 32 px images."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: PLC0415 -- slow import
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415 -- transformers: seconds to import
 
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
@@ -94,8 +94,8 @@ def build_tiny_sd_pipeline(seed: int = 0, latent_size: int = 8, width: int = 32)
 
 def build_tiny_pixart_pipeline(seed: int = 0, latent_size: int = 8):
     """A random PixArtAlphaPipeline: 2-block DiT with learned sigma, tiny T5 encoder."""
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel  # noqa: PLC0415 -- slow import
+    from transformers import T5Config, T5EncoderModel  # noqa: PLC0415 -- transformers: seconds to import
 
     torch.manual_seed(seed)
     tokenizer = tiny_t5_tokenizer()

@@ -16,6 +16,8 @@ import random
 import tarfile
 from typing import IO, Iterable, Iterator
 
+from wadi_core.storage import filesystem
+
 __all__ = ["JourneyDBStats", "iter_annotation_lines", "iter_journeydb_captions", "extract_caption",
            "dedupe_sort_shuffle", "JOURNEYDB_SEED"]
 
@@ -40,8 +42,6 @@ class JourneyDBStats:
 
 
 def _open_uri(uri: str) -> IO[bytes]:
-    from wadi_core.storage import filesystem
-
     fs, path = filesystem(uri)
     return fs.open(path, "rb")
 

@@ -14,10 +14,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
 from wadi_core import storage
+from wadi_core.domain.attributes import caption, eval_prompts, sample_attributes
 from wadi_core.prompts.coco import write_coco_captions
-from wadi_core.prompts.journeydb import (JOURNEYDB_SEED, JourneyDBStats, dedupe_sort_shuffle,
-                                         iter_journeydb_captions)
+from wadi_core.prompts.journeydb import JOURNEYDB_SEED, JourneyDBStats, dedupe_sort_shuffle, iter_journeydb_captions
 from wadi_core.prompts.shards import write_prompt_shards
 
 __all__ = ["journeydb_to_shards", "domain_to_shards", "EmbeddedLake", "ensure_embedded_lake", "LAKE_VERSION"]
@@ -25,7 +27,7 @@ __all__ = ["journeydb_to_shards", "domain_to_shards", "EmbeddedLake", "ensure_em
 LAKE_VERSION = "v1"
 
 
-ShardWriterFn = Callable[..., dict[str, Any]]  # write_prompt_shards' signature (pipelines.wds_shards has one too)
+ShardWriterFn = Callable[..., dict[str, Any]]  # write_prompt_shards' signature (pipelines.data.wds_shards has one too)
 
 
 def journeydb_to_shards(annotation_uris: Iterable[str], out_uri: str, shard_size: int = 10_000,
@@ -43,9 +45,6 @@ def journeydb_to_shards(annotation_uris: Iterable[str], out_uri: str, shard_size
 
 
 def _domain_samples(n: int, seed: int, split: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    import numpy as np
-
-    from wadi_core.domain.attributes import caption, sample_attributes
 
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -79,8 +78,6 @@ def ensure_embedded_lake(root: str | os.PathLike | None = None, num_train: int =
     combinations; eval prompts: seed 1, the same combinations (new images); held-out prompts:
     seed 2, the 12 combinations never used for training.
     """
-    from wadi_core.domain.attributes import eval_prompts
-
     tag = f"{LAKE_VERSION}-{num_train}-{num_eval}-{num_heldout}-{shard_size}"
     root = Path(root) if root is not None else storage.default_cache_dir() / "embedded_lake" / tag
     lake = EmbeddedLake(root, root / "train", root / "eval_captions.json", root / "heldout_captions.json")

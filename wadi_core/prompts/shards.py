@@ -12,6 +12,8 @@ import json
 import tarfile
 from typing import Any, Iterable, Iterator
 
+from tqdm.auto import tqdm
+
 from wadi_core import storage
 
 __all__ = ["write_prompt_shards", "read_prompt_shards", "read_manifest", "check_sample_key", "shard_manifest", "MANIFEST"]
@@ -50,8 +52,6 @@ def write_prompt_shards(
 
     Returns the manifest (also written to ``out_uri/manifest.json``).
     """
-    from tqdm.auto import tqdm
-
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     shards: list[str] = []

@@ -8,6 +8,7 @@ from typing import Iterator, Literal
 import torch
 from torch import Tensor, nn
 
+from wadi_core.adapters import adapter_modules, adapter_parameters, apply_adapter, set_adapter
 from wadi_core.models.teacher import Cond, Teacher
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.losses import at_least_fp32, cfg_combine, x0_from_eps
@@ -44,8 +45,6 @@ class WaDiDistiller:
     """
 
     def __init__(self, teacher: Teacher, cfg: VSDConfig) -> None:
-        from wadi_core.adapters import apply_adapter, set_adapter
-
         self.teacher = teacher.freeze()
         self.cfg = cfg
         schedule_a = float(teacher.alphas_cumprod[cfg.student_timestep])
@@ -79,21 +78,15 @@ class WaDiDistiller:
 
     def parameters(self, role: Literal["student", "fake"]) -> list[nn.Parameter]:
         """Trainable parameters of one role's adapter."""
-        from wadi_core.adapters import adapter_parameters
-
         return list(adapter_parameters(self.denoiser, role))
 
     def modules(self, role: Literal["student", "fake"]) -> nn.Module:
         """The role's adapter modules (what a DeepSpeed engine wraps; the base stays outside)."""
-        from wadi_core.adapters import adapter_modules
-
         return adapter_modules(self.denoiser, role)
 
     @contextlib.contextmanager
     def role(self, role: Role) -> Iterator[None]:
         """Make ``role`` the active adapter (None for the teacher) and restore the previous one."""
-        from wadi_core.adapters import set_adapter
-
         previous, wanted = self._active, _ADAPTER_OF_ROLE[role]
         set_adapter(self.denoiser, wanted)
         self._active = wanted

@@ -16,7 +16,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit")
 def _bitsandbytes():
     """bitsandbytes, or an error that says how to get it (it is an optional dependency)."""
     try:
-        import bitsandbytes
+        import bitsandbytes  # noqa: PLC0415 -- an optional dependency (extra adam8bit)
     except ImportError as e:
         raise ImportError("vsd.optimizer=adamw_8bit needs bitsandbytes, which is not installed: "
                           "pip install 'wadi[adam8bit]' (or pip install 'bitsandbytes>=0.48'), "

@@ -2,7 +2,7 @@
 was trained for) and, for the single-process trainer, its tensors (adapters, optimizers, RNG).
 
 One type for both trainers. ``wadi_core.local_train`` keeps everything in it; a Ray Train worker
-(``pipelines.checkpoint``) keeps only the scalars here, because DeepSpeed's engines write the
+(``pipelines.train.checkpoint``) keeps only the scalars here, because DeepSpeed's engines write the
 sharded tensors. Kept apart from the exported model: ``<dir>/train_state.json`` (structure and
 scalars) and ``<dir>/train_state.safetensors`` (every tensor, when there are any). No pickle.
 """
@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from wadi_core.adapters import adapter_state_dict, load_adapter_state_dict
 
 __all__ = ["TrainState", "capture_train_state", "restore_train_state", "IncompatibleCheckpoint", "model_fingerprint",
            "check_fingerprint", "distiller_fingerprint"]
@@ -170,8 +172,6 @@ def check_fingerprint(saved: Mapping[str, str], current: Mapping[str, str], wher
 def capture_train_state(distiller: Any, updaters: Mapping[str, Any], generator: torch.Generator,
                         step: int, data_position: int, meta: dict[str, Any] | None = None) -> TrainState:
     """Snapshot adapters ("student", "fake"), updater state_dicts and all RNGs."""
-    from wadi_core.adapters import adapter_state_dict
-
     rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
                            "python": random.getstate()}
     if torch.cuda.is_available():
@@ -188,8 +188,6 @@ def restore_train_state(state: TrainState, distiller: Any, updaters: Mapping[str
                         generator: torch.Generator) -> None:
     """Inverse of :func:`capture_train_state` (adapters, optimizers, RNGs); refuses a state written
     for another teacher or other adapters (:class:`IncompatibleCheckpoint`) before touching anything."""
-    from wadi_core.adapters import load_adapter_state_dict
-
     check_fingerprint(state.fingerprint, distiller_fingerprint(distiller), f"at step {state.step}")
 
     for name, sd in state.adapters.items():

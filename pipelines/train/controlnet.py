@@ -2,7 +2,7 @@
 
 The same step as the single-process loop (``wadi_core.downstream.controlnet.controlnet_step``:
 the frozen teacher, the Min-SNR epsilon loss and the one-step x0 term) runs in every worker on
-its share of the lake (``pipelines.control_lake``), with the ControlNet wrapped for data
+its share of the lake (``pipelines.data.control_lake``), with the ControlNet wrapped for data
 parallelism by ``ray.train.torch.prepare_model`` (DDP: gloo on CPU, NCCL on GPU). A ControlNet
 is ~360 M parameters at SD 1.5 scale, so plain DDP fits every worker; ZeRO would only shard an
 optimizer state of a few GB.
@@ -27,8 +27,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from pipelines.control_lake import CONTROL_BAD_REASONS
+from wadi_core import storage
+from wadi_core.downstream.controlnet import (ControlNetConfig, build_controlnet, control_tensor, controlnet_step,
+                                             drop_captions, load_controlnet)
+from wadi_core.downstream.training import encode_renders, snr_weight
+from wadi_core.models import load_teacher
+from wadi_core.models.teacher import Cond
+from wadi_core.redact import redact
+
+from pipelines.data.control_lake import CONTROL_BAD_REASONS, control_dataset, decode_rows
+from pipelines.runtime.cluster import init_ray, local_cpus
+from pipelines.runtime.cluster import ray_address as resolve_ray_address
+from pipelines.runtime.collectives import all_ranks_true, any_rank_true, sum_over_ranks
+from pipelines.runtime.preflight import check_worker_cpus
+from pipelines.tracking.client import start_run
+from pipelines.train.checkpoint import run_storage
 
 __all__ = ["RayControlNetSpec", "run_controlnet_training", "controlnet_train_loop", "save_optimizer",
            "load_optimizer"]
@@ -42,7 +59,7 @@ CONTROLNET_DIR = "controlnet"
 class RayControlNetSpec:
     """Where and how wide the Ray Train run is (the training itself: ``ControlNetConfig``)."""
 
-    lake: str                        # image lake (pipelines.control_lake layout), local or s3://
+    lake: str                        # image lake (pipelines.data.control_lake layout), local or s3://
     teacher: str = "embedded"
     workers: int = 2
     cpus_per_worker: float = 0.5     # leave at least one CPU to Ray Data (checked)
@@ -57,8 +74,6 @@ class RayControlNetSpec:
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     """AdamW's state as safetensors (tensors per parameter index) + its scalars in the metadata."""
-    from safetensors.torch import save_file
-
     sd = optimizer.state_dict()
     tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()
                if isinstance(v, torch.Tensor)}
@@ -69,8 +84,6 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    from safetensors import safe_open
-
     state: dict[int, dict[str, Any]] = {}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -92,8 +105,7 @@ def _save_checkpoint(directory: Path, controlnet: Any, optimizer: torch.optim.Op
 
 def _resume(controlnet: Any, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, int]]:
     """Step and bad-row counts of Ray Train's latest checkpoint, weights and optimizer loaded; (0, {})."""
-    import ray.train
-    from safetensors.torch import load_file
+    import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -115,19 +127,9 @@ def _resume(controlnet: Any, optimizer: torch.optim.Optimizer) -> tuple[int, dic
 
 def controlnet_train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: ``config`` holds ``train`` (ControlNetConfig fields), ``spec`` and MLflow ids."""
-    import ray.train
-    import ray.train.torch
-    from tqdm.auto import tqdm
+    import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
+    import ray.train.torch  # noqa: PLC0415 -- Ray only on the cluster path
 
-    from wadi_core.downstream.controlnet import (ControlNetConfig, build_controlnet, control_tensor, controlnet_step,
-                                                 drop_captions)
-    from wadi_core.downstream.training import encode_renders, snr_weight
-    from wadi_core.models import load_teacher
-    from wadi_core.models.teacher import Cond
-
-    from pipelines.collectives import all_ranks_true, any_rank_true
-    from pipelines.control_lake import decode_rows
-    from pipelines.tracking import start_run
 
     cfg = ControlNetConfig(**{**config["train"], "embedding_channels": tuple(config["train"]["embedding_channels"])})
     spec = RayControlNetSpec(**config["spec"])
@@ -199,9 +201,7 @@ def _report(base: Any, optimizer: torch.optim.Optimizer, step: int, metrics: dic
             final: bool = False, train_seconds: float = 0.0) -> None:
     """Every rank reports (Ray Train's rule); rank 0 attaches the checkpoint, with bad-row counts
     summed over ranks (a collective) and added to those of earlier attempts."""
-    import ray.train
-
-    from pipelines.collectives import sum_over_ranks
+    import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
     total = dict(zip(CONTROL_BAD_REASONS, sum_over_ranks([bad[r] for r in CONTROL_BAD_REASONS], device)))
     total = {k: v + int(bad_before.get(k, 0)) for k, v in total.items()}
@@ -224,20 +224,11 @@ def run_controlnet_training(cfg: Any, spec: RayControlNetSpec, ray_address: str 
     """Train ``cfg`` (``ControlNetConfig``) on ``spec.workers`` Ray Train workers; returns the trained
     ControlNet (loaded from the final checkpoint) and the final metrics (step, bad-row counts,
     train_seconds). Joins Ray at ``ray_address`` / ``RAY_ADDRESS``, else starts a local one."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
+    from ray.train import (CheckpointConfig, FailureConfig, RunConfig,  # noqa: PLC0415 -- cluster path only
+                           ScalingConfig)
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415 -- Ray only on the cluster path
 
-    from wadi_core.downstream.controlnet import load_controlnet
-
-    import ray
-
-    from pipelines.cluster import init_ray, local_cpus
-    from pipelines.cluster import ray_address as resolve_ray_address
-    from pipelines.preflight import check_worker_cpus
-    from pipelines.control_lake import control_dataset
-    from pipelines.run import _storage
-
-    from wadi_core import storage
 
     def absolute(path: str) -> str:  # Ray's storage and its workers need no working directory
         return path if storage.is_remote(path) or path == "embedded" else str(Path(path).expanduser().resolve())
@@ -249,7 +240,7 @@ def run_controlnet_training(cfg: Any, spec: RayControlNetSpec, ray_address: str 
     check_worker_cpus(spec.workers, spec.cpus_per_worker, ray.cluster_resources().get("CPU", 0.0),
                       strict=not joined_remote, keys=("workers", "cpus_per_worker"))
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
-    storage_path, storage_fs = _storage(spec.storage_path)
+    storage_path, storage_fs = run_storage(spec.storage_path)
     trainer = TorchTrainer(
         controlnet_train_loop,
         train_loop_config={"train": dataclasses.asdict(cfg), "spec": dataclasses.asdict(spec),
@@ -263,8 +254,6 @@ def run_controlnet_training(cfg: Any, spec: RayControlNetSpec, ray_address: str 
     )
     result = trainer.fit()
     if result.error is not None:
-        from pipelines.tracking import redact
-
         raise RuntimeError(redact(f"ControlNet run {spec.run_name} failed: {result.error}"))
     if result.checkpoint is None:
         raise RuntimeError(f"ControlNet run {spec.run_name} ended without a checkpoint")

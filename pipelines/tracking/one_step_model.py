@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mlflow.models
 import mlflow.pyfunc
+import numpy as np
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -21,8 +22,8 @@ class OneStepPipelineModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: ``predict(["a prompt", ...])`` -> uint8 images (N, H, W, 3), one step each."""
 
     def load_context(self, context):  # noqa: ANN001 - MLflow inspects these signatures
-        import torch
-        from diffusers import DiffusionPipeline
+        import torch  # noqa: PLC0415 -- torch only here; the module imports without it
+        from diffusers import DiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
         config = dict(context.model_config or {})
         device = str(config.get("device", "auto"))
@@ -39,8 +40,7 @@ class OneStepPipelineModel(mlflow.pyfunc.PythonModel):
         self.pipe.set_progress_bar_config(disable=True)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - untyped: MLflow reads type hints
-        import numpy as np
-        import torch
+        import torch  # noqa: PLC0415 -- torch only here; the module imports without it
 
         if hasattr(model_input, "iloc"):  # a DataFrame: the "prompt" column (the signature's input)
             column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]

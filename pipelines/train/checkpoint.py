@@ -32,9 +32,13 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from wadi_core import storage
 from wadi_core.storage import retry_io  # per file, on top of the AWS SDK's own retries
-from wadi_core.vsd.state import IncompatibleCheckpoint, TrainState, model_fingerprint
+from wadi_core.vsd.state import IncompatibleCheckpoint, TrainState
 from wadi_core.vsd.state import check_fingerprint as _check_fingerprint
+from wadi_core.vsd.state import model_fingerprint
+
+from pipelines.data.prompts import pyarrow_filesystem
 
 __all__ = ["TrainState", "read_train_state", "STATE_FILES", "model_fingerprint", "check_fingerprint",
            "IncompatibleCheckpoint", "save_training_state", "load_training_state", "TAG", "mark_complete",
@@ -78,7 +82,7 @@ def read_train_state(directory: str | os.PathLike) -> TrainState:
         return TrainState.from_json((src / _STATE).read_text())
     if (src / _LEGACY_PROGRESS).exists():
         return _legacy_progress((src / _LEGACY_PROGRESS).read_text())
-    raise FileNotFoundError(f"{src} has no {_STATE}: not a checkpoint written by pipelines.checkpoint")
+    raise FileNotFoundError(f"{src} has no {_STATE}: not a checkpoint written by pipelines.train.checkpoint")
 
 
 class CheckpointRejected(RuntimeError):
@@ -122,7 +126,7 @@ def _unsafe_refusal(path: str | os.PathLike, what: str) -> UnsafeCheckpoint:
     return UnsafeCheckpoint(
         f"refused to load {path}: {what}. Nothing in it was executed. A checkpoint this pipeline "
         "wrote holds only tensors, plain data and the DeepSpeed types in "
-        "pipelines.checkpoint.DEEPSPEED_SAFE_GLOBALS, so the file was replaced or written by another "
+        "pipelines.train.checkpoint.DEEPSPEED_SAFE_GLOBALS, so the file was replaced or written by another "
         "program (or another DeepSpeed version): delete this checkpoint directory, or resume from a "
         "checkpoint you trust.")
 
@@ -345,9 +349,7 @@ def upload_checkpoint(local_dir: str | os.PathLike, storage_uri: str, run_name: 
     worker, so it keeps the S3 retry strategy (pyarrow drops it when pickled). Raises if a file
     cannot be uploaded: then no rank reaches :func:`mark_complete` and the checkpoint never
     becomes COMPLETE."""
-    import ray.train
-
-    from pipelines.data import pyarrow_filesystem
+    import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
     fs, root = pyarrow_filesystem(storage_uri)
     local = fs.type_name == "local"
@@ -371,8 +373,6 @@ def mark_complete(storage_uri: str, run_name: str, dir_name: str,
                   manifest: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Rank 0, after every rank's upload (barrier): write the ``COMPLETE`` marker in storage,
     holding the manifest (:func:`file_manifest` of every rank, merged) the files are checked against."""
-    from pipelines.data import pyarrow_filesystem
-
     fs, root = pyarrow_filesystem(storage_uri)
     body = {"format": _MANIFEST_FORMAT, "algorithm": "sha256",
             "files": None if manifest is None else {k: dict(v) for k, v in manifest.items()}}
@@ -398,10 +398,8 @@ def latest_complete_checkpoint(storage_uri: str, run_name: str) -> Any | None:
 
 def complete_checkpoints(storage_uri: str, run_name: str) -> list[Any]:
     """Every ``checkpoint_*`` of the run in storage with a ``COMPLETE`` marker, newest first."""
-    import pyarrow.fs as pafs
-    import ray.train
-
-    from pipelines.data import pyarrow_filesystem
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
+    import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
     fs, root = pyarrow_filesystem(storage_uri)
     try:
@@ -417,9 +415,7 @@ def complete_checkpoints(storage_uri: str, run_name: str) -> list[Any]:
 def prune_untracked_checkpoints(storage_uri: str, run_name: str, tracked: list[str]) -> list[str]:
     """Driver, after the fit: delete ``checkpoint_*`` dirs Ray's manager does not track and that are
     older than its newest one (reported just before a worker died, they escape ``num_to_keep``)."""
-    import pyarrow.fs as pafs
-
-    from pipelines.data import pyarrow_filesystem
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
 
     fs, root = pyarrow_filesystem(storage_uri)
     keep = {p.rstrip("/").rsplit("/", 1)[-1] for p in tracked}
@@ -447,9 +443,7 @@ def repair_ray_snapshot(storage_uri: str, run_name: str) -> str | None:
     source of truth for resume (:func:`complete_checkpoints`), so without the index Ray starts a
     fresh index and the loop still resumes from the newest complete checkpoint. Returns why it was
     moved (also warned), or None when it is fine or absent."""
-    import pyarrow.fs as pafs
-
-    from pipelines.data import pyarrow_filesystem
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
 
     fs, root = pyarrow_filesystem(storage_uri)
     path = f"{root}/{run_name}/{RAY_SNAPSHOT}"
@@ -471,3 +465,12 @@ def repair_ray_snapshot(storage_uri: str, run_name: str) -> str | None:
     warnings.warn(f"Ray's checkpoint index {path}: {why}. Moved it to {aside}; the run resumes from its newest "
                   "COMPLETE checkpoint.")
     return why
+
+
+def run_storage(uri: str) -> tuple[str, Any]:
+    """Ray Train's RunConfig (storage_path, storage_filesystem) for ``uri``: a local path as it is, or
+    pyarrow S3 with the endpoint from the env; where Ray keeps a run's checkpoints."""
+    if storage.is_remote(uri):
+        fs, path = pyarrow_filesystem(uri)
+        return path, fs
+    return uri, None

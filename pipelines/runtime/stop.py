@@ -37,7 +37,7 @@ def exit_code(signum: int) -> int:
 class RunInterrupted(Exception):
     """The job was stopped by a signal; ``checkpoint`` holds the newest checkpoint, if any."""
 
-    mlflow_status = "KILLED"  # pipelines.tracking.start_run ends the run with this status
+    mlflow_status = "KILLED"  # pipelines.tracking.client.start_run ends the run with this status
 
     def __init__(self, signum: int, step: int | None, checkpoint: str | None, forced: bool = False):
         self.signum, self.step, self.checkpoint, self.forced = signum, step, checkpoint, forced
@@ -76,7 +76,7 @@ class StopWatch:
         now = time.monotonic()
         if now - self._last >= self.poll_s:
             self._last = now
-            import ray
+            import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
             with contextlib.suppress(Exception):  # the driver is gone: Ray ends this worker anyway
                 self._signum = ray.get(self.flag.requested.remote(), timeout=10)

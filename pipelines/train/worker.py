@@ -17,22 +17,33 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from wadi_core import storage
+from wadi_core.adapters import adapter_state_dict, save_adapter_file
 from wadi_core.config import from_dict
+from wadi_core.export import export_one_step_pipeline
+from wadi_core.images import save_image_grid
+from wadi_core.models import load_teacher
+from wadi_core.vsd import NonFiniteGuard, WaDiDistiller, vsd_step
 from wadi_core.vsd.ema import AdapterEMA
 
-from pipelines.checkpoint import (TamperedCheckpoint, TrainState, file_manifest, load_first_good_checkpoint,
-                                  load_training_state, mark_complete, merge_manifests, model_fingerprint,
-                                  save_training_state, upload_checkpoint)
+from pipelines.config.job import DistillConfig
+from pipelines.data.prompts import PromptStream
+from pipelines.data.tarshards import BAD_REASONS
+from pipelines.data.text_encoding import batch_cond, remember_conds
 # Flag / counter all-reduces on the training device (NCCL takes CUDA tensors only).
-from pipelines.collectives import all_ranks_true as _all_ranks_true
-from pipelines.collectives import any_rank_true as _any_rank_true
-from pipelines.collectives import sum_over_ranks as _sum_over_ranks
-from pipelines.config import DistillConfig
-from pipelines.data import PromptStream
-from pipelines.stop import StopWatch
-from pipelines.tarshards import BAD_REASONS
-from pipelines.text_encoding import batch_cond, remember_conds
+from pipelines.runtime.collectives import all_ranks_true as _all_ranks_true
+from pipelines.runtime.collectives import any_rank_true as _any_rank_true
+from pipelines.runtime.collectives import sum_over_ranks as _sum_over_ranks
+from pipelines.runtime.stop import StopWatch
+from pipelines.tracking.client import start_run
+from pipelines.train.checkpoint import (TamperedCheckpoint, TrainState, checkpoint_step, complete_checkpoints,
+                                        file_manifest, load_first_good_checkpoint, load_training_state, mark_complete,
+                                        merge_manifests, model_fingerprint, save_training_state, upload_checkpoint)
+from pipelines.train.engines import DeepSpeedUpdater, build_engine, init_distributed
 
 __all__ = ["train_loop", "dataset_name", "every"]
 
@@ -62,7 +73,7 @@ def _full_params(engines: dict[str, Any], zero_stage: int) -> Iterator[None]:
     if zero_stage != 3:
         yield
         return
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 -- DeepSpeed only in the Ray train worker
 
     params = [p for e in engines.values() for p in e.module.parameters()]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -124,19 +135,15 @@ class _Run:
         self._sample_inputs()
 
     def _setup(self) -> None:
-        import ray.train
+        import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
-        from wadi_core.models import load_teacher
-        from wadi_core.vsd import WaDiDistiller
-
-        from pipelines.engines import init_distributed
 
         cfg = self.cfg
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         init_distributed()
         if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available():
-            import ray.train.torch
+            import ray.train.torch  # noqa: PLC0415 -- Ray only on the cluster path
 
             self.device = ray.train.torch.get_device()  # respects Ray's CUDA_VISIBLE_DEVICES
             torch.cuda.set_device(self.device)
@@ -156,8 +163,6 @@ class _Run:
                                              {r: self.distiller.modules(r) for r in ROLES})
 
     def _build_engines(self) -> None:
-        from pipelines.engines import DeepSpeedUpdater, build_engine
-
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed + 7919 * self.rank)
         lrs = {"student": cfg.vsd.gen_lr, "fake": cfg.vsd.fake_lr}
@@ -198,14 +203,12 @@ class _Run:
                                     generator=torch.Generator().manual_seed(self.cfg.train.seed + 1))
 
     def _load_state(self, directory: str) -> TrainState:
-        """DeepSpeed engines, RNG and TrainState (pipelines.checkpoint), then the student EMA."""
+        """DeepSpeed engines, RNG and TrainState (pipelines.train.checkpoint), then the student EMA."""
         state = load_training_state(directory, self.engines, self.generator, self.rank, self.fingerprint,
                                     verify=False)
         if self.ema is not None:
             ema_file = Path(directory) / EMA_FILE
             if ema_file.exists():
-                from safetensors.torch import load_file
-
                 self.ema.load_state_dict(load_file(str(ema_file)))
             else:
                 warnings.warn(f"{directory} has no {EMA_FILE}: the student EMA restarts from the current weights")
@@ -217,9 +220,7 @@ class _Run:
 
     def _resume_candidates(self) -> list[Any]:
         """Ray's checkpoint for this attempt and every complete one in storage, newest first."""
-        import ray.train
-
-        from pipelines.checkpoint import checkpoint_step, complete_checkpoints
+        import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
         found = complete_checkpoints(self.cfg.train.storage_path, self.cfg.train.run_name)
         ray_checkpoint = ray.train.get_checkpoint()
@@ -251,12 +252,10 @@ class _Run:
 
     def step(self, batch: Any, guard: Any) -> dict[str, float]:
         """One VSD step on ``batch``; advances the TrainState and the student EMA."""
-        from wadi_core.vsd import vsd_step
-
         s, cfg = self.state, self.cfg
         _maybe_fail(cfg, self.rank, s.step + 1)
         _maybe_pause(cfg, s.step + 1, self.stop_watch)
-        cond = batch_cond(self.teacher, batch)  # here or streamed: pipelines/text_encoding.py
+        cond = batch_cond(self.teacher, batch)  # here or streamed: pipelines/data/text_encoding.py
         cond = _maybe_nan(cfg, self.rank, s.step + 1, cond)
         metrics = vsd_step(self.distiller, cond, self.updaters["student"], self.updaters["fake"], self.generator)
         s.step += 1
@@ -288,14 +287,12 @@ class _Run:
             return
         if self.rank != 0 and self.cfg.train.zero_stage != 3:
             return
-        from wadi_core.images import save_image_grid
 
         with _full_params(self.engines, self.cfg.train.zero_stage), self.averaged():
             images = self.distiller.sample(self.sample_prompts, z=self.sample_z)
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_image_grid([images], Path(tmp) / f"step_{step:06d}.png", scale=None)
-                from PIL import Image
 
                 with Image.open(path) as grid:  # MLflow 3's step-aware images: one slider per key
                     tracker.log_image(grid.copy(), key="samples", step=step)
@@ -328,7 +325,7 @@ class _Run:
         drain-node --reason DRAIN_NODE_REASON_PREEMPTION``): once at the notice, and once more just
         before the reclaim deadline, so a reclaim loses only the steps after that. Training goes on
         in between; at the deadline Ray Train restarts the group, which resumes from the newest."""
-        import ray.train
+        import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
         info = ray.train.get_preemption_info()  # a collective: the same answer on every rank
         if info is None:
@@ -352,7 +349,7 @@ class _Run:
     def checkpoint(self, metrics: dict[str, float], stream: PromptStream) -> None:
         """Save and report a checkpoint (all ranks). A step already saved is reported without
         one: re-reporting the same directory name would let num_to_keep delete it."""
-        import ray.train
+        import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
         started = time.perf_counter()
         step = self.state.step
@@ -377,13 +374,11 @@ class _Run:
             save_training_state(tmp, self.engines, self.generator, self.state, self.rank)
             self.save_student_adapter(Path(tmp) / "adapters" / "student.safetensors")
             if self.ema is not None and self.rank == 0:  # the average's own state, for resume
-                from safetensors.torch import save_file
-
                 save_file(self.ema.state_dict(), str(Path(tmp) / EMA_FILE))
             # What every rank wrote, hashed before upload: COMPLETE holds it, resume checks it.
             manifests: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(manifests, file_manifest(tmp))
-            # Our upload: every file retried on transient storage faults (pipelines.checkpoint).
+            # Our upload: every file retried on transient storage faults (pipelines.train.checkpoint).
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
                              checkpoint_upload_fn=lambda c, n: upload_checkpoint(
                                  c.path, self.cfg.train.storage_path, self.cfg.train.run_name, n))
@@ -396,9 +391,6 @@ class _Run:
     def save_student_adapter(self, path: Path) -> None:
         """Rank 0 adds the student adapter as a plain safetensors file, so a checkpoint can be
         evaluated (``jobs/evaluate.py schedule``) without DeepSpeed. Collective under ZeRO-3."""
-        from wadi_core.adapters import adapter_state_dict
-        from wadi_core.adapters import save_adapter_file
-
         with _full_params(self.engines, self.cfg.train.zero_stage):
             if self.rank == 0:
                 with self.averaged():  # what an evaluation of this checkpoint should see
@@ -408,9 +400,6 @@ class _Run:
 
     def export(self) -> str | None:
         """Rank 0 writes the merged one-step pipeline (+ adapters) and uploads it to export_uri."""
-        from wadi_core import storage
-        from wadi_core.export import export_one_step_pipeline
-
         uri = self.loop_config["export_uri"]
         with _full_params(self.engines, self.cfg.train.zero_stage):
             if self.rank != 0:
@@ -423,7 +412,7 @@ class _Run:
 
 def _epochs(run: _Run) -> Iterator[tuple[int, Any, int]]:
     """(epoch, dataset shard, batches to skip) from the resumed position on."""
-    import ray.train
+    import ray.train  # noqa: PLC0415 -- Ray only on the cluster path
 
     s = run.state
     for epoch in range(s.epoch, run.loop_config["num_epochs"]):
@@ -451,7 +440,7 @@ def _after_step(run: _Run, tracker: Any, metrics: dict[str, float], stream: Prom
 
 class _Progress:
     """Rank 0's progress for a person: one ``[wadi]`` line every tenth of the steps (the console
-    shows those; the tqdm bar goes to the job's log, pipelines/console.py)."""
+    shows those; the tqdm bar goes to the job's log, pipelines/runtime/console.py)."""
 
     def __init__(self, total: int | None, start: int, active: bool):
         self.total, self.start, self.active = total, start, active
@@ -480,10 +469,6 @@ class _Progress:
 
 def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
     """The epochs from the resumed position to ``data.max_steps`` (or the last epoch)."""
-    from tqdm.auto import tqdm
-
-    from wadi_core.vsd import NonFiniteGuard
-
     s, cfg = run.state, run.cfg
     max_steps = cfg.data.max_steps
     guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row, total=s.nonfinite_steps)
@@ -526,8 +511,6 @@ def _train(run: _Run, tracker: Any) -> tuple[dict[str, float], PromptStream]:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (``train_loop_config``: flat config, MLflow ids, export uri, prompts)."""
-    from pipelines.tracking import start_run
-
     cfg = from_dict(DistillConfig, loop_config["config"])
     run = _Run(cfg, loop_config)
     tracking = contextlib.nullcontext(None)

@@ -14,6 +14,7 @@ import json
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +22,13 @@ from typing import Any, Literal
 from wadi_core import storage
 from wadi_core.config import to_flat_dict
 
-from pipelines import tracking
-from pipelines.evaluation import (MetricsSpec, Reference, build_reference, compute_metrics, env_for_workers,
-                                  extractor_weights_sha256, features_and_stats, sample_grid)
-from pipelines.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
+from pipelines.evaluate.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
+from pipelines.evaluate.metrics import (MetricsSpec, Reference, build_reference, compute_metrics, env_for_workers,
+                                        extractor_weights_sha256, features_and_stats, sample_grid)
+from pipelines.runtime.cluster import check_accelerator_available, check_accelerator_type
+from pipelines.runtime.cluster import init_ray as start_or_join
+from pipelines.tracking.client import default_tracking_uri, git_sha, start_run
+from pipelines.train.checkpoint import STATE_FILES
 
 __all__ = ["RayResources", "TrackingSpec", "EvalConfig", "run_evaluation", "ensure_reference", "init_ray",
            "check_actor_accelerator",
@@ -50,8 +54,6 @@ class RayResources:
     accelerator_type: str = ""
 
     def __post_init__(self) -> None:
-        from pipelines.cluster import check_accelerator_type
-
         if self.gen_workers < 1 or self.metric_workers < 1 or self.batch_size < 1:
             raise ValueError("gen_workers, metric_workers and batch_size must be >= 1")
         for name, gpus in (("ray.gpus_per_actor", self.gpus_per_actor),
@@ -105,8 +107,6 @@ class EvalConfig:
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; workers get the S3 / MLflow env."""
-    from pipelines.cluster import init_ray as start_or_join
-
     start_or_join(num_cpus=num_cpus, runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
 
 
@@ -114,9 +114,7 @@ def check_actor_accelerator(r: RayResources) -> None:
     """The actors' accelerator type exists on the joined cluster (a warning: it may autoscale)."""
     if not r.accelerator_type:
         return
-    import ray
-
-    from pipelines.cluster import check_accelerator_available
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     check_accelerator_available(r.accelerator_type, ray.cluster_resources(), "ray.accelerator_type", strict=False)
 
@@ -195,8 +193,8 @@ def _write_outputs(cfg: EvalConfig, rows: list[dict[str, Any]], stats: Any, metr
 def prompt_dataset(records: list[Any], prompt_info: dict[str, Any], seed: int) -> Any:
     """The prompt list as an MLflow dataset: one row per prompt (key, group, prompt, seed), named
     and digested by the list's sha256, so runs on the same prompts share one dataset."""
-    import mlflow.data
-    import pandas as pd
+    import mlflow.data  # noqa: PLC0415 -- MLflow is optional and slow to import
+    import pandas as pd  # noqa: PLC0415 -- pandas only for MLflow's run tables
 
     sha = str(prompt_info["sha256"])
     df = pd.DataFrame({"key": [str(r.key) for r in records], "group": [str(r.group) for r in records],
@@ -212,13 +210,11 @@ def logged_model_id(model_uri: str, tracking_uri: str | None) -> str | None:
     if not model_uri.startswith("models:/"):
         return None
     try:
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
         mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
         return mlflow.models.get_model_info(model_uri).model_id
     except Exception as e:  # tracking never takes the job down
-        import warnings
-
         warnings.warn(f"cannot resolve the logged model of {model_uri} ({type(e).__name__}: {e}); "
                       "its metrics are not linked to it")
         return None
@@ -228,7 +224,7 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
                 reference: Reference | None, records: list[Any] | None = None) -> None:
     t = cfg.tracking
     experiment, tags = t.experiment, {"wadi.kind": "evaluation", "wadi.model_uri": cfg.model.uri,
-                                      "wadi.git_sha": tracking.git_sha()}
+                                      "wadi.git_sha": git_sha()}
     if t.train_run_id:
         tags.update({"wadi.train_run_id": t.train_run_id, "mlflow.parentRunId": t.train_run_id})
         experiment = _experiment_of_run(t.train_run_id, t.tracking_uri) or experiment
@@ -248,7 +244,7 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
     model_id = logged_model_id(cfg.model.uri, t.tracking_uri)
     if model_id:
         tags["wadi.model_id"] = model_id
-    with tracking.start_run(experiment, run_name=name, tracking_uri=resolve_tracking_uri(t.tracking_uri),
+    with start_run(experiment, run_name=name, tracking_uri=resolve_tracking_uri(t.tracking_uri),
                             params=params, tags=tags,
                             started_at=time.time() - float(metrics.get("eval_seconds", 0.0))) as run:
         dataset = None
@@ -256,8 +252,6 @@ def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[st
             try:
                 dataset = prompt_dataset(records, prompt_info, cfg.seed)
             except Exception as e:  # noqa: BLE001 - the metrics matter more than the link
-                import warnings
-
                 warnings.warn(f"prompt dataset not logged ({type(e).__name__}: {e})")
         if dataset is not None:
             run.log_input(dataset, context="evaluation", model_id=model_id,
@@ -284,11 +278,11 @@ def _local_copy(uri: str) -> Path | None:
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
     """The given URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/runs/mlflow.db`` (jobs/distill.py's)."""
-    return tracking_uri or tracking.default_tracking_uri(Path.cwd() / "runs")
+    return tracking_uri or default_tracking_uri(Path.cwd() / "runs")
 
 
 def _client(tracking_uri: str | None) -> Any:
-    import mlflow
+    import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
     return mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
 
@@ -298,8 +292,6 @@ def _experiment_of_run(run_id: str, tracking_uri: str | None) -> str | None:
         client = _client(tracking_uri)
         return client.get_experiment(client.get_run(run_id).info.experiment_id).name
     except Exception as e:  # tracking never takes the job down
-        import warnings
-
         warnings.warn(f"cannot read training run {run_id} ({type(e).__name__}: {e}); logging to the eval experiment")
         return None
 
@@ -313,8 +305,6 @@ def _log_on_train_run(t: TrackingSpec, metrics: dict[str, float]) -> None:
             if "/" not in k and k not in ("num_images", "eval_seconds"):
                 client.log_metric(t.train_run_id, f"eval/{k}", float(v), step=step)
     except Exception as e:
-        import warnings
-
         warnings.warn(f"could not log eval metrics on training run {t.train_run_id}: {type(e).__name__}: {e}")
 
 
@@ -388,7 +378,7 @@ def evaluated_checkpoint_ids(cfg: EvalConfig, source: str) -> set[str]:
     """Checkpoint ids already evaluated (or being evaluated) for ``source``, from MLflow and ``out``."""
     done: set[str] = set()
     try:
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
         client = _client(cfg.tracking.tracking_uri)
         exps = [e.experiment_id for e in client.search_experiments()]
@@ -397,8 +387,6 @@ def evaluated_checkpoint_ids(cfg: EvalConfig, source: str) -> set[str]:
             filter_string=f"tags.`wadi.checkpoint_source` = '{source}' and attributes.status != 'FAILED'")
         done |= {r.data.tags.get("wadi.checkpoint_id") for r in runs}
     except Exception as e:
-        import warnings
-
         warnings.warn(f"MLflow not readable ({type(e).__name__}: {e}); using the outputs folder only")
     fs, path = storage.filesystem(cfg.out)
     if fs.exists(path):
@@ -409,10 +397,8 @@ def evaluated_checkpoint_ids(cfg: EvalConfig, source: str) -> set[str]:
 
 def checkpoint_train_run_id(source: str, checkpoint_id: str) -> str | None:
     """The MLflow run that wrote a checkpoint, from its own record (the ``mlflow_run_id`` of its
-    ``train_state.json``, or ``progress.json`` in older ones: pipelines.checkpoint); None when the
+    ``train_state.json``, or ``progress.json`` in older ones: pipelines.train.checkpoint); None when the
     checkpoint has no such record."""
-    from pipelines.checkpoint import STATE_FILES
-
     if source.startswith(("runs:/", "models:/")):
         return None
     for name in STATE_FILES:

@@ -82,7 +82,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, **kwargs
     submitted with its own runtime env, the fields and variables it sets are left out of
     ``runtime_env`` (``without_job_conflicts``).
     """
-    import ray
+    import ray  # noqa: PLC0415 -- Ray only on the cluster path
 
     if ray.is_initialized():
         return False

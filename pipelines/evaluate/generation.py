@@ -19,8 +19,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from wadi_core import storage
+from wadi_core.adapters import load_adapter, set_adapter
+from wadi_core.domain import eval_prompts
+from wadi_core.export import one_step_scheduler
+from wadi_core.models import Cond, load_teacher, resolve_teacher_dir
 
 __all__ = [
     "ModelSpec",
@@ -69,7 +74,7 @@ def load_prompts(source: str, num: int | None = None, draw_seed: int = 2024) -> 
     JSON arrays), a COCO ``captions_*.json`` (one caption per image, seeded draw), a ``.json``
     array of strings, or a ``.txt`` list (one per line). ``num`` keeps the first N (per group).
     """
-    from wadi_core.metrics import coco
+    from wadi_core.metrics import coco  # noqa: PLC0415 -- loads scipy (slow), only needed here
 
     info: dict[str, Any] = {"source": source}
     if source == "coco30k":
@@ -79,8 +84,6 @@ def load_prompts(source: str, num: int | None = None, draw_seed: int = 2024) -> 
         prompts = coco.read_prompt_list(path, coco.COCO30K_SHA256)
         records = _records(prompts, "coco30k")
     elif source == "domain" or source.startswith("domain:"):
-        from wadi_core.domain import eval_prompts
-
         parts = source.split(":")[1:]
         n = int(parts[0]) if parts and parts[0] else (num or 5000)
         seed = int(parts[1]) if len(parts) > 1 else 1
@@ -160,7 +163,7 @@ def _find_pipeline_dir(root: Path) -> Path:
 def resolve_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Local diffusers directory for a local path, ``s3://``, "embedded" or an MLflow URI."""
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:")):
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
         key = hashlib.sha256(uri.encode()).hexdigest()[:16]
         cache = Path(cache_dir or storage.default_cache_dir()) / "mlflow" / key
@@ -168,7 +171,6 @@ def resolve_model_dir(uri: str, cache_dir: str | os.PathLike | None = None) -> P
             cache.mkdir(parents=True, exist_ok=True)
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(cache))
         return _find_pipeline_dir(cache)
-    from wadi_core.models import resolve_teacher_dir
 
     root = resolve_teacher_dir(uri, cache_dir)
     return root if (root / "model_index.json").exists() else _find_pipeline_dir(root)
@@ -178,10 +180,8 @@ def apply_student_adapter(teacher: Any, uri: str) -> float | None:
     """Load a student adapter file (``wadi_core.adapters`` format; local, s3://, runs:/ or models:/)
     onto the teacher's denoiser and make it active. Returns the ``a`` of the student's one-step
     parametrisation when the file records it (the export's ``adapters/student.safetensors`` does)."""
-    from wadi_core.adapters import load_adapter, set_adapter
-
     if uri.startswith(("runs:/", "models:/")):
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     else:
@@ -196,9 +196,7 @@ class ImageGenerator:
     """Loads a model once and samples uint8 images for (prompt, key) pairs."""
 
     def __init__(self, spec: ModelSpec, seed: int = 0, device: str | None = None):
-        from diffusers import DDIMScheduler
-
-        from wadi_core.models import load_teacher
+        from diffusers import DDIMScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
 
         self.spec, self.seed = spec, seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -208,8 +206,6 @@ class ImageGenerator:
         if spec.adapter:
             student_alphabar = apply_student_adapter(self.teacher, spec.adapter)
             if student_alphabar is not None:  # the student's own x0 = (z - sqrt(1 - a) eps) / sqrt(a)
-                from wadi_core.export import one_step_scheduler
-
                 scheduler = one_step_scheduler(scheduler, student_alphabar)
         final_alpha_one = True if spec.final_x0 else bool(self.teacher.scheduler.config.get("set_alpha_to_one", False))
         # predict_eps returns eps (v-prediction already converted): the sampler must not convert again.
@@ -230,8 +226,6 @@ class ImageGenerator:
         cond = t.encode_prompts(list(prompts))
         cfg = self.spec.guidance != 1.0
         if cfg:
-            from wadi_core.models import Cond
-
             both = Cond.cat([t.null_cond(len(prompts)), cond])
         for step_t in self.scheduler.timesteps:
             if cfg:
@@ -259,8 +253,6 @@ class GeneratorActor:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
@@ -279,7 +271,7 @@ def generation_dataset(records: list[PromptRecord], spec: ModelSpec, seed: int =
                        accelerator_type: str | None = None,
                        num_blocks: int | None = None) -> Any:
     """Lazy Ray dataset of prompts -> generated images (columns idx, key, prompt, group, seed, image)."""
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     rows = [asdict(r) for r in records]
     ds = ray.data.from_items(rows, override_num_blocks=num_blocks or max(1, min(len(rows) // batch_size, 256)))

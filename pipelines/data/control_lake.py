@@ -5,7 +5,7 @@ Layout: a folder (local or ``s3://bucket/prefix``) of tar shards whose samples a
 depth map; grey or RGB) and ``<key>.txt`` (the caption); the usual way to build one for a real
 model is to run a control extractor (Canny, depth, segmentation) over an image-caption lake once.
 
-Reading mirrors the prompt lake (``pipelines.data``): one shard per Ray Data row, read with
+Reading mirrors the prompt lake (``pipelines.data.prompts``): one shard per Ray Data row, read with
 retries, parsed in the same task; images stay PNG-encoded until the train worker decodes them
 (the object store moves compressed bytes). A shard that cannot be read or parsed, and a sample
 missing a part or holding an image PIL cannot decode, become counted rows (``bad`` > 0) that the
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
+from PIL import Image
 
-from pipelines.data import _read_shard as read_shard
-from pipelines.data import cached_filesystem, shard_path_dataset
+from pipelines.data.prompts import cached_filesystem, read_shard, shard_path_dataset
 
 if TYPE_CHECKING:
     import pyarrow
@@ -39,8 +39,6 @@ PARTS = ("png", "control.png", "txt")
 
 
 def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
     return buf.getvalue()
@@ -110,7 +108,7 @@ def parse_control_tar(raw: bytes) -> tuple[list[dict[str, Any]], dict[str, int]]
 
 
 def _table(rows: list[dict[str, Any]], bad: dict[str, int]) -> "pyarrow.Table":
-    import pyarrow as pa
+    import pyarrow as pa  # noqa: PLC0415 -- pyarrow only where storage is read
 
     images = [r["image"] for r in rows]
     controls = [r["control"] for r in rows]
@@ -153,8 +151,6 @@ def decode_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, l
     """A numpy batch of lake rows -> images uint8 (B, H, W, 3), controls float (B, H, W) in [0, 1]
     (a colour control image is averaged to grey), captions, and counts of rows dropped (bad rows,
     PNGs that do not decode or whose size differs from the batch's first image)."""
-    from PIL import Image
-
     bad = {r: 0 for r in CONTROL_BAD_REASONS}
     images, controls, captions = [], [], []
     for img, ctl, cap, code in zip(batch["image"], batch["control"], batch["caption"], batch["bad"]):

@@ -1,6 +1,6 @@
 """The end of a distillation job: its exported one-step student measured against the teacher.
 
-Both go through the evaluation job's own protocol (``pipelines.eval_runs.run_evaluation``: the same
+Both go through the evaluation job's own protocol (``pipelines.evaluate.runs.run_evaluation``: the same
 prompts, per-prompt noise, extractor and reference). The teacher's numbers depend only on the
 teacher, the prompts and the sampler, so they are computed once and cached under
 ``<results>/runs/eval_cache/``; the student's are logged as metrics of the training run
@@ -17,9 +17,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from wadi_core import storage
+from PIL import Image
 
-from pipelines.config import DistillConfig, EvaluationConfig
+from wadi_core import storage
+from wadi_core.images import labelled_panels
+from wadi_core.models import EMBEDDED_TEACHER
+
+from pipelines.config.job import DistillConfig, EvaluationConfig
+from pipelines.evaluate.generation import ModelSpec
+from pipelines.tracking.client import start_run
 
 __all__ = ["final_evaluation", "format_table", "METRICS"]
 
@@ -28,9 +34,9 @@ METRICS = ("fid", "precision", "recall", "alignment")
 
 def _eval_config(cfg: DistillConfig, ev: EvaluationConfig, model_uri: str, steps: int, guidance: float,
                  out: str, tracking: Any) -> Any:
-    from pipelines.eval_runs import EvalConfig, RayResources, TrackingSpec
-    from pipelines.evaluation import MetricsSpec
-    from pipelines.generation import ModelSpec
+    from pipelines.evaluate.metrics import MetricsSpec  # noqa: PLC0415 -- loads scipy (slow), only needed here
+    from pipelines.evaluate.runs import (EvalConfig,  # noqa: PLC0415 -- loads scipy (slow), only needed here
+                                         RayResources, TrackingSpec)
 
     return EvalConfig(
         model=ModelSpec(uri=model_uri, steps=steps, guidance=guidance),
@@ -47,8 +53,6 @@ def _eval_config(cfg: DistillConfig, ev: EvaluationConfig, model_uri: str, steps
 
 def _teacher_key(cfg: DistillConfig, ev: EvaluationConfig) -> str:
     """Everything the teacher's numbers depend on (not the student, not the run)."""
-    from wadi_core.models import EMBEDDED_TEACHER
-
     teacher = str(EMBEDDED_TEACHER) if cfg.teacher == "embedded" else cfg.teacher
     if not storage.is_remote(teacher) and Path(teacher).is_dir():
         # A local folder: its denoiser's bytes, not its path (a retrained embedded teacher is a new key).
@@ -73,7 +77,8 @@ def teacher_metrics(cfg: DistillConfig, ev: EvaluationConfig, cache_root: str,
                     tracking_uri: str | None = None) -> tuple[dict[str, float], str]:
     """The teacher's metrics at ``ev.teacher_steps`` / ``ev.teacher_guidance``: cached, else computed
     (and then logged once as an evaluation run of the training experiment)."""
-    from pipelines.eval_runs import TrackingSpec, run_evaluation
+    from pipelines.evaluate.runs import (TrackingSpec,  # noqa: PLC0415 -- loads scipy (slow), only needed here
+                                         run_evaluation)
 
     key = _teacher_key(cfg, ev)
     out = storage.join(cache_root, f"teacher-{key}")
@@ -94,7 +99,7 @@ def teacher_run_name(ev: EvaluationConfig, key: str) -> str:
 def _teacher_run_id(cfg: DistillConfig, ev: EvaluationConfig, tracking_uri: str | None) -> str | None:
     """The MLflow run that holds the cached teacher numbers (logged when they were first computed)."""
     try:
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
 
         client = mlflow.MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -121,10 +126,6 @@ def format_table(teacher: dict[str, float], student: dict[str, float], ev: Evalu
 
 def _side_by_side(left: str, right: str, labels: tuple[str, str]) -> Path | None:
     """teacher grid | student grid as one labelled PNG (same prompts and noise, tile for tile)."""
-    from PIL import Image
-
-    from wadi_core.images import labelled_panels
-
     grids = []
     for out in (left, right):
         try:
@@ -147,7 +148,8 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
     ev = cfg.evaluation
     if not ev.num_prompts:
         return None
-    from pipelines.eval_runs import TrackingSpec, run_evaluation
+    from pipelines.evaluate.runs import (TrackingSpec,  # noqa: PLC0415 -- loads scipy (slow), only needed here
+                                         run_evaluation)
 
     cache_root = str(Path(results_root) / "runs" / "eval_cache")
     teacher, teacher_out = teacher_metrics(cfg, ev, cache_root, tracking_uri)
@@ -165,8 +167,6 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
     if teacher.get("precision") and "precision" in student:
         logged["final/precision_ratio_higher_better"] = float(student["precision"]) / float(teacher["precision"])
     if train_run_id:
-        from pipelines.tracking import start_run
-
         with start_run(cfg.tracking.experiment, tracking_uri=tracking_uri, run_id=train_run_id) as tracker:
             tracker.log_metrics(logged, step=step)
             teacher_run = _teacher_run_id(cfg, ev, tracking_uri)

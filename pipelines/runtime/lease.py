@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from wadi_core.config import ConfigError
-from wadi_core.storage import S3_MAX_ATTEMPTS, is_remote, s3_endpoint
+from wadi_core.storage import S3_MAX_ATTEMPTS, is_remote, join, s3_endpoint
 
 __all__ = ["RunLease", "LeaseHeld", "LEASE_FILE"]
 
@@ -48,8 +48,8 @@ class _Store:
     uri: str
 
     def _s3(self) -> tuple[Any, str, str]:
-        import boto3
-        import botocore.config
+        import boto3  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
+        import botocore.config  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
 
         bucket, _, key = self.uri[len("s3://"):].partition("/")
         retries = {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}  # as every other S3 request here
@@ -59,7 +59,7 @@ class _Store:
     def create(self, data: bytes) -> bool:
         """Write ``data`` only if nothing is there; False if something is."""
         if is_remote(self.uri):
-            import botocore.exceptions
+            import botocore.exceptions  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
 
             client, bucket, key = self._s3()
             try:
@@ -91,7 +91,7 @@ class _Store:
 
     def read(self) -> bytes | None:
         if is_remote(self.uri):
-            import botocore.exceptions
+            import botocore.exceptions  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
 
             client, bucket, key = self._s3()
             try:
@@ -127,8 +127,6 @@ class RunLease:
 
     def __init__(self, storage_uri: str, run_name: str, heartbeat_s: float = HEARTBEAT_S,
                  stale_after_s: float = STALE_AFTER_S):
-        from wadi_core.storage import join
-
         self.uri = join(storage_uri, run_name, LEASE_FILE) if is_remote(storage_uri) else \
             str(Path(storage_uri).expanduser() / run_name / LEASE_FILE)
         self.run_name = run_name

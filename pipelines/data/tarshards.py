@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
+
 __all__ = ["ParsedShard", "BAD_REASONS", "parse_prompt_tar", "write_prompt_shard"]
 
 BLOCK = 512
 #: Reasons a record (or shard) is dropped; these become metric names ``data/bad_<reason>``.
 BAD_REASONS = ("corrupt_shard", "empty_caption", "undecodable", "missing_caption", "too_long",
-               "unreadable_shard")  # the last: storage kept failing on every retry (pipelines.data)
+               "unreadable_shard")  # the last: storage kept failing on every retry (pipelines.data.prompts)
 #: Defaults of the recipe keys ``data.max_caption_bytes`` and ``data.max_shard_bytes``.
 MAX_CAPTION_BYTES = 16 * 1024
 MAX_SHARD_BYTES = 1 << 30
@@ -93,7 +95,6 @@ def _verify_checksums(buf: bytes, offsets: list[int], stored: list[int]) -> int:
     """Index of the first header whose checksum is wrong, or -1 (vectorised: one numpy pass)."""
     if not offsets:
         return -1
-    import numpy as np
 
     arr = np.frombuffer(buf, dtype=np.uint8, count=len(buf) // BLOCK * BLOCK).reshape(-1, BLOCK)
     headers = arr[np.asarray(offsets, dtype=np.int64) // BLOCK]

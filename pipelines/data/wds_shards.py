@@ -2,7 +2,7 @@
 
 Same layout and manifest as ``wadi_core.prompts.write_prompt_shards`` (``<key>.txt`` caption +
 ``<key>.json`` metadata, ``{prefix}-000000.tar`` ..., ``manifest.json``), so every reader of the
-prompt lake reads either: ``pipelines.tarshards`` (the training reader), Ray's
+prompt lake reads either: ``pipelines.data.tarshards`` (the training reader), Ray's
 ``read_webdataset`` and ``webdataset.WebDataset``. Lives in ``pipelines`` because webdataset is a
 pipeline dependency, not a core one. Tars are reproducible (mtime 0).
 """
@@ -13,6 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from tqdm.auto import tqdm
 
 from wadi_core import storage
 from wadi_core.prompts.shards import MANIFEST, check_sample_key, shard_manifest
@@ -32,8 +34,7 @@ def write_prompt_shards_webdataset(
 
     Drop-in for ``wadi_core.prompts.write_prompt_shards`` (same signature and manifest).
     """
-    import webdataset as wds
-    from tqdm.auto import tqdm
+    import webdataset as wds  # noqa: PLC0415 -- webdataset only for WebDataset shards
 
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 
 __all__ = ["MODEL_CODE", "REQUIREMENTS", "model_signature", "pinned_requirements", "log_and_register",
            "attach_quality"]
@@ -23,7 +24,7 @@ __all__ = ["MODEL_CODE", "REQUIREMENTS", "model_signature", "pinned_requirements
 # The pyfunc class lives in its own file, logged as a "model from code": loading the registered
 # model then executes that reviewed source instead of unpickling a Python object.
 MODEL_CODE = Path(__file__).with_name("one_step_model.py")
-CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
 # What loading and running the model needs (mlflow itself is added by MLflow).
 REQUIREMENTS = ("torch", "diffusers", "transformers", "safetensors", "accelerate", "numpy", "pillow")
 
@@ -58,9 +59,9 @@ def model_signature() -> Any:
     """Input: prompt strings (a list, or a one-column DataFrame); output: uint8 images (N, H, W, 3);
     param ``seed``. The input column is unnamed so that a plain list of prompts passes MLflow's
     schema check."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.models import ModelSignature  # noqa: PLC0415 -- MLflow is optional and slow to import
+    from mlflow.types import (ColSpec, ParamSchema, ParamSpec, Schema,  # noqa: PLC0415 -- optional, slow import
+                              TensorSpec)
 
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),

@@ -15,18 +15,31 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io as _io
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.numpy import load, save
 
 from wadi_core import storage
-from wadi_core.metrics import GaussianStats, frechet_distance, precision_recall
+from wadi_core.domain import load_domain_evaluator
+from wadi_core.domain.data import make_render_set
+from wadi_core.domain.evaluator import DEFAULT_EVALUATOR_DIR
+from wadi_core.images import image_grid
+from wadi_core.metrics import (ClipScorer, GaussianStats, HPSv2Scorer, InceptionExtractor, frechet_distance,
+                               precision_recall)
 from wadi_core.metrics.protocol import pils_to_tensor, protocol_resize
+from wadi_core.metrics.simple import MeanIntensityScorer, ThumbnailExtractor
+from wadi_core.metrics.weights import resolve_weights, sha256_file
+
+from pipelines.evaluate.generation import encode_png
 
 __all__ = [
     "MetricsSpec",
@@ -86,11 +99,6 @@ def _from_import(target: str) -> Any:
 
 
 def _domain_evaluator() -> Any:
-    try:
-        from wadi_core.domain import load_domain_evaluator
-    except ImportError as e:
-        raise ImportError("the embedded domain evaluator is not available (wadi_core.domain."
-                          "load_domain_evaluator); pass --extractor inception:URI / --scorers clip:URI") from e
     return load_domain_evaluator()
 
 
@@ -102,12 +110,8 @@ def build_extractor(spec: MetricsSpec) -> Any:
     if kind == "domain":
         return _domain_evaluator()
     if kind == "inception":
-        from wadi_core.metrics import InceptionExtractor
-
         return InceptionExtractor(arg, device=_device(spec))
     if kind == "thumbnail":
-        from wadi_core.metrics.simple import ThumbnailExtractor
-
         return ThumbnailExtractor(int(arg or 4))
     if kind == "import":
         return _from_import(arg)
@@ -119,16 +123,10 @@ def build_scorer(name: str, spec: MetricsSpec) -> Any:
     if kind == "domain":
         return _domain_evaluator()
     if kind == "clip":
-        from wadi_core.metrics import ClipScorer
-
         return ClipScorer(arg, model_name=spec.clip_model, device=_device(spec))
     if kind == "hps":
-        from wadi_core.metrics import HPSv2Scorer
-
         return HPSv2Scorer(arg, model_name=spec.hps_model, device=_device(spec))
     if kind == "mean_intensity":
-        from wadi_core.metrics.simple import MeanIntensityScorer
-
         return MeanIntensityScorer()
     if kind == "import":
         return _from_import(arg)
@@ -147,8 +145,6 @@ def score_name(scorer_spec: str, scorer: Any) -> str:
 def images_for_metrics(images: np.ndarray, protocol_size: int) -> torch.Tensor:
     """uint8 (B,H,W,3) -> float [0,1] (B,3,H,W), through the COCO protocol resize if asked."""
     if protocol_size:
-        from PIL import Image
-
         return pils_to_tensor([protocol_resize(Image.fromarray(np.asarray(im)), protocol_size) for im in images])
     return torch.from_numpy(np.ascontiguousarray(np.stack(list(images)))).permute(0, 3, 1, 2).float() / 255.0
 
@@ -167,8 +163,6 @@ class MetricActor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.generation import encode_png
-
         x = images_for_metrics(batch["image"], self.spec.protocol_size)
         out = {k: v for k, v in batch.items() if k != "image"}
         if self.extractor is not None:
@@ -212,8 +206,6 @@ class Reference:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def save(self, uri: str) -> None:
-        from safetensors.numpy import save
-
         tmp = _tmpdir()
         self.stats.save(tmp / "stats.safetensors")
         storage.write_bytes(storage.join(uri, "stats.safetensors"), (tmp / "stats.safetensors").read_bytes())
@@ -223,8 +215,6 @@ class Reference:
 
     @classmethod
     def load(cls, uri: str) -> "Reference":
-        from safetensors.numpy import load
-
         local = storage.materialize(uri)
         stats = GaussianStats.load(local / "stats.safetensors")
         features = load((local / "features.safetensors").read_bytes())["features"]
@@ -238,8 +228,6 @@ class Reference:
 
 
 def _tmpdir() -> Path:
-    import tempfile
-
     return Path(tempfile.mkdtemp(prefix="wadi-eval-"))
 
 
@@ -248,7 +236,7 @@ def features_and_stats(ds: Any, spec: MetricsSpec, *, concurrency: int = 1, batc
                        grid_keys: tuple[str, ...] = (),
                        stats_rows: int = 4096) -> tuple[list[dict[str, Any]], GaussianStats | None]:
     """Run :class:`MetricActor` over an image dataset; return per-row results and merged stats."""
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     feats = ds.map_batches(
         MetricActor, fn_constructor_kwargs={"spec": asdict(spec), "grid_keys": tuple(grid_keys)},
@@ -270,12 +258,10 @@ def build_reference(image_source: str, spec: MetricsSpec, **ray_kwargs: Any) -> 
     ``image_source``: a local folder / ``s3://`` prefix of images (``.jpg``/``.jpeg``/``.png``,
     all files, sorted), or ``domain:N:SEED:SPLIT`` (renders of the embedded domain).
     """
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     extractor_desc = spec.extractor
     if image_source.startswith("domain:"):
-        from wadi_core.domain.data import make_render_set
-
         _, n, seed, *rest = image_source.split(":")
         renders = make_render_set(int(n), int(seed), rest[0] if rest else "train", progress=True)
         rows = [{"idx": i, "key": f"real-{i:06d}", "group": "", "image": renders.images[i]}
@@ -318,24 +304,16 @@ def extractor_weights_sha256(spec: MetricsSpec) -> str | None:
     """sha256 of the extractor's weights file (None for weight-free extractors)."""
     kind, _, arg = spec.extractor.partition(":")
     if kind == "inception":
-        from wadi_core.metrics.weights import resolve_weights
-
         return resolve_weights(arg, "Inception-V3")[1]
     if kind != "domain":
         return None
     try:
-        from wadi_core.domain.evaluator import DEFAULT_EVALUATOR_DIR
-        from wadi_core.metrics.weights import sha256_file
-
         return sha256_file(DEFAULT_EVALUATOR_DIR / "model.safetensors")
-    except (ImportError, OSError):
+    except OSError:
         return None
 
 
 def _load_real_images(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    from PIL import Image
-    import io as _io
-
     images = []
     for path in batch["path"]:
         img = Image.open(_io.BytesIO(storage.read_bytes(str(path))))
@@ -368,12 +346,6 @@ def compute_metrics(rows: list[dict[str, Any]], stats: GaussianStats | None, ref
 
 def sample_grid(rows: list[dict[str, Any]], cols: int = 8) -> Any:
     """PIL grid of the rows that carry a PNG (the grid keys), in order; None when there are none."""
-    import io as _io
-
-    from PIL import Image
-
-    from wadi_core.images import image_grid
-
     tiles = [Image.open(_io.BytesIO(r["png"])) for r in rows if len(r.get("png", b"")) > 0]
     return image_grid(tiles, cols=min(cols, len(tiles))) if tiles else None
 

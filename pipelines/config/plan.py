@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipelines.config import DistillConfig
-from pipelines.tracking import redact
+import torch
 
-__all__ = ["Plan", "build_plan", "resolve_prompts"]
+from wadi_core.adapters import apply_adapter, count_trainable
+from wadi_core.models import build_denoiser_on_meta, denoiser_config, family_of_config
+from wadi_core.redact import redact
+
+from pipelines.config.job import DistillConfig
+
+__all__ = ["Plan", "build_plan"]
 
 
 @dataclass(frozen=True)
@@ -52,29 +57,12 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict for ``--json`` (URI user info redacted, as in ``format``)."""
-        from dataclasses import asdict
-
         return redact(asdict(self))
 
 
-def resolve_prompts(uri: str) -> str:
-    """The shard folder for ``data.prompts``; "embedded" builds (once) and returns the embedded lake."""
-    if uri != "embedded":
-        return uri
-    try:
-        from wadi_core.prompts import ensure_embedded_lake
-    except ImportError as e:  # pragma: no cover - depends on the checkout
-        raise RuntimeError("data.prompts=embedded needs wadi_core.prompts.ensure_embedded_lake") from e
-    return str(ensure_embedded_lake().train_shards)
-
-
-def build_plan(cfg: DistillConfig, count_shards: bool = True) -> Plan:
-    """Denoiser on the meta device + both adapters -> counts; prompt count from config or manifest."""
-    import torch
-
-    from wadi_core.adapters import apply_adapter, count_trainable
-    from wadi_core.models import build_denoiser_on_meta, denoiser_config, family_of_config
-
+def build_plan(cfg: DistillConfig, lake_prompts: int | None = None) -> Plan:
+    """Denoiser on the meta device + both adapters -> counts; the prompt count from the config, else
+    ``lake_prompts`` (the lake's manifest: ``pipelines.data.prompts.lake_prompt_count``)."""
     arch = cfg.architecture or cfg.teacher
     config = denoiser_config(arch)
     family = family_of_config(config)
@@ -87,14 +75,7 @@ def build_plan(cfg: DistillConfig, count_shards: bool = True) -> Plan:
             layer_sets[role] = f"{spec.kind} r={spec.rank} on {spec.resolved_targets(family, role)}"
     trainable = {role: count_trainable(denoiser, role) for role in ("student", "fake")}
 
-    num_prompts: int | None = cfg.data.num_prompts or None
-    if num_prompts is None and count_shards:
-        from pipelines.data import count_prompts
-
-        try:
-            num_prompts = count_prompts(resolve_prompts(cfg.data.prompts))
-        except (OSError, RuntimeError):
-            num_prompts = None
+    num_prompts: int | None = cfg.data.num_prompts or lake_prompts or None
     per_epoch = cfg.steps_per_epoch(num_prompts) if num_prompts else None
     total = cfg.total_steps(num_prompts) if num_prompts else (cfg.data.max_steps or None)
     resources = {"CPU": cfg.train.cpus_per_worker}

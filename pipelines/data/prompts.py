@@ -5,7 +5,7 @@ Layout: a folder (local or ``s3://bucket/prefix``) of WebDataset tar shards whos
 with ``{"num_prompts": N}``.
 
 Reading: shards are read whole (one shard = one row, retried on transient S3 faults) and parsed
-by ``pipelines.tarshards`` in the same task, so Ray Data moves only caption strings.
+by ``pipelines.data.tarshards`` in the same task, so Ray Data moves only caption strings.
 This is ~5-10x faster than ``ray.data.read_webdataset`` here (tarfile's per-member cost
 dominates a prompt lake), and a broken or unreadable shard becomes a counted row instead of a
 failed task.
@@ -14,7 +14,7 @@ Where text encoding happens (``data.text_encoding``): by default in the train wo
 teacher's own text encoder: CLIP-L is small next to the denoiser (~123 M parameters vs 860 M
 for SD1.5's UNet), while encoding in Ray Data actors would ship 77 x 768 floats per prompt
 (~236 KB, ~500x the caption) through the object store. For PixArt's T5-XXL (4.76 B parameters)
-the balance turns: ``actors`` adds a stage of text-encoder actors (``pipelines.text_encoding``)
+the balance turns: ``actors`` adds a stage of text-encoder actors (``pipelines.data.text_encoding``)
 and the train workers never load it.
 
 Every row carries ``bad``: 0 for a caption, else 1 + index into ``BAD_REASONS``; the worker
@@ -23,18 +23,22 @@ drops bad rows and counts them so the run can log ``data/bad_<reason>``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
 import os
+import random
+import time
 import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import urlparse
 
+from wadi_core.prompts import ensure_embedded_lake
 from wadi_core.storage import is_remote, s3_endpoint
 
-from pipelines.tarshards import BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, parse_prompt_tar
+from pipelines.data.tarshards import BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, parse_prompt_tar
 
 if TYPE_CHECKING:
     import pyarrow
@@ -54,6 +58,9 @@ __all__ = [
     "pyarrow_filesystem",
     "list_shards",
     "count_prompts",
+    "resolve_prompts",
+    "lake_prompt_count",
+    "read_shard",
     "lake_captions",
     "prompt_dataset",
     "parse_shard_batch",
@@ -70,7 +77,7 @@ def pyarrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
     credentials stay with pyarrow's default AWS chain (environment, config files) and are never
     read or printed here.
     """
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
 
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
@@ -99,7 +106,7 @@ def list_shards(uri: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple["pyar
     Shards larger than ``max_shard_bytes`` are left out with a warning: a shard is read whole
     into one read task's memory, so one stray multi-GB file must not be loaded.
     """
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # noqa: PLC0415 -- pyarrow only where storage is read
 
     fs, root = pyarrow_filesystem(uri)
     try:
@@ -135,6 +142,22 @@ def count_prompts(uri: str) -> int | None:
     return int(n) if n is not None else None
 
 
+def resolve_prompts(uri: str) -> str:
+    """The shard folder for ``data.prompts``; "embedded" builds (once) and returns the embedded lake."""
+    if uri != "embedded":
+        return uri
+    return str(ensure_embedded_lake().train_shards)
+
+
+def lake_prompt_count(uri: str) -> int | None:
+    """``count_prompts`` of the lake ``data.prompts`` names ("embedded" built first), None when it
+    has no manifest or cannot be read."""
+    try:
+        return count_prompts(resolve_prompts(uri))
+    except (OSError, RuntimeError):
+        return None
+
+
 def lake_captions(uri: str, need: int, max_caption_bytes: int = MAX_CAPTION_BYTES,
                   max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple[list[str], int, int]:
     """The first ``need`` good captions of the lake, shards in name order; reads only as many
@@ -144,7 +167,7 @@ def lake_captions(uri: str, need: int, max_caption_bytes: int = MAX_CAPTION_BYTE
     fs, paths = list_shards(uri, max_shard_bytes)
     captions: list[str] = []
     for i, path in enumerate(paths):
-        raw = _read_shard(fs, path)
+        raw = read_shard(fs, path)
         if raw is not None:
             captions += parse_prompt_tar(raw, max_caption_bytes=max_caption_bytes,
                                          max_shard_bytes=max_shard_bytes).captions
@@ -156,7 +179,7 @@ def lake_captions(uri: str, need: int, max_caption_bytes: int = MAX_CAPTION_BYTE
 def parse_shard_batch(batch: "pyarrow.Table", max_caption_bytes: int = MAX_CAPTION_BYTES,
                       max_shard_bytes: int = MAX_SHARD_BYTES) -> "pyarrow.Table":
     """Ray Data map_batches fn: a batch of whole shards (``bytes``) -> rows ``caption``, ``bad``."""
-    import pyarrow as pa
+    import pyarrow as pa  # noqa: PLC0415 -- pyarrow only where storage is read
 
     captions: list[str] = []
     codes: list[int] = []
@@ -173,7 +196,7 @@ def parse_shard_batch(batch: "pyarrow.Table", max_caption_bytes: int = MAX_CAPTI
     return pa.table({"caption": pa.array(captions, pa.string()), "bad": pa.array(codes, pa.uint8())})
 
 
-def _read_shard(fs: "pyarrow.fs.FileSystem", path: str, attempts: int = SHARD_READ_ATTEMPTS,
+def read_shard(fs: "pyarrow.fs.FileSystem", path: str, attempts: int = SHARD_READ_ATTEMPTS,
                 max_bytes: int = MAX_SHARD_BYTES) -> bytes | None:
     """The shard's bytes, or None when every attempt failed (logged; the caller counts it).
 
@@ -181,8 +204,6 @@ def _read_shard(fs: "pyarrow.fs.FileSystem", path: str, attempts: int = SHARD_RE
     unknown length read S3 in 256 KiB ranged GETs, ~80 requests for a 20 MB shard, which cost ~5x
     the read time against moto (#35). At most ``max_bytes + 1`` bytes are read: a shard that grew
     past the bound after it was listed is counted as corrupt by the parser, never loaded whole."""
-    import time
-
     for attempt in range(attempts):
         try:
             with fs.open_input_file(path) as f:
@@ -214,12 +235,12 @@ def read_shard_batch(batch: "pyarrow.Table", uri: str, max_caption_bytes: int = 
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> "pyarrow.Table":
     """Ray Data map_batches fn: shard paths -> rows ``caption``, ``bad``. Reads with retries; a
     shard that keeps failing becomes one ``unreadable_shard`` row instead of failing the run."""
-    import pyarrow as pa
+    import pyarrow as pa  # noqa: PLC0415 -- pyarrow only where storage is read
 
     fs = cached_filesystem(uri)
     raws, unreadable = [], 0
     for path in batch.column("path").to_pylist():
-        raw = _read_shard(fs, path, max_bytes=max_shard_bytes)
+        raw = read_shard(fs, path, max_bytes=max_shard_bytes)
         if raw is None:
             unreadable += 1
         else:
@@ -236,9 +257,7 @@ def shard_path_dataset(uri: str, seed: int, epoch: int = 0, read_tasks: int = 0,
                        max_shard_bytes: int = MAX_SHARD_BYTES) -> "ray.data.Dataset":
     """The lake's shard paths as a Ray dataset (``path`` rows), in the order of ``seed + epoch``;
     ``read_tasks`` blocks (default one per shard)."""
-    import random
-
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     _, paths = list_shards(uri, max_shard_bytes)
     order = list(paths)
@@ -278,7 +297,7 @@ class PromptStream:
     (collective all-gather of a Python list) are injected: the train loop passes torch.distributed
     ones, tests simulated ranks.
 
-    A batch is a list of captions, or ``pipelines.text_encoding.EncodedPrompts`` when the rows
+    A batch is a list of captions, or ``pipelines.data.text_encoding.EncodedPrompts`` when the rows
     carry embeddings from the text-encoder actors (``data.text_encoding: actors``)."""
 
     def __init__(self, batch_size: int, rank: int = 0, world: int = 1,
@@ -308,7 +327,7 @@ class PromptStream:
         """This rank's slice of each global batch of the epoch; the first ``skip`` global batches
         are read and dropped (resume inside an epoch). Every rank must iterate to the end (or stop
         at the same step): both phases are collectives."""
-        from pipelines.text_encoding import EncodedPrompts
+        from pipelines.data.text_encoding import EncodedPrompts  # noqa: PLC0415 -- torch, which Ray Data tasks skip
 
         b, rows, buf = self.batch_size, self.rows(shard), []
         while True:  # phase 1: own rows while every rank has a full batch
@@ -342,9 +361,7 @@ def exact_split(execution_options: Any) -> Any:
     (its bad-shard record), were lost. Here ``equal=False``: with ``preserve_order`` Ray hands each
     block, in order, to the split with the fewest rows so far (deterministic, so resume replays the
     same split), and :class:`PromptStream` evens the ranks out."""
-    import copy
-
-    from ray.train import DataConfig
+    from ray.train import DataConfig  # noqa: PLC0415 -- Ray only on the cluster path
 
     class ExactSplit(DataConfig):
         def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from wadi_core.models import Cond
+from wadi_core.models import Cond, load_prompt_encoder
 
 if TYPE_CHECKING:
     import ray.data
 
     from wadi_core.models import Teacher
 
-    from pipelines.config import DistillConfig
+    from pipelines.config.job import DistillConfig
 
 __all__ = ["EncodedPrompts", "TextEncoderActor", "encode_stage", "precompute_conds", "remember_conds",
            "batch_cond", "to_numpy", "to_tensor"]
@@ -79,8 +79,6 @@ class TextEncoderActor:
     ``clip_mask``: CLIP runs with the attention mask (``vsd.prompt_encoding=official``, training prompts)."""
 
     def __init__(self, teacher: str, dtype: str = "float32", use_gpu: bool = False, clip_mask: bool = False):
-        from wadi_core.models import load_prompt_encoder
-
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.encoder = load_prompt_encoder(teacher, DTYPES[dtype], device)
         self.clip_mask = clip_mask
@@ -104,7 +102,7 @@ class TextEncoderActor:
 
 
 def _actor_args(cfg: "DistillConfig", clip_mask: bool = False) -> dict[str, Any]:
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     d = cfg.data
     return dict(
@@ -124,7 +122,7 @@ def encode_stage(ds: "ray.data.Dataset", cfg: "DistillConfig") -> "ray.data.Data
 def precompute_conds(cfg: "DistillConfig", prompts: list[str]) -> dict[str, Any]:
     """Embeddings of a few fixed prompts (the empty prompt, the sample prompts), computed once by
     one text-encoder actor, as a picklable dict for ``train_loop_config``."""
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- Ray only on the cluster path
 
     rows = [{"idx": i, "caption": p, "bad": 0} for i, p in enumerate(prompts)]
     args = {**_actor_args(cfg), "compute": ray.data.ActorPoolStrategy(size=1)}

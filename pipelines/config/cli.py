@@ -16,19 +16,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from wadi_core.config import ConfigError, from_dict, merge, parse_overrides, to_flat_dict, unflatten
+import yaml
 
-__all__ = ["add_config_arguments", "load_job_config", "config_from_args", "format_config"]
+from wadi_core.config import ConfigError, from_dict, merge, parse_overrides, to_flat_dict, unflatten
+from wadi_core.redact import redact
+
+__all__ = ["RECIPES_DIR", "available_recipes", "read_recipe", "add_config_arguments", "load_job_config",
+           "config_from_args", "format_config"]
 
 T = TypeVar("T")
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def available_recipes() -> list[str]:
+    """The recipe names in ``recipes/`` (what ``--config NAME`` accepts)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
+    """A recipe (name in ``recipes/`` or a path to a .yaml file) -> (name, parsed mapping)."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        name = path.stem
+    else:
+        path = RECIPES_DIR / f"{recipe}.yaml"
+        name = recipe
+        if not path.exists():
+            raise ConfigError(
+                f"unknown recipe {recipe!r}: pass one of {available_recipes()} or a path to a .yaml file"
+            )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {where}: YAML syntax error ({problem}); fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
+    return name, data
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_recipe: str | None = None) -> None:
     """``--config``, ``--print-config`` and the positional ``KEY=VALUE`` overrides."""
-    from pipelines.config import available_recipes
-
     parser.add_argument("--config", default=default_recipe, metavar="RECIPE",
                         help=f"recipe name ({', '.join(available_recipes())}) or a YAML path"
                              + ("" if default_recipe else " (default: none, the job's own defaults)"))
@@ -49,8 +86,6 @@ def load_job_config(cls: type[T], recipe: str | None = None, overrides: Sequence
     """
     data: dict[str, Any] = {}
     if recipe:
-        from pipelines.config import read_recipe
-
         name, recipe_data = read_recipe(recipe)
         names = {f.name for f in dataclasses.fields(cls)}
         data = dict(recipe_data) if whole_recipe else _known_keys(cls, recipe_data)
@@ -71,8 +106,6 @@ def load_job_config(cls: type[T], recipe: str | None = None, overrides: Sequence
 def _known_keys(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a shared recipe that ``cls`` has fields for, section by section (a recipe's
     ``tracking:`` for the Ray job may hold keys another job's ``tracking`` does not have)."""
-    import typing
-
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -88,8 +121,6 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, fixed: Mapping[s
                      preset: Mapping[str, Any] | None = None) -> T:
     """``load_job_config`` on parsed arguments; a config error exits with status 2 and the message,
     ``--print-config`` prints the result and exits 0."""
-    from pipelines.tracking import redact
-
     try:
         cfg = load_job_config(cls, args.config, args.overrides, fixed=fixed, check=check, whole_recipe=whole_recipe,
                               preset=preset)
@@ -104,8 +135,4 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, fixed: Mapping[s
 
 def format_config(cfg: Any) -> str:
     """The resolved config as YAML (URI user info redacted), in the override syntax's nesting."""
-    import yaml
-
-    from pipelines.tracking import redact
-
     return yaml.safe_dump(redact(unflatten(to_flat_dict(cfg))), sort_keys=False).rstrip()

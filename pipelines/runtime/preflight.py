@@ -1,6 +1,6 @@
 """Checks of a job against the outside world, on the driver, before Ray starts or is joined.
 
-``pipelines.config`` checks the values themselves; this module checks what they point at, so
+``pipelines.config.job`` checks the values themselves; this module checks what they point at, so
 that a wrong teacher path, a tracking server that is down or refuses the credentials, or a
 worker layout that leaves Ray Data no CPU fails in seconds with a message, not inside the
 workers after several restarts. Every failure is a ``ConfigError``.
@@ -18,10 +18,10 @@ import warnings
 from pathlib import Path
 
 from wadi_core.config import ConfigError
+from wadi_core.redact import redact
 from wadi_core.storage import is_remote, s3_endpoint
 
-from pipelines.config import NUM_TRAIN_TIMESTEPS, DistillConfig
-from pipelines.tracking import redact
+from pipelines.config.job import NUM_TRAIN_TIMESTEPS, DistillConfig
 
 __all__ = ["check_teacher", "check_tracking_server", "check_cpu_headroom", "preflight"]
 
@@ -69,9 +69,9 @@ def check_teacher(cfg: DistillConfig, timeout: float = TIMEOUT_S) -> None:
 
 def _head_s3(uri: str, timeout: float) -> None:
     """HEAD one object with a short timeout and no retries."""
-    import boto3
-    import botocore.config
-    import botocore.exceptions
+    import boto3  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
+    import botocore.config  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
+    import botocore.exceptions  # noqa: PLC0415 -- the AWS SDK only for s3:// paths
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     client = boto3.client(

@@ -22,12 +22,13 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from wadi_core.vsd import StepResult, VSDConfig
 from wadi_core.vsd.optim import make_optimizer
 
-from pipelines.checkpoint import install_safe_loading
-from pipelines.config import TrainConfig
+from pipelines.config.job import TrainConfig
+from pipelines.train.checkpoint import install_safe_loading
 
 __all__ = ["deepspeed_config", "init_distributed", "build_engine", "DeepSpeedUpdater"]
 
@@ -56,12 +57,12 @@ def init_distributed() -> None:
     Without a GPU, DeepSpeed would first compile a shared-memory all-reduce op (~95 s on this
     kind of machine); we mark it unavailable so gloo does the (tiny) adapter all-reduces.
     """
-    import deepspeed
-    import deepspeed.ops
+    import deepspeed  # noqa: PLC0415 -- DeepSpeed only in the Ray train worker
+    import deepspeed.ops  # noqa: PLC0415 -- DeepSpeed only in the Ray train worker
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder  # noqa: PLC0415 -- Ray worker only
 
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
         deepspeed.init_distributed(dist_backend="gloo")
@@ -72,7 +73,7 @@ def init_distributed() -> None:
 def build_engine(module: torch.nn.Module, lr: float, train: TrainConfig, vsd: VSDConfig) -> Any:
     """A DeepSpeed engine over ``module`` (one adapter's parameters) with ``vsd.optimizer`` (torch AdamW
     or bitsandbytes' AdamW8bit; paper: wd 0) as its client optimizer."""
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 -- DeepSpeed only in the Ray train worker
 
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -123,8 +124,6 @@ class DeepSpeedUpdater:
         return [p.grad for p in self.engine.module.parameters() if p.grad is not None], True
 
     def step(self) -> StepResult:
-        import torch.distributed as dist
-
         grads, replicated = self._local_grads()
         sq = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for g in grads:
@@ -167,4 +166,4 @@ class DeepSpeedUpdater:
         if self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed applied an optimizer step that every rank agreed to skip "
                                "(non-finite loss or gradient): its overflow handling changed; "
-                               "check pipelines/engines.py against the installed DeepSpeed version")
+                               "check pipelines/train/engines.py against the installed DeepSpeed version")

@@ -4,7 +4,7 @@ Every check that can fail runs here, on the driver, before any Ray resources are
 an unknown recipe, a YAML syntax error (file and line), an unknown key, ZeRO stage 4, a batch
 that does not split over the workers, out-of-range values (log_every, timesteps, learning rates,
 ranks). Checks that need the outside world (teacher, tracking server, CPUs) are in
-``pipelines.preflight``.
+``pipelines.runtime.preflight``.
 """
 
 from __future__ import annotations
@@ -16,31 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-import yaml
-
+from wadi_core.adapters import check_rank
 from wadi_core.config import ConfigError, parse_overrides, to_flat_dict
 from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
-from wadi_core.storage import is_remote
+from wadi_core.storage import is_remote, join
 from wadi_core.vsd import VSDConfig
 
-from pipelines.cluster import check_accelerator_type
+from pipelines.config.cli import load_job_config
+from pipelines.runtime.cluster import check_accelerator_type
 
 __all__ = ["EvaluationConfig", 
-    "RECIPES_DIR",
     "DataConfig",
     "TrainConfig",
     "TrackingConfig",
     "DebugConfig",
     "DistillConfig",
-    "available_recipes",
-    "read_recipe",
     "load_config",
     "parse_overrides",
     "results_root",
     "absolute_paths",
 ]
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 #: DDPM training timesteps of every supported teacher (SD 1.5 / 2.1, PixArt-alpha, the embedded one).
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -54,7 +50,7 @@ class DataConfig:
     epochs: int = 1
     max_steps: int = 0  # > 0 stops early (0 = run all epochs)
     num_prompts: int = 0  # known prompt count (plans without listing shards); 0 = count from the manifest
-    # Where captions become text embeddings (pipelines/text_encoding.py): "trainer" = each train
+    # Where captions become text embeddings (pipelines/data/text_encoding.py): "trainer" = each train
     # worker runs the teacher's text encoder (CLIP is small next to the UNet); "actors" = a Ray Data
     # stage of its own actors streams embeddings (+ T5 masks) and the train workers never load the
     # text encoder (PixArt's T5-XXL: ~9.5 GB in bf16).
@@ -161,7 +157,7 @@ class TrackingConfig:
     sample_every: int = 50  # steps between sample grids (0 = only at the end)
     num_sample_prompts: int = 8
     # An explicitly set server (uri or MLFLOW_TRACKING_URI) that is down or refuses the credentials
-    # stops the job before Ray starts; false = warn and run untracked (pipelines.preflight).
+    # stops the job before Ray starts; false = warn and run untracked (pipelines.runtime.preflight).
     require_server: bool = True
 
     def __post_init__(self) -> None:
@@ -187,14 +183,14 @@ class DebugConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """The exported student against the teacher at the end of the job (``pipelines.final_eval``).
+    """The exported student against the teacher at the end of the job (``pipelines.evaluate.final``).
 
     Same protocol as ``jobs/evaluate.py run``; the teacher's numbers are computed once and cached.
     ``num_prompts: 0`` turns it off (the paper recipes: COCO needs your Inception weights there).
     """
 
     num_prompts: int = 0
-    prompts: str = "domain:1000:1:train"       # see pipelines.generation.load_prompts
+    prompts: str = "domain:1000:1:train"       # see pipelines.evaluate.generation.load_prompts
     seed: int = 0                              # per-prompt noise seed
     teacher_steps: int = TEACHER_STEPS
     teacher_guidance: float = TEACHER_GUIDANCE
@@ -252,8 +248,6 @@ class DistillConfig:
 
     @property
     def export_uri(self) -> str:
-        from wadi_core.storage import join
-
         return self.export_dir or join(self.train.storage_path, self.train.run_name, "export")
 
     def steps_per_epoch(self, num_prompts: int) -> int:
@@ -275,41 +269,9 @@ class DistillConfig:
         return to_flat_dict(self)
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-
-
-def read_recipe(recipe: str) -> tuple[str, dict[str, Any]]:
-    """A recipe (name in ``recipes/`` or a path to a .yaml file) -> (name, parsed mapping)."""
-    path = Path(recipe)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        name = path.stem
-    else:
-        path = RECIPES_DIR / f"{recipe}.yaml"
-        name = recipe
-        if not path.exists():
-            raise ConfigError(
-                f"unknown recipe {recipe!r}: pass one of {available_recipes()} or a path to a .yaml file"
-            )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"recipe {where}: YAML syntax error ({problem}); fix the file") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
-    return name, data
-
-
 def check_adapter_ranks(data: Mapping[str, Any]) -> None:
     """The adapters' one rank rule (``wadi_core.adapters.check_rank``), reported with the config key:
     a recipe's ``rank: 32`` left in place under ``vsd.student.kind=full`` fails here, not in a worker."""
-    from wadi_core.adapters import check_rank
-
     vsd = data.get("vsd")
     if not isinstance(vsd, Mapping):
         return
@@ -324,8 +286,6 @@ def check_adapter_ranks(data: Mapping[str, Any]) -> None:
 
 def load_config(recipe: str = "embedded", overrides: Mapping[str, Any] | Sequence[str] = ()) -> DistillConfig:
     """Recipe YAML (name in ``recipes/`` or a path) + dotted overrides -> validated ``DistillConfig``."""
-    from pipelines.cli import load_job_config
-
     return load_job_config(DistillConfig, recipe, overrides, check=check_adapter_ranks, whole_recipe=True)
 
 

@@ -21,7 +21,7 @@ from typing import IO, Iterator
 
 __all__ = ["quiet_console", "say", "keep_on_console", "MARK"]
 
-MARK = "[wadi]"  # lines the workers print for a person carry it (pipelines/train.py)
+MARK = "[wadi]"  # lines the workers print for a person carry it (pipelines/train/worker.py)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _RAY_PREFIX = re.compile(r"^\s*\((?:[A-Za-z_.]+ )?pid=\d+(?:, ip=[^)]*)?\)\s*")
 #: Paths of this project's code: warnings raised there are for the user (lease taken over, a

@@ -1,7 +1,7 @@
 """MLflow tracking that never takes a job down.
 
 An unreachable tracking server is a warning here: the run goes on and logs nothing (a job that
-must be tracked checks the server first, ``pipelines.preflight``). Params are filtered so that
+must be tracked checks the server first, ``pipelines.runtime.preflight``). Params are filtered so that
 nothing that looks like a credential reaches MLflow, and user info in any URI
 (``s3://KEY:SECRET@bucket``, ``http://user:pw@host``) is redacted by ``redact`` in every param,
 tag, warning and printed line.
@@ -10,64 +10,22 @@ tag, warning and printed line.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import re
 import subprocess
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from wadi_core.redact import redact, without_user_info
+
 log = logging.getLogger(__name__)
 
 _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|session_key|api_key)", re.I)
-# A URI token: scheme "://" then everything up to whitespace, a quote or an angle bracket.
-_URI = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"<>]+)")
-
-
-def _user_info_end(rest: str) -> int:
-    """Index of the "@" that ends the user info of a URI (``rest``: what follows "scheme://"), or -1."""
-    end = len(rest)
-    for sep in "/?#":
-        i = rest.find(sep)
-        if i >= 0:
-            end = min(end, i)
-    authority = rest[:end]
-    at = authority.rfind("@")
-    if at < 0:
-        # A secret with an unescaped "/" (common in AWS keys) ends the authority early:
-        # "KEY:SEC/RET@bucket". "user:<not a port>" followed by a later "@" is user info too.
-        _, colon, after = authority.partition(":")
-        later = rest.find("@", end)
-        if not colon or after.isdigit() or later < 0:
-            return -1
-        at = later
-    return at
-
-
-def _redact_match(m: re.Match[str]) -> str:
-    scheme, rest = m.group("scheme"), m.group("rest")
-    at = _user_info_end(rest)
-    return m.group(0) if at < 0 else f"{scheme}***{rest[at:]}"
-
-
-def _without_user_info(uri: str) -> str:
-    """``uri`` with its user info (and the "@") removed."""
-    scheme, sep, rest = uri.partition("://")
-    at = _user_info_end(rest) if sep else -1
-    return uri if at < 0 else f"{scheme}://{rest[at + 1:]}"
-
-
-def redact(value: Any) -> Any:
-    """``value`` with the user info of every URI in it replaced by ``***`` (strings, and the
-    strings inside lists, tuples and dicts); other values are returned as they are."""
-    if isinstance(value, str):
-        return _URI.sub(_redact_match, value) if "://" in value else value
-    if isinstance(value, Mapping):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    return value
 
 
 class RedactingFilter(logging.Filter):
@@ -121,7 +79,7 @@ def git_sha(repo: str | os.PathLike | None = None) -> str:
         return os.environ["WADI_GIT_SHA"]
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).resolve().parents[1],
+            ["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).resolve().parents[2],
             stderr=subprocess.DEVNULL, text=True,
         ).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -167,7 +125,7 @@ class Tracker:
         """A dataset input of the run (``mlflow.log_input``), optionally as the input of a LoggedModel."""
         model = None
         if model_id and self._mlflow is not None:
-            from mlflow.entities import LoggedModelInput
+            from mlflow.entities import LoggedModelInput  # noqa: PLC0415 -- MLflow is optional and slow to import
 
             model = LoggedModelInput(model_id)
         self._call("log_input", dataset, context=context, model=model,
@@ -212,7 +170,7 @@ def start_run(
     Tracker so the job continues.
     """
     try:
-        import mlflow
+        import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
     except ImportError:
         warnings.warn("mlflow is not installed: tracking is off")
         yield Tracker(None, None)
@@ -255,7 +213,7 @@ def start_run(
             if prior_status == "FINISHED":  # its results stand; the failed resume is a tag, not a status
                 mlflow.set_tag("wadi.last_resume_error", redact(f"{type(e).__name__}: {e}")[:5000])
                 mlflow.end_run(status="FINISHED")
-            else:  # a job stopped by a signal says KILLED (pipelines.stop.RunInterrupted)
+            else:  # a job stopped by a signal says KILLED (pipelines.runtime.stop.RunInterrupted)
                 killed = isinstance(e, KeyboardInterrupt) or getattr(e, "mlflow_status", "") == "KILLED"
                 mlflow.end_run(status="KILLED" if killed else "FAILED")
         raise
@@ -272,14 +230,10 @@ def unreachable_reason(uri: str, timeout: float = 5.0) -> str | None:
     """
     if not uri.startswith(("http://", "https://")):
         return None
-    import http.client
-    import urllib.error
-    import urllib.request
-
     # /health needs no credentials; user info in the URI (MLflow sends it as basic auth) would be
     # taken for part of the host name, and a password with a "/" for a port.
     try:
-        urllib.request.urlopen(_without_user_info(uri).rstrip("/") + "/health", timeout=timeout).close()
+        urllib.request.urlopen(without_user_info(uri).rstrip("/") + "/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return None  # it answered (auth, proxy path...): let MLflow handle it
     except (OSError, ValueError, http.client.HTTPException) as e:
