@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -134,3 +136,29 @@ def reset_process_group() -> None:
     for name, value in list(vars(ds_groups).items()):  # cached handles on the destroyed world group
         if name.startswith("_") and name.endswith("_GROUP") and not isinstance(value, dict):
             setattr(ds_groups, name, None)
+
+
+@contextlib.contextmanager
+def deepspeed_world_of_one() -> Iterator[None]:
+    """torch.distributed (gloo, world 1) + ``pipelines.train.engines.init_distributed``; undone on exit."""
+    import torch.distributed as dist
+
+    from pipelines.train.engines import init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        init_distributed()
+        yield
+    finally:
+        reset_process_group()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import socket
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -165,32 +162,3 @@ def official_step(family, teacher, fake, student, alphas_cumprod, cond, null, ge
     torch.nn.utils.clip_grad_norm_(list(thetas(fake).values()), clip)
     opt_f.step()
     return float(loss_vsd.detach()), float(loss_fake.detach()), opt_s, opt_f
-
-
-# -- DeepSpeed in this process, on a gloo world of one ------------------------------------------------
-
-@contextlib.contextmanager
-def deepspeed_world_of_one() -> Iterator[None]:
-    """torch.distributed (gloo, world 1) + ``pipelines.train.engines.init_distributed``; undone on exit."""
-    import torch.distributed as dist
-
-    from conftest import reset_process_group
-    from pipelines.train.engines import init_distributed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        init_distributed()
-        yield
-    finally:
-        reset_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from official_oracle import deepspeed_world_of_one
+from conftest import deepspeed_world_of_one
 from wadi_core.adapters import adapted_layers, use_adapter
 from wadi_core.models import load_teacher
 from wadi_core.models.tiny import save_tiny_pipeline

@@ -5,7 +5,6 @@ resume. DeepSpeed runs in one process on a gloo world of 1 (no Ray)."""
 from __future__ import annotations
 
 import json
-import socket
 import warnings
 from pathlib import Path
 
@@ -134,29 +133,10 @@ def test_train_local_counts_a_nan_batch_and_continues_then_stops_on_a_streak(sd_
 @pytest.fixture(scope="module")
 def ds_world():
     pytest.importorskip("deepspeed")
-    import os
+    from conftest import deepspeed_world_of_one
 
-    import torch.distributed as dist
-
-    from pipelines.train.engines import init_distributed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    init_distributed()
-    yield
-    from conftest import reset_process_group
-
-    reset_process_group()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with deepspeed_world_of_one():
+        yield
 
 
 def _engines(d: WaDiDistiller, stage: int, mixed_precision: str = "no") -> dict:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from official_oracle import deepspeed_world_of_one
+from conftest import deepspeed_world_of_one
 from wadi_core.models import load_teacher
 from wadi_core.models.tiny import save_tiny_pipeline
 from wadi_core.vsd import AdapterSpec, TorchUpdater, VSDConfig, WaDiDistiller, make_updaters, vsd_step

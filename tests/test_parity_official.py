@@ -26,7 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from official_oracle import (OFFICIAL_A, deepspeed_world_of_one, official_layers, official_lorad_hook, official_model,
+from conftest import deepspeed_world_of_one
+from official_oracle import (OFFICIAL_A, official_layers, official_lorad_hook, official_model,
                              official_step, thetas)
 from wadi_core.adapters import adapted_layers, add_adapter, set_adapter
 from wadi_core.models import load_teacher
