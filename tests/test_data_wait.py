@@ -120,3 +120,14 @@ def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_b
         finally:
             os.environ["AWS_ENDPOINT_URL"] = s3_server
     assert out.column("bad").to_pylist() == [1 + BAD_REASONS.index("corrupt_shard")]
+
+
+@pytest.mark.parametrize(("elapsed_s", "said"), [(2.0, "| 2.00 steps/s |"), (800.0, "| 200 s/step |")])
+def test_progress_line_reads_for_fast_and_slow_steps(elapsed_s: float, said: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A full-size step takes minutes on a CPU: the line says seconds per step, not "0.00 steps/s"."""
+    progress = train._Progress(total=4, start=0, active=True)
+    progress.t0 = time.perf_counter() - elapsed_s  # 4 steps took elapsed_s
+    progress.update(4, {"loss_gen": 0.5, "loss_fake": 0.25}, (0.01, elapsed_s / 4))
+    line = capsys.readouterr().out
+    assert line.startswith("[wadi] step 4/4 | loss_gen 0.5 | loss_fake 0.25") and said in line, line

@@ -463,7 +463,8 @@ class _Progress:
         left = f" | {(self.total - step) / rate / 60:.1f} min left" if self.total and rate > 0 else ""
         of = f"/{self.total}" if self.total else ""
         losses = " | ".join(f"{k} {metrics[k]:.4g}" for k in ("loss_gen", "loss_fake") if k in metrics)
-        print(f"[wadi] step {step}{of} | {losses} | {rate:.2f} steps/s | data wait {100 * self.wait_share:.1f} % "
+        speed = f"{rate:.2f} steps/s" if rate >= 0.1 else f"{1 / rate:.0f} s/step" if rate > 0 else "first step"
+        print(f"[wadi] step {step}{of} | {losses} | {speed} | data wait {100 * self.wait_share:.1f} % "
               f"of step time{left}", flush=True)
 
 
