@@ -162,3 +162,14 @@ def deepspeed_world_of_one() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def deepspeed_engines(distiller, global_batch: int, zero_stage: int = 2, vsd=None) -> dict:
+    """The trainer's two DeepSpeed engines over ``distiller``'s adapters (student lr 1e-3, fake lr 1e-2),
+    one worker; ``vsd`` replaces the distiller's VSD config (e.g. another mixed precision)."""
+    from pipelines.config.job import TrainConfig
+    from pipelines.train.engines import build_engine
+
+    train = TrainConfig(global_batch=global_batch, num_workers=1, zero_stage=zero_stage)
+    vsd = vsd or distiller.cfg
+    return {r: build_engine(distiller.modules(r), lr, train, vsd) for r, lr in (("student", 1e-3), ("fake", 1e-2))}

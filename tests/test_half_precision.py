@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import deepspeed_world_of_one
+from conftest import deepspeed_engines, deepspeed_world_of_one
 from wadi_core.adapters import adapted_layers, use_adapter
 from wadi_core.models import load_teacher
 from wadi_core.models.tiny import save_tiny_pipeline
@@ -57,7 +57,7 @@ def test_bf16_deepspeed_step_keeps_fp32_adapters_and_matches_an_autocast_referen
     and the adapted forward equals a plain autocast forward of the merged bf16 weights: both run the
     same bf16 matmuls, so they agree to 1 % of the output's scale, 10x closer than to the fp32 forward."""
     from pipelines.config.job import TrainConfig
-    from pipelines.train.engines import DeepSpeedUpdater, build_engine, deepspeed_config
+    from pipelines.train.engines import DeepSpeedUpdater, deepspeed_config
 
     d = _distiller(sd_dir, "bf16")
     with torch.no_grad():  # a fake score away from the teacher, so the student has a gradient
@@ -65,7 +65,7 @@ def test_bf16_deepspeed_step_keeps_fp32_adapters_and_matches_an_autocast_referen
             p.add_(0.1 * torch.randn_like(p))
     train = TrainConfig(global_batch=len(PROMPTS), num_workers=1, zero_stage=2)
     assert not {"bf16", "fp16"} & set(deepspeed_config(train, d.cfg))
-    engines = {r: build_engine(d.modules(r), lr, train, d.cfg) for r, lr in (("student", 1e-3), ("fake", 1e-2))}
+    engines = deepspeed_engines(d, len(PROMPTS))
     updaters = {r: DeepSpeedUpdater(e) for r, e in engines.items()}
     before = [p.detach().clone() for p in d.parameters("student")]
     m = vsd_step(d, d.teacher.encode_prompts(PROMPTS), updaters["student"], updaters["fake"],

@@ -142,12 +142,9 @@ def ds_world():
 def _engines(d: WaDiDistiller, stage: int, mixed_precision: str = "no") -> dict:
     import dataclasses
 
-    from pipelines.config.job import TrainConfig
-    from pipelines.train.engines import build_engine
+    from conftest import deepspeed_engines
 
-    train = TrainConfig(global_batch=2, num_workers=1, zero_stage=stage)
-    vsd = dataclasses.replace(d.cfg, mixed_precision=mixed_precision)
-    return {r: build_engine(d.modules(r), lr, train, vsd) for r, lr in (("student", 1e-3), ("fake", 1e-2))}
+    return deepspeed_engines(d, 2, stage, dataclasses.replace(d.cfg, mixed_precision=mixed_precision))
 
 
 def _gathered(engines: dict, stage: int) -> dict[str, list[torch.Tensor]]:

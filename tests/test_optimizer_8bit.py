@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import deepspeed_world_of_one
+from conftest import deepspeed_engines, deepspeed_world_of_one
 from wadi_core.models import load_teacher
 from wadi_core.models.tiny import save_tiny_pipeline
 from wadi_core.vsd import AdapterSpec, TorchUpdater, VSDConfig, WaDiDistiller, make_updaters, vsd_step
@@ -79,13 +79,11 @@ def test_deepspeed_zero2_takes_the_8bit_optimizer_as_client_optimizer(sd_dir):
     """DeepSpeed hands the 8-bit AdamW its flat fp32 partitions; the step applies, the state is uint8."""
     bnb = pytest.importorskip("bitsandbytes")
     pytest.importorskip("deepspeed")
-    from pipelines.config.job import TrainConfig
-    from pipelines.train.engines import DeepSpeedUpdater, build_engine
+    from pipelines.train.engines import DeepSpeedUpdater
 
     d = _distiller(sd_dir)
     with deepspeed_world_of_one():
-        train = TrainConfig(global_batch=len(PROMPTS), num_workers=1, zero_stage=2)
-        engines = {r: build_engine(d.modules(r), lr, train, d.cfg) for r, lr in (("student", 1e-3), ("fake", 1e-2))}
+        engines = deepspeed_engines(d, len(PROMPTS))
         ups = {r: DeepSpeedUpdater(e) for r, e in engines.items()}
         before = [p.detach().clone() for p in d.parameters("fake")]
         m = vsd_step(d, d.teacher.encode_prompts(PROMPTS), ups["student"], ups["fake"],
