@@ -43,6 +43,24 @@ class PretrainJob(PretrainConfig):
         return base_part(self, PretrainConfig)
 
 
+def _grid_images(out: str, prompts: list[str], prediction_type: str):
+    """The sample grid's images: the diffusers pipeline, or for a flow teacher (which diffusers' SD
+    pipeline cannot step) the same Euler sampler on its FlowMatchEulerDiscreteScheduler."""
+    if prediction_type != "flow":
+        from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
+
+        return sample_images(StableDiffusionPipeline.from_pretrained(out), prompts, seed=0)
+    import torch  # noqa: PLC0415 -- torch only here: --help stays fast
+
+    from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS  # noqa: PLC0415 -- only the flow grid needs it
+    from wadi_core.models import load_teacher  # noqa: PLC0415 -- diffusers models: seconds to import
+    from wadi_core.models.flow import sample_flow  # noqa: PLC0415 -- diffusers models: seconds to import
+
+    teacher = load_teacher(out)
+    z = torch.randn(len(prompts), *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
+    return teacher.decode(sample_flow(teacher, prompts, z, TEACHER_STEPS, TEACHER_GUIDANCE))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
@@ -52,11 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                    params=to_flat_dict(cfg)) as tracker:
         summary = pretrain_teacher(cfg, args.out, args.state_dir, log=tracker.log_metrics)
         tracker.log_metrics(summary)
-        from diffusers import StableDiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
-
-        pipe = StableDiffusionPipeline.from_pretrained(args.out)
         prompts = [p for p in GRID_PROMPTS for _ in range(6)]
-        grid = image_grid(sample_images(pipe, prompts, seed=0), rows=len(GRID_PROMPTS))
+        grid = image_grid(_grid_images(args.out, prompts, cfg.prediction_type), rows=len(GRID_PROMPTS))
         grid_path = Path(args.grid or Path(args.state_dir).parent / "teacher_grid.png")
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(grid_path)

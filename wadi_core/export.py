@@ -3,7 +3,8 @@
 The output directory loads with ``DiffusionPipeline.from_pretrained(out)`` and samples with
 ``num_inference_steps=1, guidance_scale=1.0``: its scheduler is DDIM with "trailing" spacing
 and ``set_alpha_to_one``, so the single step starts at t = T-1 and returns
-x0 = (z - sqrt(1 - a) eps) / sqrt(a), the distiller's generator. The student's ``a`` (0.0047 in
+x0 = (z - sqrt(1 - a) eps) / sqrt(a), the distiller's generator (a flow teacher, SD3: its own
+FlowMatchEulerDiscreteScheduler, whose 1 step at sigma = 1 returns x0 = z - v). The student's ``a`` (0.0047 in
 the official code) is not the schedule's alphabar_{T-1} in general (PixArt: 4.0e-5), so the
 exported schedule's last beta is set to make alphabar_{T-1} = a; every other timestep keeps the
 teacher's schedule.
@@ -27,7 +28,7 @@ from wadi_core.models.teacher import Teacher
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.distiller import resolve_student_alphabar
 
-__all__ = ["export_one_step_pipeline", "one_step_scheduler", "merged_student_denoiser"]
+__all__ = ["export_one_step_pipeline", "one_step_scheduler", "one_step_flow_scheduler", "merged_student_denoiser"]
 
 
 def one_step_betas(alphas_cumprod: Tensor, alphabar_last: float) -> list[float]:
@@ -86,15 +87,58 @@ def merged_student_denoiser(teacher: Teacher, spec: AdapterSpec, student_state: 
 
 
 def _copy_text_encoder(teacher: Teacher, out: Path) -> None:
-    """The teacher's ``text_encoder`` folder and its ``model_index.json`` entry, unchanged."""
-    if teacher.root is None or not (teacher.root / "text_encoder").is_dir():
+    """The teacher's text encoder folders (``text_encoder``; SDXL: ``text_encoder_2`` too) and their
+    ``model_index.json`` entries, unchanged."""
+    parts = ("text_encoder", "text_encoder_2") if teacher.family == "sdxl" else ("text_encoder",)
+    if teacher.family == "sd3":  # CLIP-L, CLIP-G and T5 (if the teacher has one)
+        parts = tuple(p for p in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                      if teacher.root is None or (teacher.root / p).is_dir())
+    if teacher.root is None or not all((teacher.root / part).is_dir() for part in parts):
         raise ValueError("the teacher was loaded without its text encoder and without a local folder to copy it "
                          "from: load it with load_teacher(..., text_encoder=True) to export")
-    shutil.copytree(teacher.root / "text_encoder", out / "text_encoder", dirs_exist_ok=True)
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["text_encoder"] = json.loads((teacher.root / "model_index.json").read_text())["text_encoder"]
+    teacher_index = json.loads((teacher.root / "model_index.json").read_text())
+    for part in parts:
+        shutil.copytree(teacher.root / part, out / part, dirs_exist_ok=True)
+        index[part] = teacher_index[part]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _sdxl_pipeline(teacher: Teacher, unet: nn.Module, scheduler: Any) -> Any:
+    """A ``StableDiffusionXLPipeline`` of the teacher's text side and VAE around ``unet``; the null-prompt
+    choice (``force_zeros_for_empty_prompt``) is the teacher's, no watermarker (no extra dependency)."""
+    from diffusers import StableDiffusionXLPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
+
+    enc, tok = teacher.text_encoder, teacher.tokenizer
+    return StableDiffusionXLPipeline(
+        vae=teacher.vae, text_encoder=None if enc is None else enc.text_encoder,
+        text_encoder_2=None if enc is None else enc.text_encoder_2, tokenizer=tok.tokenizer,
+        tokenizer_2=tok.tokenizer_2, unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=teacher.zero_null_prompt, add_watermarker=False)
+
+
+def one_step_flow_scheduler(teacher_scheduler: Any) -> Any:
+    """The teacher's FlowMatchEulerDiscreteScheduler (same ``shift``) with every option that would move a
+    1-step schedule's sigma off 1 switched off: ``num_inference_steps=1`` then calls the transformer at
+    timestep T (sigma = 1, x_s = z) and steps z + (0 - 1) v, i.e. x0 = z - v, the distiller's generator."""
+    from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
+
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        teacher_scheduler.config, shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False,
+        use_beta_sigmas=False, invert_sigmas=False, stochastic_sampling=False)
+
+
+def _sd3_pipeline(teacher: Teacher, transformer: nn.Module, scheduler: Any) -> Any:
+    """A ``StableDiffusion3Pipeline`` of the teacher's three text encoders, tokenizers and VAE around ``transformer``."""
+    from diffusers import StableDiffusion3Pipeline  # noqa: PLC0415 -- diffusers models: seconds to import
+
+    enc, tok = teacher.text_encoder, teacher.tokenizer
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=teacher.vae,
+        text_encoder=None if enc is None else enc.clip_l, tokenizer=tok.clip_l,
+        text_encoder_2=None if enc is None else enc.clip_g, tokenizer_2=tok.clip_g,
+        text_encoder_3=None if enc is None else enc.t5, tokenizer_3=tok.t5)
 
 
 def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VSDConfig | None = None,
@@ -122,8 +166,21 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     denoiser = merged_student_denoiser(teacher, cfg.student, student_state, dtype)
-    scheduler = one_step_scheduler(teacher.scheduler, alphabar)
-    if teacher.family == "pixart":
+    if teacher.prediction_type == "flow":
+        if teacher.family == "pixart":
+            raise ValueError("a flow-matching PixArt teacher has no diffusers pipeline to export to: use the student "
+                             "adapter file (adapters/student.safetensors) with this code base")
+        # SD3: the stock pipeline reproduces x0. A flow UNet (the toy flow teacher) is saved as a
+        # StableDiffusionPipeline folder that load_teacher + wadi_core.models.flow.sample_flow sample;
+        # diffusers' SD pipeline itself cannot step a flow scheduler (wadi_export.json says so).
+        scheduler = one_step_flow_scheduler(teacher.scheduler)
+    else:
+        scheduler = one_step_scheduler(teacher.scheduler, alphabar)
+    if teacher.family == "sd3":
+        pipe = _sd3_pipeline(teacher, denoiser, scheduler)
+    elif teacher.family == "sdxl":
+        pipe = _sdxl_pipeline(teacher, denoiser, scheduler)
+    elif teacher.family == "pixart":
         from diffusers import PixArtAlphaPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
         pipe = PixArtAlphaPipeline(tokenizer=teacher.tokenizer, text_encoder=teacher.text_encoder,
@@ -143,6 +200,9 @@ def export_one_step_pipeline(source: Any, out_dir: str | os.PathLike, *, cfg: VS
         save_adapter_file(out / "adapters" / "fake.safetensors", fake_state, cfg.fake, teacher.family, "fake")
     info = {"format": "wadi-one-step/1", "teacher": teacher.source, "family": teacher.family,
             "student_timestep": cfg.student_timestep, "student_alphabar": alphabar, "sample_with": {"num_inference_steps": 1, "guidance_scale": 1.0},
+            **({"sampler": "wadi_core.models.flow.sample_flow (a flow UNet: diffusers' StableDiffusionPipeline cannot step "
+                           "its FlowMatchEulerDiscreteScheduler)"}
+               if teacher.prediction_type == "flow" and teacher.family != "sd3" else {}),
             "vsd": to_flat_dict(cfg)}
     (out / "wadi_export.json").write_text(json.dumps(info, indent=2))
     return out

@@ -310,18 +310,19 @@ class PromptStream:
         self.remainder = 0  # good prompts of the epoch left over after the last full global batch
 
     def rows(self, shard: Any) -> Iterator[Any]:
-        """The good rows of this rank's split, in order (a caption, or (caption, embeds, mask))."""
+        """The good rows of this rank's split, in order (a caption, or (caption, embeds, mask, pooled))."""
         # batch_size=None: the blocks as Ray Data made them (a shard's captions, or one encoder call's rows).
         for block in shard.iter_batches(batch_size=None, batch_format="numpy"):
             codes = block["bad"].tolist()
-            embeds, mask = block.get("embeds"), block.get("mask")
+            embeds, mask, pooled = block.get("embeds"), block.get("mask"), block.get("pooled")
             for i, (caption, code) in enumerate(zip(block["caption"], codes)):
                 if code:
                     self.bad[BAD_REASONS[code - 1]] += 1
                 elif embeds is None:
                     yield str(caption)
                 else:
-                    yield (str(caption), embeds[i], None if mask is None else mask[i])
+                    yield (str(caption), embeds[i], None if mask is None else mask[i],
+                           None if pooled is None else pooled[i])
 
     def batches(self, shard: Any, skip: int = 0) -> Iterator[Any]:
         """This rank's slice of each global batch of the epoch; the first ``skip`` global batches

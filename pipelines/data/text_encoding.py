@@ -4,7 +4,8 @@ PixArt-alpha conditions on T5-XXL (4.76 B parameters, ~9.5 GB in bf16, ~19 GB in
 every train worker it takes GPU memory that the denoiser, two adapters, their optimizer states
 and activations need. With ``actors``, a Ray Data stage of its own actors (a callable class that
 loads only the tokenizer and text encoder, once) turns each caption into its embedding (+ T5
-attention mask); Ray Data streams those rows to the train workers, which load the teacher
+attention mask; for SDXL the pooled embedding of its second CLIP too); Ray Data streams those rows to
+the train workers, which load the teacher
 without its text encoder. The empty prompt (classifier-free guidance) and the fixed sample
 prompts are encoded once before training by the same actor class and handed to the workers in
 ``train_loop_config``.
@@ -58,24 +59,29 @@ class EncodedPrompts:
     captions: list[str]
     embeds: np.ndarray  # (B, L, D)
     mask: np.ndarray | None  # (B, L) for T5, None for CLIP
+    pooled: np.ndarray | None = None  # (B, P) for SDXL (text_encoder_2's pooled embedding), else None
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def cond(self, device: torch.device | str, dtype: torch.dtype) -> Cond:
         mask = None if self.mask is None else to_tensor(self.mask).to(device, torch.int64)
-        return Cond(to_tensor(self.embeds).to(device, dtype), mask)
+        pooled = None if self.pooled is None else to_tensor(self.pooled).to(device, dtype)
+        return Cond(to_tensor(self.embeds).to(device, dtype), mask, pooled)
 
     @staticmethod
-    def stack(rows: list[tuple[str, np.ndarray, np.ndarray | None]]) -> "EncodedPrompts":
+    def stack(rows: list[tuple]) -> "EncodedPrompts":
+        """Rows ``(caption, embeds, mask)`` or ``(caption, embeds, mask, pooled)`` -> one batch."""
         masks = [r[2] for r in rows]
+        pooled = [r[3] if len(r) > 3 else None for r in rows]
         return EncodedPrompts([r[0] for r in rows], np.stack([r[1] for r in rows]),
-                              None if masks[0] is None else np.stack(masks))
+                              None if masks[0] is None else np.stack(masks),
+                              None if pooled[0] is None else np.stack(pooled))
 
 
 class TextEncoderActor:
     """Ray Data callable class: loads the teacher's tokenizer + text encoder once; adds ``embeds``
-    (and ``mask`` for T5) to rows ``caption``, ``bad``. Bad rows (dropped by the worker) get zeros.
+    (and ``mask`` for T5, ``pooled`` for SDXL) to rows ``caption``, ``bad``. Bad rows (dropped by the worker) get zeros.
     ``clip_mask``: CLIP runs with the attention mask (``vsd.prompt_encoding=official``, training prompts)."""
 
     def __init__(self, teacher: str, dtype: str = "float32", use_gpu: bool = False, clip_mask: bool = False):
@@ -98,6 +104,11 @@ class TextEncoderActor:
             if cond is not None:
                 mask[good] = cond.mask.cpu().numpy().astype(np.uint8)
             out["mask"] = mask
+        if self.empty.pooled is not None:
+            pooled = np.zeros((n, self.empty.pooled.shape[-1]), dtype=embeds.dtype)
+            if cond is not None:
+                pooled[good] = to_numpy(cond.pooled)
+            out["pooled"] = pooled
         return out
 
 
@@ -129,12 +140,13 @@ def precompute_conds(cfg: "DistillConfig", prompts: list[str]) -> dict[str, Any]
     out = sorted(ray.data.from_items(rows, override_num_blocks=1).map_batches(TextEncoderActor, **args).take_all(),
                  key=lambda r: int(r["idx"]))
     return {"prompts": [str(r["caption"]) for r in out], "embeds": np.stack([r["embeds"] for r in out]),
-            "mask": np.stack([r["mask"] for r in out]) if "mask" in out[0] else None}
+            "mask": np.stack([r["mask"] for r in out]) if "mask" in out[0] else None,
+            "pooled": np.stack([r["pooled"] for r in out]) if "pooled" in out[0] else None}
 
 
 def remember_conds(teacher: "Teacher", conds: dict[str, Any]) -> None:
     """Give a teacher loaded without its text encoder the precomputed prompts' conditionings."""
-    encoded = EncodedPrompts(conds["prompts"], conds["embeds"], conds["mask"])
+    encoded = EncodedPrompts(conds["prompts"], conds["embeds"], conds["mask"], conds.get("pooled"))
     teacher.remember(encoded.captions, encoded.cond(teacher.device, teacher.dtype))
 
 

@@ -202,9 +202,14 @@ class ImageGenerator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         root = resolve_model_dir(spec.uri)
         self.teacher = load_teacher(root, dtype=getattr(torch, spec.dtype), device=self.device)
+        # A flow-matching teacher (SD3-style) samples with its own Euler scheduler (wadi_core.models.flow.sample_flow):
+        # a DDIM made from its config would use the wrong schedule, and 1 step from sigma = 1 is x0 = z - v.
+        self.flow = self.teacher.prediction_type == "flow"
         scheduler = self.teacher.scheduler
         if spec.adapter:
             student_alphabar = apply_student_adapter(self.teacher, spec.adapter)
+            if self.flow:
+                student_alphabar = None
             if student_alphabar is not None:  # the student's own x0 = (z - sqrt(1 - a) eps) / sqrt(a)
                 scheduler = one_step_scheduler(scheduler, student_alphabar)
         final_alpha_one = True if spec.final_x0 else bool(self.teacher.scheduler.config.get("set_alpha_to_one", False))
@@ -222,6 +227,11 @@ class ImageGenerator:
             torch.randn(shape, generator=torch.Generator("cpu").manual_seed(prompt_seed(self.seed, k)))
             for k in keys
         ])
+        if self.flow:
+            from wadi_core.models.flow import sample_flow  # noqa: PLC0415 -- diffusers' scheduler: only flow teachers need it
+
+            images = t.decode(sample_flow(t, list(prompts), noise.to(self.device), self.spec.steps, self.spec.guidance))
+            return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         latents = (noise * self.scheduler.init_noise_sigma).to(self.device, t.dtype)
         cond = t.encode_prompts(list(prompts))
         cfg = self.spec.guidance != 1.0

@@ -22,6 +22,8 @@ DEFAULT_RANK = 256  # the paper's student rank for SD
 PRESET_TARGETS: dict[str, tuple[str, str]] = {
     "sd": ("unet_student", "unet_fake"),
     "pixart": ("dit_student", "dit_fake"),
+    "sdxl": ("unet_student", "unet_fake"),
+    "sd3": ("mmdit_student", "mmdit_fake"),  # the DiT rules on SD3's joint blocks (targets.mmdit_student)  # the SD UNet rules; SDXL's add_embedding is outside the blocks
 }
 
 

@@ -21,6 +21,8 @@ def unet_student(name: str) -> bool:
     Attention q/k/v/out, feed-forward, resnet ``time_emb_proj``, and ``proj_in``/``proj_out`` when they
     are Linear (SD2.1). Convs, ``time_embedding``, ``conv_in``/``conv_out`` are not Linear or not inside
     the blocks. With LoRaD r=256: SD1.5 83.80 M, SD2.1 94.43 M trainable (paper); LoRA r=256: 108.1 M.
+    SDXL takes the same rule (no published WaDi set): 530.60 M at r=256; its ``add_embedding`` (pooled
+    text + time ids) is outside the blocks and stays frozen, like ``time_embedding`` (and DMD2's SDXL LoRA).
     """
     return name.startswith(_UNET_BLOCKS)
 
@@ -53,12 +55,33 @@ def dit_fake(name: str) -> bool:
     return name.startswith("transformer_blocks.")
 
 
+def mmdit_student(name: str) -> bool:
+    """Every ``nn.Linear`` of an SD3Transformer2DModel except the ``time_text_embed`` MLPs (timestep and
+    pooled text): the DiT student rule (``dit_student`` leaves out ``adaln_single``) on the joint blocks.
+
+    That is, in each of the joint ``transformer_blocks``: attention ``to_q/k/v``, ``to_out.0`` (image
+    stream), ``add_q/k/v_proj``, ``to_add_out`` (text stream), ``ff`` and ``ff_context``, and the
+    per-block adaLN-Zero modulations ``norm1.linear`` / ``norm1_context.linear`` (PixArt's per-block
+    modulation is a table, not a Linear: in MMDiT it is where each block reads the noise level, which a
+    one-step student evaluated at sigma = 1 must re-purpose); plus ``context_embedder``, ``norm_out.linear``
+    and ``proj_out`` (as PixArt's ``caption_projection`` and ``proj_out``).
+    """
+    return not name.startswith("time_text_embed.")
+
+
+def mmdit_fake(name: str) -> bool:
+    """The Linears inside ``transformer_blocks`` of an SD3Transformer2DModel (the ``dit_fake`` rule)."""
+    return name.startswith("transformer_blocks.")
+
+
 PRESETS: dict[str, Callable[[str], bool]] = {
     "unet_student": unet_student,
     "unet_fake": unet_fake,
     "dit_student": dit_student,
     "dit_student_adaln": dit_student_adaln,
     "dit_fake": dit_fake,
+    "mmdit_student": mmdit_student,
+    "mmdit_fake": mmdit_fake,
 }
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from wadi_core.domain.attributes import caption
 from wadi_core.domain.checkpoint import load_training_state, save_training_state
 from wadi_core.domain.data import RenderSet, make_render_set, to_tensor
-from wadi_core.domain.pretrain_denoiser import DenoiserData, _lr, run_denoiser_phase
+from wadi_core.domain.pretrain_denoiser import DenoiserData, run_denoiser_phase, warmup_cosine_lr
 from wadi_core.domain.teacher import (TeacherArch, assemble_pipeline, build_scheduler, build_text_encoder,
                                       build_training_scheduler, build_unet, build_vae)
 from wadi_core.domain.tokenizer import build_tokenizer
@@ -62,13 +62,16 @@ class PretrainConfig:
     checkpoint_every: int = 100
     num_threads: int = 2
     denoiser_workers: int = 2
-    prediction_type: str = "epsilon"  # the UNet's target: "epsilon" (SD 1.5) or "v_prediction" (SD 2.1)
+    # the UNet's target: "epsilon" (SD 1.5), "v_prediction" (SD 2.1) or "flow" (rectified-flow velocity, SD3's
+    # parametrisation; saved with a FlowMatchEulerDiscreteScheduler of shift ``flow_shift``)
+    prediction_type: str = "epsilon"
+    flow_shift: float = 1.0
     init_from: str = ""               # a teacher pipeline folder: skip the VAE phases, fine-tune its denoiser
     arch: TeacherArch = TeacherArch()
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "flow"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'flow', got {self.prediction_type!r}")
 
 
 def _vae_loss(vae, x: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig, decoder_only: bool) -> tuple[torch.Tensor, dict]:
@@ -194,7 +197,7 @@ def pretrain_teacher(
         bar = tqdm(range(meta["step"], total), desc=phase, disable=not progress, mininterval=5)
         for step in bar:
             for g in opt.param_groups:
-                g["lr"] = _lr(base_lr, step, total, cfg.warmup_steps // 2)
+                g["lr"] = warmup_cosine_lr(base_lr, step, total, cfg.warmup_steps // 2)
             idx = torch.randint(len(data.images), (cfg.vae_batch,), generator=generator)
             x = to_tensor(data.images[idx.numpy()])
             loss, metrics = _vae_loss(vae, x, masks[idx], cfg, decoder_only=phase == "vae_decoder")
@@ -237,10 +240,17 @@ def pretrain_teacher(
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
     denom = snr if cfg.prediction_type == "epsilon" else snr + 1
     snr_weight = (snr.clamp(max=cfg.min_snr_gamma) / denom) if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
+    flow_sigmas = None
+    if cfg.prediction_type == "flow":  # plain velocity MSE on the scheduler's grid (rectified flow, SD3)
+        from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
+
+        # the scheduler's own training grid, ascending: index t is sigma = shift u / (1 + (shift - 1) u), u = (t+1)/T
+        flow_sigmas = FlowMatchEulerDiscreteScheduler(num_train_timesteps=len(snr), shift=cfg.flow_shift).sigmas.flip(0)
+        snr_weight = torch.ones_like(snr)
     if meta["phase"] == "denoiser":
         data2 = DenoiserData(lat_mean, lat_std, combo, combo_ids, empty, scaling, snr_weight,
                              noise_sched.alphas_cumprod.clone(), len(tokenizer), tokenizer.bos_token_id,
-                             tokenizer.eos_token_id, cfg.prediction_type)
+                             tokenizer.eos_token_id, cfg.prediction_type, flow_sigmas)
         if meta["step"] == 0:  # phase start: save it with the scaling factor (no optimizer yet)
             meta["elapsed_s"] = elapsed0 + time.time() - started
             save_training_state(state_dir, models, None, generator, meta)
@@ -252,7 +262,13 @@ def pretrain_teacher(
 
     unet.eval()
     text_encoder.eval()
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler(cfg.prediction_type))
+    if cfg.prediction_type == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415 -- diffusers models: seconds to import
+
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=len(snr), shift=cfg.flow_shift)
+    else:
+        scheduler = build_scheduler(cfg.prediction_type)
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     wall = elapsed0 + time.time() - started
     return {"wall_time_s": wall, "scaling_factor": scaling}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from wadi_core.domain.checkpoint import load_training_state, save_training_state
 from wadi_core.domain.teacher import build_text_encoder, build_unet, build_vae
 
-__all__ = ["DenoiserData", "train_denoiser", "run_denoiser_phase"]
+__all__ = ["DenoiserData", "train_denoiser", "run_denoiser_phase", "warmup_cosine_lr"]
 
 
 @dataclasses.dataclass
@@ -45,10 +45,12 @@ class DenoiserData:
     vocab_size: int
     bos_id: int
     eos_id: int
-    prediction_type: str = "epsilon"   # or "v_prediction": the UNet's target
+    prediction_type: str = "epsilon"   # or "v_prediction", or "flow" (rectified-flow velocity): the UNet's target
+    flow_sigmas: torch.Tensor | None = None  # "flow": sigma_t of grid index t (x_s = (1 - s) z0 + s eps)
 
 
-def _lr(base: float, step: int, total: int, warmup: int) -> float:
+def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine from ``base`` down to 0.1 x ``base``."""
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -128,7 +130,7 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
     step = meta["step"]
     while step < total:
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg.denoiser_lr, step, total, cfg.warmup_steps)
+            g["lr"] = warmup_cosine_lr(cfg.denoiser_lr, step, total, cfg.warmup_steps)
         idx = torch.randint(len(data.combo), (local_batch,), generator=gen)
         z0 = (data.lat_mean[idx] + data.lat_std[idx] * torch.randn(data.lat_mean[idx].shape, generator=gen)) * data.scaling
         drop = torch.rand(local_batch, generator=gen) < cfg.caption_dropout
@@ -139,7 +141,11 @@ def train_denoiser(rank: int, world: int, cfg: Any, data: DenoiserData, state_di
         z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise  # DDPM forward process q(z_t | z_0)
         cond = text_encoder(ids)[0]
         target = noise if data.prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * z0
-        per_sample = F.mse_loss(unet(z_t, t, encoder_hidden_states=cond).sample, target,
+        timestep = t
+        if data.prediction_type == "flow":  # rectified flow: x_s = (1 - s) z0 + s eps, v = eps - z0, at s * T
+            sigma = data.flow_sigmas[t].view(-1, 1, 1, 1)
+            z_t, target, timestep = (1 - sigma) * z0 + sigma * noise, noise - z0, sigma.view(-1) * len(data.flow_sigmas)
+        per_sample = F.mse_loss(unet(z_t, timestep, encoder_hidden_states=cond).sample, target,
                                 reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * data.snr_weight[t]).mean()
         opt.zero_grad(set_to_none=False)

@@ -7,10 +7,13 @@ of OpenCLIP's attention (SD2.x text encoder). Layouts:
 * UNet      ``model.diffusion_model.{input_blocks,middle_block,output_blocks,time_embed,out}.*``
 * VAE       ``first_stage_model.{encoder,decoder}.{down,mid,up}.*``
 * text      SD1.x CLIP ``cond_stage_model.transformer.text_model.*``;
-            SD2.x OpenCLIP ``cond_stage_model.model.{transformer.resblocks,token_embedding,...}``
+            SD2.x OpenCLIP ``cond_stage_model.model.{transformer.resblocks,token_embedding,...}``;
+            SDXL CLIP-L ``conditioner.embedders.0.transformer.text_model.*`` and OpenCLIP bigG
+            ``conditioner.embedders.1.model.*`` with its ``text_projection`` (stored transposed)
+* SDXL UNet's added embedding (pooled text + time ids) ``add_embedding.linear_{1,2}`` -> ``label_emb.0.{0,2}``
 
 The single file carries weights only: load it with ``StableDiffusionPipeline.from_single_file(
-path, config=<diffusers dir>)`` so the scheduler, tokenizer and model configs come from that dir
+path, config=<diffusers dir>)`` (SDXL: ``StableDiffusionXLPipeline``) so the scheduler, tokenizer and model configs come from that dir
 (our export's one-step scheduler is also kept in the file's metadata, ``wadi.scheduler_config``).
 """
 
@@ -34,11 +37,14 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
 _VAE_TOP = {"conv_norm_out": "norm_out"}
 _VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
 
@@ -57,7 +63,7 @@ def _rename(rest: str, table: tuple[tuple[str, str], ...]) -> str:
 
 
 def unet_to_ldm(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
-    """A ``UNet2DConditionModel`` state dict (SD1.x / SD2.x layout) -> LDM ``UNetModel`` keys (unprefixed).
+    """A ``UNet2DConditionModel`` state dict (SD1.x / SD2.x / SDXL layout) -> LDM ``UNetModel`` keys (unprefixed).
 
     Down block ``b`` takes LDM input blocks ``1 + b*(L+1) ...`` (L resnet/attention layers, then the
     downsampler); up block ``b`` takes output blocks ``b*(L+1) ...`` with its upsampler at index 2
@@ -158,31 +164,36 @@ def _text_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
 
 
-def clip_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """SD1.x: HF ``CLIPTextModel`` keys under ``cond_stage_model.transformer.text_model.`` (prefixed)."""
-    return {CLIP_PREFIX + k: v for k, v in _text_keys(state).items()}
+def clip_to_ldm(state: Mapping[str, Tensor], prefix: str = CLIP_PREFIX) -> dict[str, Tensor]:
+    """SD1.x: HF ``CLIPTextModel`` keys under ``cond_stage_model.transformer.text_model.`` (prefixed);
+    SDXL's CLIP-L: ``prefix=SDXL_CLIP_PREFIX``."""
+    return {prefix + k: v for k, v in _text_keys(state).items()}
 
 
 _OPEN_CLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
                     ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj"))
 
 
-def open_clip_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def open_clip_to_ldm(state: Mapping[str, Tensor], prefix: str = OPEN_CLIP_PREFIX) -> dict[str, Tensor]:
     """SD2.x: HF ``CLIPTextModel`` -> OpenCLIP ``cond_stage_model.model.*`` (prefixed); q/k/v are
-    concatenated into ``attn.in_proj_{weight,bias}``. No ``text_projection`` (SD2 does not use it)."""
+    concatenated into ``attn.in_proj_{weight,bias}``. No ``text_projection`` (SD2 does not use it).
+    SDXL's bigG (``CLIPTextModelWithProjection``, ``prefix=SDXL_OPEN_CLIP_PREFIX``): its projection is
+    OpenCLIP's ``text_projection``, a ``(hidden, proj)`` matrix applied as ``x @ P``: the Linear weight transposed."""
     src = _text_keys(state)
+    out: dict[str, Tensor] = {}
+    if "text_projection.weight" in src:
+        out[prefix + "text_projection"] = src.pop("text_projection.weight").T.contiguous()
     top = {"embeddings.token_embedding.weight": "token_embedding.weight",
            "embeddings.position_embedding.weight": "positional_embedding",
            "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
-    out: dict[str, Tensor] = {}
     layers = sorted({int(k.split(".")[2]) for k in src if k.startswith("encoder.layers.")})
     for k, v in src.items():
         if k in top:
-            out[OPEN_CLIP_PREFIX + top[k]] = v
+            out[prefix + top[k]] = v
         elif not k.startswith("encoder.layers."):
             raise KeyError(f"text encoder key {k} has no OpenCLIP equivalent")
     for i in layers:
-        pre, dst = f"encoder.layers.{i}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        pre, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for leaf in ("weight", "bias"):
             out[dst + f"attn.in_proj_{leaf}"] = torch.cat([src[pre + f"self_attn.{p}_proj.{leaf}"] for p in "qkv"])
             for new, old in _OPEN_CLIP_LAYER:
@@ -197,19 +208,25 @@ def text_encoder_layout(text_config: Mapping[str, Any]) -> Literal["clip", "open
 
 def pipeline_to_ldm(pipeline_dir: str | os.PathLike, text_layout: str = "auto",
                     dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """All weights of a diffusers ``StableDiffusionPipeline`` folder in the single-file LDM layout."""
+    """All weights of a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder in
+    the single-file LDM layout (SDXL's two text encoders have fixed layouts: ``text_layout`` is ignored)."""
     root = Path(pipeline_dir)
     index = json.loads((root / "model_index.json").read_text())
-    if index.get("_class_name") != "StableDiffusionPipeline":
-        raise ValueError(f"{root} holds a {index.get('_class_name')}: single-file export covers SD1.x / SD2.x "
-                         "StableDiffusionPipeline folders (PixArt has no LDM single-file layout; use --format diffusers)")
+    kind = index.get("_class_name")
+    if kind not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ValueError(f"{root} holds a {kind}: single-file export covers SD1.x / SD2.x / SDXL pipeline folders "
+                         "(PixArt has no LDM single-file layout; use --format diffusers)")
     unet, unet_cfg = load_component_weights(root, "unet")
     vae, vae_cfg = load_component_weights(root, "vae")
     text, text_cfg = load_component_weights(root, "text_encoder")
-    layout = text_encoder_layout(text_cfg) if text_layout == "auto" else text_layout
     out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet, unet_cfg).items()}
     out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae, vae_cfg).items()})
-    out.update(open_clip_to_ldm(text) if layout == "openclip" else clip_to_ldm(text))
+    if kind == "StableDiffusionXLPipeline":  # CLIP-L as embedder 0, OpenCLIP bigG (+ projection) as embedder 1
+        out.update(clip_to_ldm(text, SDXL_CLIP_PREFIX))
+        out.update(open_clip_to_ldm(load_component_weights(root, "text_encoder_2")[0], SDXL_OPEN_CLIP_PREFIX))
+    else:
+        layout = text_encoder_layout(text_cfg) if text_layout == "auto" else text_layout
+        out.update(open_clip_to_ldm(text) if layout == "openclip" else clip_to_ldm(text))
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return {k: v.contiguous() for k, v in out.items()}
@@ -220,7 +237,9 @@ def save_single_file(pipeline_dir: str | os.PathLike, out_path: str | os.PathLik
     """Write ``pipeline_dir`` as one LDM-layout ``.safetensors`` (scheduler config in the metadata)."""
     root, out = Path(pipeline_dir), Path(out_path)
     state = pipeline_to_ldm(root, text_layout, dtype)
-    meta = {"format": "pt", "wadi.layout": "ldm-stable-diffusion"}
+    index = json.loads((root / "model_index.json").read_text())
+    xl = index.get("_class_name") == "StableDiffusionXLPipeline"
+    meta = {"format": "pt", "wadi.layout": "ldm-stable-diffusion-xl" if xl else "ldm-stable-diffusion"}
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.exists():
         meta["wadi.scheduler_config"] = sched.read_text()

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from wadi_core import storage
+from wadi_core.models import sd3, sdxl
+from wadi_core.models.flow import eps_from_velocity, flow_alphas_cumprod, flow_from_vp, flow_sigmas_of, is_flow_scheduler
 
 __all__ = ["Cond", "Teacher", "load_teacher", "resolve_teacher_dir", "EMBEDDED_TEACHER", "PromptEncoder",
            "load_prompt_encoder", "encode_text"]
@@ -20,15 +22,17 @@ __all__ = ["Cond", "Teacher", "load_teacher", "resolve_teacher_dir", "EMBEDDED_T
 #: The shipped embedded teacher (diffusers StableDiffusionPipeline layout).
 EMBEDDED_TEACHER: Path = Path(__file__).resolve().parents[1] / "assets" / "embedded_teacher"
 
-Family = Literal["sd", "pixart"]
+Family = Literal["sd", "pixart", "sdxl", "sd3"]
 
 
 @dataclass
 class Cond:
-    """Text conditioning for a batch: token embeddings ``(B, L, D)`` and, for T5, a ``(B, L)`` mask."""
+    """Text conditioning for a batch: token embeddings ``(B, L, D)``, for T5 a ``(B, L)`` mask, and
+    for SDXL / SD3 the pooled text embeddings ``(B, P)``."""
 
     embeds: Tensor
     mask: Tensor | None = None
+    pooled: Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -37,7 +41,9 @@ class Cond:
     def cat(conds: list["Cond"]) -> "Cond":
         masks = [c.mask for c in conds]
         mask = None if any(m is None for m in masks) else torch.cat(masks)  # type: ignore[arg-type]
-        return Cond(torch.cat([c.embeds for c in conds]), mask)
+        pooled = [c.pooled for c in conds]
+        pool = None if any(p is None for p in pooled) else torch.cat(pooled)  # type: ignore[arg-type]
+        return Cond(torch.cat([c.embeds for c in conds]), mask, pool)
 
     def where(self, use_other: Tensor, other: "Cond") -> "Cond":
         """Rows where ``use_other`` (bool, (B,)) is true come from ``other`` (e.g. the null prompt)."""
@@ -46,17 +52,27 @@ class Cond:
         mask = None
         if self.mask is not None and other.mask is not None:
             mask = torch.where(sel[:, :, 0], other.mask, self.mask)
-        return Cond(embeds, mask)
+        pooled = None
+        if self.pooled is not None and other.pooled is not None:
+            pooled = torch.where(sel[:, :, 0], other.pooled, self.pooled)
+        return Cond(embeds, mask, pooled)
 
     def to(self, device: torch.device | str) -> "Cond":
-        return Cond(self.embeds.to(device), None if self.mask is None else self.mask.to(device))
+        return Cond(self.embeds.to(device), None if self.mask is None else self.mask.to(device),
+                    None if self.pooled is None else self.pooled.to(device))
 
     def to_dtype(self, dtype: torch.dtype) -> "Cond":
-        """Embeddings in ``dtype`` (the mask keeps its integer type)."""
-        return Cond(self.embeds.to(dtype), self.mask)
+        """Embeddings (and pooled embeddings) in ``dtype`` (the mask keeps its integer type)."""
+        return Cond(self.embeds.to(dtype), self.mask, None if self.pooled is None else self.pooled.to(dtype))
 
     def detach(self) -> "Cond":
-        return Cond(self.embeds.detach(), None if self.mask is None else self.mask.detach())
+        return Cond(self.embeds.detach(), None if self.mask is None else self.mask.detach(),
+                    None if self.pooled is None else self.pooled.detach())
+
+    def rows(self, start: int, stop: int) -> "Cond":
+        """Rows ``start:stop`` of every tensor (one prompt's conditioning: ``rows(i, i + 1)``)."""
+        return Cond(self.embeds[start:stop], None if self.mask is None else self.mask[start:stop],
+                    None if self.pooled is None else self.pooled[start:stop])
 
 
 @dataclass
@@ -80,6 +96,8 @@ class Teacher:
     # How ``encode_train_prompts`` encodes CLIP prompts: "diffusers" (no attention mask, as
     # StableDiffusionPipeline) or "official" (the official training data's mask); see VSDConfig.
     prompt_encoding: str = "diffusers"
+    # SDXL's force_zeros_for_empty_prompt: the null prompt (CFG, caption dropout) is all zeros.
+    zero_null_prompt: bool = False
     _null: Cond | None = field(default=None, repr=False)
     _known: dict[str, Cond] = field(default_factory=dict, repr=False)
 
@@ -94,8 +112,16 @@ class Teacher:
 
     @property
     def alphas_cumprod(self) -> Tensor:
-        """The scheduler's alphabar_t for t = 0..T-1 (float32, CPU)."""
+        """The scheduler's alphabar_t for t = 0..T-1 (float32, CPU); a flow teacher's is its VP disguise's,
+        (1 - s)^2 / ((1 - s)^2 + s^2) on its sigma grid (``wadi_core.models.flow``)."""
+        if self.prediction_type == "flow":
+            return flow_alphas_cumprod(self.flow_sigmas).to(torch.float32)
         return self.scheduler.alphas_cumprod.detach().to(torch.float32).cpu()
+
+    @property
+    def flow_sigmas(self) -> Tensor:
+        """A flow teacher's noise level sigma_t for t = 0..T-1 (float64, CPU; ascending, sigma_{T-1} = 1)."""
+        return flow_sigmas_of(self.scheduler)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -107,6 +133,9 @@ class Teacher:
 
     @property
     def prediction_type(self) -> str:
+        """"epsilon", "v_prediction", or "flow" (rectified-flow velocity, FlowMatchEulerDiscreteScheduler)."""
+        if is_flow_scheduler(self.scheduler):
+            return "flow"
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 
     @property
@@ -146,18 +175,21 @@ class Teacher:
         """Keep precomputed conditionings (one row per prompt), e.g. the empty prompt and the
         sample prompts of a trainer whose text encoder runs in other processes."""
         for i, p in enumerate(prompts):
-            self._known[p] = Cond(cond.embeds[i:i + 1].to(self.device),
-                                  None if cond.mask is None else cond.mask[i:i + 1].to(self.device))
+            self._known[p] = cond.rows(i, i + 1).to(self.device)
         if "" in self._known:
             self._null = None
 
     def null_cond(self, batch: int) -> Cond:
         """The empty prompt's conditioning repeated ``batch`` times (encoded once, cached)."""
         if self._null is None:
-            self._null = self.encode_prompts([""])
+            null = self.encode_prompts([""])
+            self._null = Cond(torch.zeros_like(null.embeds), null.mask,
+                              None if null.pooled is None else torch.zeros_like(null.pooled)
+                              ) if self.zero_null_prompt else null
         e = self._null.embeds.expand(batch, -1, -1)
         m = None if self._null.mask is None else self._null.mask.expand(batch, -1)
-        return Cond(e, m)
+        p = None if self._null.pooled is None else self._null.pooled.expand(batch, -1)
+        return Cond(e, m, p)
 
     # -- denoiser -----------------------------------------------------------------------------
     def predict_eps(self, x_t: Tensor, t: Tensor | int, cond: Cond) -> Tensor:
@@ -167,6 +199,8 @@ class Teacher:
         if not torch.is_tensor(t):
             t = torch.tensor([t], device=x_t.device)
         t = t.to(x_t.device).reshape(-1).expand(b) if t.numel() == 1 else t.to(x_t.device)
+        if self.prediction_type == "flow":  # a VP model in disguise: x_s = c x_t, eps from the velocity
+            return self._flow_eps(x_t, t, cond)
         if self.family == "pixart":
             out = self.denoiser(
                 x_t, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask, timestep=t,
@@ -174,6 +208,9 @@ class Teacher:
             )[0]
             # Learned-sigma DiTs output (eps, variance): the first latent channels are eps.
             out = out[:, : x_t.shape[1]]
+        elif self.family == "sdxl":
+            out = self.denoiser(x_t, t, encoder_hidden_states=cond.embeds, return_dict=False,
+                                added_cond_kwargs=sdxl.sdxl_added_cond_kwargs(cond, x_t, self.vae))[0]
         else:
             out = self.denoiser(x_t, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
         if self.prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t, in fp32
@@ -182,6 +219,19 @@ class Teacher:
         elif self.prediction_type != "epsilon":
             raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (epsilon or v_prediction)")
         return out
+
+    def predict_velocity(self, x_s: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        """A flow teacher's raw velocity v = eps - x0 at flow latents ``x_s``, ``timestep`` = sigma * T (float)."""
+        if self.family == "sd3":
+            return sd3.sd3_velocity(self.denoiser, x_s, timestep, cond)
+        return self.denoiser(x_s, timestep, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+
+    def _flow_eps(self, x_vp: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """eps of a flow teacher at VP latents ``x_vp`` and grid indices ``t``, converted in fp32."""
+        sigma = self.flow_sigmas.to(torch.float32).to(x_vp.device)[t.long()]
+        x_s = flow_from_vp(x_vp, sigma)
+        v = self.predict_velocity(x_s.to(x_vp.dtype), sigma * self.num_train_timesteps, cond)
+        return eps_from_velocity(x_s, v, sigma)
 
     # -- images -------------------------------------------------------------------------------
     def decode(self, latents: Tensor) -> Tensor:
@@ -221,7 +271,12 @@ def encode_text(text_encoder: nn.Module, tokenizer: Any, family: Family, max_len
     """Prompts -> ``Cond`` in the encoder's dtype, as the diffusers pipelines encode them: CLIP at
     77 tokens (SD), T5 with its attention mask at 120 tokens (PixArt-alpha). ``clip_mask`` runs CLIP
     with the tokenizer's attention mask too (the official WaDi training data); the UNet takes no mask,
-    so only the padding positions' embeddings change."""
+    so only the padding positions' embeddings change. SDXL: both CLIPs, pooled embeddings, no mask
+    (``wadi_core.models.sdxl``; ``clip_mask`` does not apply: the official code has no SDXL data)."""
+    if family == "sdxl":
+        return sdxl.encode_sdxl_text(text_encoder, tokenizer, max_length, prompts)  # type: ignore[arg-type]
+    if family == "sd3":  # CLIP-L + CLIP-G + T5 (max_length: T5's tokens), as StableDiffusion3Pipeline
+        return sd3.encode_sd3_prompts(text_encoder, tokenizer, max_length, prompts)  # type: ignore[arg-type]
     tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="pt")
     device = next(text_encoder.parameters()).device
@@ -306,6 +361,10 @@ def _read_index(root: Path, uri: Any) -> dict[str, Any]:
 
 
 def _family(index: dict[str, Any], where: Any) -> Family:
+    if index.get("_class_name") == "StableDiffusionXLPipeline":
+        return "sdxl"
+    if index.get("_class_name") == "StableDiffusion3Pipeline":
+        return "sd3"
     if "unet" in index:
         return "sd"
     if "transformer" in index:
@@ -313,9 +372,18 @@ def _family(index: dict[str, Any], where: Any) -> Family:
     raise ValueError(f"{where} has neither a 'unet' nor a 'transformer': not an SD or PixArt pipeline")
 
 
+def _text_parts(family: Family) -> tuple[str, ...]:
+    """The pipeline folders a prompt encoder of ``family`` needs (text encoders and tokenizers)."""
+    if family == "sd3":
+        return sd3.TEXT_PARTS
+    return sdxl.TEXT_PARTS if family == "sdxl" else ("text_encoder", "tokenizer")
+
+
 def _text_max_length(family: Family, tokenizer: Any, text_config: Any) -> int:
     if family == "pixart":
         return 120  # PixArt-alpha's T5 context (diffusers' max_sequence_length default)
+    if family == "sd3":
+        return sd3.SD3_T5_LENGTH  # the T5 part of the joint sequence (CLIP's 77 come from its tokenizer)
     max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
     return min(max_len, int(text_config.max_position_embeddings))
 
@@ -338,19 +406,32 @@ def load_teacher(
     index = _read_index(root, uri)
     family = _family(index, root / "model_index.json")
     low_mem = _low_memory_kwargs()
-    component = "unet" if family == "sd" else "transformer"
+    component = "unet" if family in ("sd", "sdxl") else "transformer"
     denoiser = _component_class(index, component).from_pretrained(root, subfolder=component, torch_dtype=dtype,
                                                                   **low_mem)
     vae = _component_class(index, "vae").from_pretrained(root, subfolder="vae", torch_dtype=dtype, **low_mem)
     encoder_cls = _component_class(index, "text_encoder")
-    encoder = (encoder_cls.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype, **low_mem)
-               if text_encoder else None)
-    tokenizer = _component_class(index, "tokenizer").from_pretrained(root, subfolder="tokenizer")
+    if family == "sdxl":  # two text encoders and tokenizers, one module: wadi_core.models.sdxl
+        parts = {part: root / part for part in sdxl.TEXT_PARTS}
+        encoder = (sdxl.load_sdxl_text_encoders(index, parts, dtype, _component_class, **low_mem)
+                   if text_encoder else None)
+        tokenizer = sdxl.load_sdxl_tokenizers(index, parts, _component_class)
+    elif family == "sd3":  # CLIP-L, CLIP-G and T5 as one module: wadi_core.models.sd3
+        parts = {part: root / part for part in sd3.TEXT_PARTS}
+        encoder = (sd3.load_sd3_text_encoders(index, parts, dtype, _component_class,
+                                              int(denoiser.config.joint_attention_dim), **low_mem)
+                   if text_encoder else None)
+        tokenizer = sd3.load_sd3_tokenizers(index, parts, _component_class)
+    else:
+        encoder = (encoder_cls.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype, **low_mem)
+                   if text_encoder else None)
+        tokenizer = _component_class(index, "tokenizer").from_pretrained(root, subfolder="tokenizer")
     scheduler = _component_class(index, "scheduler").from_pretrained(root, subfolder="scheduler")
     text_config = encoder.config if encoder is not None else encoder_cls.config_class.from_pretrained(
         root / "text_encoder")
     max_len = _text_max_length(family, tokenizer, text_config)
-    teacher = Teacher(denoiser, vae, encoder, tokenizer, scheduler, family, str(uri), max_len, root=Path(root))
+    teacher = Teacher(denoiser, vae, encoder, tokenizer, scheduler, family, str(uri), max_len, root=Path(root),
+                      zero_null_prompt=family == "sdxl" and sdxl.zero_null_prompt(index))
     return teacher.to(device).freeze()
 
 
@@ -361,18 +442,23 @@ def load_prompt_encoder(uri: str | os.PathLike, dtype: torch.dtype = torch.float
     folders are downloaded)."""
     uri = str(uri)
     if storage.is_remote(uri):
-        local = {part: storage.materialize(storage.join(uri, part), cache_dir)
-                 for part in ("model_index.json", "text_encoder", "tokenizer")}
-        index = json.loads(local["model_index.json"].read_text())
-        enc_dir, tok_dir = local["text_encoder"], local["tokenizer"]
-        where: Any = uri
+        index = json.loads(storage.materialize(storage.join(uri, "model_index.json"), cache_dir).read_text())
+        family = _family(index, uri)
+        local = {part: storage.materialize(storage.join(uri, part), cache_dir) for part in _text_parts(family)}
     else:
         base = resolve_teacher_dir(uri, cache_dir)
         index = _read_index(base, uri)
-        enc_dir, tok_dir, where = base / "text_encoder", base / "tokenizer", base / "model_index.json"
-    family = _family(index, where)
-    encoder = _component_class(index, "text_encoder").from_pretrained(enc_dir, torch_dtype=dtype,
-                                                                      **_low_memory_kwargs())
-    tokenizer = _component_class(index, "tokenizer").from_pretrained(tok_dir)
+        family = _family(index, base / "model_index.json")
+        local = {part: base / part for part in _text_parts(family)}
+    if family == "sdxl":
+        encoder = sdxl.load_sdxl_text_encoders(index, local, dtype, _component_class, **_low_memory_kwargs())
+        tokenizer = sdxl.load_sdxl_tokenizers(index, local, _component_class)
+    elif family == "sd3":
+        encoder = sd3.load_sd3_text_encoders(index, local, dtype, _component_class, None, **_low_memory_kwargs())
+        tokenizer = sd3.load_sd3_tokenizers(index, local, _component_class)
+    else:
+        encoder = _component_class(index, "text_encoder").from_pretrained(local["text_encoder"], torch_dtype=dtype,
+                                                                          **_low_memory_kwargs())
+        tokenizer = _component_class(index, "tokenizer").from_pretrained(local["tokenizer"])
     encoder = encoder.to(device).eval().requires_grad_(False)
     return PromptEncoder(encoder, tokenizer, family, _text_max_length(family, tokenizer, encoder.config))

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from wadi_core.adapters import adapter_modules, adapter_parameters, apply_adapter, set_adapter
+from wadi_core.models.flow import flow_from_vp, x0_from_velocity
 from wadi_core.models.teacher import Cond, Teacher
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.losses import at_least_fp32, cfg_combine, x0_from_eps
@@ -27,11 +28,11 @@ HALF_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.flo
 
 def resolve_student_alphabar(cfg: VSDConfig, alphas_cumprod: Tensor, prediction_type: str) -> float:
     """``cfg.student_alphabar`` as a number: "schedule" is alphabar at ``cfg.student_timestep``;
-    "auto" is the official 0.0047 for an eps teacher and the schedule's for a v-prediction one
-    (whose merged export can only reproduce the schedule's ``a``)."""
+    "auto" is the official 0.0047 for an eps teacher and the schedule's for a v-prediction or flow one
+    (whose merged export can only reproduce the schedule's ``a``; a flow teacher's is 0 at sigma = 1)."""
     choice = cfg.student_alphabar
     if choice == "auto":
-        choice = "schedule" if prediction_type == "v_prediction" else OFFICIAL_STUDENT_ALPHABAR
+        choice = "schedule" if prediction_type in ("v_prediction", "flow") else OFFICIAL_STUDENT_ALPHABAR
     if choice == "schedule":
         return float(alphas_cumprod[cfg.student_timestep])
     return float(choice)
@@ -48,11 +49,12 @@ class WaDiDistiller:
         self.teacher = teacher.freeze()
         self.cfg = cfg
         schedule_a = float(teacher.alphas_cumprod[cfg.student_timestep])
-        if teacher.prediction_type == "v_prediction" and abs(self.student_alphabar - schedule_a) > 1e-6 * schedule_a:
-            # A merged v-prediction student outputs v; a diffusers scheduler turns v into x0 with the
-            # schedule's alphabar only, so any other ``a`` could not be reproduced by the export.
-            raise ValueError(f"a v-prediction teacher needs vsd.student_alphabar=schedule or auto (alphabar_"
-                             f"{cfg.student_timestep} = {schedule_a:.3g}), got {cfg.student_alphabar}")
+        if (teacher.prediction_type in ("v_prediction", "flow")
+                and abs(self.student_alphabar - schedule_a) > 1e-6 * schedule_a):
+            # A merged v-prediction (or flow) student outputs v; a diffusers scheduler turns v into x0 with
+            # the schedule's alphabar (sigma) only, so any other ``a`` could not be reproduced by the export.
+            raise ValueError(f"a {teacher.prediction_type} teacher needs vsd.student_alphabar=schedule or auto "
+                             f"(alphabar_{cfg.student_timestep} = {schedule_a:.3g}), got {cfg.student_alphabar}")
         den = teacher.denoiser
         if cfg.mixed_precision != "no":
             # As the official code: the frozen base in half precision, the adapters added after it in
@@ -135,9 +137,21 @@ class WaDiDistiller:
         sqrt(a) ~ 0.07, which would amplify half-precision rounding 15x.
         """
         t = torch.full((z.shape[0],), self.cfg.student_timestep, device=z.device, dtype=torch.long)
+        if self.teacher.prediction_type == "flow":
+            return self._generate_flow(z, t, cond)
         eps_hat = self.eps("student", z, t, cond)  # fp32
         a = torch.full((z.shape[0],), self.student_alphabar, device=z.device, dtype=eps_hat.dtype)
         return x0_from_eps(at_least_fp32(z), eps_hat, a)
+
+    def _generate_flow(self, z: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """Flow one-step generator: x0 = x_s - s v_hat at the student's sigma s (1 at t = T-1, where
+        x_s = z and x0 = z - v_hat: the VP form divides by sqrt(abar) = 0 there), fp32."""
+        sigma = self.teacher.flow_sigmas.to(torch.float32).to(z.device)[t]
+        x_s = flow_from_vp(z, sigma)
+        with self.role("student"), self.autocast():
+            v_hat = self.teacher.predict_velocity(x_s.to(self.teacher.dtype), sigma * self.teacher.num_train_timesteps,
+                                                  cond)
+        return x0_from_velocity(x_s, at_least_fp32(v_hat), sigma)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | None = None,
