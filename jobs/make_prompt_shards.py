@@ -17,11 +17,10 @@ from typing import Literal
 
 from wadi_core import storage
 from wadi_core.domain.attributes import eval_prompts
-from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions, write_prompt_shards
+from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions
 from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
-from pipelines.data.wds_shards import write_prompt_shards_webdataset
 
 Split = Literal["train", "heldout", "all"]
 
@@ -30,7 +29,6 @@ Split = Literal["train", "heldout", "all"]
 class ShardsConfig:
     out: str                                          # output folder or s3:// prefix for the shards
     shard_size: int = 10_000
-    writer: Literal["webdataset", "tarfile"] = "webdataset"  # or the dependency-free tarfile writer in wadi_core
 
 
 @dataclass(frozen=True)
@@ -64,14 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         add_config_arguments(sub.add_parser(name, help=cls.__doc__.split(": ", 1)[1]))
     ns = p.parse_args(argv)
     args = config_from_args(JourneyDBShards if ns.source == "journeydb" else DomainShards, ns)
-    writer = write_prompt_shards_webdataset if args.writer == "webdataset" else write_prompt_shards
 
     if isinstance(args, JourneyDBShards):
-        manifest = journeydb_to_shards(list(args.inputs), args.out, args.shard_size, seed=args.seed, progress=True,
-                                       writer=writer)
+        manifest = journeydb_to_shards(list(args.inputs), args.out, args.shard_size, seed=args.seed, progress=True)
     else:
-        manifest = domain_to_shards(args.num, args.out, seed=args.seed, split=args.split, shard_size=args.shard_size,
-                                    writer=writer)
+        manifest = domain_to_shards(args.num, args.out, seed=args.seed, split=args.split, shard_size=args.shard_size)
         if args.eval_num:
             eval_uri = storage.join(args.out, "eval_captions.json")
             write_coco_captions(eval_prompts(args.eval_num, args.eval_seed, args.eval_split), eval_uri)

@@ -102,7 +102,7 @@ def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_b
     from s3_fault_proxy import FaultProxy
 
     from pipelines.data.prompts import read_shard, pyarrow_filesystem, read_shard_batch
-    from pipelines.data.tarshards import BAD_REASONS
+    from wadi_core.prompts.shards import BAD_REASONS
     from wadi_core import storage
 
     body = os.urandom(3 << 20)  # 12 chunks of the old reader

@@ -32,7 +32,7 @@ from wadi_core.vsd.ema import AdapterEMA
 
 from pipelines.config.job import DistillConfig
 from pipelines.data.prompts import PromptStream
-from pipelines.data.tarshards import BAD_REASONS
+from wadi_core.prompts.shards import BAD_REASONS
 from pipelines.data.text_encoding import batch_cond, remember_conds
 # Flag / counter all-reduces on the training device (NCCL takes CUDA tensors only).
 from pipelines.runtime.collectives import all_ranks_true as _all_ranks_true
