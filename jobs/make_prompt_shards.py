@@ -28,15 +28,15 @@ Split = Literal["train", "heldout", "all"]
 @dataclass(frozen=True)
 class ShardsConfig:
     out: str                                          # output folder or s3:// prefix for the shards
-    shard_size: int = 10_000
+    shard_size: int = 10_000  # prompts per tar shard
 
 
 @dataclass(frozen=True)
 class JourneyDBShards(ShardsConfig):
     """``journeydb``: from JourneyDB train_anno*.jsonl(.tgz) files (local or s3://)."""
 
-    inputs: tuple[str, ...] = ()
-    seed: int = 2023
+    inputs: tuple[str, ...] = ()  # JourneyDB train_anno*.jsonl(.tgz) files (local or s3://)
+    seed: int = 2023  # shuffle seed of the deduped, sorted captions
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -47,12 +47,12 @@ class JourneyDBShards(ShardsConfig):
 class DomainShards(ShardsConfig):
     """``domain``: from the embedded procedural domain."""
 
-    num: int = 20_000
-    seed: int = 0
-    split: Split = "train"
+    num: int = 20_000  # training prompts to draw
+    seed: int = 0  # seed of the drawn domain attributes
+    split: Split = "train"  # domain split of the training prompts
     eval_num: int = 5_000             # COCO-format eval prompts (0: none)
-    eval_split: Split = "train"
-    eval_seed: int = 1
+    eval_split: Split = "train"  # domain split of the eval prompts
+    eval_seed: int = 1  # seed of the eval prompts
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -219,8 +219,9 @@ def test_generation_and_metric_actors_ask_ray_for_their_accelerator(monkeypatch)
     """The accelerator type and each stage's own GPUs reach Ray Data's map_batches (no Ray started:
     the dataset is a recorder)."""
     ray_data = pytest.importorskip("ray.data")
-    from pipelines.evaluate.metrics import MetricsSpec, features_and_stats
-    from pipelines.evaluate.generation import ModelSpec, PromptRecord, generation_dataset
+    from pipelines.evaluate.config import MetricsSpec, ModelSpec
+    from pipelines.evaluate.generation import PromptRecord, generation_dataset
+    from pipelines.evaluate.metrics import features_and_stats
 
     calls: list[dict] = []
 
