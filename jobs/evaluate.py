@@ -41,7 +41,7 @@ from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
 from pipelines.evaluate.config import EvaluationRun
-from pipelines.evaluate.runs import ensure_reference, init_ray, run_evaluation, run_schedule
+from pipelines.evaluate.runs import ensure_reference, init_evaluation_ray, run_evaluation, run_schedule
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = job.evaluation()
         if not (cfg.reference and cfg.reference_images):
             raise SystemExit("reference needs reference= (where to store) and reference_images= (real images)")
-        init_ray()
+        init_evaluation_ray()
         ref = ensure_reference(cfg)
         print(json.dumps(ref.manifest if ref else {}, indent=2))
         return ref.manifest if ref else {}

@@ -30,7 +30,7 @@ from pipelines.config.cli import add_config_arguments, config_from_args
 from pipelines.data.prompts import pyarrow_filesystem
 from pipelines.evaluate.config import ModelSpec, RayResources
 from pipelines.evaluate.generation import generation_dataset, load_prompts, prompt_seed, write_png_files
-from pipelines.evaluate.runs import check_actor_accelerator, init_ray
+from pipelines.evaluate.runs import check_actor_accelerator, init_evaluation_ray
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     spec, resources = args.model, args.ray
     records, info = load_prompts(args.prompts, args.num_prompts, args.draw_seed)
-    init_ray()
+    init_evaluation_ray()
     check_actor_accelerator(resources)
     ds = generation_dataset(records, spec, args.seed, concurrency=resources.gen_workers,
                             batch_size=resources.batch_size, cpus_per_actor=resources.cpus_per_actor,

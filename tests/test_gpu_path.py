@@ -141,7 +141,7 @@ def test_runtime_env_leaves_out_what_the_submitted_job_sets() -> None:
 
 DRIVER = r"""
 import os, ray
-from pipelines.evaluate.runs import init_ray
+from pipelines.evaluate.runs import init_evaluation_ray
 from pipelines.evaluate.metrics import env_for_workers
 try:  # what Ray does with the old call: refuse the driver's runtime env
     ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env={"env_vars": env_for_workers()})
@@ -149,7 +149,7 @@ try:  # what Ray does with the old call: refuse the driver's runtime env
     ray.shutdown()
 except ValueError as e:
     clash = "refused" if "Failed to merge the Job's runtime env" in str(e) else repr(e)
-init_ray(num_cpus=1)
+init_evaluation_ray(num_cpus=1)
 
 @ray.remote(num_cpus=0)
 def seen():
@@ -165,7 +165,7 @@ ray.shutdown()
 def test_evaluation_driver_starts_inside_a_job_that_sets_a_conflicting_variable() -> None:
     """As under ``ray job submit --runtime-env-json '{"env_vars": {"AWS_DEFAULT_REGION": ...}}'``:
     the job's config reaches the driver in RAY_JOB_CONFIG_JSON_ENV_VAR and its variables are in
-    the driver's environment. The evaluation/generation driver's init_ray must not clash."""
+    the driver's environment. The evaluation/generation driver's init_evaluation_ray must not clash."""
     env = {**os.environ, **_job_env({"AWS_DEFAULT_REGION": "eu-west-1"}), "AWS_DEFAULT_REGION": "eu-west-1",
            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)

@@ -26,19 +26,19 @@ from pipelines.evaluate.config import EvaluationRun, EvaluationTracking, RayReso
 from pipelines.evaluate.generation import generation_dataset, load_prompts, prompt_seed, write_png_files
 from pipelines.evaluate.metrics import (Reference, build_reference, compute_metrics, env_for_workers,
                                         extractor_weights_sha256, features_and_stats, sample_grid)
-from pipelines.runtime.cluster import check_accelerator_available
-from pipelines.runtime.cluster import init_ray as start_or_join
+from pipelines.runtime.cluster import check_accelerator_available, init_ray
 from pipelines.tracking.client import default_tracking_uri, git_sha, start_run
-from pipelines.train.checkpoint import STATE_FILES
+from pipelines.train.checkpoint import STATE_FILES, checkpoint_step
 
-__all__ = ["run_evaluation", "ensure_reference", "init_ray",
+__all__ = ["run_evaluation", "ensure_reference", "init_evaluation_ray",
            "check_actor_accelerator",
            "Checkpoint", "list_checkpoints", "evaluated_checkpoint_ids", "run_schedule"]
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; workers get the S3 / MLflow env."""
-    start_or_join(num_cpus=num_cpus, runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
+def init_evaluation_ray(num_cpus: int | None = None) -> None:
+    """``pipelines.runtime.cluster.init_ray`` for evaluation actors: connect to ``RAY_ADDRESS`` if
+    set, else start a local Ray without dashboard; the actors get the S3 / MLflow env."""
+    init_ray(num_cpus=num_cpus, runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
 
 
 def check_actor_accelerator(r: RayResources) -> None:
@@ -79,7 +79,7 @@ def ensure_reference(cfg: EvaluationRun) -> Reference | None:
 
 def run_evaluation(cfg: EvaluationRun) -> dict[str, Any]:
     """Generate images for the prompts, compute metrics, write outputs, log to MLflow."""
-    init_ray()
+    init_evaluation_ray()
     r = cfg.ray
     check_actor_accelerator(r)
     records, prompt_info = load_prompts(cfg.prompts, cfg.num_prompts, cfg.draw_seed)
@@ -251,11 +251,16 @@ class Checkpoint:
     adapter: str | None = None
 
 
-_STEP = re.compile(r"(\d+)")
+_NUMBER = re.compile(r"(\d+)")
 
 
 def _step_of(name: str, fallback: int) -> int:
-    nums = _STEP.findall(name)
+    """The trainer's ``checkpoint_<step>`` (``pipelines.train.checkpoint.checkpoint_step``); a folder
+    named by another trainer: its last number, else ``fallback`` (its place in the listing)."""
+    step = checkpoint_step(name)
+    if step >= 0:
+        return step
+    nums = _NUMBER.findall(name)
     return int(nums[-1]) if nums else fallback
 
 
