@@ -58,22 +58,22 @@ class ControlNetJob(ControlNetConfig):
                                     # empty: num_images domain renders written to <out>/lake
     workers: int = 2                # trainer=ray: data-parallel workers (batch_size is the global batch)
     cpus_per_worker: float = 0.5    # Ray Data needs a CPU beside the workers (checked before the run)
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0  # GPUs per Ray worker (trainer=ray)
     storage_path: str = ""          # trainer=ray: checkpoints, local or s3:// (default <out>/ray)
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # steps between checkpoints (trainer=ray)
     ray_address: str = ""           # join this cluster (or RAY_ADDRESS); default: a local Ray
     eval_prompts: int = 300         # domain captions with exact silhouettes
-    teacher_steps: int = TEACHER_STEPS
+    teacher_steps: int = TEACHER_STEPS  # the teacher's sampling steps
     guidance: float = TEACHER_GUIDANCE  # teacher CFG
-    control_scale: float = 1.0
+    control_scale: float = 1.0  # ControlNet conditioning scale
     fid_reference: int = 2000       # real renders for the FID reference (0: no FID)
     timing_batch: int = 32          # images per timed call
     baselines: bool = True          # also teacher / student without the ControlNet
     out: str = str(REPO / "outputs" / "controlnet")
     threads: int = 0                # torch threads (0: torch's default)
-    experiment: str = "wadi-downstream"
+    experiment: str = "wadi-downstream"  # MLflow experiment
     tracking_uri: str = ""          # default: MLFLOW_TRACKING_URI or sqlite ./runs/mlflow.db
-    run_name: str = ""
+    run_name: str = ""  # MLflow run name ("": controlnet-<out folder>)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -50,16 +50,16 @@ class DreamBoothJob(DreamBoothConfig):
     student: str = ""               # WaDi one-step export of the teacher (local or s3://), required
     teacher: str = "embedded"       # diffusers SD folder, s3:// prefix or "embedded"
     kinds: tuple[str, ...] = ("lorad", "lora", "full")  # adapter kinds from wadi_core.adapters
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1)  # one fine-tune per adapter kind and seed
     lrs: dict[str, float] = field(default_factory=dict)  # per kind; default DEFAULT_LR
-    teacher_steps: int = TEACHER_STEPS
-    guidance: float = TEACHER_GUIDANCE
+    teacher_steps: int = TEACHER_STEPS  # the teacher's sampling steps
+    guidance: float = TEACHER_GUIDANCE  # the teacher's classifier-free guidance scale
     max_test_prompts: int = 0       # 0: every held-out colour / size / position
-    out: str = str(REPO / "outputs" / "dreambooth")
-    threads: int = 0
-    experiment: str = "wadi-downstream"
-    tracking_uri: str = ""
-    run_name: str = ""
+    out: str = str(REPO / "outputs" / "dreambooth")  # output folder (metrics.json, table.md, grid.png)
+    threads: int = 0  # torch threads (0: torch's default)
+    experiment: str = "wadi-downstream"  # MLflow experiment
+    tracking_uri: str = ""  # MLflow tracking URI ("": MLFLOW_TRACKING_URI, else sqlite ./runs/mlflow.db)
+    run_name: str = ""  # MLflow run name ("": dreambooth-<out folder>)
 
     def __post_init__(self) -> None:
         super().__post_init__()

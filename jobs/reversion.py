@@ -59,14 +59,14 @@ class ReVersionJob:
     relations: tuple[str, ...] = ("above",)  # of: above, below, left of, right of
     relation: RelationConfig = field(default_factory=RelationConfig)
     eval_scenes: int = 64           # new object pairs per relation
-    teacher_steps: int = TEACHER_STEPS
-    guidance: float = TEACHER_GUIDANCE
-    timing_batch: int = 16
-    out: str = str(REPO / "outputs" / "reversion")
-    threads: int = 0
-    experiment: str = "wadi-downstream"
-    tracking_uri: str = ""
-    run_name: str = ""
+    teacher_steps: int = TEACHER_STEPS  # the teacher's sampling steps
+    guidance: float = TEACHER_GUIDANCE  # the teacher's classifier-free guidance scale
+    timing_batch: int = 16  # images per timed call
+    out: str = str(REPO / "outputs" / "reversion")  # output folder (metrics.json, table.md, grid.png)
+    threads: int = 0  # torch threads (0: torch's default)
+    experiment: str = "wadi-downstream"  # MLflow experiment
+    tracking_uri: str = ""  # MLflow tracking URI ("": MLFLOW_TRACKING_URI, else sqlite ./runs/mlflow.db)
+    run_name: str = ""  # MLflow run name ("": reversion-<out folder>)
 
 
 def parse_args(argv: list[str] | None = None) -> ReVersionJob:

@@ -20,15 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _job_configs() -> dict[str, type]:
     """The configs of the jobs whose every key is described (the distillation job's whole recipe,
-    the evaluation job's subcommands and the small jobs)."""
+    the evaluation job's subcommands and the small jobs; the downstream jobs' library configs in
+    wadi_core and experiments/ are not all described yet)."""
     from jobs.compare_runs import CompareRunsJob
+    from jobs.eval_teacher_domain import TeacherEvalJob
     from jobs.evaluate import EvaluateJob, PromptsJob, ScheduleJob
     from jobs.export import ExportJob
     from jobs.generate import GenerateJob
     from jobs.make_prompt_shards import DomainShards, JourneyDBShards
+    from jobs.train_domain_evaluator import EvaluatorJob
 
     return {c.__name__: c for c in (DistillConfig, EvaluateJob, ScheduleJob, PromptsJob, CompareRunsJob, ExportJob,
-                                    GenerateJob, DomainShards, JourneyDBShards)}
+                                    GenerateJob, DomainShards, JourneyDBShards, TeacherEvalJob, EvaluatorJob)}
 
 
 @pytest.mark.parametrize("name", sorted(_job_configs()))
