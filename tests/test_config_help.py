@@ -80,6 +80,11 @@ def test_help_config_lists_keys_defaults_and_descriptions() -> None:
     text = format_config_help(DistillConfig)
     assert "\n  vsd.gen_lr = 0.0001\n      learning rate of the student (generator) adapter" in text
     assert "\nevaluation: " in text and "  evaluation.ray.batch_size = 64\n" in text
+    from jobs.generate import GenerateJob
+
+    # a job with a required key still lists the defaults of the others
+    text = format_config_help(GenerateJob)
+    assert "  out = (required)\n" in text and "  draw_seed = 2024\n      seed of the draw" in text
 
 
 @pytest.mark.timeout(120)

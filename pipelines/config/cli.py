@@ -194,16 +194,35 @@ def _is_section(cls: type, dotted: str) -> bool:
     return True
 
 
+def _field_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> default, field by field (a class with required fields or a check that needs
+    them, e.g. ``checkpoints=``, cannot be built with its defaults alone)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif _section_type(hints[f.name]) is not None:
+            out.update(_field_defaults(_section_type(hints[f.name]), f"{prefix}{f.name}."))
+            continue
+        else:
+            continue  # required: no default
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat_dict(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def _yaml_key(key: str) -> str:
     return yaml.safe_dump(key, default_flow_style=True).split("\n")[0]
 
 
 def format_config_help(cls: type) -> str:
     """Every key of ``cls`` with its default and description: what ``--help-config`` prints."""
-    try:
-        defaults = to_flat_dict(cls())
-    except (TypeError, ValueError):  # required fields (e.g. out=): defaults of the rest are still shown
-        defaults = {}
+    defaults = _field_defaults(cls)
     rows = []
     for key, text in config_help(cls).items():
         if _is_section(cls, key):
@@ -212,4 +231,4 @@ def format_config_help(cls: type) -> str:
             default = yaml.safe_dump(defaults[key], default_flow_style=True, width=float("inf")).split("\n...")[0].strip() \
                 if key in defaults else "(required)"
             rows.append(f"  {key} = {redact(default)}\n      {text}")
-    return "config keys (KEY=VALUE overrides; --print-config shows the resolved values):" + "\n".join(rows)
+    return "config keys (KEY=VALUE overrides; --print-config shows the resolved values):\n" + "\n".join(rows)
