@@ -40,8 +40,8 @@ class GenerateJob:
     out: str                        # local folder or s3:// prefix
     model: ModelSpec = field(default_factory=ModelSpec)
     prompts: str = "domain:5000:1:train"  # coco30k | domain:N:SEED:SPLIT | hpsv2:DIR | captions_val201x.json | .txt | .json
-    num_prompts: int | None = None  # draw this many from the prompt set (None: all)
-    draw_seed: int = 2024  # seed of the draw from the prompt set
+    num_prompts: int | None = None  # keep the first N prompts of the set, per group (None: all)
+    draw_seed: int = 2024  # seed of the one-caption-per-image draw from a COCO captions JSON
     seed: int = 0  # per-prompt noise seed
     format: Literal["files", "webdataset"] = "files"  # files: one PNG per image; webdataset: tar shards
     shard_size: int = 1000          # images per tar shard (webdataset)

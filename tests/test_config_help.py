@@ -84,7 +84,7 @@ def test_help_config_lists_keys_defaults_and_descriptions() -> None:
 
     # a job with a required key still lists the defaults of the others
     text = format_config_help(GenerateJob)
-    assert "  out = (required)\n" in text and "  draw_seed = 2024\n      seed of the draw" in text
+    assert "  out = (required)\n" in text and "  draw_seed = 2024\n      seed of the one-caption-per-image draw" in text
 
 
 @pytest.mark.timeout(120)
@@ -95,4 +95,4 @@ def test_jobs_print_help_config_and_commented_config() -> None:
     out = run("jobs/distill.py", "--help-config")
     assert out.returncode == 0 and "train.global_batch = 32\n      prompts per optimizer step" in out.stdout
     out = run("jobs/evaluate.py", "run", "--print-config")
-    assert out.returncode == 0 and "draw_seed: 2024  # seed of the draw from the prompt set" in out.stdout
+    assert out.returncode == 0 and "draw_seed: 2024  # seed of the one-caption-per-image draw" in out.stdout

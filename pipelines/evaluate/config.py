@@ -139,9 +139,9 @@ class EvaluationTracking:
 class EvaluationConfig:
     """The protocol: which prompts, which noise, which metrics against which reference, on what resources."""
 
-    prompts: str = "domain:5000:1:train"  # prompt set: domain:N:SEED:SPLIT, coco30k, a .txt list or COCO JSON
-    num_prompts: int | None = None  # draw this many from the set (None: all)
-    draw_seed: int = 2024  # seed of the draw from the prompt set
+    prompts: str = "domain:5000:1:train"  # prompt set: domain:N:SEED:SPLIT, coco30k, hpsv2:DIR, COCO captions JSON, .json or .txt list
+    num_prompts: int | None = None  # keep the first N prompts of the set, per group (None: all)
+    draw_seed: int = 2024  # seed of the one-caption-per-image draw from a COCO captions JSON
     seed: int = 0  # per-prompt noise seed (the same image noise for every model)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     reference: str | None = "outputs/eval/reference/domain-5000-777-train"  # stored reference statistics
