@@ -41,7 +41,7 @@ from pipelines.train.checkpoint_manager import CheckpointManager
 from pipelines.train.engines import DeepSpeedUpdater, build_engine, full_params, init_distributed
 from pipelines.train.preemption import PREEMPTION_POLL_EVERY, PreemptionWatch
 
-__all__ = ["Trainer", "Progress", "train_loop", "dataset_name", "every"]
+__all__ = ["Trainer", "Progress", "NullTracker", "train_loop", "dataset_name"]
 
 ROLES = ("student", "fake")
 
@@ -95,7 +95,7 @@ class Progress:
 
     def __init__(self, total: int | None, start: int, active: bool):
         self.total, self.start, self.active = total, start, active
-        self.every = max(1, (total or 0) // 10) if total else 100
+        self.print_every = max(1, (total or 0) // 10) if total else 100
         self.t0 = time.perf_counter()
         self.wait_s = self.step_s = 0.0  # steps after each epoch's first (#35: does a step wait?)
 
@@ -109,7 +109,7 @@ class Progress:
         """Add a step's (wait, step) seconds; print the line on the cadence and at the last step."""
         if timing is not None:
             self.wait_s, self.step_s = self.wait_s + timing[0], self.step_s + timing[1]
-        if not self.active or not (step % self.every == 0 or step == self.total):
+        if not self.active or not (every(self.print_every, step) or step == self.total):
             return
         rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
         left = f" | {(self.total - step) / rate / 60:.1f} min left" if self.total and rate > 0 else ""
@@ -136,11 +136,11 @@ class Trainer:
     :meth:`train` then runs the epochs, the export and the closing checkpoint.
     """
 
+    # configuration
     cfg: DistillConfig
     loop_config: dict[str, Any]  # Ray Train's train_loop_config: flat config, MLflow ids, export uri, prompts
-    rank: int
-    world: int
-    device: torch.device
+
+    # the models
     teacher: Teacher
     text_encoder_params: int  # 0 when the embeddings arrive with the prompts (data.text_encoding=actors)
     distiller: WaDiDistiller  # one frozen base with the "student" and "fake" adapters
@@ -148,16 +148,25 @@ class Trainer:
     engines: dict[str, Any]  # a DeepSpeed engine per role
     updaters: dict[str, DeepSpeedUpdater]  # what vsd_step drives, per role
     ema: AdapterEMA | None  # the student's average (vsd.student_ema)
-    generator: torch.Generator  # this rank's noise
-    state: TrainState  # where the run is: step, epoch, data position, counters
+
+    # components
     bookkeeper: StepBookkeeper  # after each step: step counter, non-finite guard, EMA, counters
     checkpointer: CheckpointManager
     preemption: PreemptionWatch  # drain notices and stop requests
     progress: Progress | None  # set by train_epochs
     tracker: Any  # MLflow on rank 0 (with a run id), NullTracker elsewhere; set by train
-    data_wait_share_job: float  # this job's data wait over step time (every checkpoint report carries it)
+
+    # runtime
+    rank: int
+    world: int
+    device: torch.device
+    generator: torch.Generator  # this rank's noise
     sample_prompts: list[str]  # the sample grid's fixed prompts ...
     sample_z: torch.Tensor  # ... and noise
+
+    # training state
+    state: TrainState  # where the run is: step, epoch, data position, counters
+    data_wait_share_job: float  # this job's data wait over step time (every checkpoint report carries it)
 
     def __init__(self, cfg: DistillConfig, loop_config: dict[str, Any]):
         self.cfg = cfg
@@ -223,10 +232,6 @@ class Trainer:
         self.sample_prompts = prompts[: self.cfg.tracking.num_sample_prompts]
         self.sample_z = torch.randn(len(self.sample_prompts), *self.teacher.latent_shape,
                                     generator=torch.Generator().manual_seed(self.cfg.train.seed + 1))
-
-    def averaged(self) -> ContextManager[None]:
-        """The student EMA swapped in (samples, checkpoint adapter file, export), else a no-op."""
-        return ema_applied(self.ema)
 
     # -- the run --------------------------------------------------------------------------------
     def train(self) -> None:
@@ -379,7 +384,7 @@ class Trainer:
         if self.rank != 0 and self.cfg.train.zero_stage != 3:
             return
 
-        with full_params(self.engines, self.cfg.train.zero_stage), self.averaged():
+        with full_params(self.engines, self.cfg.train.zero_stage), ema_applied(self.ema):
             images = self.distiller.sample(self.sample_prompts, z=self.sample_z)
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
@@ -433,7 +438,7 @@ class Trainer:
         with full_params(self.engines, self.cfg.train.zero_stage):
             if self.rank != 0:
                 return None
-            with tempfile.TemporaryDirectory(prefix="wadi-export-") as tmp, self.averaged():
+            with tempfile.TemporaryDirectory(prefix="wadi-export-") as tmp, ema_applied(self.ema):
                 out = export_one_step_pipeline(self.distiller, Path(tmp) / "export")
                 storage.upload_dir(out, uri)
         return uri
