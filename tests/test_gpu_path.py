@@ -74,16 +74,18 @@ def test_collectives_take_no_default_device() -> None:
 
 
 def test_train_loop_passes_the_training_device_to_every_collective() -> None:
-    """Every collective helper call in the train loop names the worker's training device."""
+    """Every collective helper call in the train loop (the Trainer and its components) names the
+    worker's training device."""
     import ast
 
-    tree = ast.parse((REPO / "pipelines" / "train" / "worker.py").read_text())
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-             and n.func.id in ("_all_ranks_true", "_any_rank_true", "_sum_over_ranks")]
-    assert len(calls) >= 4
-    for call in calls:
+    calls = []
+    for path in (REPO / "pipelines" / "train" / f for f in ("worker.py", "checkpoint_manager.py", "preemption.py")):
+        calls += [(path.name, n) for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
+                  and isinstance(n.func, ast.Name) and n.func.id in ("all_ranks_true", "any_rank_true", "sum_over_ranks")]
+    assert len(calls) >= 5
+    for name, call in calls:
         device = ast.unparse(call.args[1]) if len(call.args) > 1 else ""
-        assert device in ("self.device", "run.device"), f"line {call.lineno}: {ast.unparse(call)}"
+        assert device == "self.device", f"{name}:{call.lineno}: {ast.unparse(call)}"
 
 
 WORKER = r"""
