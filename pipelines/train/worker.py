@@ -24,13 +24,13 @@ from wadi_core.config import from_dict
 from wadi_core.export import export_one_step_pipeline
 from wadi_core.images import save_image_grid
 from wadi_core.models import Teacher, load_teacher
+from wadi_core.prompts.shards import BAD_REASONS
 from wadi_core.vsd import NonFiniteGuard, WaDiDistiller, vsd_step
 from wadi_core.vsd.bookkeeping import StepBookkeeper, ema_applied, every
 from wadi_core.vsd.ema import AdapterEMA
 
 from pipelines.config.job import DistillConfig
 from pipelines.data.prompts import PromptStream
-from wadi_core.prompts.shards import BAD_REASONS
 from pipelines.data.text_encoding import batch_cond, remember_conds
 # Flag / counter all-reduces on the training device (NCCL takes CUDA tensors only).
 from pipelines.runtime.collectives import all_ranks_true, sum_over_ranks
