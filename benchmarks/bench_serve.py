@@ -6,6 +6,8 @@
     # against a running `python jobs/serve.py` (loopback only)
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000
 
+Clients send to the student replicas' own ports (Serve's direct ingress, ``--ingress direct``, the default:
+no proxy hop, see docs/SERVING.md) or through Serve's HTTP proxy (``--ingress proxy``).
 Each request is ``POST /generate {"prompt", "seed"}`` -> PNG, prompts from the embedded domain's eval list,
 seed = request index. Reports p50 / p99 latency, images/s over the phase's wall time and errors (any
 non-200, a timeout, a request left unsent at the time limit), for the student then the teacher, the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import sys
 import time
@@ -36,7 +39,8 @@ from pipelines.config.cli import load_job_config
 from pipelines.evaluate.runs import resolve_tracking_uri
 from pipelines.runtime.cluster import init_ray
 from pipelines.serve.app import build_app
-from pipelines.serve.options import ServeConfig
+from pipelines.serve.direct import direct_ingress_urls
+from pipelines.serve.options import ServeConfig, ray_serve_env
 
 # issue #34, for the embedded default on 2 cores, 32 concurrent clients, 2,000 requests
 TARGET_IMAGES_PER_S = 100.0
@@ -61,6 +65,7 @@ class PhaseResult:
     p99_ms: float
     max_ms: float
     mean_batch: float
+    client_cpu_ms: float      # the client's own CPU per request (its event loop thread): is the load generator the limit?
     first_error: str | None
 
 
@@ -72,18 +77,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def run_phase(url: str, model: str, prompts: list[str], requests: int, concurrency: int, max_seconds: float,
-                    timeout_s: float) -> PhaseResult:
-    """``requests`` POSTs by ``concurrency`` clients; stops sending after ``max_seconds`` (the rest count as errors)."""
-    endpoint = url.rstrip("/") + "/generate" + ("?model=teacher" if model == "teacher" else "")
+async def run_phase(urls: list[str], model: str, prompts: list[str], requests: int, concurrency: int,
+                    max_seconds: float, timeout_s: float) -> PhaseResult:
+    """``requests`` POSTs by ``concurrency`` clients, client i on ``urls[i % len(urls)]`` (one per replica on the
+    direct path); stops sending after ``max_seconds`` (the rest count as errors)."""
+    query = "?model=teacher" if model == "teacher" else ""
+    endpoints = [url.rstrip("/") + "/generate" + query for url in urls]
     latencies: list[float] = []
     batches: list[int] = []
     errors: list[str] = []
     next_index = 0
     start = time.perf_counter()
     deadline = start + max_seconds
+    client_cpu_start = time.thread_time()
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(session: aiohttp.ClientSession, endpoint: str) -> None:
         nonlocal next_index
         while next_index < requests and time.perf_counter() < deadline:
             i = next_index
@@ -104,13 +112,15 @@ async def run_phase(url: str, model: str, prompts: list[str], requests: int, con
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        await asyncio.gather(*(client(session, endpoints[i % len(endpoints)]) for i in range(concurrency)))
     wall = time.perf_counter() - start
+    client_cpu_ms = (time.thread_time() - client_cpu_start) * 1000 / max(1, next_index)
     unsent = requests - next_index
     return PhaseResult(model, requests, concurrency, len(latencies), len(errors) + unsent, unsent, round(wall, 2),
                        round(len(latencies) / wall, 1), round(percentile(latencies, 50), 1),
                        round(percentile(latencies, 99), 1), round(max(latencies, default=float("nan")), 1),
-                       round(sum(batches) / max(1, len(batches)), 2), errors[0] if errors else None)
+                       round(sum(batches) / max(1, len(batches)), 2), round(client_cpu_ms, 2),
+                       errors[0] if errors else None)
 
 
 def _check_loopback(url: str) -> None:
@@ -132,6 +142,7 @@ def start_app(overrides: list[str], recipe: str | None) -> tuple[str, Any]:
     tracking = cfg.tracking_uri
     if cfg.model.startswith(("models:/", "runs:/")) and tracking is None:
         tracking = resolve_tracking_uri(None)
+    os.environ.update(ray_serve_env(cfg))  # before the local Ray starts: its Serve processes inherit it
     init_ray(include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -152,10 +163,10 @@ def _verdict(ok: bool) -> str:
 def report(student: PhaseResult, teacher: PhaseResult | None) -> str:
     """The results table and the targets beside them."""
     rows = [(f"{'model':<8} {'requests':>8} {'clients':>7} {'ok':>6} {'errors':>6} {'images/s':>9} {'p50 ms':>8} "
-             f"{'p99 ms':>8} {'max ms':>8} {'mean batch':>10}")]
+             f"{'p99 ms':>8} {'max ms':>8} {'mean batch':>10} {'client CPU ms/req':>17}")]
     for r in [student] + ([teacher] if teacher else []):
         rows.append(f"{r.model:<8} {r.requests:>8} {r.concurrency:>7} {r.ok:>6} {r.errors:>6} {r.images_per_s:>9.1f} "
-                    f"{r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.max_ms:>8.1f} {r.mean_batch:>10.2f}")
+                    f"{r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.max_ms:>8.1f} {r.mean_batch:>10.2f} {r.client_cpu_ms:>17.2f}")
         if r.first_error:
             rows.append(f"         first error: {r.first_error}")
     rows += ["", "targets (issue #34: embedded default, 2 cores, 32 clients, 2,000 requests)",
@@ -165,6 +176,9 @@ def report(student: PhaseResult, teacher: PhaseResult | None) -> str:
               f"{_verdict(student.p99_ms <= TARGET_P99_MS)}"),
              (f"  student errors    == {TARGET_ERRORS:>5d}   measured {student.errors:>8d}   "
               f"{_verdict(student.errors == TARGET_ERRORS)}")]
+    # closed loop (each client waits for its answer): mean latency = clients / throughput (Little's law)
+    rows.append(f"  {student.concurrency} clients in a closed loop: p99 <= {TARGET_P99_MS:.0f} ms needs at least "
+                f"{student.concurrency / (TARGET_P99_MS / 1000):.0f} images/s (mean latency = clients / images/s)")
     if teacher and teacher.images_per_s > 0:
         rows.append(f"  student / teacher throughput: {student.images_per_s / teacher.images_per_s:.1f}x "
                     f"({student.images_per_s:.1f} / {teacher.images_per_s:.1f} images/s)")
@@ -182,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=64, help="untimed student requests first")
     ap.add_argument("--max-seconds", type=float, default=300.0, help="per phase: requests not sent by then are errors")
     ap.add_argument("--timeout-s", type=float, default=60.0, help="per request")
+    ap.add_argument("--ingress", choices=("direct", "proxy"), default="direct",
+                    help="direct: to the student replicas' own ports (Serve's direct ingress, no proxy hop); "
+                         "proxy: through Serve's HTTP proxy (the app's URL)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
@@ -193,25 +210,34 @@ def main(argv: list[str] | None = None) -> int:
         _check_loopback(args.url)
         url = args.url
     else:
-        url, _ = start_app(args.overrides, args.config)
+        url, cfg = start_app(args.overrides, args.config)
     try:
         health = _healthz(url)
         print(f"[bench] {url}: student {health['student']} teacher {health['teacher']}", flush=True)
+        urls = [url]
+        if args.ingress == "direct":
+            replicas = cfg.replicas.num_replicas if not args.url else 64
+            urls = direct_ingress_urls(urlparse(url).hostname, health["student"]["uri"], replicas)
+            if not urls:
+                raise SystemExit("--ingress direct: no student replica answers on its own port (Serve's direct "
+                                 "ingress needs RAY_SERVE_THROUGHPUT_OPTIMIZED=1, the default throughput_optimized="
+                                 "true); or pass --ingress proxy")
+        print(f"[bench] ingress {args.ingress}: {' '.join(urls)}", flush=True)
         if args.warmup:
-            asyncio.run(run_phase(url, "student", prompts, args.warmup, args.concurrency, args.max_seconds,
+            asyncio.run(run_phase(urls, "student", prompts, args.warmup, args.concurrency, args.max_seconds,
                                   args.timeout_s))
-        student = asyncio.run(run_phase(url, "student", prompts, args.requests, args.concurrency, args.max_seconds,
+        student = asyncio.run(run_phase(urls, "student", prompts, args.requests, args.concurrency, args.max_seconds,
                                         args.timeout_s))
         teacher = None
         if args.teacher_requests and health.get("teacher"):
-            asyncio.run(run_phase(url, "teacher", prompts, min(args.concurrency, args.teacher_requests),
+            asyncio.run(run_phase(urls, "teacher", prompts, min(args.concurrency, args.teacher_requests),
                                   args.concurrency, args.max_seconds, args.timeout_s))  # warm-up
-            teacher = asyncio.run(run_phase(url, "teacher", prompts, args.teacher_requests, args.concurrency,
+            teacher = asyncio.run(run_phase(urls, "teacher", prompts, args.teacher_requests, args.concurrency,
                                             args.max_seconds, args.timeout_s))
         print(report(student, teacher), flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"url": url, "health": health, "student": asdict(student),
+            args.out.write_text(json.dumps({"url": url, "ingress": args.ingress, "urls": urls, "health": health, "student": asdict(student),
                                             "teacher": asdict(teacher) if teacher else None}, indent=2))
     finally:
         if not args.url:

@@ -10,12 +10,15 @@
 
 Open the printed URL for the page; ``POST /generate`` takes ``{"prompt": "...", "seed": 0}`` (PNG back) or
 ``{"prompts": [...], "seeds": [...]}`` (JSON with base64 PNGs); ``GET /healthz``. Runs until Ctrl-C or
-SIGTERM, then shuts the application down (``serve.shutdown``). docs/SERVING.md has the details.
+SIGTERM, then shuts the application down (``serve.shutdown``). With ``throughput_optimized`` (the default) it
+also prints the student replicas' own loopback URLs (Serve's direct ingress, no proxy hop: the fast path on a
+small machine). docs/SERVING.md has the details.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -24,7 +27,7 @@ from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
 from pipelines.runtime.cluster import init_ray
-from pipelines.serve.options import ServeConfig
+from pipelines.serve.options import ServeConfig, ray_serve_env
 
 
 def parse_args(argv: list[str] | None = None) -> ServeConfig:
@@ -59,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         received.append(signal.Signals(signum).name)
         stop.set()
 
-    # a local Ray of its own unless RAY_ADDRESS names a cluster; replicas get the S3 / MLflow environment
+    # a local Ray of its own unless RAY_ADDRESS names a cluster; replicas get the S3 / MLflow environment, and
+    # Serve's own settings reach the controller and proxy too through the environment the local Ray inherits
+    serve_env = ray_serve_env(cfg)
+    if serve_env and os.environ.get("RAY_ADDRESS"):
+        print(f"[serve] RAY_ADDRESS is set: {', '.join(serve_env)} must be in the cluster's own environment "
+              "(infra/kuberay/rayservice-student.yaml sets it); not set from here", flush=True)
+    else:
+        os.environ.update(serve_env)
     own_ray = init_ray(runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
@@ -71,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://{host}:{cfg.port}/"
         print(f"[serve] open {url} (the page); POST {url}generate, GET {url}healthz; Ctrl-C or SIGTERM stops it",
               flush=True)
+        if serve_env and own_ray:
+            from pipelines.serve.direct import direct_ingress_urls  # noqa: PLC0415 -- see above
+
+            direct = direct_ingress_urls(host, cfg.model, cfg.replicas.num_replicas)
+            if direct:
+                print(f"[serve] the same API straight from the student replica(s), no proxy hop (the fast path): "
+                      f"{' '.join(direct)}", flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):  # after serve.run: Ctrl-C while loading still interrupts it
             signal.signal(sig, on_signal)
         while not stop.wait(timeout=1.0):

@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+__all__ = ["find_chromium", "capture", "pages"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -31,7 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _chromium() -> str:
+def find_chromium() -> str:
+    """The path of a Chromium binary (Debian's ``chromium`` first); exits saying what to install when none is found."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)
@@ -65,7 +68,7 @@ def pages(tracking_uri: str, experiment: str, run_id: str | None) -> dict[str, s
     return out
 
 
-async def _capture(chromium: str, shots: list[tuple[str, Path]], size: tuple[int, int], wait_s: float,
+async def capture(chromium: str, shots: list[tuple[str, Path]], size: tuple[int, int], wait_s: float,
                    on_page: Any = None) -> None:
     """Each URL in one headless Chromium over the DevTools protocol: navigate, wait ``wait_s`` of
     real time (the UI fetches and draws its charts lazily), capture a PNG. ``on_page(call, url)``, when
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
         shots = [(f"http://127.0.0.1:{port}/{fragment}", out / f"{name}.png") for name, fragment in targets.items()]
         width, height = (int(v) for v in args.size.split(","))
-        asyncio.run(_capture(_chromium(), shots, (width, height), args.wait_s))
+        asyncio.run(capture(find_chromium(), shots, (width, height), args.wait_s))
         for url, path in shots:
             print(f"{path.stem:<15} {url} -> {path}")
     finally:

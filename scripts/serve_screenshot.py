@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mlflow_screenshots import _capture, _chromium  # scripts/ is not a package
+from mlflow_screenshots import capture, find_chromium  # scripts/ is not a package
 
 STATE_JS = """JSON.stringify({
   served: document.getElementById('served').textContent,
@@ -37,7 +37,7 @@ async def _state(call) -> dict:
 
 
 def typist(prompt: str, key_delay_s: float, timeout_s: float, seen: dict):
-    """``on_page`` for ``_capture``: wait for the page, type ``prompt``, wait for the images; fills ``seen``."""
+    """``on_page`` for ``capture``: wait for the page, type ``prompt``, wait for the images; fills ``seen``."""
 
     async def on_page(call, _url: str) -> None:
         loop = asyncio.get_running_loop()
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     seen: dict = {}
     width, height = (int(v) for v in args.size.split(","))
-    asyncio.run(_capture(_chromium(), [(args.url, args.out)], (width, height), 0.5,
+    asyncio.run(capture(find_chromium(), [(args.url, args.out)], (width, height), 0.5,
                          on_page=typist(args.prompt, args.key_delay_s, args.timeout_s, seen)))
     print(f"typed    {args.prompt!r}\nserved   {seen.get('served')}\nstudent  {seen.get('studentTime')}")
     if seen.get("teacherShown"):

@@ -149,12 +149,50 @@ def test_config_maps_to_serve_deployment_options():
     assert ServeConfig().teacher_options() is None
 
 
+def test_throughput_optimized_sets_ray_serve_env_for_the_local_ray():
+    from pipelines.serve.options import ray_serve_env
+
+    assert ray_serve_env(ServeConfig()) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    assert ray_serve_env(ServeConfig(throughput_optimized=False)) == {}
+
+
+def test_direct_ingress_urls_find_this_app_only(monkeypatch):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipelines.serve.direct import direct_ingress_urls
+
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 -- http.server's name
+            body = json.dumps({"status": "ok", "student": {"uri": "/exports/a"}}).encode()
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(port))
+        assert direct_ingress_urls("127.0.0.1", "/exports/a", replicas=1, span=1) == [f"http://127.0.0.1:{port}/"]
+        assert direct_ingress_urls("127.0.0.1", "/exports/b", replicas=1, span=1) == []  # another app's replica
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"port": 70000}, "port must be in 1..65535"),
     ({"dtype": "half"}, "dtype must be"),
     ({"teacher": "embedded", "teacher_steps": 0}, "teacher_steps must be >= 1"),
     ({"batch.max_batch_size": 0}, "batch.max_batch_size must be >= 1"),
     ({"replicas.min_replicas": 3, "replicas.max_replicas": 2}, "min_replicas <= max_replicas"),
+    ({"replicas.gil_switch_interval_s": 0}, r"gil_switch_interval_s must be in \[1e-6, 0.1\] seconds"),
     ({"limits.max_prompts": 0}, "max_prompts must be >= 1"),
 ])
 def test_config_errors_name_the_key(overrides, message):
@@ -203,7 +241,8 @@ def served(student_export):
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        student = ModelOptions(str(student_export), batch=BatchOptions(8, 0.3), replicas=ReplicaOptions(num_cpus=0.5))
+        student = ModelOptions(str(student_export), batch=BatchOptions(8, 0.3),
+                               replicas=ReplicaOptions(num_cpus=0.5, gil_switch_interval_s=0.002))
         teacher = ModelOptions("embedded", steps=2, guidance=3.0, batch=BatchOptions(4, 0.01),
                                replicas=ReplicaOptions(num_cpus=0.5))
         serve.run(build_app(student, teacher, RequestLimits(max_prompts=4)), name="wadi", route_prefix="/")
@@ -230,6 +269,9 @@ def test_healthz_and_page(served):
     assert health["status"] == "ok"
     assert health["student"]["steps"] == 1 and health["student"]["device"] == "cpu"
     assert health["teacher"]["steps"] == 2 and health["teacher"]["guidance"] == 3.0
+    # each replica process runs with its own configured GIL switch interval (the teacher keeps the default)
+    assert health["student"]["gil_switch_interval_s"] == pytest.approx(0.002)
+    assert health["teacher"]["gil_switch_interval_s"] == pytest.approx(ReplicaOptions().gil_switch_interval_s)
     page = requests.get(served + "/", timeout=60)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="prompt"' in page.text and "/generate" in page.text
@@ -337,10 +379,16 @@ def test_job_prints_the_url_and_stops_on_sigterm(student_export, tmp_path):
             if not line and proc.poll() is not None:
                 break
             lines.append(line)
-            if "[serve] open http://" in line:
+            if "[serve] the same API straight from" in line:
                 break
         assert any(f"[serve] open http://127.0.0.1:{port}/ (the page)" in ln for ln in lines), "".join(lines)
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=60).json()["status"] == "ok"
+        # throughput_optimized (the default): the replica also answers on its own loopback port, past the proxy
+        direct = lines[-1].split("(the fast path): ", 1)[-1].split()
+        assert direct and all(u.startswith("http://127.0.0.1:") for u in direct), "".join(lines)
+        assert requests.get(direct[0] + "healthz", timeout=60).json()["student"]["uri"] == str(student_export)
+        png = requests.post(direct[0] + "generate", json={"prompt": "a red circle", "seed": 3}, timeout=120)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=180)
     finally:

@@ -196,7 +196,7 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
 
 def markdown(summary: dict[str, list[Aggregate]], cfg: AblationConfig, rows: list[Row]) -> str:
     b = cfg.budget
-    parts = [f"# WaDi claims ablation on the embedded domain\n",
+    parts = ["# WaDi claims ablation on the embedded domain\n",
              f"Budget: {b.steps} VSD steps x batch {b.batch_size} per run (lr sweep: {b.sweep_steps} steps, "
              f"{b.sweep_eval_images} validation images); FID of {b.eval_images} 1-step images vs "
              f"{b.real_images} real renders (domain evaluator features); seeds {list(cfg.seeds)}; mean ± sd over "

@@ -116,7 +116,7 @@ class _Runner:
     def plan(self) -> list[_Task]:
         """Priority order: the full fine-tune (carries two claims) and LoRaD first, then the
         baselines, the other kinds, the second seed, the rank sweep."""
-        cfg, b = self.cfg, self.cfg.budget
+        cfg = self.cfg
         order = sorted(dict.fromkeys((*cfg.kinds, "lorad")), key=lambda k: ["full", "lorad", "lora", "dora"].index(k)
                        if k in ("full", "lorad", "lora", "dora") else 9)
         tasks: list[_Task] = []

@@ -14,6 +14,7 @@ served, is a second deployment called through its handle with the same batching.
 # (through Serve's ingress wrapper), and a string "Request" makes it a required query parameter.
 import asyncio
 import base64
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -58,6 +59,9 @@ class _BatchedModel:
     def _setup(self, model: ModelOptions, tracking_uri: str | None) -> None:
         self.options = model
         self.sampler = _load_sampler(model, tracking_uri)
+        # the replica's process is this deployment's alone: the sampler thread hands the GIL back sooner, so the
+        # event loop takes in the requests of the next batch while this one is sampled
+        sys.setswitchinterval(model.replicas.gil_switch_interval_s)
         # one thread: batches run one after the other (torch already uses the replica's cores), while the
         # event loop keeps accepting the requests that form the next batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
@@ -75,7 +79,8 @@ class _BatchedModel:
     def describe(self) -> dict[str, Any]:
         """What this replica serves, for ``/healthz``."""
         return {"uri": self.options.uri, "steps": self.options.steps, "guidance": self.options.guidance,
-                "device": self.sampler.device, "dtype": str(self.sampler.dtype).removeprefix("torch.")}
+                "device": self.sampler.device, "dtype": str(self.sampler.dtype).removeprefix("torch."),
+                "gil_switch_interval_s": sys.getswitchinterval()}
 
 
 @serve.deployment(name="teacher")

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipelines.serve.validation import RequestLimits
 
-__all__ = ["BatchOptions", "ReplicaOptions", "ModelOptions", "ServeConfig", "deployment_options"]
+__all__ = ["BatchOptions", "ReplicaOptions", "ModelOptions", "ServeConfig", "deployment_options", "ray_serve_env"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ class ReplicaOptions:
     target_ongoing_requests: float = 32.0   # per replica: about one full batch in flight
     num_cpus: float = 1.0                   # ray_actor_options; on CPU also torch's thread count (at least 1)
     num_gpus: float = 0.0                   # > 0: the replica samples on CUDA (float16 unless dtype says otherwise)
+    # sys.setswitchinterval in the replica: how long the sampling thread may keep the GIL while the request
+    # threads wait for it (Python's default 5 ms lets a busy sampler starve the intake of the next batch)
+    gil_switch_interval_s: float = 0.0005
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -48,6 +51,9 @@ class ReplicaOptions:
                              f"{self.min_replicas}, {self.max_replicas}")
         if self.target_ongoing_requests <= 0:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if not 1e-6 <= self.gil_switch_interval_s <= 0.1:
+            raise ValueError(f"gil_switch_interval_s must be in [1e-6, 0.1] seconds (Python's default is 0.005), "
+                             f"got {self.gil_switch_interval_s}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError(f"num_cpus and num_gpus must be >= 0, got {self.num_cpus}, {self.num_gpus}")
 
@@ -92,6 +98,9 @@ class ServeConfig:
     teacher_replicas: ReplicaOptions = field(default_factory=ReplicaOptions)
     limits: RequestLimits = field(default_factory=RequestLimits)
     tracking_uri: str | None = None  # for models:/ URIs; None: MLFLOW_TRACKING_URI or sqlite:///<cwd>/runs/mlflow.db
+    # Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the local Ray this job starts (user code and router on the
+    # replica's main loop, no per-request logs to stderr, GC frozen after start): ~20% less CPU per request here
+    throughput_optimized: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -127,3 +136,12 @@ def deployment_options(model: ModelOptions, max_ongoing_extra: int = 0) -> dict[
     else:
         out["num_replicas"] = r.num_replicas
     return out
+
+
+def ray_serve_env(cfg: ServeConfig) -> dict[str, str]:
+    """Environment for the Ray processes (controller, proxy, replicas) of a local Ray started for ``cfg``.
+
+    Serve reads these once, when each process imports it: set them before ``ray.init`` starts the local Ray
+    (its workers inherit the driver's environment). A cluster's own processes need them in their pods' env.
+    """
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} if cfg.throughput_optimized else {}

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from wadi_core.domain.attributes import COLOUR_RGB, COLOURS, POSITIONS
+from wadi_core.domain.render import POSITION_CENTRES
 
 __all__ = ["FOREGROUND_LEVEL", "MIN_CONTRAST", "to_uint8", "foreground_mask", "iou", "object_colour", "centroid",
            "position_of", "colour_masks", "RELATIONS", "relation_of", "solidity", "elongation", "components", "layout_axis"]
 
 FOREGROUND_LEVEL = 110  # absolute object/background cut for pixels of a known colour (two-object scenes)
 MIN_CONTRAST = 60.0
-_CENTRES = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
 _RGB = np.asarray([COLOUR_RGB[c] for c in COLOURS], np.float32)
 
 
@@ -75,7 +75,7 @@ def position_of(mask: np.ndarray) -> str | None:
     c = centroid(mask)
     if c is None:
         return None
-    return min(POSITIONS, key=lambda p: (c[0] - _CENTRES[p][0]) ** 2 + (c[1] - _CENTRES[p][1]) ** 2)
+    return min(POSITIONS, key=lambda p: (c[0] - POSITION_CENTRES[p][0]) ** 2 + (c[1] - POSITION_CENTRES[p][1]) ** 2)
 
 
 def colour_masks(image: torch.Tensor | np.ndarray, colours: list[str], max_distance: float = 110.0) -> list[np.ndarray]:

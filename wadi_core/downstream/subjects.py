@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from wadi_core.domain.attributes import COLOUR_RGB, COLOURS, POSITIONS, SIZES
-from wadi_core.domain.render import _CENTRE, _RADIUS, _SUPERSAMPLE, _shape_mask
+from wadi_core.domain.render import POSITION_CENTRES, SIZE_RADII, SUPERSAMPLE, shape_mask
 
 __all__ = ["SUBJECT_SHAPES", "render_subject", "subject_caption", "Scene", "render_scene", "scene_caption",
            "sample_scene"]
@@ -39,18 +39,18 @@ def _mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: f
         return _star_mask(xx, yy, cx, cy, r * 1.15)
     if shape == "bar":  # a flat horizontal bar
         return (np.abs(xx - cx) <= 1.2 * r) & (np.abs(yy - cy) <= 0.4 * r)
-    return _shape_mask(shape, xx, yy, cx, cy, r)
+    return shape_mask(shape, xx, yy, cx, cy, r)
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    n = size * _SUPERSAMPLE
+    n = size * SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / n
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     return xx, yy
 
 
 def _coverage(fine: np.ndarray, size: int) -> np.ndarray:
-    return fine.astype(np.float32).reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
+    return fine.astype(np.float32).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def render_subject(shape: str, colour: str, size_name: str, position: str, seed: int,
@@ -59,10 +59,10 @@ def render_subject(shape: str, colour: str, size_name: str, position: str, seed:
     if colour not in COLOURS or size_name not in SIZES or position not in POSITIONS:
         raise ValueError(f"unknown colour/size/position {colour!r}/{size_name!r}/{position!r}")
     rng = np.random.default_rng(seed)
-    cx, cy = _CENTRE[position]
+    cx, cy = POSITION_CENTRES[position]
     cx += rng.uniform(-0.06, 0.06)
     cy += rng.uniform(-0.06, 0.06)
-    r = _RADIUS[size_name] * rng.uniform(0.9, 1.1)
+    r = SIZE_RADII[size_name] * rng.uniform(0.9, 1.1)
     rgb = np.clip(np.asarray(COLOUR_RGB[colour], np.float32) + rng.uniform(-18, 18, 3), 0, 255)
     background = rng.uniform(0, 50, 3).astype(np.float32)
     xx, yy = _grid(size)
@@ -118,7 +118,7 @@ def render_scene(scene: Scene, seed: int, size: int = 32) -> tuple[np.ndarray, n
     side = rng.uniform(-0.06, 0.06)
     ax, ay = mx + ox * gap + oy * side, my + oy * gap + ox * side
     bx, by = mx - ox * gap - oy * side, my - oy * gap - ox * side
-    ra, rb = (_RADIUS["small"] * rng.uniform(0.85, 1.1) for _ in range(2))
+    ra, rb = (SIZE_RADII["small"] * rng.uniform(0.85, 1.1) for _ in range(2))
     rgb_a, rgb_b = (np.clip(np.asarray(COLOUR_RGB[c], np.float32) + rng.uniform(-18, 18, 3), 0, 255)
                     for c in (scene.colour_a, scene.colour_b))
     background = rng.uniform(0, 50, 3).astype(np.float32)
