@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from pipelines.data.prompts import exact_split, list_shards, prompt_dataset, read_shard  # noqa: E402
-from pipelines.data.tarshards import parse_prompt_tar, write_prompt_shard  # noqa: E402
 from pipelines.runtime.cluster import init_ray  # noqa: E402
+from wadi_core.prompts.shards import parse_prompt_tar, prompt_shard_bytes  # noqa: E402
 
 #: The project's goal: 1.4 M prompts from S3 in 20 s (2-way split, idle 2-core machine).
 TARGET_PROMPTS, TARGET_S = 1_400_000, 20.0
@@ -59,7 +59,7 @@ def make_shards(root: Path, n_prompts: int, shard_size: int, seed: int = 0) -> i
             meta = {"img_path": f"./{i // 10000:03d}/{i:08d}.jpg", "prompt": caption + " --ar 16:9 --v 5",
                     "style": ["cinematic"], "source": "bench"}
             samples.append((f"{i:09d}", caption, meta))
-        write_prompt_shard(root / f"prompts-{s:05d}.tar", samples)
+        (root / f"prompts-{s:05d}.tar").write_bytes(prompt_shard_bytes(samples))
     (root / "manifest.json").write_text(json.dumps({"num_prompts": n_prompts, "num_shards": n_shards}))
     return n_shards
 

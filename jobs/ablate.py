@@ -46,7 +46,7 @@ class AblationJob(AblationConfig):
     docs_images: str = ""           # also copy the PNGs here as ablation_*.png
     docs_md: str = ""               # fill the ablation-table block of this markdown file
     tracking_uri: str = ""          # default: $MLFLOW_TRACKING_URI, else sqlite under out_dir
-    experiment: str = "wadi-ablation"
+    experiment: str = "wadi-ablation"  # MLflow experiment
     track: bool = True              # false: no MLflow
 
     def study(self) -> AblationConfig:

@@ -29,8 +29,8 @@ class AnalyzeWeightsJob(AnalyzeWeightsConfig):
     """The analysis (``reference``, ``candidate``, ``out`` are required) plus MLflow settings."""
 
     tracking_uri: str = ""          # default: $MLFLOW_TRACKING_URI (none: no tracking)
-    experiment: str = "weight-analysis"
-    run_name: str = ""
+    experiment: str = "weight-analysis"  # MLflow experiment
+    run_name: str = ""  # MLflow run name ("": MLflow's)
 
     def analysis(self) -> AnalyzeWeightsConfig:
         return base_part(self, AnalyzeWeightsConfig)

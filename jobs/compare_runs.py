@@ -109,7 +109,7 @@ def plot(rows: list[dict[str, Any]], metrics: list[str], out: Path) -> None:
 class CompareRunsJob:
     """``jobs/compare_runs.py``'s configuration."""
 
-    experiments: tuple[str, ...] = ("wadi-eval",)
+    experiments: tuple[str, ...] = ("wadi-eval",)  # MLflow experiments whose runs are compared
     tracking_uri: str = ""           # default: $MLFLOW_TRACKING_URI, else sqlite under ./runs
     metrics: tuple[str, ...] = ()    # default: those of DEFAULT_METRICS present
     filter: str = ""                 # MLflow filter string

@@ -39,11 +39,10 @@ from wadi_core.downstream.controlnet import (ControlNetConfig, control_eval_set,
 from wadi_core.downstream.report import domain_scores, labelled_grid, markdown_table
 from wadi_core.downstream.sampling import image_size, load_one_step_student, sample, seeded_noise, time_per_image
 from wadi_core.models import load_teacher
-from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
 from pipelines.data.control_lake import write_control_shards
-from pipelines.tracking.client import default_tracking_uri, start_run
+from pipelines.tracking.downstream import downstream_run
 from pipelines.train.controlnet import RayControlNetSpec, run_controlnet_training
 
 
@@ -59,22 +58,22 @@ class ControlNetJob(ControlNetConfig):
                                     # empty: num_images domain renders written to <out>/lake
     workers: int = 2                # trainer=ray: data-parallel workers (batch_size is the global batch)
     cpus_per_worker: float = 0.5    # Ray Data needs a CPU beside the workers (checked before the run)
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0  # GPUs per Ray worker (trainer=ray)
     storage_path: str = ""          # trainer=ray: checkpoints, local or s3:// (default <out>/ray)
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # steps between checkpoints (trainer=ray)
     ray_address: str = ""           # join this cluster (or RAY_ADDRESS); default: a local Ray
     eval_prompts: int = 300         # domain captions with exact silhouettes
-    teacher_steps: int = TEACHER_STEPS
+    teacher_steps: int = TEACHER_STEPS  # the teacher's sampling steps
     guidance: float = TEACHER_GUIDANCE  # teacher CFG
-    control_scale: float = 1.0
+    control_scale: float = 1.0  # ControlNet conditioning scale
     fid_reference: int = 2000       # real renders for the FID reference (0: no FID)
     timing_batch: int = 32          # images per timed call
     baselines: bool = True          # also teacher / student without the ControlNet
     out: str = str(REPO / "outputs" / "controlnet")
     threads: int = 0                # torch threads (0: torch's default)
-    experiment: str = "wadi-downstream"
+    experiment: str = "wadi-downstream"  # MLflow experiment
     tracking_uri: str = ""          # default: MLFLOW_TRACKING_URI or sqlite ./runs/mlflow.db
-    run_name: str = ""
+    run_name: str = ""  # MLflow run name ("": controlnet-<out folder>)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -136,9 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                 ("eval_prompts", "teacher_steps", "guidance", "control_scale",
                                                  "fid_reference", "timing_batch")},
               "threads": torch.get_num_threads()}
-    tracking_uri = args.tracking_uri or default_tracking_uri(Path.cwd() / "runs")
-    with start_run(args.experiment, run_name=args.run_name or f"controlnet-{out.name}", tracking_uri=tracking_uri,
-                   params=params, tags={"wadi.task": "controlnet"}) as tracker:
+    with downstream_run("controlnet", out, args.experiment, args.tracking_uri, args.run_name, params,
+                        started=started) as run:
+        tracker, tracking_uri = run.tracker, run.tracking_uri
         if args.controlnet:
             controlnet, summary = load_controlnet(args.controlnet), {"train_steps": 0.0, "train_seconds": 0.0}
         else:
@@ -187,19 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
         grid = labelled_grid(columns, ["control", *runs], row_labels=[p.replace("a ", "", 1) for p in prompts[:n]])
         grid.save(out / "grid.png")
         table = markdown_table(rows, ["iou", "alignment", "all_correct", "fid", "seconds_per_image"], 4)
-        result = {"rows": rows, "ratios": ratios, "train": summary, "table": table, "params": redact(params),
-                  "grid": str(out / "grid.png"), "wall_seconds": time.time() - started, "mlflow_run_id": tracker.run_id}
-        (out / "metrics.json").write_text(json.dumps(result, indent=1))
-        (out / "table.md").write_text(table)
-        tracker.log_artifact(out / "grid.png")
-        tracker.log_artifact(out / "metrics.json")
-        if (out / "controlnet").exists():
-            tracker.log_artifacts(out / "controlnet", "controlnet")
-        tracker.log_metrics({"wall_seconds": result["wall_seconds"]})
+        result = run.finish({"rows": rows, "ratios": ratios, "train": summary, "grid": str(out / "grid.png")}, table,
+                            files=("grid.png", "metrics.json"), folders=("controlnet",))
     print(table)
     print(json.dumps(ratios, indent=1))
-    print(redact(f"outputs: {out} (controlnet/, grid.png, metrics.json); MLflow {tracking_uri}, "
-                 f"experiment {args.experiment}"))
+    print(run.where())
     return result
 
 

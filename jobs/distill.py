@@ -28,7 +28,7 @@ from wadi_core.config import ConfigError
 from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
-from pipelines.config.job import DistillConfig, absolute_paths, check_adapter_ranks, results_root
+from pipelines.config.job import DistillConfig, absolute_paths, check_distill_config, results_root
 from pipelines.config.plan import build_plan
 from pipelines.data.prompts import lake_prompt_count
 from pipelines.run import RunFailed, run_distillation
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, console: bool = False) -> int:
 
     try:
         cfg = config_from_args(DistillConfig, args, fixed={"train.run_name": args.run_name} if args.run_name else None,
-                               check=check_adapter_ranks, whole_recipe=True)
+                               check=check_distill_config, whole_recipe=True)
     except SystemExit as e:
         return int(e.code or 0)
 

@@ -45,7 +45,7 @@ class LocalEvaluation:
     num_prompts: int = 0            # > 0: domain FID / alignment on this many prompts
     teacher_report: str = ""        # reuse teacher numbers from jobs/eval_teacher_domain.py
     compare_grid: str = ""          # PNG: teacher 25 steps | student 1 step | teacher 1 step
-    guidance: float = TEACHER_GUIDANCE
+    guidance: float = TEACHER_GUIDANCE  # the teacher's classifier-free guidance scale
     workers: int = 2                # sampling processes
 
 
@@ -53,8 +53,8 @@ class LocalEvaluation:
 class DistillLocalJob(LocalTrainConfig):
     """``jobs/distill_local.py``'s configuration."""
 
-    steps: int = 1500
-    batch_size: int = 64
+    steps: int = 1500  # training steps
+    batch_size: int = 64  # prompts per step
     save_every: int = 250
     threads: int = 0                # torch threads (0: torch's default)
     domain_eval: LocalEvaluation = field(default_factory=LocalEvaluation)

@@ -15,7 +15,6 @@ Writes ``<out>/adapters/<kind>_seed<k>.safetensors`` (wadi-adapter-v1), ``<out>/
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,9 @@ from wadi_core.downstream.sampling import image_size, load_one_step_student, sam
 from wadi_core.downstream.subjects import render_subject, subject_caption
 from wadi_core.images import image_grid
 from wadi_core.models import load_teacher
-from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
-from pipelines.tracking.client import default_tracking_uri, start_run
+from pipelines.tracking.downstream import downstream_run
 
 SCORES = ("fidelity", "shape_rate", "descriptor", "adherence", "acc_colour", "acc_size", "acc_position")
 
@@ -52,16 +50,16 @@ class DreamBoothJob(DreamBoothConfig):
     student: str = ""               # WaDi one-step export of the teacher (local or s3://), required
     teacher: str = "embedded"       # diffusers SD folder, s3:// prefix or "embedded"
     kinds: tuple[str, ...] = ("lorad", "lora", "full")  # adapter kinds from wadi_core.adapters
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1)  # one fine-tune per adapter kind and seed
     lrs: dict[str, float] = field(default_factory=dict)  # per kind; default DEFAULT_LR
-    teacher_steps: int = TEACHER_STEPS
-    guidance: float = TEACHER_GUIDANCE
+    teacher_steps: int = TEACHER_STEPS  # the teacher's sampling steps
+    guidance: float = TEACHER_GUIDANCE  # the teacher's classifier-free guidance scale
     max_test_prompts: int = 0       # 0: every held-out colour / size / position
-    out: str = str(REPO / "outputs" / "dreambooth")
-    threads: int = 0
-    experiment: str = "wadi-downstream"
-    tracking_uri: str = ""
-    run_name: str = ""
+    out: str = str(REPO / "outputs" / "dreambooth")  # output folder (metrics.json, table.md, grid.png)
+    threads: int = 0  # torch threads (0: torch's default)
+    experiment: str = "wadi-downstream"  # MLflow experiment
+    tracking_uri: str = ""  # MLflow tracking URI ("": MLFLOW_TRACKING_URI, else sqlite ./runs/mlflow.db)
+    run_name: str = ""  # MLflow run name ("": dreambooth-<out folder>)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,12 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
               **{f"db.{k}": v for k, v in base.__dict__.items() if k not in ("kind", "lr", "seed")},
               **{f"lr.{k}": c.learning_rate for k, c in configs.items()}, "test_prompts": len(prompts),
               "teacher_steps": args.teacher_steps, "guidance": args.guidance, "threads": torch.get_num_threads()}
-    tracking_uri = args.tracking_uri or default_tracking_uri(Path.cwd() / "runs")
     rows: dict[str, dict[str, list[float]]] = {}
     n_params: dict[str, float] = {}
     grid_cols: dict[str, torch.Tensor] = {}
-    with start_run(args.experiment, run_name=args.run_name or f"dreambooth-{out.name}", tracking_uri=tracking_uri,
-                   params=params, tags={"wadi.task": "dreambooth"}) as tracker:
+    with downstream_run("dreambooth", out, args.experiment, args.tracking_uri, args.run_name, params,
+                        started=started) as run:
+        tracker = run.tracker
         teacher = load_teacher(args.teacher)
         size = image_size(teacher)
         noise = seeded_noise(teacher, len(prompts), seed=0)
@@ -165,17 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
         image_grid(torch.from_numpy(subject.images).permute(0, 3, 1, 2).float() / 255, rows=1).save(
             out / "instances.png")
         table = _table(rows, n_params)
-        result = {"rows": rows, "trainable_params": n_params, "table": table, "instance_captions": subject.captions,
-                  "test_prompts": prompts, "params": redact(params), "wall_seconds": time.time() - started,
-                  "mlflow_run_id": tracker.run_id}
-        (out / "metrics.json").write_text(json.dumps(result, indent=1))
-        (out / "table.md").write_text(table)
-        for f in ("grid.png", "instances.png", "metrics.json", "table.md"):
-            tracker.log_artifact(out / f)
-        tracker.log_artifacts(out / "adapters", "adapters")
-        tracker.log_metrics({"wall_seconds": result["wall_seconds"]})
+        result = run.finish({"rows": rows, "trainable_params": n_params, "instance_captions": subject.captions,
+                             "test_prompts": prompts}, table,
+                            files=("grid.png", "instances.png", "metrics.json", "table.md"), folders=("adapters",))
     print(table)
-    print(redact(f"outputs: {out}; MLflow {tracking_uri}, experiment {args.experiment}"))
+    print(run.where())
     return result
 
 

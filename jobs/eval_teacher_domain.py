@@ -28,17 +28,17 @@ from pipelines.config.cli import add_config_arguments, config_from_args
 class TeacherEvalJob:
     """``jobs/eval_teacher_domain.py``'s configuration."""
 
-    teacher: str = str(REPO / "wadi_core/assets/embedded_teacher")
+    teacher: str = str(REPO / "wadi_core/assets/embedded_teacher")  # teacher pipeline directory
     evaluator: str = ""             # evaluator dir (default: the shipped one)
     n: int = 5000                   # generated images per setting
-    n_real: int = 5000
-    n_heldout: int = 600
-    guidance: float = TEACHER_GUIDANCE
-    steps: tuple[int, ...] = (TEACHER_STEPS, 1)
-    threads: int = 1
+    n_real: int = 5000  # real renders in the reference
+    n_heldout: int = 600  # held-out-split prompts (attribute combinations never trained on)
+    guidance: float = TEACHER_GUIDANCE  # classifier-free guidance scale
+    steps: tuple[int, ...] = (TEACHER_STEPS, 1)  # sampling steps, one setting each
+    threads: int = 1  # torch threads per process
     workers: int = 2                # sampling processes (one thread each)
-    out: str = str(REPO / "runs/eval_teacher_domain.json")
-    grid: str = str(REPO / "docs/images/teacher_grid.png")
+    out: str = str(REPO / "runs/eval_teacher_domain.json")  # the report (JSON)
+    grid: str = str(REPO / "docs/images/teacher_grid.png")  # sample grid PNG
 
 
 def main(argv: list[str] | None = None) -> None:

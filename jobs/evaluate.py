@@ -40,21 +40,22 @@ from wadi_core.metrics.coco import draw_coco_captions, write_prompt_list
 from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
-from pipelines.evaluate.runs import EvalConfig, ensure_reference, init_ray, run_evaluation, run_schedule
+from pipelines.evaluate.config import EvaluationRun
+from pipelines.evaluate.runs import ensure_reference, init_evaluation_ray, run_evaluation, run_schedule
 
 
 @dataclass(frozen=True)
-class EvaluateJob(EvalConfig):
-    """``run`` / ``reference``: one evaluation (``EvalConfig``); ``out`` "" = outputs/eval/<run name>."""
+class EvaluateJob(EvaluationRun):
+    """``run`` / ``reference``: one evaluation (``EvaluationRun``); ``out`` "" = outputs/eval/<run name>."""
 
-    reference: str | None = str(REPO / EvalConfig.reference) if EvalConfig.reference else None
-    out: str = ""
+    reference: str | None = str(REPO / EvaluationRun.reference) if EvaluationRun.reference else None
+    out: str = ""  # output folder or s3:// prefix ("": outputs/eval/<run name>)
 
-    def evaluation(self, default_out: str | None = None) -> EvalConfig:
-        """The ``EvalConfig`` this job runs (its output folder resolved)."""
+    def evaluation(self, default_out: str | None = None) -> EvaluationRun:
+        """The ``EvaluationRun`` this job runs (its output folder resolved)."""
         m = self.model
         name = self.tracking.run_name or f"{Path(m.uri.rstrip('/')).name}-{m.steps}step-cfg{m.guidance:g}"
-        return base_part(self, EvalConfig, out=self.out or default_out or str(REPO / "outputs" / "eval" / name))
+        return base_part(self, EvaluationRun, out=self.out or default_out or str(REPO / "outputs" / "eval" / name))
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class PromptsJob:
     captions: str                   # captions_val2014.json / captions_val2017.json
     out: str                        # where to write the list (one caption per line)
     num: int | None = None          # number of images (default: all)
-    draw_seed: int = 2024
+    draw_seed: int = 2024  # seed of the draw of one caption per image
 
 
 COMMANDS = {"run": EvaluateJob, "reference": EvaluateJob, "schedule": ScheduleJob, "prompts": PromptsJob}
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = job.evaluation()
         if not (cfg.reference and cfg.reference_images):
             raise SystemExit("reference needs reference= (where to store) and reference_images= (real images)")
-        init_ray()
+        init_evaluation_ray()
         ref = ensure_reference(cfg)
         print(json.dumps(ref.manifest if ref else {}, indent=2))
         return ref.manifest if ref else {}

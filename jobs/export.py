@@ -148,7 +148,7 @@ class ExportJob:
     """``jobs/export.py``'s configuration (``model``, ``format`` and ``out`` are required)."""
 
     model: str                      # export folder, models:/ or runs:/ URI, or training checkpoint
-    format: Literal["diffusers", "single-file", "lora"]
+    format: Literal["diffusers", "single-file", "lora"]  # diffusers (pipeline folder), single-file (one .safetensors) or lora (adapter as LoRA)
     out: str                        # output folder (diffusers) or .safetensors file
     lora_rank: str = "64"           # LoRA rank per layer, or "full" (exact)
     teacher: str = ""               # teacher of a checkpoint; default: the export's wadi_export.json, else the recipe's

@@ -28,8 +28,9 @@ from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
 from pipelines.data.prompts import pyarrow_filesystem
-from pipelines.evaluate.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
-from pipelines.evaluate.runs import RayResources, check_actor_accelerator, init_ray
+from pipelines.evaluate.config import ModelSpec, RayResources
+from pipelines.evaluate.generation import generation_dataset, load_prompts, prompt_seed, write_png_files
+from pipelines.evaluate.runs import check_actor_accelerator, init_evaluation_ray
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,10 @@ class GenerateJob:
     out: str                        # local folder or s3:// prefix
     model: ModelSpec = field(default_factory=ModelSpec)
     prompts: str = "domain:5000:1:train"  # coco30k | domain:N:SEED:SPLIT | hpsv2:DIR | captions_val201x.json | .txt | .json
-    num_prompts: int | None = None
-    draw_seed: int = 2024
-    seed: int = 0
-    format: Literal["files", "webdataset"] = "files"
+    num_prompts: int | None = None  # keep the first N prompts of the set, per group (None: all)
+    draw_seed: int = 2024  # seed of the one-caption-per-image draw from a COCO captions JSON
+    seed: int = 0  # per-prompt noise seed
+    format: Literal["files", "webdataset"] = "files"  # files: one PNG per image; webdataset: tar shards
     shard_size: int = 1000          # images per tar shard (webdataset)
     ray: RayResources = field(default_factory=lambda: RayResources(batch_size=16))  # generator actors
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     spec, resources = args.model, args.ray
     records, info = load_prompts(args.prompts, args.num_prompts, args.draw_seed)
-    init_ray()
+    init_evaluation_ray()
     check_actor_accelerator(resources)
     ds = generation_dataset(records, spec, args.seed, concurrency=resources.gen_workers,
                             batch_size=resources.batch_size, cpus_per_actor=resources.cpus_per_actor,

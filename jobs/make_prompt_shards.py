@@ -17,11 +17,10 @@ from typing import Literal
 
 from wadi_core import storage
 from wadi_core.domain.attributes import eval_prompts
-from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions, write_prompt_shards
+from wadi_core.prompts import domain_to_shards, journeydb_to_shards, write_coco_captions
 from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
-from pipelines.data.wds_shards import write_prompt_shards_webdataset
 
 Split = Literal["train", "heldout", "all"]
 
@@ -29,16 +28,15 @@ Split = Literal["train", "heldout", "all"]
 @dataclass(frozen=True)
 class ShardsConfig:
     out: str                                          # output folder or s3:// prefix for the shards
-    shard_size: int = 10_000
-    writer: Literal["webdataset", "tarfile"] = "webdataset"  # or the dependency-free tarfile writer in wadi_core
+    shard_size: int = 10_000  # prompts per tar shard
 
 
 @dataclass(frozen=True)
 class JourneyDBShards(ShardsConfig):
     """``journeydb``: from JourneyDB train_anno*.jsonl(.tgz) files (local or s3://)."""
 
-    inputs: tuple[str, ...] = ()
-    seed: int = 2023
+    inputs: tuple[str, ...] = ()  # JourneyDB train_anno*.jsonl(.tgz) files (local or s3://)
+    seed: int = 2023  # shuffle seed of the deduped, sorted captions
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -49,12 +47,12 @@ class JourneyDBShards(ShardsConfig):
 class DomainShards(ShardsConfig):
     """``domain``: from the embedded procedural domain."""
 
-    num: int = 20_000
-    seed: int = 0
-    split: Split = "train"
+    num: int = 20_000  # training prompts to draw
+    seed: int = 0  # seed of the drawn domain attributes
+    split: Split = "train"  # domain split of the training prompts
     eval_num: int = 5_000             # COCO-format eval prompts (0: none)
-    eval_split: Split = "train"
-    eval_seed: int = 1
+    eval_split: Split = "train"  # domain split of the eval prompts
+    eval_seed: int = 1  # seed of the eval prompts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,14 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         add_config_arguments(sub.add_parser(name, help=cls.__doc__.split(": ", 1)[1]))
     ns = p.parse_args(argv)
     args = config_from_args(JourneyDBShards if ns.source == "journeydb" else DomainShards, ns)
-    writer = write_prompt_shards_webdataset if args.writer == "webdataset" else write_prompt_shards
 
     if isinstance(args, JourneyDBShards):
-        manifest = journeydb_to_shards(list(args.inputs), args.out, args.shard_size, seed=args.seed, progress=True,
-                                       writer=writer)
+        manifest = journeydb_to_shards(list(args.inputs), args.out, args.shard_size, seed=args.seed, progress=True)
     else:
-        manifest = domain_to_shards(args.num, args.out, seed=args.seed, split=args.split, shard_size=args.shard_size,
-                                    writer=writer)
+        manifest = domain_to_shards(args.num, args.out, seed=args.seed, split=args.split, shard_size=args.shard_size)
         if args.eval_num:
             eval_uri = storage.join(args.out, "eval_captions.json")
             write_coco_captions(eval_prompts(args.eval_num, args.eval_seed, args.eval_split), eval_uri)

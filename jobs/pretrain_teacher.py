@@ -35,8 +35,8 @@ class PretrainJob(PretrainConfig):
 
     out: str = str(REPO / "wadi_core/assets/embedded_teacher")   # pipeline output dir
     state_dir: str = str(REPO / "runs/pretrain_teacher/state")   # resume state
-    experiment: str = "embedded-teacher"
-    tracking_uri: str = ""
+    experiment: str = "embedded-teacher"  # MLflow experiment
+    tracking_uri: str = ""  # MLflow tracking URI ("": MLFLOW_TRACKING_URI, else sqlite ./mlflow.db)
     grid: str = ""                   # also write the sample grid PNG here
 
     def pretraining(self) -> PretrainConfig:

@@ -40,10 +40,9 @@ from wadi_core.downstream.sampling import load_one_step_student, sample, seeded_
 from wadi_core.downstream.subjects import sample_scene, scene_caption
 from wadi_core.images import image_grid
 from wadi_core.models import load_teacher
-from wadi_core.redact import redact
 
 from pipelines.config.cli import add_config_arguments, config_from_args
-from pipelines.tracking.client import default_tracking_uri, start_run
+from pipelines.tracking.downstream import downstream_run
 
 
 @dataclass(frozen=True)
@@ -60,14 +59,14 @@ class ReVersionJob:
     relations: tuple[str, ...] = ("above",)  # of: above, below, left of, right of
     relation: RelationConfig = field(default_factory=RelationConfig)
     eval_scenes: int = 64           # new object pairs per relation
-    teacher_steps: int = TEACHER_STEPS
-    guidance: float = TEACHER_GUIDANCE
-    timing_batch: int = 16
-    out: str = str(REPO / "outputs" / "reversion")
-    threads: int = 0
-    experiment: str = "wadi-downstream"
-    tracking_uri: str = ""
-    run_name: str = ""
+    teacher_steps: int = TEACHER_STEPS  # the teacher's sampling steps
+    guidance: float = TEACHER_GUIDANCE  # the teacher's classifier-free guidance scale
+    timing_batch: int = 16  # images per timed call
+    out: str = str(REPO / "outputs" / "reversion")  # output folder (metrics.json, table.md, grid.png)
+    threads: int = 0  # torch threads (0: torch's default)
+    experiment: str = "wadi-downstream"  # MLflow experiment
+    tracking_uri: str = ""  # MLflow tracking URI ("": MLFLOW_TRACKING_URI, else sqlite ./runs/mlflow.db)
+    run_name: str = ""  # MLflow run name ("": reversion-<out folder>)
 
 
 def parse_args(argv: list[str] | None = None) -> ReVersionJob:
@@ -106,11 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
               **{f"inversion.{k}": v for k, v in args.relation.__dict__.items() if k not in ("relation", "token")},
               "eval_scenes": args.eval_scenes, "teacher_steps": args.teacher_steps, "guidance": args.guidance,
               "threads": torch.get_num_threads()}
-    tracking_uri = args.tracking_uri or default_tracking_uri(Path.cwd() / "runs")
     rows: dict[str, dict[str, float]] = {}
     columns: dict[str, torch.Tensor] = {}
-    with start_run(args.experiment, run_name=args.run_name or f"reversion-{out.name}", tracking_uri=tracking_uri,
-                   params=params, tags={"wadi.task": "reversion"}) as tracker:
+    with downstream_run("reversion", out, args.experiment, args.tracking_uri, args.run_name, params,
+                        started=started) as run:
+        tracker = run.tracker
         timings: dict[str, float] = {}
         if not (scene_dir / "model_index.json").exists():
             t0 = time.time()
@@ -171,16 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
                              row_labels=[scene_caption(s) for s in rows_first[:n]] if len(relations) == 1 else ())
         grid.save(out / "grid.png")
         table = markdown_table(rows, ["relation_accuracy", "both_found", "axis_accuracy", "seconds_per_image"], 3)
-        result = {"rows": rows, "timings": timings, "table": table, "student": student_uri,
-                  "params": redact(params), "wall_seconds": time.time() - started, "mlflow_run_id": tracker.run_id}
-        (out / "metrics.json").write_text(json.dumps(result, indent=1))
-        (out / "table.md").write_text(table)
-        for f in ["grid.png", "metrics.json", "table.md", *[p.name for p in out.glob("exemplars_*.png")]]:
-            tracker.log_artifact(out / f)
-        tracker.log_artifacts(out / "tokens", "tokens")
-        tracker.log_metrics({"wall_seconds": result["wall_seconds"], **timings})
+        result = run.finish({"rows": rows, "timings": timings, "student": student_uri}, table,
+                            files=["grid.png", "metrics.json", "table.md", *[p.name for p in out.glob("exemplars_*.png")]],
+                            folders=("tokens",), metrics=timings)
     print(table)
-    print(redact(f"outputs: {out}; MLflow {tracking_uri}, experiment {args.experiment}"))
+    print(run.where())
     return result
 
 

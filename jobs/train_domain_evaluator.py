@@ -21,14 +21,14 @@ from pipelines.tracking.client import start_run
 class EvaluatorJob:
     """``jobs/train_domain_evaluator.py``'s configuration."""
 
-    out: str = str(REPO / "wadi_core/assets/domain_evaluator")
-    steps: int = 1000
-    batch: int = 64
-    lr: float = 2e-3
-    seed: int = 0
-    threads: int = 1
-    experiment: str = "domain-evaluator"
-    tracking_uri: str = ""
+    out: str = str(REPO / "wadi_core/assets/domain_evaluator")  # where the evaluator is written
+    steps: int = 1000  # training steps
+    batch: int = 64  # renders per step
+    lr: float = 2e-3  # learning rate
+    seed: int = 0  # seed of the renders and the init
+    threads: int = 1  # torch threads
+    experiment: str = "domain-evaluator"  # MLflow experiment
+    tracking_uri: str = ""  # MLflow tracking URI ("": MLFLOW_TRACKING_URI, else sqlite ./mlflow.db)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """The trainer's data-wait metric (#35): ``perf/data_wait_s`` is the time a step waited for its batch
-(``_Run.next_batch``), ``perf/data_wait_share`` that wait over the step's wall time. Driven through
-the real ``pipelines.train.worker._train`` loop and ``_Run.log_step`` with a fake run: no Ray, no model."""
+(``Trainer.next_batch``), ``perf/data_wait_share`` that wait over the step's wall time. Driven through
+the real ``Trainer.train_epochs`` loop and ``Trainer.log_step`` with faked data and steps: no Ray, no model."""
 
 from __future__ import annotations
 
@@ -29,45 +29,39 @@ class _Tracker:
         self.logged.append((step, metrics))
 
 
-class _FakeRun:
-    """What ``_train`` touches of a ``_Run``; ``log_step`` is the real one."""
+def _fake_trainer(wait_s: float, compute_s: float) -> train.Trainer:
+    """A :class:`Trainer` whose data, step and epochs are faked; its loop and ``log_step`` are the real ones."""
+    run = train.Trainer.__new__(train.Trainer)
+    run.rank, run.data_wait_share_job = 1, 0.0  # not rank 0: no progress lines
+    run.tracker = _Tracker()
+    run.preemption = SimpleNamespace(stop_requested=False, checkpoint_due=lambda *args: False)
+    run.checkpointer = SimpleNamespace(seconds=0.0)
+    run.loop_config = {"total_steps": None}
+    run.state = SimpleNamespace(step=0, epoch=0, nonfinite_steps=0, prompts_seen=0, data_position=0)
+    run.cfg = SimpleNamespace(
+        data=SimpleNamespace(max_steps=4),
+        train=SimpleNamespace(max_nonfinite_in_a_row=3, log_every=1, checkpoint_every=0, global_batch=1),
+        tracking=SimpleNamespace(sample_every=0))
 
-    log_step = train._Run.log_step
-
-    def __init__(self, wait_s: float, compute_s: float) -> None:
-        self.wait_s, self.compute_s = wait_s, compute_s
-        self.rank, self.stop_requested = 1, False  # not rank 0: no progress lines
-        self.loop_config = {"total_steps": None}
-        self.state = SimpleNamespace(step=0, epoch=0, nonfinite_steps=0, prompts_seen=0, data_position=0)
-        self.cfg = SimpleNamespace(
-            data=SimpleNamespace(max_steps=4),
-            train=SimpleNamespace(max_nonfinite_in_a_row=3, log_every=1, checkpoint_every=0, global_batch=1),
-            tracking=SimpleNamespace(sample_every=0))
-
-    def stream(self) -> _Stream:
-        return _Stream()
-
-    def next_batch(self, batches: Iterator[Any]) -> Any:
-        time.sleep(self.wait_s)  # a prompt stream that keeps the step waiting
+    def next_batch(batches: Iterator[Any]) -> Any:
+        time.sleep(wait_s)  # a prompt stream that keeps the step waiting
         return next(batches, None)
 
-    def step(self, batch: Any, guard: Any) -> dict[str, float]:
-        time.sleep(self.compute_s)
-        self.state.step += 1
-        self.state.data_position += 1  # as the real step: global batches of this epoch trained
+    def step(batch: Any) -> dict[str, float]:
+        time.sleep(compute_s)
+        run.state.step += 1
+        run.state.data_position += 1  # as the real step: global batches of this epoch trained
         return {"loss_gen": 1.0}
 
-    def bad_counts(self, stream: Any) -> dict[str, int]:
-        return {}
+    run.stream, run.next_batch, run.step = _Stream, next_batch, step
+    run.bad_counts = lambda stream: {}
+    run.epochs = lambda: iter([(0, 10, 0)])  # one epoch of 10 batches
+    return run
 
-    def preemption_checkpoint_due(self, step_seconds: float) -> bool:
-        return False
 
-
-def _logged_perf(run: _FakeRun, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, float]]:
-    monkeypatch.setattr(train, "_epochs", lambda r: iter([(0, 10, 0)]))  # one epoch of 10 batches
-    tracker = _Tracker()
-    metrics, _ = train._train(run, tracker)
+def _logged_perf(run: train.Trainer) -> list[dict[str, float]]:
+    metrics, _ = run.train_epochs()
+    tracker = run.tracker
     assert [step for step, _ in tracker.logged] == [1, 2, 3, 4]  # data.max_steps=4, logged every step
     # The job's share in the closing report: steps 2-4 (the epoch's first step is the pipeline starting).
     later = [m for step, m in tracker.logged if step > 1]
@@ -76,15 +70,15 @@ def _logged_perf(run: _FakeRun, monkeypatch: pytest.MonkeyPatch) -> list[dict[st
     return [m for _, m in tracker.logged]
 
 
-def test_data_wait_is_the_time_a_step_waits_for_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    for m in _logged_perf(_FakeRun(wait_s=0.2, compute_s=0.02), monkeypatch):
+def test_data_wait_is_the_time_a_step_waits_for_its_batch() -> None:
+    for m in _logged_perf(_fake_trainer(wait_s=0.2, compute_s=0.02)):
         assert 0.2 <= m["perf/data_wait_s"] <= m["perf/step_seconds"]
         assert m["perf/data_wait_share"] == pytest.approx(m["perf/data_wait_s"] / m["perf/step_seconds"])
         assert m["perf/data_wait_share"] > 0.5  # the stream, not the step, is the bottleneck
 
 
-def test_a_step_that_never_waits_has_a_small_share(monkeypatch: pytest.MonkeyPatch) -> None:
-    for m in _logged_perf(_FakeRun(wait_s=0.0, compute_s=0.2), monkeypatch):
+def test_a_step_that_never_waits_has_a_small_share() -> None:
+    for m in _logged_perf(_fake_trainer(wait_s=0.0, compute_s=0.2)):
         assert 0.0 <= m["perf/data_wait_s"] < 0.1 and m["perf/step_seconds"] >= 0.2
         assert 0.0 <= m["perf/data_wait_share"] < 0.5
 
@@ -102,7 +96,7 @@ def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_b
     from s3_fault_proxy import FaultProxy
 
     from pipelines.data.prompts import read_shard, pyarrow_filesystem, read_shard_batch
-    from pipelines.data.tarshards import BAD_REASONS
+    from wadi_core.prompts.shards import BAD_REASONS
     from wadi_core import storage
 
     body = os.urandom(3 << 20)  # 12 chunks of the old reader
@@ -126,7 +120,7 @@ def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_b
 def test_progress_line_reads_for_fast_and_slow_steps(elapsed_s: float, said: str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A full-size step takes minutes on a CPU: the line says seconds per step, not "0.00 steps/s"."""
-    progress = train._Progress(total=4, start=0, active=True)
+    progress = train.Progress(total=4, start=0, active=True)
     progress.t0 = time.perf_counter() - elapsed_s  # 4 steps took elapsed_s
     progress.update(4, {"loss_gen": 0.5, "loss_fake": 0.25}, (0.01, elapsed_s / 4))
     line = capsys.readouterr().out

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.evaluate.runs import EvalConfig, RayResources, TrackingSpec, list_checkpoints, run_schedule
-from pipelines.evaluate.metrics import (MetricActor, MetricsSpec, Reference, compute_metrics, merge_partials,
+from pipelines.evaluate.config import EvaluationRun, EvaluationTracking, MetricsSpec, ModelSpec, RayResources
+from pipelines.evaluate.runs import list_checkpoints, run_schedule
+from pipelines.evaluate.metrics import (MetricActor, Reference, compute_metrics, merge_partials,
                                   partial_stats)
-from pipelines.evaluate.generation import ModelSpec
 from wadi_core.metrics import GaussianStats, frechet_distance
 
 SPEC = MetricsSpec(extractor="thumbnail:2", scorers=("mean_intensity",))
@@ -121,11 +121,11 @@ def test_evaluate_and_schedule_each_checkpoint_once(ray_local, tiny_pipeline_dir
     client = mlflow.MlflowClient(uri)
     train_exp = client.create_experiment("train")
     train_run = client.create_run(train_exp, run_name="distill").info.run_id
-    cfg = EvalConfig(
+    cfg = EvaluationRun(
         model=ModelSpec(uri=tiny_pipeline_dir, steps=1), prompts="domain:12:0:train", metrics=SPEC,
         reference=str(tmp_path / "ref"), reference_images="domain:40:1:train", out=str(tmp_path / "eval"),
         grid=4, ray=RayResources(gen_workers=1, metric_workers=1, batch_size=6, cpus_per_actor=0.5),
-        tracking=TrackingSpec(experiment="wadi-eval", tracking_uri=uri, train_run_id=train_run),
+        tracking=EvaluationTracking(experiment="wadi-eval", tracking_uri=uri, train_run_id=train_run),
     )
     result = run_evaluation(replace(cfg, out=str(tmp_path / "eval" / "single")))
     m = result["metrics"]
@@ -247,9 +247,9 @@ def test_evaluation_run_links_prompt_dataset_logged_model_and_training_run(tmp_p
         model = log_and_register(tiny_pipeline_dir, "tiny-wadi", "candidate", uri)
     assert model is not None and model["model_id"]
     records, prompt_info = load_prompts("domain:6:0:train")
-    cfg = EvalConfig(model=ModelSpec(uri="models:/tiny-wadi@candidate", steps=1), prompts="domain:6:0:train",
+    cfg = EvaluationRun(model=ModelSpec(uri="models:/tiny-wadi@candidate", steps=1), prompts="domain:6:0:train",
                      metrics=SPEC, out=str(tmp_path / "empty-out"),
-                     tracking=TrackingSpec(tracking_uri=uri, train_run_id=train.run_id, checkpoint_id="final"))
+                     tracking=EvaluationTracking(tracking_uri=uri, train_run_id=train.run_id, checkpoint_id="final"))
     _log_mlflow(cfg, {"fid": 12.5, "mean_intensity": 0.4}, prompt_info, None, records)
 
     client = mlflow.MlflowClient(uri)

@@ -7,12 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from pipelines.config.job import DistillConfig, EvaluationConfig
+from pipelines.config.job import DistillConfig, load_config
+from pipelines.evaluate.config import FinalEvaluationConfig, MetricsSpec, RayResources
 from pipelines.evaluate.final import METRICS, final_evaluation, format_table
 
 
 def test_table_lists_both_models_and_the_ratio():
-    ev = EvaluationConfig(num_prompts=1000)
+    ev = FinalEvaluationConfig(num_prompts=1000)
     table = format_table({"fid": 20.0, "precision": 0.6, "recall": 0.5, "alignment": 0.99},
                          {"fid": 22.0, "precision": 0.55, "recall": 0.6, "alignment": 0.95}, ev)
     lines = table.splitlines()
@@ -26,7 +27,37 @@ def test_config_rejects_bad_values():
     from wadi_core.config import ConfigError
 
     with pytest.raises(ConfigError, match="num_prompts >= 0"):
-        EvaluationConfig(num_prompts=-1)
+        FinalEvaluationConfig(num_prompts=-1)
+
+
+def test_teacher_cache_key_is_the_one_before_the_section_embedded_the_protocol(tmp_path):
+    """A teacher evaluated before ``evaluation:`` embedded the protocol is found in the cache again."""
+    import hashlib
+    import json
+
+    from pipelines.evaluate.final import _teacher_key
+
+    cfg = DistillConfig(teacher=str(tmp_path / "no-such-teacher"))
+    ev = FinalEvaluationConfig(num_prompts=1000, metrics=MetricsSpec(extractor="domain", scorers=("domain", "clip:/w")))
+    earlier = {"num_prompts": 1000, "prompts": "domain:1000:1:train", "seed": 0, "teacher_steps": 25,
+               "teacher_guidance": 3.0, "extractor": "domain", "scorers": "domain,clip:/w",
+               "reference": "outputs/eval/reference/domain-5000-777-train",
+               "reference_images": "domain:5000:777:train"}
+    key = json.dumps([cfg.teacher, earlier], sort_keys=True)
+    assert _teacher_key(cfg, ev) == hashlib.sha256(key.encode()).hexdigest()[:16]
+    # resources do not change the numbers; a protocol setting the earlier section lacked does
+    assert _teacher_key(cfg, dataclasses.replace(ev, ray=RayResources(batch_size=8), grid=4)) == _teacher_key(cfg, ev)
+    assert _teacher_key(cfg, dataclasses.replace(ev, draw_seed=7)) != _teacher_key(cfg, ev)
+
+
+def test_moved_evaluation_keys_say_where_they_went():
+    from wadi_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"evaluation.gen_workers is now evaluation.ray.gen_workers"):
+        load_config("embedded", ["evaluation.gen_workers=2"])
+    cfg = load_config("embedded", ["evaluation.ray.gen_workers=2", "evaluation.metrics.scorers=[domain]"])
+    assert cfg.evaluation.ray.gen_workers == 2 and cfg.evaluation.ray.batch_size == 64
+    assert cfg.evaluation.num_prompts == 1000 and cfg.evaluation.teacher_steps == 25
 
 
 @pytest.mark.slow
@@ -46,9 +77,9 @@ def test_final_evaluation_logs_on_the_training_run_and_caches_the_teacher(ray_lo
     distiller = WaDiDistiller(load_teacher("embedded"), VSDConfig(student=AdapterSpec("lorad", 4),
                                                                   fake=AdapterSpec("lorad", 4)))
     export = export_one_step_pipeline(distiller, tmp_path / "export")
-    ev = EvaluationConfig(num_prompts=24, prompts="domain:24:1:train", teacher_steps=4,
-                          reference=str(tmp_path / "ref"), reference_images="domain:64:777:train", grid=8,
-                          batch_size=16)
+    ev = FinalEvaluationConfig(num_prompts=24, prompts="domain:24:1:train", teacher_steps=4,
+                               reference=str(tmp_path / "ref"), reference_images="domain:64:777:train", grid=8,
+                               ray=RayResources(batch_size=16))
     cfg = dataclasses.replace(DistillConfig(), evaluation=ev,
                               train=dataclasses.replace(DistillConfig().train, storage_path=str(tmp_path / "ray"),
                                                         run_name="final-eval-test"))
@@ -148,7 +179,7 @@ def test_the_side_by_side_grid_says_which_side_is_which():
 
 
 def test_evaluation_params_name_only_what_applies():
-    from pipelines.evaluate.metrics import MetricsSpec
+    from pipelines.evaluate.config import MetricsSpec
 
     domain = MetricsSpec().describe()
     assert "metrics.clip_model" not in domain and "metrics.hps_model" not in domain

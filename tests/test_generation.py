@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.evaluate.generation import ImageGenerator, ModelSpec, PromptRecord, load_prompts, prompt_seed
+from pipelines.evaluate.config import ModelSpec
+from pipelines.evaluate.generation import ImageGenerator, PromptRecord, load_prompts, prompt_seed
 
 REPO = Path(__file__).resolve().parents[1]
 

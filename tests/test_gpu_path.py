@@ -74,16 +74,18 @@ def test_collectives_take_no_default_device() -> None:
 
 
 def test_train_loop_passes_the_training_device_to_every_collective() -> None:
-    """Every collective helper call in the train loop names the worker's training device."""
+    """Every collective helper call in the train loop (the Trainer and its components) names the
+    worker's training device."""
     import ast
 
-    tree = ast.parse((REPO / "pipelines" / "train" / "worker.py").read_text())
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-             and n.func.id in ("_all_ranks_true", "_any_rank_true", "_sum_over_ranks")]
-    assert len(calls) >= 4
-    for call in calls:
+    calls = []
+    for path in (REPO / "pipelines" / "train" / f for f in ("worker.py", "checkpoint_manager.py", "preemption.py")):
+        calls += [(path.name, n) for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
+                  and isinstance(n.func, ast.Name) and n.func.id in ("all_ranks_true", "any_rank_true", "sum_over_ranks")]
+    assert len(calls) >= 5
+    for name, call in calls:
         device = ast.unparse(call.args[1]) if len(call.args) > 1 else ""
-        assert device in ("self.device", "run.device"), f"line {call.lineno}: {ast.unparse(call)}"
+        assert device == "self.device", f"{name}:{call.lineno}: {ast.unparse(call)}"
 
 
 WORKER = r"""
@@ -141,7 +143,7 @@ def test_runtime_env_leaves_out_what_the_submitted_job_sets() -> None:
 
 DRIVER = r"""
 import os, ray
-from pipelines.evaluate.runs import init_ray
+from pipelines.evaluate.runs import init_evaluation_ray
 from pipelines.evaluate.metrics import env_for_workers
 try:  # what Ray does with the old call: refuse the driver's runtime env
     ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env={"env_vars": env_for_workers()})
@@ -149,7 +151,7 @@ try:  # what Ray does with the old call: refuse the driver's runtime env
     ray.shutdown()
 except ValueError as e:
     clash = "refused" if "Failed to merge the Job's runtime env" in str(e) else repr(e)
-init_ray(num_cpus=1)
+init_evaluation_ray(num_cpus=1)
 
 @ray.remote(num_cpus=0)
 def seen():
@@ -165,7 +167,7 @@ ray.shutdown()
 def test_evaluation_driver_starts_inside_a_job_that_sets_a_conflicting_variable() -> None:
     """As under ``ray job submit --runtime-env-json '{"env_vars": {"AWS_DEFAULT_REGION": ...}}'``:
     the job's config reaches the driver in RAY_JOB_CONFIG_JSON_ENV_VAR and its variables are in
-    the driver's environment. The evaluation/generation driver's init_ray must not clash."""
+    the driver's environment. The evaluation/generation driver's init_evaluation_ray must not clash."""
     env = {**os.environ, **_job_env({"AWS_DEFAULT_REGION": "eu-west-1"}), "AWS_DEFAULT_REGION": "eu-west-1",
            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
@@ -219,8 +221,9 @@ def test_generation_and_metric_actors_ask_ray_for_their_accelerator(monkeypatch)
     """The accelerator type and each stage's own GPUs reach Ray Data's map_batches (no Ray started:
     the dataset is a recorder)."""
     ray_data = pytest.importorskip("ray.data")
-    from pipelines.evaluate.metrics import MetricsSpec, features_and_stats
-    from pipelines.evaluate.generation import ModelSpec, PromptRecord, generation_dataset
+    from pipelines.evaluate.config import MetricsSpec, ModelSpec
+    from pipelines.evaluate.generation import PromptRecord, generation_dataset
+    from pipelines.evaluate.metrics import features_and_stats
 
     calls: list[dict] = []
 

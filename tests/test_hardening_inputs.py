@@ -20,7 +20,7 @@ import pytest
 from wadi_core import storage
 from wadi_core.config import ConfigError
 
-from pipelines.data.tarshards import BAD_REASONS, BLOCK, parse_prompt_tar, write_prompt_shard
+from wadi_core.prompts.shards import BAD_REASONS, BLOCK, parse_prompt_tar, prompt_shard_bytes
 
 
 SECRET = "wJalr/XUtnFEMI+K7MDENG"  # looks like an AWS secret key: it contains "/" and "+"
@@ -105,9 +105,7 @@ def test_materialize_revalidates_by_etag_not_size(
 
 
 def _shard(tmp_path: Path, n: int = 4, name: str = "s.tar") -> bytes:
-    path = tmp_path / name
-    write_prompt_shard(path, [(f"k{i:03d}", f"a red circle number {i}", {"i": i}) for i in range(n)])
-    return path.read_bytes()
+    return prompt_shard_bytes([(f"k{i:03d}", f"a red circle number {i}", {"i": i}) for i in range(n)])
 
 
 def _header(name: bytes, size_field: bytes, kind: bytes = b"0") -> bytes:

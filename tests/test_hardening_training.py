@@ -288,34 +288,63 @@ def test_manifest_catches_a_truncated_file_and_a_same_size_byte_flip(sd_dir, ds_
         load_training_state(ckpt, engines, torch.Generator(), 0)
 
 
-def test_resume_falls_back_to_the_previous_complete_checkpoint(sd_dir, ds_world, tmp_path):
-    pytest.importorskip("ray")
-    from pipelines.train.checkpoint import (CheckpointRejected, checkpoint_step, complete_checkpoints,
-                                      load_first_good_checkpoint, load_training_state)
+def _checkpoint_manager(d: WaDiDistiller, engines: dict, storage: Path):  # noqa: ANN202
+    """The worker's :class:`CheckpointManager` on a world of one, with ``storage/run`` as its run."""
+    from types import SimpleNamespace
 
+    from pipelines.train.checkpoint import model_fingerprint
+    from pipelines.train.checkpoint_manager import CheckpointManager
+
+    cfg = SimpleNamespace(train=SimpleNamespace(storage_path=str(storage), run_name="run", zero_stage=2),
+                          vsd=d.cfg)
+    fingerprint = model_fingerprint("tiny", d.teacher.denoiser, {r: d.modules(r) for r in ("student", "fake")})
+    return CheckpointManager(cfg, d, engines, torch.Generator(), None, fingerprint, rank=0, world=1, device="cpu")
+
+
+def test_the_checkpoint_manager_resumes_from_the_newest_good_checkpoint(sd_dir, ds_world, tmp_path, monkeypatch):
+    """Saved through the worker's CheckpointManager (Ray's report and upload stood in for): resume
+    takes the newest complete checkpoint, skips a damaged newest one (counted) and refuses to start
+    over when every checkpoint is damaged."""
+    ray_train = pytest.importorskip("ray.train")
+    from pipelines.train.checkpoint import CheckpointRejected, TrainState, verify_checkpoint
+
+    reports = []
+
+    def report(metrics, checkpoint=None, checkpoint_dir_name=None, checkpoint_upload_fn=None):  # noqa: ANN001, ANN202
+        reports.append((metrics["step"], checkpoint_dir_name))
+        if checkpoint is not None:
+            checkpoint_upload_fn(checkpoint, checkpoint_dir_name)
+
+    monkeypatch.setattr(ray_train, "report", report)
+    monkeypatch.setattr(ray_train, "get_checkpoint", lambda: None)
     d = _distiller(sd_dir)
-    engines = _engines(d, 2)
-    for step in (3, 6):
-        _save(d, engines, tmp_path, step)
+    saver = _checkpoint_manager(d, _engines(d, 2), tmp_path)
+    for step in (0, 3, 3, 6):  # step 0 and a step already saved: a report without a checkpoint
+        saver.save(TrainState(step=step, fingerprint=saver.fingerprint), {"step": step})
+    assert reports == [(0, None), (3, "checkpoint_00000003"), (3, None), (6, "checkpoint_00000006")]
     newest = tmp_path / "run" / "checkpoint_00000006"
+    verify_checkpoint(newest)
+    assert (newest / "adapters" / "student.safetensors").exists() and saver.seconds > 0
+
+    fresh = TrainState(mlflow_run_id="fresh")
+    manager = _checkpoint_manager(d, _engines(d, 2), tmp_path)
+    assert manager.resume(fresh).step == 6 and manager.resumed_from == manager.last_saved_step == 6
     rng = newest / "rng_rank0.safetensors"
     rng.write_bytes(rng.read_bytes()[:10])  # the truncated upload of the issue
-
-    def load(path):
-        return load_training_state(path, engines, torch.Generator(), 0, verify=False)
-
-    candidates = complete_checkpoints(str(tmp_path), "run")
-    assert [checkpoint_step(c.path) for c in candidates] == [6, 3]
+    manager = _checkpoint_manager(d, _engines(d, 2), tmp_path)
     with pytest.warns(UserWarning, match="skipping a checkpoint that failed verification.*rng_rank0"):
-        progress, rejected = load_first_good_checkpoint(candidates, load)
-    assert progress.step == 3 and len(rejected) == 1 and "checkpoint_00000006" in str(rejected[0])
+        state = manager.resume(fresh)
+    assert state.step == 3 and state.fingerprint == manager.fingerprint
+    assert (manager.resumed_from, manager.corrupt_skipped, manager.tampered_skipped) == (3, 1, 0)
     # Every checkpoint damaged: an error that says so, not a silent start from step 0.
     old = tmp_path / "run" / "checkpoint_00000003" / "train_state.json"
     old.write_text(old.read_text().replace('"step": 3', '"step": 4'))
     with pytest.warns(UserWarning, match="skipping a checkpoint that failed verification"), \
             pytest.raises(CheckpointRejected, match="none of the run's 2 complete checkpoints"):
-        load_first_good_checkpoint(complete_checkpoints(str(tmp_path), "run"), load)
-    assert load_first_good_checkpoint([], load) == (None, [])
+        _checkpoint_manager(d, _engines(d, 2), tmp_path).resume(fresh)
+    # No checkpoint yet: the fresh state, nothing skipped.
+    empty = _checkpoint_manager(d, _engines(d, 2), tmp_path / "empty")
+    assert empty.resume(fresh) is fresh and (empty.resumed_from, empty.corrupt_skipped) == (0, 0)
 
 
 # -- MLflow: a failed resume does not un-finish a finished run ----------------------------------

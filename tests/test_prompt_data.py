@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.data.prompts import PromptStream, parse_shard_batch
-from pipelines.data.tarshards import BAD_REASONS, parse_prompt_tar, write_prompt_shard
+from wadi_core.prompts.shards import BAD_REASONS, parse_prompt_tar, prompt_shard_bytes
 
 CAPTIONS = [f"a {c} {s} on the left" for c in ("red", "blue", "green") for s in ("circle", "square")]
 
@@ -20,9 +21,7 @@ def _samples(n: int = 6, start: int = 0):
 
 
 def _shard_bytes(tmp_path: Path, samples) -> bytes:
-    path = tmp_path / "s.tar"
-    write_prompt_shard(path, samples)
-    return path.read_bytes()
+    return prompt_shard_bytes(samples)
 
 
 def test_writer_output_is_a_standard_tar(tmp_path: Path) -> None:
@@ -30,8 +29,37 @@ def test_writer_output_is_a_standard_tar(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.getnames() == [f"{i:09d}.{e}" for i in range(3) for e in ("txt", "json")]
         assert tar.extractfile("000000001.txt").read().decode() == CAPTIONS[1]
-    with pytest.raises(ValueError, match="contains a dot"):
-        write_prompt_shard(tmp_path / "bad.tar", [("a.b", "x", None)])
+    with pytest.raises(ValueError, match="without '.' or '/'"):
+        prompt_shard_bytes([("a.b", "x", None)])
+
+
+def test_writer_bytes_are_tarfiles_ustar_bytes() -> None:
+    """The one writer keeps the lake's on-disk format: the bytes the earlier ``tarfile`` (USTAR,
+    mtime 0, mode 644) writer produced, up to tarfile's zero padding to a 10 KiB record."""
+    samples = [(f"{i:09d}", c, {"i": i, "note": "ünï"}) for i, c in enumerate(CAPTIONS)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, text, meta in samples:
+            for name, data in ((f"{key}.txt", text.encode()),
+                               (f"{key}.json", json.dumps({"key": key, **meta}, ensure_ascii=False).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    ours, theirs = prompt_shard_bytes(samples), buf.getvalue()
+    assert theirs[: len(ours)] == ours and not theirs[len(ours):].strip(b"\0")
+
+
+def test_read_prompt_shards_refuses_a_damaged_shard(tmp_path: Path) -> None:
+    from wadi_core.prompts import read_prompt_shards, write_prompt_shards
+
+    write_prompt_shards(_samples(4), str(tmp_path), shard_size=4)
+    shard = tmp_path / "prompts-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # inside the first caption's data block: header checksums still hold ...
+    data[0] ^= 0x01    # ... but not the first header's
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="prompt shard .*prompts-000000.tar is damaged"):
+        list(read_prompt_shards(str(tmp_path)))
 
 
 def test_parser_matches_the_shared_shard_writer(tmp_path: Path) -> None:

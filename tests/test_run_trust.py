@@ -226,11 +226,10 @@ def test_nan_and_learning_rate_messages() -> None:
 
 
 def test_captions_of_only_whitespace_nul_or_zero_width_are_empty(tmp_path: Path) -> None:
-    from pipelines.data.tarshards import parse_prompt_tar, write_prompt_shard
+    from wadi_core.prompts.shards import parse_prompt_tar, prompt_shard_bytes
 
     texts = ["\0\0\0", " \t\n", "\u200b\u200b", "\u00a0", "ok", "🙂", "a\0b"]
-    write_prompt_shard(tmp_path / "s.tar", [(f"{i:04d}", t, {}) for i, t in enumerate(texts)])
-    parsed = parse_prompt_tar((tmp_path / "s.tar").read_bytes())
+    parsed = parse_prompt_tar(prompt_shard_bytes([(f"{i:04d}", t, {}) for i, t in enumerate(texts)]))
     assert parsed.captions == ["ok", "🙂", "a\0b"]
     assert parsed.bad["empty_caption"] == 4
 

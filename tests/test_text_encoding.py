@@ -22,7 +22,7 @@ def pixart_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_actor_rows_equal_the_teachers_own_encoding(pixart_teacher: Path) -> None:
     from wadi_core.models import load_teacher
 
-    from pipelines.data.tarshards import BAD_REASONS
+    from wadi_core.prompts.shards import BAD_REASONS
     from pipelines.data.text_encoding import EncodedPrompts, TextEncoderActor
 
     teacher = load_teacher(pixart_teacher)

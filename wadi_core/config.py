@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "to_flat_dict", "from_dict", "unflatten", "replace_flat", "parse_overrides", "merge", "base_part"]
+__all__ = ["ConfigError", "to_flat_dict", "from_dict", "unflatten", "replace_flat", "parse_overrides", "merge", "base_part",
+           "field_help"]
 
 T = TypeVar("T")
 
@@ -199,3 +206,62 @@ def base_part(cfg: Any, base: type[T], **changes: Any) -> T:
     """The ``base`` dataclass part of ``cfg`` (an instance of a subclass that adds job settings),
     with ``changes`` applied: what a job hands to the library function it drives."""
     return base(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(base)}, **changes})
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """One line per field of dataclass ``cls``: its ``metadata["help"]``, else its attribute
+    docstring, else the comment on its line, else the comment lines just above it (the class that
+    last declares a field describes it)."""
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        out.update(_source_help(klass))
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            out[f.name] = str(f.metadata["help"])
+    return {f.name: out.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _source_help(cls: type) -> dict[str, str]:
+    """Field descriptions written in the class body (docstring, trailing or leading comments), parsed once."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # built in a REPL or by make_dataclass: only metadata can describe it
+        return {}
+    lines = source.splitlines()
+    body = ast.parse(source).body[0]
+    out: dict[str, str] = {}
+    statements = getattr(body, "body", [])
+    for i, node in enumerate(statements):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        name = node.target.id
+        after = statements[i + 1] if i + 1 < len(statements) else None
+        if isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) \
+                and isinstance(after.value.value, str):
+            out[name] = " ".join(after.value.value.split())
+            continue
+        trailing = _comment(lines[node.end_lineno - 1])
+        if trailing:
+            out[name] = trailing
+            continue
+        above, row = [], node.lineno - 2
+        while row >= 0 and lines[row].strip().startswith("#"):
+            above.insert(0, lines[row].strip().lstrip("#").strip())
+            row -= 1
+        if above:
+            out[name] = " ".join(above)
+    return out
+
+
+def _comment(line: str) -> str:
+    """The ``# comment`` at the end of a source line ("" if none; a '#' inside a string is not one)."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return ""
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            return "" if text.startswith(("noqa", "type:")) else text
+    return ""

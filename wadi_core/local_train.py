@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import random
@@ -19,6 +18,7 @@ from wadi_core.domain import train_prompts
 from wadi_core.export import export_one_step_pipeline
 from wadi_core.images import save_image_grid
 from wadi_core.models.teacher import Teacher, load_teacher
+from wadi_core.vsd.bookkeeping import StepBookkeeper, ema_applied, every
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.distiller import WaDiDistiller
 from wadi_core.vsd.ema import AdapterEMA
@@ -94,19 +94,18 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
     updaters = make_updaters(distiller)
     gen_device = "cuda" if str(cfg.device).startswith("cuda") else "cpu"
     generator = torch.Generator(device=gen_device).manual_seed(cfg.seed)
-    step, position = 0, 0
-    guard = NonFiniteGuard(cfg.max_nonfinite_in_a_row)
+    run_state = TrainState()  # where the run is: step, prompts consumed (data_position = prompts_seen), skipped steps
     ema = AdapterEMA(distiller.parameters("student"), cfg.vsd.student_ema) if cfg.vsd.student_ema else None
     if TrainState.exists(out / "state"):
         state = TrainState.load(out / "state")
         restore_train_state(state, distiller, updaters, generator)
-        step, position = state.step, state.data_position
-        guard.total = state.nonfinite_steps
+        run_state = TrainState(step=state.step, data_position=state.data_position, prompts_seen=state.data_position,
+                               nonfinite_steps=state.nonfinite_steps)
         if ema is not None and "student_ema" in state.optimizers:
             ema.load_state_dict(state.optimizers["student_ema"])
-    averaged = ema.applied if ema is not None else contextlib.nullcontext
+    bookkeeper = StepBookkeeper(NonFiniteGuard(cfg.max_nonfinite_in_a_row, total=run_state.nonfinite_steps), ema)
     prompts = prompt_stream(cfg.prompts, cfg.seed)
-    for _ in range(position):  # replay the prompt stream to the saved position
+    for _ in range(run_state.data_position):  # replay the prompt stream to the saved position
         next(prompts)
     (out / "config.json").write_text(json.dumps(to_flat_dict(cfg), indent=2))
 
@@ -116,52 +115,52 @@ def train_local(cfg: LocalTrainConfig, teacher: Teacher | None = None, progress:
                            generator=torch.Generator().manual_seed(cfg.seed + 1))
 
     def save_samples(at: int) -> Path:
-        with averaged():
+        with ema_applied(ema):
             images = distiller.sample(sample_prompts, z=sample_z)
         return save_image_grid([images], out / "samples" / f"step_{at:06d}.png")
 
     def save_state(at: int) -> None:
-        state = capture_train_state(distiller, updaters, generator, at, position, meta={"config": to_flat_dict(cfg)})
-        state.nonfinite_steps, state.prompts_seen = guard.total, position
+        state = capture_train_state(distiller, updaters, generator, at, run_state.data_position,
+                                    meta={"config": to_flat_dict(cfg)})
+        state.nonfinite_steps, state.prompts_seen = run_state.nonfinite_steps, run_state.prompts_seen
         if ema is not None:
             state.optimizers["student_ema"] = ema.state_dict()
         state.save(out / "state")
 
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
-    start = step
-    with open(out / "metrics.jsonl", "a") as log, tqdm(total=cfg.steps, initial=step, disable=not progress,
+    start = run_state.step
+    with open(out / "metrics.jsonl", "a") as log, tqdm(total=cfg.steps, initial=start, disable=not progress,
                                                         desc="vsd", dynamic_ncols=True) as bar:
-        while step < cfg.steps:
+        while run_state.step < cfg.steps:
             if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
                 break  # wall-clock budget spent: stop here, still save state and export
             batch = [next(prompts) for _ in range(cfg.batch_size)]
-            position += cfg.batch_size
             cond = teacher.encode_train_prompts(batch)
             metrics = vsd_step(distiller, cond, updaters["student"], updaters["fake"], generator)
-            if ema is not None and not metrics.get("skipped_nonfinite"):
-                ema.update()
-            step += 1
-            guard.update(metrics, step)  # raises NonFiniteTraining after too many skipped steps in a row
-            metrics["nonfinite_steps"] = guard.total
+            # raises NonFiniteTraining after too many skipped steps in a row
+            bookkeeper.after_step(run_state, metrics, consumed=cfg.batch_size, prompts=cfg.batch_size)
+            step = run_state.step
+            metrics["nonfinite_steps"] = run_state.nonfinite_steps
             log.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.update(1)
             bar.set_postfix(fake=f"{metrics['loss_fake']:.4f}", g=f"{metrics['g_abs_mean']:.2e}",
                             gn=f"{metrics['grad_norm_student']:.2e}")
             if on_metrics:
                 on_metrics(step, metrics)
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if every(cfg.sample_every, step):
                 save_samples(step)
-            if cfg.save_every and step % cfg.save_every == 0:
+            if every(cfg.save_every, step):
                 save_state(step)
     elapsed = time.perf_counter() - t0
+    step = run_state.step
     result: dict[str, Any] = {**metrics, "step": step, "train_seconds": elapsed,
                               "seconds_per_step": elapsed / max(step - start, 1)}
     result["samples"] = str(save_samples(step))
     save_state(step)
     result["state"] = str(out / "state")
     if export:
-        with averaged():  # the product is the averaged student when vsd.student_ema is on
+        with ema_applied(ema):  # the product is the averaged student when vsd.student_ema is on
             result["export"] = str(export_one_step_pipeline(distiller, out / "export"))
         if ema is not None and cfg.export_live:
             result["export_live"] = str(export_one_step_pipeline(distiller, out / "export_live"))

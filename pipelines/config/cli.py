@@ -22,11 +22,11 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import yaml
 
-from wadi_core.config import ConfigError, from_dict, merge, parse_overrides, to_flat_dict, unflatten
+from wadi_core.config import ConfigError, field_help, from_dict, merge, parse_overrides, to_flat_dict, unflatten
 from wadi_core.redact import redact
 
 __all__ = ["RECIPES_DIR", "available_recipes", "read_recipe", "add_config_arguments", "load_job_config",
-           "config_from_args", "format_config"]
+           "config_from_args", "format_config", "config_help", "format_config_help"]
 
 T = TypeVar("T")
 
@@ -71,7 +71,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_recipe: str | 
                              + ("" if default_recipe else " (default: none, the job's own defaults)"))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides of the job's config, e.g. vsd.gen_lr=3e-4 (see --print-config)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, each key with its description) and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its default and description, and exit")
 
 
 def load_job_config(cls: type[T], recipe: str | None = None, overrides: Sequence[str] | Mapping[str, Any] = (),
@@ -120,7 +123,10 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, fixed: Mapping[s
                      check: Callable[[dict], None] | None = None, whole_recipe: bool = False,
                      preset: Mapping[str, Any] | None = None) -> T:
     """``load_job_config`` on parsed arguments; a config error exits with status 2 and the message,
-    ``--print-config`` prints the result and exits 0."""
+    ``--print-config`` prints the result and exits 0, ``--help-config`` lists the keys and exits 0."""
+    if getattr(args, "help_config", False):
+        print(format_config_help(cls))
+        raise SystemExit(0)
     try:
         cfg = load_job_config(cls, args.config, args.overrides, fixed=fixed, check=check, whole_recipe=whole_recipe,
                               preset=preset)
@@ -133,6 +139,96 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, fixed: Mapping[s
     return cfg
 
 
+def config_help(cls: type) -> dict[str, str]:
+    """Dotted key -> one-line description, for every field of ``cls`` and of its nested sections."""
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        section = _section_type(hints[f.name])
+        if section is None:
+            out[f.name] = helps[f.name]
+        else:
+            out[f.name] = helps[f.name] or (section.__doc__ or "").strip().split("\n")[0]
+            out.update({f"{f.name}.{k}": v for k, v in config_help(section).items()})
+    return out
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a nested section (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+    return inner[0] if inner else None
+
+
 def format_config(cfg: Any) -> str:
-    """The resolved config as YAML (URI user info redacted), in the override syntax's nesting."""
-    return yaml.safe_dump(redact(unflatten(to_flat_dict(cfg))), sort_keys=False).rstrip()
+    """The resolved config as YAML (URI user info redacted), in the override syntax's nesting, each
+    key followed by its description as a comment (a recipe can be started from it)."""
+    helps = config_help(type(cfg))
+    lines: list[str] = []
+
+    def emit(node: Mapping[str, Any], prefix: str, indent: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            note = f"  # {helps[dotted]}" if helps.get(dotted) else ""
+            if isinstance(value, Mapping) and value and dotted in helps and _is_section(type(cfg), dotted):
+                lines.append(f"{indent}{_yaml_key(key)}:{note}")
+                emit(value, dotted + ".", indent + "  ")
+            else:
+                text = yaml.safe_dump({key: value}, default_flow_style=True, width=float("inf"), sort_keys=False)
+                lines.append(f"{indent}{text.strip()[1:-1]}{note}")
+
+    emit(redact(unflatten(to_flat_dict(cfg))), "", "")
+    return "\n".join(lines)
+
+
+def _is_section(cls: type, dotted: str) -> bool:
+    """Whether ``dotted`` names a nested config section of ``cls`` (not a dict-valued setting)."""
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls)
+        section = _section_type(hints.get(part)) if part in hints else None
+        if section is None:
+            return False
+        cls = section
+    return True
+
+
+def _field_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> default, field by field (a class with required fields or a check that needs
+    them, e.g. ``checkpoints=``, cannot be built with its defaults alone)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif _section_type(hints[f.name]) is not None:
+            out.update(_field_defaults(_section_type(hints[f.name]), f"{prefix}{f.name}."))
+            continue
+        else:
+            continue  # required: no default
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat_dict(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _yaml_key(key: str) -> str:
+    return yaml.safe_dump(key, default_flow_style=True).split("\n")[0]
+
+
+def format_config_help(cls: type) -> str:
+    """Every key of ``cls`` with its default and description: what ``--help-config`` prints."""
+    defaults = _field_defaults(cls)
+    rows = []
+    for key, text in config_help(cls).items():
+        if _is_section(cls, key):
+            rows.append(f"\n{key}: {text}")
+        else:
+            default = yaml.safe_dump(defaults[key], default_flow_style=True, width=float("inf")).split("\n...")[0].strip() \
+                if key in defaults else "(required)"
+            rows.append(f"  {key} = {redact(default)}\n      {text}")
+    return "config keys (KEY=VALUE overrides; --print-config shows the resolved values):\n" + "\n".join(rows)

@@ -18,17 +18,17 @@ from typing import Any, Literal, Mapping, Sequence
 
 from wadi_core.adapters import check_rank
 from wadi_core.config import ConfigError, parse_overrides, to_flat_dict
-from wadi_core.domain import TEACHER_GUIDANCE, TEACHER_STEPS
 from wadi_core.storage import is_remote, join
 from wadi_core.vsd import VSDConfig
 
 from pipelines.config.cli import load_job_config
+from pipelines.evaluate.config import MOVED_KEYS, FinalEvaluationConfig
 from pipelines.runtime.cluster import check_accelerator_type
+from pipelines.tracking.config import TrackingConfig
 
-__all__ = ["EvaluationConfig", 
+__all__ = [
     "DataConfig",
     "TrainConfig",
-    "TrackingConfig",
     "DebugConfig",
     "DistillConfig",
     "load_config",
@@ -47,7 +47,7 @@ class DataConfig:
 
     prompts: str = "embedded"  # local folder or s3:// prefix of WebDataset shards; "embedded" = the domain lake
     shuffle_seed: int = 2023  # per-epoch file order = seed + epoch
-    epochs: int = 1
+    epochs: int = 1  # passes over the prompt lake
     max_steps: int = 0  # > 0 stops early (0 = run all epochs)
     num_prompts: int = 0  # known prompt count (plans without listing shards); 0 = count from the manifest
     # Where captions become text embeddings (pipelines/data/text_encoding.py): "trainer" = each train
@@ -56,7 +56,7 @@ class DataConfig:
     # text encoder (PixArt's T5-XXL: ~9.5 GB in bf16).
     text_encoding: Literal["trainer", "actors"] = "trainer"
     encoder_actors: int = 1  # text-encoder actors (actors mode)
-    encoder_cpus_per_actor: float = 1.0
+    encoder_cpus_per_actor: float = 1.0  # CPUs of one text-encoder actor (actors mode)
     encoder_gpus_per_actor: float = 0.0  # fractional is fine: e.g. 0.5 = two actors per GPU
     encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and streamed embeddings
     encoder_batch_size: int = 64  # captions per encoder call
@@ -94,11 +94,11 @@ class DataConfig:
 class TrainConfig:
     """World size, resources, DeepSpeed and checkpoints."""
 
-    run_name: str = "wadi-embedded"
-    global_batch: int = 32
-    num_workers: int = 2
+    run_name: str = "wadi-embedded"  # name of the run: its folder under storage_path and its MLflow run name
+    global_batch: int = 32  # prompts per optimizer step over all workers
+    num_workers: int = 2  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: float = 0.5  # fractional on a small CPU node, so Ray Data keeps CPUs to read with
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0  # GPUs per train worker (0: CPU)
     # Ray accelerator type of the training GPUs (A100, H100 ...; "" = any): keeps the workers off
     # other GPU nodes of a shared cluster, e.g. the spot evaluation nodes (ScalingConfig).
     accelerator_type: str = ""
@@ -107,8 +107,8 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept in storage
     storage_path: str = "./runs/ray"  # local folder or s3://bucket/prefix (Ray RunConfig.storage_path)
     max_failures: int = 2  # worker-group restarts (FailureConfig)
-    seed: int = 0
-    log_every: int = 1
+    seed: int = 0  # seed of the adapters' init and the per-rank noise
+    log_every: int = 1  # steps between metric logs
     max_nonfinite_in_a_row: int = 5  # non-finite VSD steps (skipped) in a row that stop the run (0: never)
 
     def __post_init__(self) -> None:
@@ -147,77 +147,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
-    """MLflow: where, which experiment, which registered model, how often to sample."""
-
-    uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite:///<cwd>/runs/mlflow.db
-    experiment: str = "wadi"
-    registered_model: str = "wadi-embedded"
-    alias: str = "candidate"
-    sample_every: int = 50  # steps between sample grids (0 = only at the end)
-    num_sample_prompts: int = 8
-    # An explicitly set server (uri or MLFLOW_TRACKING_URI) that is down or refuses the credentials
-    # stops the job before Ray starts; false = warn and run untracked (pipelines.runtime.preflight).
-    require_server: bool = True
-
-    def __post_init__(self) -> None:
-        if self.sample_every < 0 or self.num_sample_prompts < 0:
-            raise ConfigError("tracking.sample_every and tracking.num_sample_prompts must be >= 0")
-
-
-@dataclass(frozen=True)
 class DebugConfig:
     """Fault injection for tests: rank ``fail_rank`` exits at ``fail_at_step`` once (marker file);
     rank ``nan_rank`` (-1: every rank) gets NaN text embeddings at step ``nan_at_step`` (0: never);
     every rank waits before step ``pause_at_step`` until the file ``pause_until`` exists (a test
     acts on a run at a known step, then lets it go on)."""
 
-    fail_rank: int = -1
-    fail_at_step: int = 0
-    fail_marker: str = ""
-    nan_rank: int = -1
-    nan_at_step: int = 0
-    pause_at_step: int = 0
-    pause_until: str = ""
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """The exported student against the teacher at the end of the job (``pipelines.evaluate.final``).
-
-    Same protocol as ``jobs/evaluate.py run``; the teacher's numbers are computed once and cached.
-    ``num_prompts: 0`` turns it off (the paper recipes: COCO needs your Inception weights there).
-    """
-
-    num_prompts: int = 0
-    prompts: str = "domain:1000:1:train"       # see pipelines.evaluate.generation.load_prompts
-    seed: int = 0                              # per-prompt noise seed
-    teacher_steps: int = TEACHER_STEPS
-    teacher_guidance: float = TEACHER_GUIDANCE
-    extractor: str = "domain"                  # domain | inception:URI | ...
-    scorers: str = "domain"                    # comma list
-    reference: str = "outputs/eval/reference/domain-5000-777-train"
-    reference_images: str = "domain:5000:777:train"
-    grid: int = 32
-    gen_workers: int = 1
-    batch_size: int = 64
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.0
-    accelerator_type: str = ""                 # GPU model of the generation actors ("" = any)
-
-    def __post_init__(self) -> None:
-        check_accelerator_type(self.accelerator_type, self.gpus_per_actor, "evaluation.accelerator_type",
-                               "evaluation.gpus_per_actor")
-        if self.num_prompts < 0 or self.teacher_steps < 1 or self.teacher_guidance < 0 or self.gen_workers < 1:
-            raise ConfigError("evaluation: need num_prompts >= 0 (0: off), teacher_steps >= 1, "
-                              "teacher_guidance >= 0 and gen_workers >= 1")
+    fail_rank: int = -1  # rank that exits once at fail_at_step (-1: none)
+    fail_at_step: int = 0  # step at which fail_rank exits (0: never)
+    fail_marker: str = ""  # file that marks the injected failure as done (it happens once)
+    nan_rank: int = -1  # rank that gets NaN text embeddings at nan_at_step (-1: every rank)
+    nan_at_step: int = 0  # step of the NaN text embeddings (0: never)
+    pause_at_step: int = 0  # every rank waits before this step (0: never) ...
+    pause_until: str = ""  # ... until this file exists
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """One distillation job."""
 
-    recipe: str = "embedded"
+    recipe: str = "embedded"  # recipe name this config came from (set by --config)
     teacher: str = "embedded"  # diffusers dir, s3:// prefix, hub id, or "embedded"
     # Denoiser architecture for --dry-run without weights: a wadi_core.models.DENOISER_CONFIGS name
     # ("sd15", "sd21-base", "pixart-256"); "" = read the config from the teacher directory.
@@ -227,7 +176,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    evaluation: FinalEvaluationConfig = field(default_factory=FinalEvaluationConfig)
     export_dir: str = ""  # "" = <storage_path>/<run_name>/export
 
     def __post_init__(self) -> None:
@@ -284,9 +233,24 @@ def check_adapter_ranks(data: Mapping[str, Any]) -> None:
                 raise ConfigError(f"vsd.{role}: {e} (vsd.{role}.rank)") from None
 
 
+def check_moved_evaluation_keys(data: Mapping[str, Any]) -> None:
+    """The ``evaluation:`` keys that moved into the evaluation protocol's sections say where to."""
+    ev = data.get("evaluation")
+    moved = [k for k in ev if k in MOVED_KEYS] if isinstance(ev, Mapping) else []
+    if moved:
+        raise ConfigError("; ".join(f"evaluation.{k} is now evaluation.{MOVED_KEYS[k]}" for k in moved)
+                          + " (the same keys as jobs/evaluate.py): rename it in the recipe or override")
+
+
+def check_distill_config(data: Mapping[str, Any]) -> None:
+    """The checks on the merged mapping of a distillation job, before it is built."""
+    check_moved_evaluation_keys(data)
+    check_adapter_ranks(data)
+
+
 def load_config(recipe: str = "embedded", overrides: Mapping[str, Any] | Sequence[str] = ()) -> DistillConfig:
     """Recipe YAML (name in ``recipes/`` or a path) + dotted overrides -> validated ``DistillConfig``."""
-    return load_job_config(DistillConfig, recipe, overrides, check=check_adapter_ranks, whole_recipe=True)
+    return load_job_config(DistillConfig, recipe, overrides, check=check_distill_config, whole_recipe=True)
 
 
 def results_root() -> Path:

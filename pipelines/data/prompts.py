@@ -5,7 +5,7 @@ Layout: a folder (local or ``s3://bucket/prefix``) of WebDataset tar shards whos
 with ``{"num_prompts": N}``.
 
 Reading: shards are read whole (one shard = one row, retried on transient S3 faults) and parsed
-by ``pipelines.data.tarshards`` in the same task, so Ray Data moves only caption strings.
+by ``wadi_core.prompts.shards.parse_prompt_tar`` in the same task, so Ray Data moves only caption strings.
 This is ~5-10x faster than ``ray.data.read_webdataset`` here (tarfile's per-member cost
 dominates a prompt lake), and a broken or unreadable shard becomes a counted row instead of a
 failed task.
@@ -36,9 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from wadi_core.prompts import ensure_embedded_lake
+from wadi_core.prompts.shards import BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, parse_prompt_tar
 from wadi_core.storage import is_remote, s3_endpoint
-
-from pipelines.data.tarshards import BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, parse_prompt_tar
 
 if TYPE_CHECKING:
     import pyarrow

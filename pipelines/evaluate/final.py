@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ from wadi_core import storage
 from wadi_core.images import labelled_panels
 from wadi_core.models import EMBEDDED_TEACHER
 
-from pipelines.config.job import DistillConfig, EvaluationConfig
-from pipelines.evaluate.generation import ModelSpec
+from pipelines.config.job import DistillConfig
+from pipelines.evaluate.config import EvaluationRun, EvaluationTracking, FinalEvaluationConfig, MetricsSpec, ModelSpec
 from pipelines.tracking.client import start_run
 
 __all__ = ["final_evaluation", "format_table", "METRICS"]
@@ -32,26 +31,14 @@ __all__ = ["final_evaluation", "format_table", "METRICS"]
 METRICS = ("fid", "precision", "recall", "alignment")
 
 
-def _eval_config(cfg: DistillConfig, ev: EvaluationConfig, model_uri: str, steps: int, guidance: float,
-                 out: str, tracking: Any) -> Any:
-    from pipelines.evaluate.metrics import MetricsSpec  # noqa: PLC0415 -- loads scipy (slow), only needed here
-    from pipelines.evaluate.runs import (EvalConfig,  # noqa: PLC0415 -- loads scipy (slow), only needed here
-                                         RayResources, TrackingSpec)
-
-    return EvalConfig(
-        model=ModelSpec(uri=model_uri, steps=steps, guidance=guidance),
-        prompts=ev.prompts, num_prompts=ev.num_prompts, seed=ev.seed,
-        metrics=MetricsSpec(extractor=ev.extractor, scorers=tuple(s for s in ev.scorers.split(",") if s)),
-        reference=ev.reference or None, reference_images=ev.reference_images or None,
-        out=out, save_images="none", grid=ev.grid,
-        ray=RayResources(gen_workers=ev.gen_workers, metric_workers=1, batch_size=ev.batch_size,
-                         cpus_per_actor=ev.cpus_per_actor, gpus_per_actor=ev.gpus_per_actor,
-                         accelerator_type=ev.accelerator_type),
-        tracking=tracking,
-    )
+def _run(ev: FinalEvaluationConfig, model_uri: str, steps: int, guidance: float, out: str,
+         tracking: EvaluationTracking) -> EvaluationRun:
+    """The section's protocol applied to one model (images not kept: the grid and the numbers are)."""
+    return EvaluationRun.of(ev, model=ModelSpec(uri=model_uri, steps=steps, guidance=guidance), out=out,
+                            save_images="none", tracking=tracking)
 
 
-def _teacher_key(cfg: DistillConfig, ev: EvaluationConfig) -> str:
+def _teacher_key(cfg: DistillConfig, ev: FinalEvaluationConfig) -> str:
     """Everything the teacher's numbers depend on (not the student, not the run)."""
     teacher = str(EMBEDDED_TEACHER) if cfg.teacher == "embedded" else cfg.teacher
     if not storage.is_remote(teacher) and Path(teacher).is_dir():
@@ -60,9 +47,25 @@ def _teacher_key(cfg: DistillConfig, ev: EvaluationConfig) -> str:
         for f in sorted(Path(teacher).glob("*/diffusion_pytorch_model*.safetensors")):
             h.update(f.read_bytes())
         teacher = h.hexdigest()
-    resources = ("gen_workers", "batch_size", "cpus_per_actor", "gpus_per_actor", "accelerator_type", "grid")  # not the numbers
-    key = json.dumps([teacher, {k: v for k, v in asdict(ev).items() if k not in resources}], sort_keys=True)
+    key = json.dumps([teacher, _protocol_of_numbers(ev)], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _protocol_of_numbers(ev: FinalEvaluationConfig) -> dict[str, Any]:
+    """The settings the numbers depend on (not the resources, not the grid), by the section's
+    earlier flat key names, so that a teacher cached before the section embedded the protocol is
+    found again; settings that section could not change count only when changed."""
+    out: dict[str, Any] = {"num_prompts": ev.num_prompts, "prompts": ev.prompts, "seed": ev.seed,
+                           "teacher_steps": ev.teacher_steps, "teacher_guidance": ev.teacher_guidance,
+                           "extractor": ev.metrics.extractor, "scorers": ",".join(ev.metrics.scorers),
+                           "reference": ev.reference or "", "reference_images": ev.reference_images or ""}
+    default, metrics_default = FinalEvaluationConfig(), MetricsSpec()
+    if ev.draw_seed != default.draw_seed:
+        out["draw_seed"] = ev.draw_seed
+    for k in ("clip_model", "hps_model", "protocol_size", "pr_k"):
+        if getattr(ev.metrics, k) != getattr(metrics_default, k):
+            out[f"metrics.{k}"] = getattr(ev.metrics, k)
+    return out
 
 
 def _read_metrics(out: str) -> dict[str, float] | None:
@@ -73,30 +76,29 @@ def _read_metrics(out: str) -> dict[str, float] | None:
         return None
 
 
-def teacher_metrics(cfg: DistillConfig, ev: EvaluationConfig, cache_root: str,
+def teacher_metrics(cfg: DistillConfig, ev: FinalEvaluationConfig, cache_root: str,
                     tracking_uri: str | None = None) -> tuple[dict[str, float], str]:
     """The teacher's metrics at ``ev.teacher_steps`` / ``ev.teacher_guidance``: cached, else computed
     (and then logged once as an evaluation run of the training experiment)."""
-    from pipelines.evaluate.runs import (TrackingSpec,  # noqa: PLC0415 -- loads scipy (slow), only needed here
-                                         run_evaluation)
+    from pipelines.evaluate.runs import run_evaluation  # noqa: PLC0415 -- loads scipy (slow), only needed here
 
     key = _teacher_key(cfg, ev)
     out = storage.join(cache_root, f"teacher-{key}")
     cached = _read_metrics(out)
     if cached is not None:
         return cached, out
-    spec = TrackingSpec(experiment=cfg.tracking.experiment, tracking_uri=tracking_uri,
-                        run_name=teacher_run_name(ev, key))
-    run_evaluation(_eval_config(cfg, ev, cfg.teacher, ev.teacher_steps, ev.teacher_guidance, out, spec))
+    link = EvaluationTracking(experiment=cfg.tracking.experiment, tracking_uri=tracking_uri,
+                              run_name=teacher_run_name(ev, key))
+    run_evaluation(_run(ev, cfg.teacher, ev.teacher_steps, ev.teacher_guidance, out, link))
     return _read_metrics(out) or {}, out
 
 
-def teacher_run_name(ev: EvaluationConfig, key: str) -> str:
+def teacher_run_name(ev: FinalEvaluationConfig, key: str) -> str:
     """The teacher's reference evaluation run: steps, guidance, prompt set and its cache key."""
     return f"teacher-{ev.teacher_steps}step-cfg{ev.teacher_guidance:g}-{ev.prompts}-{key}"
 
 
-def _teacher_run_id(cfg: DistillConfig, ev: EvaluationConfig, tracking_uri: str | None) -> str | None:
+def _teacher_run_id(cfg: DistillConfig, ev: FinalEvaluationConfig, tracking_uri: str | None) -> str | None:
     """The MLflow run that holds the cached teacher numbers (logged when they were first computed)."""
     try:
         import mlflow  # noqa: PLC0415 -- MLflow is optional and slow to import
@@ -110,7 +112,7 @@ def _teacher_run_id(cfg: DistillConfig, ev: EvaluationConfig, tracking_uri: str 
         return None
 
 
-def format_table(teacher: dict[str, float], student: dict[str, float], ev: EvaluationConfig) -> str:
+def format_table(teacher: dict[str, float], student: dict[str, float], ev: FinalEvaluationConfig) -> str:
     """A small fixed-width table: teacher (N steps, CFG w) vs student (1 step)."""
     head = f"{'':<28}" + "".join(f"{m:>11}" for m in METRICS)
     rows = [(f"teacher {ev.teacher_steps} steps CFG {ev.teacher_guidance:g}", teacher),
@@ -148,16 +150,15 @@ def final_evaluation(cfg: DistillConfig, export_uri: str, train_run_id: str | No
     ev = cfg.evaluation
     if not ev.num_prompts:
         return None
-    from pipelines.evaluate.runs import (TrackingSpec,  # noqa: PLC0415 -- loads scipy (slow), only needed here
-                                         run_evaluation)
+    from pipelines.evaluate.runs import run_evaluation  # noqa: PLC0415 -- loads scipy (slow), only needed here
 
     cache_root = str(Path(results_root) / "runs" / "eval_cache")
     teacher, teacher_out = teacher_metrics(cfg, ev, cache_root, tracking_uri)
     student_out = storage.join(cfg.train.storage_path, cfg.train.run_name, "final_eval")
-    spec = TrackingSpec(experiment=cfg.tracking.experiment, tracking_uri=tracking_uri, train_run_id=train_run_id,
-                        run_name=f"{cfg.train.run_name}-final-1step", checkpoint_step=step,
-                        metrics_on_train_run=False)  # final/student_* says it once
-    student = run_evaluation(_eval_config(cfg, ev, export_uri, 1, 1.0, student_out, spec))["metrics"]
+    link = EvaluationTracking(experiment=cfg.tracking.experiment, tracking_uri=tracking_uri,
+                              train_run_id=train_run_id, run_name=f"{cfg.train.run_name}-final-1step",
+                              checkpoint_step=step, metrics_on_train_run=False)  # final/student_* says it once
+    student = run_evaluation(_run(ev, export_uri, 1, 1.0, student_out, link))["metrics"]
     table = format_table(teacher, student, ev)
     logged = {f"final/student_{k}": float(student[k]) for k in METRICS if k in student}
     logged.update({f"final/teacher_{k}": float(teacher[k]) for k in METRICS if k in teacher})

@@ -27,8 +27,9 @@ from wadi_core.domain import eval_prompts
 from wadi_core.export import one_step_scheduler
 from wadi_core.models import Cond, load_teacher, resolve_teacher_dir
 
+from pipelines.evaluate.config import ModelSpec
+
 __all__ = [
-    "ModelSpec",
     "PromptRecord",
     "load_prompts",
     "prompt_seed",
@@ -126,33 +127,6 @@ def image_path(root: str, record: dict[str, Any] | PromptRecord) -> str:
 
 
 # ---------------------------------------------------------------------------------- models
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to sample from and how.
-
-    ``uri``: diffusers pipeline directory (local, ``s3://``, ``models:/``, ``runs:/``, or
-    "embedded"); ``adapter``: optional WaDi adapter ``.safetensors`` (a training checkpoint's
-    student) applied on top. ``steps`` DDIM steps with "trailing" spacing (1 step = t 999);
-    ``guidance`` classifier-free guidance (1 = off). The last step returns the x0 prediction
-    (``final_x0``), which for one step is exactly the WaDi generator.
-    """
-
-    uri: str = "embedded"
-    adapter: str | None = None
-    steps: int = 1
-    guidance: float = 1.0
-    dtype: str = "float32"
-    final_x0: bool = True
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-
-
 def _find_pipeline_dir(root: Path) -> Path:
     found = sorted(root.rglob("model_index.json"), key=lambda p: len(p.parts))
     if not found:

@@ -39,10 +39,10 @@ from wadi_core.metrics.protocol import pils_to_tensor, protocol_resize
 from wadi_core.metrics.simple import MeanIntensityScorer, ThumbnailExtractor
 from wadi_core.metrics.weights import resolve_weights, sha256_file
 
+from pipelines.evaluate.config import MetricsSpec
 from pipelines.evaluate.generation import encode_png
 
 __all__ = [
-    "MetricsSpec",
     "build_extractor",
     "build_scorer",
     "MetricActor",
@@ -52,39 +52,6 @@ __all__ = [
     "build_reference",
     "sample_grid",
 ]
-
-
-@dataclass(frozen=True)
-class MetricsSpec:
-    """Which metrics to compute and with which models (weights from local paths or s3://)."""
-
-    extractor: str = "domain"
-    scorers: tuple[str, ...] = ("domain",)
-    clip_model: str = "ViT-g-14"
-    hps_model: str = "ViT-H-14"
-    protocol_size: int = 0  # 256 = COCO protocol (center crop + LANCZOS); 0 = images as generated
-    pr_k: int = 3
-    device: str | None = None
-
-    def describe(self) -> dict[str, Any]:
-        """The settings that apply (no CLIP model name for an evaluation without a CLIP scorer), and
-        which features the FID / precision / recall were computed on (``fid.features``)."""
-        kinds = {s.split(":", 1)[0] for s in self.scorers}
-        unused = {"clip_model"} - ({"clip_model"} if "clip" in kinds else set())
-        unused |= {"hps_model"} - ({"hps_model"} if "hps" in kinds else set())
-        out = {f"metrics.{k}": (",".join(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
-               if k not in unused}
-        out["fid.features"] = fid_features(self.extractor)
-        return out
-
-
-def fid_features(extractor: str) -> str:
-    """What "fid" means for an extractor: the standard Inception pool3 FID, or a Frechet distance on
-    another network's features (the embedded domain's classifier), which is not comparable to it."""
-    kind = extractor.split(":", 1)[0]
-    return {"inception": "Inception-v3 pool3 (2048-d): the standard FID",
-            "domain": "the embedded domain classifier's features: a Frechet distance within this domain, "
-                      "not comparable to Inception FID"}.get(kind, f"{extractor} features")
 
 
 def _device(spec: MetricsSpec) -> str:

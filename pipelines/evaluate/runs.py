@@ -15,99 +15,30 @@ import re
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from wadi_core import storage
 from wadi_core.config import to_flat_dict
 
-from pipelines.evaluate.generation import ModelSpec, generation_dataset, load_prompts, prompt_seed, write_png_files
-from pipelines.evaluate.metrics import (MetricsSpec, Reference, build_reference, compute_metrics, env_for_workers,
+from pipelines.evaluate.config import EvaluationRun, EvaluationTracking, RayResources
+from pipelines.evaluate.generation import generation_dataset, load_prompts, prompt_seed, write_png_files
+from pipelines.evaluate.metrics import (Reference, build_reference, compute_metrics, env_for_workers,
                                         extractor_weights_sha256, features_and_stats, sample_grid)
-from pipelines.runtime.cluster import check_accelerator_available, check_accelerator_type
-from pipelines.runtime.cluster import init_ray as start_or_join
+from pipelines.runtime.cluster import check_accelerator_available, init_ray
 from pipelines.tracking.client import default_tracking_uri, git_sha, start_run
-from pipelines.train.checkpoint import STATE_FILES
+from pipelines.train.checkpoint import STATE_FILES, checkpoint_step
 
-__all__ = ["RayResources", "TrackingSpec", "EvalConfig", "run_evaluation", "ensure_reference", "init_ray",
+__all__ = ["run_evaluation", "ensure_reference", "init_evaluation_ray",
            "check_actor_accelerator",
            "Checkpoint", "list_checkpoints", "evaluated_checkpoint_ids", "run_schedule"]
 
 
-@dataclass(frozen=True)
-class RayResources:
-    """Actors per stage and their resources. Fractional CPUs leave room for Ray Data's own tasks
-    (PNG writing, statistics): whole CPUs for every actor on a small node hang the pipeline.
-
-    Generation and feature (metric) actors stream at the same time, so their GPUs add up:
-    ``metric_gpus_per_actor`` (None = ``gpus_per_actor``) lets the light feature extractors share
-    a GPU (e.g. 0.5) so that both stages fit a pod. ``accelerator_type`` (Ray's GPU model name,
-    "" = any) keeps GPU actors on that kind of node."""
-
-    gen_workers: int = 1
-    metric_workers: int = 1
-    batch_size: int = 32
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.0
-    metric_gpus_per_actor: float | None = None
-    accelerator_type: str = ""
-
-    def __post_init__(self) -> None:
-        if self.gen_workers < 1 or self.metric_workers < 1 or self.batch_size < 1:
-            raise ValueError("gen_workers, metric_workers and batch_size must be >= 1")
-        for name, gpus in (("ray.gpus_per_actor", self.gpus_per_actor),
-                           ("ray.metric_gpus_per_actor", self.metric_gpus)):
-            if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
-                raise ValueError(f"{name}={gpus:g}: use a fraction of one GPU (0 < x <= 1) or a whole number "
-                                 "(Ray packs fractional actors onto one GPU)")
-        check_accelerator_type(self.accelerator_type, max(self.gpus_per_actor, self.metric_gpus),
-                               "ray.accelerator_type", "ray.gpus_per_actor")
-
-    @property
-    def metric_gpus(self) -> float:
-        """GPUs of one feature (metric) actor."""
-        return self.gpus_per_actor if self.metric_gpus_per_actor is None else self.metric_gpus_per_actor
-
-    def accelerator_for(self, gpus: float) -> str | None:
-        """The accelerator type for an actor with ``gpus`` GPUs (None for CPU actors)."""
-        return self.accelerator_type or None if gpus > 0 else None
-
-
-@dataclass(frozen=True)
-class TrackingSpec:
-    experiment: str = "wadi-eval"
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///<cwd>/runs/mlflow.db (as distill)
-    run_name: str | None = None
-    train_run_id: str | None = None  # link (nested run + metrics on the training run)
-    checkpoint_id: str | None = None
-    checkpoint_source: str | None = None
-    checkpoint_step: int | None = None
-    # Headline metrics also as eval/<metric> on the training run (a checkpoint's evaluation); the
-    # job's closing evaluation logs its own final/* there instead, so it turns this off.
-    metrics_on_train_run: bool = True
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: ModelSpec = field(default_factory=ModelSpec)
-    prompts: str = "domain:5000:1:train"
-    num_prompts: int | None = None
-    draw_seed: int = 2024
-    seed: int = 0
-    metrics: MetricsSpec = field(default_factory=MetricsSpec)
-    reference: str | None = "outputs/eval/reference/domain-5000-777-train"
-    reference_images: str | None = "domain:5000:777:train"
-    out: str = "outputs/eval/run"
-    save_images: Literal["files", "none"] = "files"
-    grid: int = 32
-    ray: RayResources = field(default_factory=RayResources)
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; workers get the S3 / MLflow env."""
-    start_or_join(num_cpus=num_cpus, runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
+def init_evaluation_ray(num_cpus: int | None = None) -> None:
+    """``pipelines.runtime.cluster.init_ray`` for evaluation actors: connect to ``RAY_ADDRESS`` if
+    set, else start a local Ray without dashboard; the actors get the S3 / MLflow env."""
+    init_ray(num_cpus=num_cpus, runtime_env={"env_vars": env_for_workers()}, include_dashboard=False)
 
 
 def check_actor_accelerator(r: RayResources) -> None:
@@ -119,7 +50,7 @@ def check_actor_accelerator(r: RayResources) -> None:
     check_accelerator_available(r.accelerator_type, ray.cluster_resources(), "ray.accelerator_type", strict=False)
 
 
-def ensure_reference(cfg: EvalConfig) -> Reference | None:
+def ensure_reference(cfg: EvaluationRun) -> Reference | None:
     """Load the stored reference; build and store it once if it is missing and a source is given."""
     if cfg.metrics.extractor == "none":
         return None
@@ -146,9 +77,9 @@ def ensure_reference(cfg: EvalConfig) -> Reference | None:
     return ref
 
 
-def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+def run_evaluation(cfg: EvaluationRun) -> dict[str, Any]:
     """Generate images for the prompts, compute metrics, write outputs, log to MLflow."""
-    init_ray()
+    init_evaluation_ray()
     r = cfg.ray
     check_actor_accelerator(r)
     records, prompt_info = load_prompts(cfg.prompts, cfg.num_prompts, cfg.draw_seed)
@@ -172,7 +103,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     return {"metrics": metrics, "out": cfg.out, "prompts": prompt_info}
 
 
-def _write_outputs(cfg: EvalConfig, rows: list[dict[str, Any]], stats: Any, metrics: dict[str, float],
+def _write_outputs(cfg: EvaluationRun, rows: list[dict[str, Any]], stats: Any, metrics: dict[str, float],
                    prompt_info: dict[str, Any], reference: Reference | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wadi-eval-out-"))
     grid = sample_grid([r for r in rows if len(r.get("png", b""))])
@@ -220,7 +151,7 @@ def logged_model_id(model_uri: str, tracking_uri: str | None) -> str | None:
         return None
 
 
-def _log_mlflow(cfg: EvalConfig, metrics: dict[str, float], prompt_info: dict[str, Any],
+def _log_mlflow(cfg: EvaluationRun, metrics: dict[str, float], prompt_info: dict[str, Any],
                 reference: Reference | None, records: list[Any] | None = None) -> None:
     t = cfg.tracking
     experiment, tags = t.experiment, {"wadi.kind": "evaluation", "wadi.model_uri": cfg.model.uri,
@@ -296,7 +227,7 @@ def _experiment_of_run(run_id: str, tracking_uri: str | None) -> str | None:
         return None
 
 
-def _log_on_train_run(t: TrackingSpec, metrics: dict[str, float]) -> None:
+def _log_on_train_run(t: EvaluationTracking, metrics: dict[str, float]) -> None:
     """Headline metrics on the training run itself, at the checkpoint step (status untouched)."""
     try:
         client = _client(t.tracking_uri)
@@ -320,11 +251,16 @@ class Checkpoint:
     adapter: str | None = None
 
 
-_STEP = re.compile(r"(\d+)")
+_NUMBER = re.compile(r"(\d+)")
 
 
 def _step_of(name: str, fallback: int) -> int:
-    nums = _STEP.findall(name)
+    """The trainer's ``checkpoint_<step>`` (``pipelines.train.checkpoint.checkpoint_step``); a folder
+    named by another trainer: its last number, else ``fallback`` (its place in the listing)."""
+    step = checkpoint_step(name)
+    if step >= 0:
+        return step
+    nums = _NUMBER.findall(name)
     return int(nums[-1]) if nums else fallback
 
 
@@ -374,7 +310,7 @@ def list_checkpoints(source: str, tracking_uri: str | None = None) -> list[Check
     return sorted(out, key=lambda c: (c.step, c.id))
 
 
-def evaluated_checkpoint_ids(cfg: EvalConfig, source: str) -> set[str]:
+def evaluated_checkpoint_ids(cfg: EvaluationRun, source: str) -> set[str]:
     """Checkpoint ids already evaluated (or being evaluated) for ``source``, from MLflow and ``out``."""
     done: set[str] = set()
     try:
@@ -410,7 +346,7 @@ def checkpoint_train_run_id(source: str, checkpoint_id: str) -> str | None:
     return None
 
 
-def run_schedule(cfg: EvalConfig, source: str, teacher: str, limit: int | None = None) -> list[str]:
+def run_schedule(cfg: EvaluationRun, source: str, teacher: str, limit: int | None = None) -> list[str]:
     """Evaluate every checkpoint under ``source`` not evaluated yet; returns the ids evaluated now.
 
     Idempotent, so a cron can call it: evaluated checkpoints are found by their MLflow tags
@@ -429,5 +365,3 @@ def run_schedule(cfg: EvalConfig, source: str, teacher: str, limit: int | None =
     return evaluated
 
 
-def describe(cfg: EvalConfig) -> dict[str, Any]:
-    return asdict(cfg)

@@ -42,7 +42,7 @@ from pipelines.data.prompts import pyarrow_filesystem
 
 __all__ = ["TrainState", "read_train_state", "STATE_FILES", "model_fingerprint", "check_fingerprint",
            "IncompatibleCheckpoint", "save_training_state", "load_training_state", "TAG", "mark_complete",
-           "latest_complete_checkpoint", "checkpoint_step", "prune_untracked_checkpoints",
+           "latest_complete_checkpoint", "checkpoint_step", "checkpoint_dir_name", "prune_untracked_checkpoints",
            "CheckpointRejected", "CorruptCheckpoint", "UnsafeCheckpoint", "TamperedCheckpoint", "file_manifest", "merge_manifests",
            "verify_checkpoint", "install_safe_loading", "safe_torch_load", "complete_checkpoints",
            "load_first_good_checkpoint", "DEEPSPEED_SAFE_GLOBALS", "upload_checkpoint",
@@ -340,6 +340,11 @@ def checkpoint_step(path: str) -> int:
     """Step encoded in a ``checkpoint_<step>`` directory name (-1 if it is not one)."""
     m = _NAME.match(path.rstrip("/").rsplit("/", 1)[-1])
     return int(m.group(1)) if m else -1
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The ``checkpoint_<step>`` directory name of step ``step`` (what :func:`checkpoint_step` reads)."""
+    return f"checkpoint_{step:08d}"
 
 
 def upload_checkpoint(local_dir: str | os.PathLike, storage_uri: str, run_name: str, dir_name: str) -> Any:

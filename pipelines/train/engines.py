@@ -17,9 +17,10 @@ CPU (every step skipped at scale 65536), so it is not used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from wadi_core.vsd.optim import make_optimizer
 from pipelines.config.job import TrainConfig
 from pipelines.train.checkpoint import install_safe_loading
 
-__all__ = ["deepspeed_config", "init_distributed", "build_engine", "DeepSpeedUpdater"]
+__all__ = ["deepspeed_config", "init_distributed", "build_engine", "DeepSpeedUpdater", "full_params"]
 
 
 def deepspeed_config(train: TrainConfig, vsd: VSDConfig) -> dict[str, Any]:
@@ -167,3 +168,16 @@ class DeepSpeedUpdater:
             raise RuntimeError("DeepSpeed applied an optimizer step that every rank agreed to skip "
                                "(non-finite loss or gradient): its overflow handling changed; "
                                "check pipelines/train/engines.py against the installed DeepSpeed version")
+
+
+@contextlib.contextmanager
+def full_params(engines: Mapping[str, Any], zero_stage: int) -> Iterator[None]:
+    """Under ZeRO-3 gather the adapters' parameters on every rank (a collective); else a no-op."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed  # noqa: PLC0415 -- DeepSpeed only in the Ray train worker
+
+    params = [p for e in engines.values() for p in e.module.parameters()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield

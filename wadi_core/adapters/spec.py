@@ -37,9 +37,9 @@ class AdapterSpec:
     regex ``re:<pattern>`` of module names (see ``wadi_core.adapters.targets``).
     """
 
-    kind: AdapterKind = "lorad"
-    rank: int | None = None
-    targets: str = "auto"
+    kind: AdapterKind = "lorad"  # adapter kind: lorad (rotation of weight rows), lora, dora or full
+    rank: int | None = None  # low rank of lorad / lora / dora (default 256; full: none)
+    targets: str = "auto"  # layer set: auto (the paper's preset for the family and role), a preset name, or re:<regex>
 
     def __post_init__(self) -> None:
         if self.rank is None:  # unknown kinds fail here, with the list of known ones

@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -27,12 +27,8 @@ __all__ = ["journeydb_to_shards", "domain_to_shards", "EmbeddedLake", "ensure_em
 LAKE_VERSION = "v1"
 
 
-ShardWriterFn = Callable[..., dict[str, Any]]  # write_prompt_shards' signature (pipelines.data.wds_shards has one too)
-
-
 def journeydb_to_shards(annotation_uris: Iterable[str], out_uri: str, shard_size: int = 10_000,
-                        seed: int = JOURNEYDB_SEED, progress: bool = False,
-                        writer: ShardWriterFn = write_prompt_shards) -> dict[str, Any]:
+                        seed: int = JOURNEYDB_SEED, progress: bool = False) -> dict[str, Any]:
     """JourneyDB Task2 captions -> deduped, sorted, seed-shuffled prompt shards; returns the manifest."""
     uris = [str(u) for u in annotation_uris]
     if not uris:
@@ -41,7 +37,8 @@ def journeydb_to_shards(annotation_uris: Iterable[str], out_uri: str, shard_size
     captions = dedupe_sort_shuffle(iter_journeydb_captions(uris, stats), stats, seed)
     samples = ((f"{i:09d}", text, {"source": "journeydb", "index": i}) for i, text in enumerate(captions))
     extra = {"source": "journeydb", "inputs": [Path(u).name for u in uris], "shuffle_seed": seed, **stats.as_dict()}
-    return writer(samples, out_uri, shard_size, prefix="journeydb", manifest_extra=extra, progress=progress)
+    return write_prompt_shards(samples, out_uri, shard_size, prefix="journeydb", manifest_extra=extra,
+                               progress=progress)
 
 
 def _domain_samples(n: int, seed: int, split: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -54,10 +51,11 @@ def _domain_samples(n: int, seed: int, split: str) -> Iterator[tuple[str, str, d
 
 
 def domain_to_shards(n: int, out_uri: str, seed: int = 0, split: str = "train",
-                     shard_size: int = 10_000, writer: ShardWriterFn = write_prompt_shards) -> dict[str, Any]:
+                     shard_size: int = 10_000) -> dict[str, Any]:
     """``n`` domain training captions (seeded) -> prompt shards; returns the manifest."""
     extra = {"source": "domain", "seed": seed, "split": split}
-    return writer(_domain_samples(n, seed, split), out_uri, shard_size, prefix="domain", manifest_extra=extra)
+    return write_prompt_shards(_domain_samples(n, seed, split), out_uri, shard_size, prefix="domain",
+                               manifest_extra=extra)
 
 
 @dataclasses.dataclass(frozen=True)

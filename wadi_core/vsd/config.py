@@ -14,15 +14,15 @@ __all__ = ["AdapterSpec", "DMD2Config", "VSDConfig", "PRESET_TARGETS"]
 class DMD2Config:
     """DMD2 variant: normalised gradient with real CFG 1.75 and no fake CFG."""
 
-    guidance_real: float = 1.75
-    guidance_fake: float = 1.0
+    guidance_real: float = 1.75  # CFG of the teacher in the DMD2 generator loss
+    guidance_fake: float = 1.0  # CFG of the fake score in the DMD2 generator loss
 
 
 @dataclass(frozen=True)
 class VSDConfig:
     """Everything the VSD step needs; defaults are the paper's SD1.5 recipe."""
 
-    loss: Literal["vsd", "dmd2"] = "vsd"
+    loss: Literal["vsd", "dmd2"] = "vsd"  # generator loss: vsd (the paper's) or dmd2 (normalised gradient, own guidance)
     guidance_real: float = 1.5        # CFG of the teacher in the generator loss (VSD)
     guidance_fake: float = 1.5        # CFG of the fake score in the generator loss (VSD)
     # real and fake CFG apply to generator-loss timesteps t <= guidance_t_max; above it both use CFG 1
@@ -30,7 +30,7 @@ class VSDConfig:
     guidance_t_max: int = 999
     dmd2: DMD2Config = field(default_factory=DMD2Config)
     t_min: int = 20                   # generator-loss timesteps t ~ U{t_min..t_max}
-    t_max: int = 980
+    t_max: int = 980  # largest generator-loss timestep (see t_min)
     student_timestep: int = 999       # the one-step generator evaluates the student here
     # alphabar of the one-step parametrisation x0 = (z - sqrt(1 - a) eps_hat) / sqrt(a): the official
     # code uses 0.0047 for SD and PixArt alike; "schedule" takes the teacher's alphabar at student_timestep;
@@ -38,18 +38,18 @@ class VSDConfig:
     student_alphabar: float | Literal["schedule", "auto"] = "auto"
     null_prob: float = 0.1            # fake-score loss: share of prompts replaced by ""
     fake_steps_per_gen: int = 1       # TTUR: fake-score updates per generator update (DMD2: 10)
-    gen_lr: float = 1e-4
-    fake_lr: float = 1e-2
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    gen_lr: float = 1e-4  # learning rate of the student (generator) adapter
+    fake_lr: float = 1e-2  # learning rate of the fake-score adapter
+    grad_clip: float = 1.0  # gradient-norm clip of both adapters (> 0; a large value disables it)
+    weight_decay: float = 0.0  # AdamW weight decay of both adapters
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas of both adapters
     student: AdapterSpec = field(default_factory=lambda: AdapterSpec("lorad", 256))
     fake: AdapterSpec = field(default_factory=lambda: AdapterSpec("lorad", 32))
     student_ema: float = 0.0          # EMA decay of the student adapter used for samples and export (0: off)
     # "bf16" / "fp16": the frozen base in that dtype and the forward under torch.autocast, the adapters
     # and their optimizer state in fp32 (as the official code: fp16 base, fp32 angles, autocast)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute denoiser activations in the backward pass (less memory, slower)
     # "adamw": torch AdamW, fp32 state; "adamw_8bit": bitsandbytes AdamW8bit (the official --use_8bit_adam),
     # 8-bit blockwise state, an optional dependency (pip install bitsandbytes)
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
