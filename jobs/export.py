@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="wadi-export-") as tmp:
             pipe_dir = src.pipeline or diffusers_export(src, Path(tmp) / "export", args.recipe)
             save_single_file(pipe_dir, out, text_layout=args.text_encoder_layout, dtype=dtype)
+            pipeline_class = json.loads((Path(pipe_dir) / "model_index.json").read_text())["_class_name"]
         result = {"out": str(out), "bytes": out.stat().st_size,
-                  "load_with": f"StableDiffusionPipeline.from_single_file({str(out)!r}, config=<diffusers export dir>)"}
+                  "load_with": f"{pipeline_class}.from_single_file({str(out)!r}, config=<diffusers export dir>)"}
     else:
         rank = None if args.lora_rank == "full" else int(args.lora_rank)
         result = {"out": str(out), **lora_export(src, out, rank, args.recipe, dtype)}

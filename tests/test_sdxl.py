@@ -189,7 +189,7 @@ def test_single_file_export_loads_with_from_single_file(sdxl_dir: Path, tmp_path
 
 
 def test_actor_rows_carry_the_pooled_embedding(sdxl_dir: Path) -> None:
-    from pipelines.data.tarshards import BAD_REASONS
+    from wadi_core.prompts.shards import BAD_REASONS
     from pipelines.data.text_encoding import EncodedPrompts, TextEncoderActor, remember_conds
 
     full = load_teacher(sdxl_dir)

@@ -9,6 +9,7 @@ merges into one directory in ``RunConfig.storage_path``. ``train_loop`` is Ray T
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -56,7 +57,7 @@ def _maybe_nan(cfg: DistillConfig, rank: int, step: int, cond: Any) -> Any:
     d = cfg.debug
     if d.nan_at_step != step or d.nan_rank not in (-1, rank):
         return cond
-    return type(cond)(cond.embeds * float("nan"), cond.mask)
+    return dataclasses.replace(cond, embeds=cond.embeds * float("nan"))
 
 
 def _maybe_fail(cfg: DistillConfig, rank: int, next_step: int) -> None:
