@@ -173,3 +173,17 @@ def deepspeed_engines(distiller, global_batch: int, zero_stage: int = 2, vsd=Non
     train = TrainConfig(global_batch=global_batch, num_workers=1, zero_stage=zero_stage)
     vsd = vsd or distiller.cfg
     return {r: build_engine(distiller.modules(r), lr, train, vsd) for r, lr in (("student", 1e-3), ("fake", 1e-2))}
+
+
+def actor_rows(teacher_dir: Path, prompts: list[str], dtype: str = "float32", bad: int | None = None) -> dict:
+    """``TextEncoderActor``'s rows for ``prompts`` as Ray Data hands it a batch; row ``bad`` (if given)
+    arrives marked as an empty caption, so the actor must leave it unencoded."""
+    import numpy as np
+
+    from wadi_core.prompts.shards import BAD_REASONS
+    from pipelines.data.text_encoding import TextEncoderActor
+
+    codes = np.zeros(len(prompts), dtype=np.uint8)
+    if bad is not None:
+        codes[bad] = 1 + BAD_REASONS.index("empty_caption")
+    return TextEncoderActor(str(teacher_dir), dtype)({"caption": np.array(prompts, dtype=object), "bad": codes})

@@ -189,14 +189,12 @@ def test_single_file_export_loads_with_from_single_file(sdxl_dir: Path, tmp_path
 
 
 def test_actor_rows_carry_the_pooled_embedding(sdxl_dir: Path) -> None:
-    from wadi_core.prompts.shards import BAD_REASONS
-    from pipelines.data.text_encoding import EncodedPrompts, TextEncoderActor, remember_conds
+    from conftest import actor_rows
+    from pipelines.data.text_encoding import EncodedPrompts, remember_conds
 
     full = load_teacher(sdxl_dir)
     want = full.encode_prompts(PROMPTS)
-    actor = TextEncoderActor(str(sdxl_dir), "float32")
-    bad = np.array([0, 0, 1 + BAD_REASONS.index("empty_caption"), 0], dtype=np.uint8)
-    rows = actor({"caption": np.array(PROMPTS, dtype=object), "bad": bad})
+    rows = actor_rows(sdxl_dir, PROMPTS, bad=2)
     assert "mask" not in rows and rows["embeds"].shape == (4, 77, 80) and rows["pooled"].shape == (4, 40)
     assert not rows["pooled"][2].any()  # a bad row is not encoded
     good = [0, 1, 3]
@@ -207,8 +205,7 @@ def test_actor_rows_carry_the_pooled_embedding(sdxl_dir: Path) -> None:
     assert torch.equal(got.embeds, want_good.embeds) and torch.equal(got.pooled, want_good.pooled)
 
     # bf16 rows come back bit-exact; a trainer without text encoders gets the fixed prompts from them
-    rows16 = TextEncoderActor(str(sdxl_dir), "bfloat16")({"caption": np.array(PROMPTS, dtype=object),
-                                                          "bad": np.zeros(4, np.uint8)})
+    rows16 = actor_rows(sdxl_dir, PROMPTS, "bfloat16")
     assert rows16["pooled"].dtype == np.uint16
     bare = load_teacher(sdxl_dir, text_encoder=False)
     remember_conds(bare, {"prompts": PROMPTS, "embeds": rows["embeds"], "mask": None, "pooled": rows["pooled"]})

@@ -20,27 +20,24 @@ def pixart_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_actor_rows_equal_the_teachers_own_encoding(pixart_teacher: Path) -> None:
+    from conftest import actor_rows
     from wadi_core.models import load_teacher
-
-    from wadi_core.prompts.shards import BAD_REASONS
-    from pipelines.data.text_encoding import EncodedPrompts, TextEncoderActor
+    from wadi_core.models.teacher import load_prompt_encoder
+    from pipelines.data.text_encoding import EncodedPrompts
 
     teacher = load_teacher(pixart_teacher)
     want = teacher.encode_prompts(PROMPTS)
-    actor = TextEncoderActor(str(pixart_teacher), "float32")
-    bad = np.array([0, 0, 1 + BAD_REASONS.index("empty_caption"), 0], dtype=np.uint8)
-    rows = actor({"caption": np.array(PROMPTS, dtype=object), "bad": bad})
+    rows = actor_rows(pixart_teacher, PROMPTS, bad=2)
     good = [0, 1, 3]
     got = EncodedPrompts([PROMPTS[i] for i in good], rows["embeds"][good], rows["mask"][good]).cond("cpu", torch.float32)
     assert torch.equal(got.embeds, want.embeds[good]) and torch.equal(got.mask, want.mask[good])
     assert not rows["embeds"][2].any() and not rows["mask"][2].any()  # a bad row is not encoded
 
     # bf16 travels as its 16-bit pattern and comes back bit-exact
-    actor16 = TextEncoderActor(str(pixart_teacher), "bfloat16")
-    rows16 = actor16({"caption": np.array(PROMPTS, dtype=object), "bad": np.zeros(4, np.uint8)})
+    rows16 = actor_rows(pixart_teacher, PROMPTS, "bfloat16")
     assert rows16["embeds"].dtype == np.uint16
     back = EncodedPrompts(PROMPTS, rows16["embeds"], rows16["mask"]).cond("cpu", torch.bfloat16)
-    assert torch.equal(back.embeds, actor16.encoder(PROMPTS).embeds)
+    assert torch.equal(back.embeds, load_prompt_encoder(pixart_teacher, torch.bfloat16)(PROMPTS).embeds)
 
 
 def test_a_teacher_without_text_encoder_answers_only_remembered_prompts(pixart_teacher: Path) -> None:
