@@ -20,12 +20,12 @@ class AblationBudget:
 
     steps: int = 250                # VSD steps of every main / rank-sweep run
     sweep_steps: int = 80           # VSD steps of each learning-rate sweep run
-    batch_size: int = 32
+    batch_size: int = 32           # prompts per VSD step of every run (sweep, main and rank runs)
     eval_images: int = 1000         # 1-step student images per FID (test prompts, eval seed)
     sweep_eval_images: int = 500    # images per FID in the learning-rate sweep (validation prompts)
     real_images: int = 5000         # real renders of the reference statistics
     teacher_steps: int = TEACHER_STEPS  # the multi-step teacher baseline
-    teacher_guidance: float = TEACHER_GUIDANCE
+    teacher_guidance: float = TEACHER_GUIDANCE  # CFG scale of the teacher baselines (K-step and 1-step)
 
     def __post_init__(self) -> None:
         for name in ("steps", "sweep_steps", "batch_size", "eval_images", "sweep_eval_images", "real_images"):
@@ -63,25 +63,25 @@ class AblationConfig:
     prompts (``test_prompt_seed``, the project's domain protocol) with other noise.
     """
 
-    teacher: str = "embedded"
+    teacher: str = "embedded"                  # teacher diffusers dir (local, s3://, hub id) or "embedded"
     vsd: VSDConfig = field(default_factory=recipe_vsd)
     budget: AblationBudget = field(default_factory=AblationBudget)
-    kinds: tuple[str, ...] = ("lorad", "lora", "dora", "full")
+    kinds: tuple[str, ...] = ("lorad", "lora", "dora", "full")  # student adapter kinds compared (each at `rank`)
     rank: int = 32                              # student rank of the adapter comparison (the recipe's)
     ranks: tuple[int, ...] = (4, 8, 16, 32)     # LoRaD rank sweep (same lr as the comparison's LoRaD)
-    seeds: tuple[int, ...] = (0, 1)
-    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
-    lr_extend: int = 1
+    seeds: tuple[int, ...] = (0, 1)             # training seeds of the main and rank runs (mean ± sd over them)
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # student learning rates swept per kind (validation FID)
+    lr_extend: int = 1                          # max times the grid grows by lr_factor past a best-at-the-edge lr
     lr_factor: float = 3.0                      # spacing used when the grid is extended
     fixed_lrs: tuple[tuple[str, float], ...] = ()  # (kind, lr) pairs that skip the sweep
-    sweep_seed: int = 100
+    sweep_seed: int = 100                       # training seed of the lr sweep runs (not one of `seeds`)
     val_prompt_seed: int = 2                    # eval_prompts(..., seed) for the lr choice
     test_prompt_seed: int = 1                   # eval_prompts(..., seed) for every reported number
-    val_noise_seed: int = 2002
-    test_noise_seed: int = 1001
+    val_noise_seed: int = 2002                  # seed of the 1-step noise of the lr choice's images
+    test_noise_seed: int = 1001                 # seed of the 1-step noise of every reported number's images
     real_seed: int = 777                        # wadi_core.domain.quality.REAL_SEED
-    swaps: bool = True
-    out_dir: str = "runs/ablation"
+    swaps: bool = True                          # also score full fine-tunes with teacher norms / directions swapped in
+    out_dir: str = "runs/ablation"              # results, runs, report and plots (a rerun continues it)
     threads: int = 0                            # torch threads per process (0: torch's default; workers: 1)
     workers: int = 1                            # processes running independent runs in parallel
 
