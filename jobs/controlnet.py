@@ -69,7 +69,7 @@ class ControlNetJob(ControlNetConfig):
     fid_reference: int = 2000       # real renders for the FID reference (0: no FID)
     timing_batch: int = 32          # images per timed call
     baselines: bool = True          # also teacher / student without the ControlNet
-    out: str = str(REPO / "outputs" / "controlnet")
+    out: str = str(REPO / "outputs" / "controlnet")  # local dir of the ControlNet, grid.png, metrics.json, table.md
     threads: int = 0                # torch threads (0: torch's default)
     experiment: str = "wadi-downstream"  # MLflow experiment
     tracking_uri: str = ""          # default: MLFLOW_TRACKING_URI or sqlite ./runs/mlflow.db

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -19,19 +20,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job_configs() -> dict[str, type]:
-    """The configs of the jobs whose every key is described (the distillation job's whole recipe,
-    the evaluation job's subcommands and the small jobs; the downstream jobs' library configs in
-    wadi_core and experiments/ are not all described yet)."""
+    """The config class of every job in jobs/ (each subcommand's of evaluate and make_prompt_shards),
+    with the library configs they nest (wadi_core, experiments/, pipelines/serve)."""
+    from jobs.ablate import AblationJob
+    from jobs.analyze_weights import AnalyzeWeightsJob
     from jobs.compare_runs import CompareRunsJob
+    from jobs.controlnet import ControlNetJob
+    from jobs.distill_local import DistillLocalJob
+    from jobs.dreambooth import DreamBoothJob
     from jobs.eval_teacher_domain import TeacherEvalJob
     from jobs.evaluate import EvaluateJob, PromptsJob, ScheduleJob
     from jobs.export import ExportJob
     from jobs.generate import GenerateJob
     from jobs.make_prompt_shards import DomainShards, JourneyDBShards
+    from jobs.pretrain_teacher import PretrainJob
+    from jobs.reversion import ReVersionJob
+    from jobs.serve import ServeConfig
     from jobs.train_domain_evaluator import EvaluatorJob
 
     return {c.__name__: c for c in (DistillConfig, EvaluateJob, ScheduleJob, PromptsJob, CompareRunsJob, ExportJob,
-                                    GenerateJob, DomainShards, JourneyDBShards, TeacherEvalJob, EvaluatorJob)}
+                                    GenerateJob, DomainShards, JourneyDBShards, TeacherEvalJob, EvaluatorJob,
+                                    AblationJob, AnalyzeWeightsJob, ControlNetJob, DistillLocalJob, DreamBoothJob,
+                                    PretrainJob, ReVersionJob, ServeConfig)}
 
 
 @pytest.mark.parametrize("name", sorted(_job_configs()))
@@ -40,6 +50,16 @@ def test_every_key_of_the_job_has_a_description(name: str) -> None:
     assert len(helps) > 3
     missing = sorted(k for k, text in helps.items() if not text.strip())
     assert not missing, f"{name}: describe these fields (a '# comment' on the field's line): {missing}"
+
+
+def test_every_job_with_a_config_is_checked() -> None:
+    configs = set(_job_configs().values())
+    jobs = [p.stem for p in sorted((ROOT / "jobs").glob("*.py")) if "config_from_args(" in p.read_text()]
+    assert len(jobs) >= 16
+    for name in jobs:
+        module = importlib.import_module(f"jobs.{name}")
+        assert configs & {v for v in vars(module).values() if isinstance(v, type)}, \
+            f"jobs/{name}.py: add its config class to _job_configs()"
 
 
 def test_descriptions_come_from_metadata_docstrings_and_comments() -> None:

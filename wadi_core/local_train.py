@@ -36,16 +36,16 @@ class LocalTrainConfig:
 
     teacher: str = "embedded"          # "embedded", a diffusers dir, an s3:// prefix or a hub id
     vsd: VSDConfig = field(default_factory=VSDConfig)
-    steps: int = 1000
-    batch_size: int = 32
-    seed: int = 0
+    steps: int = 1000                  # VSD steps (one student update + vsd.fake_steps_per_gen fake-score updates each)
+    batch_size: int = 32               # prompts per VSD step
+    seed: int = 0                      # seed of the noise, the prompt order and the sample grids' prompts and noise
     prompts: str = "domain"            # "domain" (embedded generator) or a text file, one prompt a line
     sample_every: int = 250            # PNG grid of student samples every N steps (0: at the end only)
     save_every: int = 0                # TrainState for resume every N steps (0: at the end only)
-    num_sample_prompts: int = 8
-    out_dir: str = "outputs/distill_local"
-    device: str = "cpu"
-    teacher_dtype: str = "float32"
+    num_sample_prompts: int = 8        # prompts (images) in each sample grid
+    out_dir: str = "outputs/distill_local"  # metrics.jsonl, samples/, state/ (resumed from) and export/
+    device: str = "cpu"                # torch device of the teacher, the adapters and the training ("cpu", "cuda:0")
+    teacher_dtype: str = "float32"     # dtype of the frozen teacher weights: float32, bfloat16 or float16
     max_minutes: float = 0.0           # > 0: stop (and export) once training has run this long
     max_nonfinite_in_a_row: int = 5    # this many skipped non-finite steps in a row stop the run (0: never)
     export_live: bool = False          # with vsd.student_ema: also export the live (non-averaged) student

@@ -25,7 +25,7 @@ class AblationBudget:
     sweep_eval_images: int = 500    # images per FID in the learning-rate sweep (validation prompts)
     real_images: int = 5000         # real renders of the reference statistics
     teacher_steps: int = TEACHER_STEPS  # the multi-step teacher baseline
-    teacher_guidance: float = TEACHER_GUIDANCE  # CFG scale of the teacher baselines (K-step and 1-step)
+    teacher_guidance: float = TEACHER_GUIDANCE  # CFG scale of the teacher baselines with CFG (K-step and 1-step)
 
     def __post_init__(self) -> None:
         for name in ("steps", "sweep_steps", "batch_size", "eval_images", "sweep_eval_images", "real_images"):

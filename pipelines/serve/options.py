@@ -18,8 +18,8 @@ __all__ = ["BatchOptions", "ReplicaOptions", "ModelOptions", "ServeConfig", "dep
 class BatchOptions:
     """``@serve.batch``: up to ``max_batch_size`` requests, waiting at most ``batch_wait_timeout_s`` for more."""
 
-    max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.01
+    max_batch_size: int = 32                # most (prompt, seed) images one replica samples in one batch
+    batch_wait_timeout_s: float = 0.01      # seconds a batch waits for more requests after its first one
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -32,10 +32,10 @@ class BatchOptions:
 class ReplicaOptions:
     """A fixed ``num_replicas``, or autoscaling between ``min_replicas`` and ``max_replicas`` on ongoing requests."""
 
-    num_replicas: int = 1
-    autoscaling: bool = False
-    min_replicas: int = 1
-    max_replicas: int = 4
+    num_replicas: int = 1                   # replicas when autoscaling is off
+    autoscaling: bool = False               # scale between min_replicas and max_replicas (num_replicas unused)
+    min_replicas: int = 1                   # fewest replicas when autoscaling (0: scale to zero when idle)
+    max_replicas: int = 4                   # most replicas when autoscaling
     target_ongoing_requests: float = 32.0   # per replica: about one full batch in flight
     num_cpus: float = 1.0                   # ray_actor_options; on CPU also torch's thread count (at least 1)
     num_gpus: float = 0.0                   # > 0: the replica samples on CUDA (float16 unless dtype says otherwise)
@@ -87,10 +87,10 @@ class ServeConfig:
 
     model: str = "models:/wadi-embedded@candidate"  # models:/NAME@ALIAS, an export folder, s3://..., runs:/...
     teacher: str | None = None       # e.g. "embedded" or a diffusers folder: served at /generate?model=teacher
-    teacher_steps: int = 25
-    teacher_guidance: float = 3.0
+    teacher_steps: int = 25          # the served teacher's sampling steps
+    teacher_guidance: float = 3.0    # the served teacher's CFG scale (1: no CFG)
     host: str = "127.0.0.1"          # loopback by default: 0.0.0.0 exposes the API to the network
-    port: int = 8000
+    port: int = 8000                 # HTTP port of the Serve proxy
     dtype: str = "auto"              # auto: float16 on GPU replicas, float32 on CPU
     batch: BatchOptions = field(default_factory=BatchOptions)
     replicas: ReplicaOptions = field(default_factory=ReplicaOptions)

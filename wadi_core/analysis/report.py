@@ -21,14 +21,14 @@ __all__ = ["AnalyzeWeightsConfig", "analyze_checkpoints"]
 class AnalyzeWeightsConfig:
     """``reference`` is the teacher (w), ``candidate`` the student (w'); URIs local or s3://."""
 
-    reference: str
-    candidate: str
-    out: str
+    reference: str                   # reference checkpoint w (the teacher): model dir, pipeline dir or .safetensors
+    candidate: str                   # checkpoint w' compared with w row by row (the student), same forms
+    out: str                         # dir of summary.json, per_layer.csv and the PNGs (local or s3://)
     swap: str | None = None          # "norm": candidate gets the reference's norms; "direction": its directions
     swap_out: str | None = None      # default: <out>/swapped_<swap>[.safetensors]
     svd_fraction: float | None = 0.3  # None: skip the residual SVD
-    plots: bool = True
-    cache_dir: str | None = None
+    plots: bool = True               # write layer_scatter.png, histograms.png, svd_energy.png
+    cache_dir: str | None = None     # local mirror of s3:// checkpoints (None: $WADI_CACHE, else ~/.cache/wadi)
 
     def __post_init__(self) -> None:
         if self.swap not in (None, "norm", "direction"):

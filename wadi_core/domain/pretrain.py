@@ -45,27 +45,27 @@ GRID_PROMPTS: tuple[str, ...] = (
 class PretrainConfig:
     """Hyper-parameters of the teacher pretraining (the defaults train the shipped teacher: 19.8 min on 2 idle CPU cores)."""
 
-    seed: int = 0
-    num_images: int = 40_000
-    vae_steps: int = 400
-    vae_decoder_steps: int = 150
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    vae_foreground_weight: float = 10.0
-    denoiser_steps: int = 2400
-    denoiser_batch: int = 128
-    denoiser_lr: float = 1e-3
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    warmup_steps: int = 100
-    checkpoint_every: int = 100
-    num_threads: int = 2
-    denoiser_workers: int = 2
+    seed: int = 0                     # seed of the renders, the initial weights, the noise and the batch draws
+    num_images: int = 40_000          # training renders (image, silhouette, caption), shared by both phases
+    vae_steps: int = 400              # phase 1 steps: the whole VAE
+    vae_decoder_steps: int = 150      # phase 1b steps: the decoder alone (encoder frozen, lr 0.3 x vae_lr)
+    vae_batch: int = 32               # renders per VAE step
+    vae_lr: float = 1e-3              # peak AdamW learning rate of the VAE (warm-up, then cosine to 0.1x)
+    vae_kl_weight: float = 1e-6       # weight of the VAE's KL term (per image) beside the reconstruction MSE
+    vae_foreground_weight: float = 10.0  # extra MSE weight of object pixels (pixel weight 1 + this x silhouette)
+    denoiser_steps: int = 2400        # phase 2 steps: text encoder + UNet jointly
+    denoiser_batch: int = 128         # latents per denoiser step (the global batch, split over denoiser_workers)
+    denoiser_lr: float = 1e-3         # peak AdamW learning rate of UNet + text encoder (weight decay 0.01)
+    caption_dropout: float = 0.1      # empty caption for this fraction of each denoiser batch (for CFG)
+    min_snr_gamma: float = 5.0        # Min-SNR-gamma weighting of the denoiser loss (<= 0 or flow: uniform)
+    warmup_steps: int = 100           # linear lr warm-up steps of phase 2 (the VAE phases: half as many)
+    checkpoint_every: int = 100       # steps between training-state saves (also saved at each phase end)
+    num_threads: int = 2              # torch threads of this process (denoiser workers > 1: one thread each)
+    denoiser_workers: int = 2         # data-parallel processes of phase 2 (gloo all-reduce; 1: this process)
     # the UNet's target: "epsilon" (SD 1.5), "v_prediction" (SD 2.1) or "flow" (rectified-flow velocity, SD3's
     # parametrisation; saved with a FlowMatchEulerDiscreteScheduler of shift ``flow_shift``)
     prediction_type: str = "epsilon"
-    flow_shift: float = 1.0
+    flow_shift: float = 1.0           # sigma shift of the flow scheduler (prediction_type "flow"; 1: none)
     init_from: str = ""               # a teacher pipeline folder: skip the VAE phases, fine-tune its denoiser
     arch: TeacherArch = TeacherArch()
 

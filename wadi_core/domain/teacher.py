@@ -32,16 +32,16 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 class TeacherArch:
     """Sizes of the embedded teacher's components."""
 
-    image_size: int = 32
-    latent_channels: int = 4
-    vae_channels: tuple[int, ...] = (32, 64, 64)
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    max_tokens: int = 32
+    image_size: int = 32              # image side in pixels (latent side: image_size / 2^(len(vae_channels) - 1))
+    latent_channels: int = 4          # channels of the VAE latent (the UNet's input and output)
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # VAE block widths; each level after the first halves the side
+    text_hidden: int = 64             # CLIP text encoder width (MLP 4x), also the UNet's cross-attention dim
+    text_layers: int = 2              # CLIP text encoder layers
+    text_heads: int = 4               # CLIP text encoder attention heads
+    max_tokens: int = 32              # prompt length in tokens (tokenizer max length, text position embeddings)
     unet_channels: tuple[int, ...] = (32, 64, 64)  # 8x8 -> 4x4 -> 2x2: the 2x2 level knows where 'left' is
-    unet_layers_per_block: int = 1
-    unet_heads: int = 4
+    unet_layers_per_block: int = 1    # resnet + cross-attention layers per UNet down block
+    unet_heads: int = 4               # attention heads of the UNet's cross-attention (diffusers' attention_head_dim)
 
 
 def build_vae(arch: TeacherArch):

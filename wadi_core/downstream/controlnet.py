@@ -37,18 +37,18 @@ __all__ = ["ControlNetConfig", "build_controlnet", "load_controlnet", "control_t
 class ControlNetConfig:
     """ControlNet training on renders of the domain with their silhouettes as control."""
 
-    steps: int = 800
-    batch_size: int = 32
-    lr: float = 1e-3
+    steps: int = 800                  # ControlNet optimizer steps
+    batch_size: int = 32              # renders per step (the global batch when data-parallel)
+    lr: float = 1e-3                  # AdamW learning rate of the ControlNet (no weight decay)
     num_images: int = 4000            # distinct renders (silhouette, image, caption) to draw batches from
     caption_dropout: float = 0.1      # empty prompt for this fraction, so CFG works with the control
     min_snr_gamma: float = 5.0        # the teacher's own pretraining weighting
     conditioning_channels: int = 1    # silhouette: one channel
     embedding_channels: tuple[int, ...] = (16, 32, 64)  # control encoder; len - 1 stride-2 convs
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0            # max global gradient norm of the ControlNet per step
     one_step_fraction: float = 0.25   # share of each batch at t = T-1, scored as a one-step student's x0
     one_step_weight: float = 0.5      # 0: plain ControlNet training (eps loss only)
-    seed: int = 0
+    seed: int = 0                     # seed of the initial ControlNet, the renders and the batch draws
     max_minutes: float = 0.0          # > 0: stop training after this long
 
     def __post_init__(self) -> None:

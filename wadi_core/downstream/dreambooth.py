@@ -49,14 +49,14 @@ class DreamBoothConfig:
     rank: int = 8                     # ignored by "full"
     targets: str = "unet_student"     # adapter target preset / regex
     lr: float = 0.0                   # 0: the kind's default (DEFAULT_LR)
-    steps: int = 150
+    steps: int = 150                  # adapter optimizer steps, each on every instance image
     prior_batch: int = 4              # domain renders per step (prior preservation)
-    prior_weight: float = 1.0
+    prior_weight: float = 1.0         # weight of the prior-preservation loss beside the instance loss
     subject: str = "bar"              # a shape of wadi_core.downstream.subjects (the VAE reproduces "bar")
-    token: str = "sks"
-    num_instances: int = 5
-    min_snr_gamma: float = 5.0
-    seed: int = 0
+    token: str = "sks"                # rare token that names the subject in the instance captions
+    num_instances: int = 5            # instance images: the first n of DEFAULT_INSTANCES (1..5)
+    min_snr_gamma: float = 5.0        # Min-SNR-gamma loss weighting (the teacher's own; <= 0: uniform)
+    seed: int = 0                     # seed of the prior renders, the noise and the batch draws
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_instances <= len(DEFAULT_INSTANCES):

@@ -47,14 +47,14 @@ PREPOSITIONS: tuple[str, ...] = ("above", "below", "left", "right", "on", "at", 
 class SceneTeacherConfig:
     """Fine-tuning the embedded teacher on two-object scenes (all four relations)."""
 
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 5e-4
-    num_images: int = 8000
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    seed: int = 0
-    max_minutes: float = 0.0
+    steps: int = 600                  # optimizer steps (cosine lr decay over them, 50 warm-up steps)
+    batch_size: int = 64              # scene renders per step
+    lr: float = 5e-4                  # peak AdamW learning rate of the UNet and text encoder (weight decay 0.01)
+    num_images: int = 8000            # two-object scene renders (all four relations) to draw batches from
+    caption_dropout: float = 0.1      # empty prompt for this fraction, so CFG keeps working
+    min_snr_gamma: float = 5.0        # Min-SNR-gamma loss weighting (the teacher's own; <= 0: uniform)
+    seed: int = 0                     # seed of the scene renders, the noise and the batch draws
+    max_minutes: float = 0.0          # > 0: stop training after this long
 
 
 def _scene_set(n: int, seed: int, size: int, relations: tuple[str, ...] | None = None):
@@ -125,17 +125,17 @@ def _encode_with_grad(model: Teacher, prompts: list[str]) -> Cond:
 class RelationConfig:
     """Inverting one relation into token ``token`` from ``num_exemplars`` scenes."""
 
-    relation: str = "above"
-    token: str = "<R>"
-    num_exemplars: int = 10
-    steps: int = 300
-    batch_size: int = 10
-    lr: float = 5e-3
+    relation: str = "above"           # exemplar relation: above, below, left of, right of (the job: each of relations)
+    token: str = "<R>"                # new token learned in place of the relation word (the job: <R-relation>)
+    num_exemplars: int = 10           # exemplar scene renders in `relation`
+    steps: int = 300                  # optimizer steps on the token's input embedding
+    batch_size: int = 10              # exemplars per step (drawn with replacement)
+    lr: float = 5e-3                  # AdamW learning rate of the token's embedding (no weight decay)
     focal_alpha: float = 0.5          # relation-focal timestep sampling (0: uniform)
     steer_weight: float = 0.01        # relation-steering contrastive loss weight (0: off)
-    steer_temperature: float = 0.07
+    steer_temperature: float = 0.07   # temperature of the steering loss's cosine similarities
     init_word: str = ""               # "" : random init (scaled to the table's mean norm)
-    seed: int = 0
+    seed: int = 0                     # seed of the exemplars, the random init, the noise and the draws
 
 
 def add_token(model: Teacher, token: str, init: Tensor | None = None, seed: int = 0) -> int:
