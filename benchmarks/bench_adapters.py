@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from proc_memory import reset_peak_rss, status_bytes
 from wadi_core.adapters import add_adapter, merge_adapter, set_adapter
 from wadi_core.adapters.lorad import rotate_pairs
 
@@ -76,14 +77,6 @@ class Memory:
             libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so big frees go back to the OS
             libc.mallopt(-1, 0)          # M_TRIM_THRESHOLD
 
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
-
     def peak(self, fn: Callable[[], None]) -> float:
         gc.collect()
         if self.device.type == "cuda":
@@ -93,11 +86,9 @@ class Memory:
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - before) / 2**20
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = self._status("VmRSS")
+        before = reset_peak_rss()
         fn()
-        return (self._status("VmHWM") - before) / 2**20
+        return (status_bytes("VmHWM") - before) / 2**20
 
 
 def build(in_f: int, out_f: int, rank: int, device: torch.device) -> dict[str, nn.Module]:

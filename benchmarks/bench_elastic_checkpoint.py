@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from proc_memory import reset_peak_rss, status_bytes
 from wadi_core.vsd.config import VSDConfig
 from wadi_core.vsd.optim import make_optimizer
 
@@ -73,21 +74,8 @@ class _Adapters(nn.Module):
         return sum((b * x).square().mean() for b in self.blocks)
 
 
-def _peak_reset() -> int:
-    """Reset the kernel's peak-RSS mark; return the current RSS in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kb("VmRSS") * 1024
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _peak_extra(rss_before: int) -> int:
-    return _status_kb("VmHWM") * 1024 - rss_before
+    return status_bytes("VmHWM") - rss_before
 
 
 def _digest(engines: dict[str, Any]) -> str:
@@ -143,7 +131,7 @@ def _rank_main(rank: int, world: int, port: int, phase: str, way: str, scale: fl
             result["optimizer_bytes_per_rank"] = sum(_optimizer_bytes(e) for e in engines.values())
             result["digest"] = _digest(engines)
             dist.barrier()
-            rss = _peak_reset()
+            rss = reset_peak_rss()
             t0 = time.perf_counter()
             for role, engine in engines.items():
                 if way == "full_state":
@@ -157,7 +145,7 @@ def _rank_main(rank: int, world: int, port: int, phase: str, way: str, scale: fl
         else:
             engines = _engines(way, world, scale, universal_load=way == "universal")
             dist.barrier()
-            rss = _peak_reset()
+            rss = reset_peak_rss()
             t0 = time.perf_counter()
             for role, engine in engines.items():
                 if way == "full_state":

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from proc_memory import reset_peak_rss, status_bytes
 from wadi_core.adapters import adapter_parameters, apply_adapter, set_adapter
 from wadi_core.models import Cond, Teacher, denoiser_config
 from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, make_updaters, vsd_step
@@ -101,13 +102,6 @@ class ThreeCopiesDistiller:
         return _Copies(teacher, cfg)
 
 
-def _proc_mib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _tensor_bytes(modules) -> int:
     """Bytes of all parameters and buffers, each storage once."""
     seen, total = set(), 0
@@ -137,8 +131,7 @@ def run_variant(args) -> dict:
     gen = torch.Generator(device="cuda" if cuda else "cpu").manual_seed(0)
     cond = Cond(torch.randn(args.batch, 77, 768, generator=torch.Generator().manual_seed(1)).to(args.device))
     if not cuda:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
-        rss_before = _proc_mib("VmRSS")
+        rss_before = reset_peak_rss()
     t0 = time.perf_counter()
     for _ in range(2):  # the 2nd step runs with AdamW states allocated
         vsd_step(distiller, cond, updaters["student"], updaters["fake"], gen)
@@ -151,7 +144,7 @@ def run_variant(args) -> dict:
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated() - base_bytes
     else:
-        out["step_growth_bytes"] = _proc_mib("VmHWM") - rss_before
+        out["step_growth_bytes"] = status_bytes("VmHWM") - rss_before
         out["peak_bytes"] = weights + out["step_growth_bytes"]
         out["raw_rss_growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - import_rss
     return out
