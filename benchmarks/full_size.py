@@ -1,17 +1,24 @@
 """Full-size rehearsal on CPU: the real distillation job on a random-weight teacher of the real
-SD 1.5 / SD 2.1-base / PixArt-alpha architecture, and (``--throughput``) student vs teacher
-images/s at SD 1.5 shapes.
+SD 1.5 / SD 2.1-base / PixArt-alpha / SDXL base 1.0 / SD3-medium architecture, and
+(``--throughput``) student vs teacher images/s at SD 1.5 shapes.
 
     python benchmarks/full_size.py --arch sd15 --scale 0.25 --latent 16     # quick check first
     flock /tmp/heavy.lock nice -n 5 python benchmarks/full_size.py --arch sd15 --throughput
+    flock /tmp/heavy.lock nice -n 5 python benchmarks/full_size.py --arch sdxl --zero 2 --latent 16 --depth 2
+    flock /tmp/heavy.lock nice -n 5 python benchmarks/full_size.py --arch sd3 --zero 2 --latent 16 --depth 12
+
+SDXL's 2.57 B UNet and SD3-medium's 2.03 B transformer are too big for two fp32 workers plus the
+fp32 merged copy the export makes in 24 GiB: ``--depth`` cuts their deep stack (real widths, every
+other component real size), ``--latent`` the image size; what ran is in docs/RESULTS.md.
 
 Rehearsal, per ZeRO stage (2, then 3): the teacher (``benchmarks/full_size_models.py``, configs in
 ``benchmarks/configs/<arch>/``) is written as a diffusers folder, then ``jobs/distill.py`` runs
 the paper recipe with only what this machine needs overridden: 2 Ray workers, batch 1 per worker,
 3 steps, a checkpoint every 2 steps, fp32 (``vsd.mixed_precision=fp16`` needs GPUs; ``--precision`` keeps
 PixArt's bf16), student EMA off under ZeRO-3 (refused with it), a local prompt lake and local
-storage; PixArt's text encoder stays in its own Ray Data actor (``data.text_encoding: actors``), on
-CPU. After the checkpoint at step 2 this script SIGKILLs one train worker: Ray Train restarts
+storage; the text encoders of the recipes that use ``data.text_encoding: actors`` (PixArt's T5,
+SDXL's two CLIPs, SD3's CLIP-L, CLIP-G and T5) stay in their own Ray Data actor, on CPU. ``--set
+key=value`` adds recipe overrides (what a machine cannot hold, stated with the results). After the checkpoint at step 2 this script SIGKILLs one train worker: Ray Train restarts
 the group, which resumes from step 2, finishes step 3 and exports. The export is then loaded with
 ``DiffusionPipeline.from_pretrained`` and samples 1 step at the recipe resolution.
 
@@ -142,8 +149,9 @@ def _prompt_lake(path: Path, n: int = 64) -> Path:
     return path
 
 
-def _overrides(arch: str, zero: int, teacher: Path, lake: Path, work: Path, precision: str, steps: int) -> list[str]:
-    """The paper recipe, with only what 2 CPU workers on this machine need changed."""
+def _overrides(arch: str, zero: int, teacher: Path, lake: Path, work: Path, precision: str, steps: int,
+               extra: list[str] = ()) -> list[str]:
+    """The paper recipe, with only what 2 CPU workers on this machine need changed (then ``extra``)."""
     ov = {
         "teacher": teacher, "data.prompts": lake, "data.epochs": 1, "data.max_steps": steps, "data.num_prompts": 0,
         "train.run_name": f"{arch}-zero{zero}", "train.num_workers": 2, "train.global_batch": 2,
@@ -161,6 +169,11 @@ def _overrides(arch: str, zero: int, teacher: Path, lake: Path, work: Path, prec
         # On CPU: 2 x 0.25 (workers) + 0.5 (encoder actor) of 2 CPUs leaves Ray Data 1 to read with.
         ov.update({"train.cpus_per_worker": 0.25, "data.encoder_actors": 1, "data.encoder_gpus_per_actor": 0,
                    "data.encoder_cpus_per_actor": 0.5, "data.encoder_batch_size": 8})
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write key=value, e.g. --set vsd.student.rank=64")
+        ov[key] = value
     return [f"{k}={v}" for k, v in ov.items()]
 
 
@@ -175,14 +188,14 @@ def _mlflow_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int,
     return out
 
 
-def _sample(export: Path, prompt: str, family: str) -> dict[str, Any]:
+def _sample(export: Path, prompt: str) -> dict[str, Any]:
     """``DiffusionPipeline.from_pretrained(export)``: 1 step at the recipe resolution."""
     from diffusers import DiffusionPipeline  # noqa: PLC0415 -- diffusers models: seconds to import
 
     t0 = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(export)
     load_s = time.perf_counter() - t0
-    denoiser = pipe.transformer if family == "pixart" else pipe.unet
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer  # SD / SDXL: unet; PixArt / SD3: transformer
     side = 8 * int(denoiser.config.sample_size)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -196,14 +209,14 @@ def _sample(export: Path, prompt: str, family: str) -> dict[str, Any]:
 
 
 def rehearse(arch: str, zero: int, teacher: Path, lake: Path, work: Path, precision: str,
-             steps: int) -> dict[str, Any]:
+             steps: int, extra: list[str] = ()) -> dict[str, Any]:
     """One ``jobs/distill.py`` run (fresh run name) with a worker killed after the first checkpoint."""
     run_name = f"{arch}-zero{zero}"
     run_dir = work / "ray" / run_name
     shutil.rmtree(run_dir, ignore_errors=True)
     (work / f"mlflow-zero{zero}.db").unlink(missing_ok=True)  # a fresh MLflow run, not a resumed one
     cmd = [sys.executable, str(REPO / "jobs" / "distill.py"), "--config", RECIPES[arch], "--json",
-           *_overrides(arch, zero, teacher, lake, work, precision, steps)]
+           *_overrides(arch, zero, teacher, lake, work, precision, steps, extra)]
     log = work / f"{run_name}.log"
     print(f"[full_size] {arch} ZeRO-{zero}: {' '.join(cmd[1:])}\n[full_size] log: {log}", flush=True)
     started = time.time()
@@ -222,10 +235,10 @@ def rehearse(arch: str, zero: int, teacher: Path, lake: Path, work: Path, precis
     checkpoints = {p.name: _tree_bytes(p) for p in sorted(run_dir.glob("checkpoint_*"))}
     export = Path(result["export_uri"])
     export_bytes = _tree_bytes(export)
-    sample = _sample(export, "a lighthouse at dawn, photograph", "pixart" if arch == "pixart" else "sd")
+    sample = _sample(export, "a lighthouse at dawn, photograph")
     pids = [p for p in watch.peaks if p not in watch.encoder_pids]
     out = {
-        "arch": arch, "zero_stage": zero, "precision": precision, "wall_s": wall,
+        "arch": arch, "zero_stage": zero, "precision": precision, "overrides": list(extra), "wall_s": wall,
         "worker_peak_rss_gib": {str(pid): round(b / GIB, 2) for pid, b in watch.peaks.items()},
         "first_group_peak_rss_gib": [round(watch.peaks[p] / GIB, 2) for p in pids[:2]],
         "restarted_group_peak_rss_gib": [round(watch.peaks[p] / GIB, 2) for p in pids[2:]],
@@ -366,7 +379,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=ARCHS, required=True)
     ap.add_argument("--scale", type=float, default=1.0, help="width factor (< 1: a quick check, not the real size)")
-    ap.add_argument("--latent", type=int, default=0, help="latent side (0: the architecture's own: 64 / 64 / 32)")
+    ap.add_argument("--latent", type=int, default=0,
+                    help="latent side (0: the architecture's own: 64 sd15 / sd21, 32 pixart, 128 sdxl / sd3)")
+    ap.add_argument("--depth", type=int, default=0,
+                    help="cut the denoiser's deep stack to this many layers (sdxl: of 10 per block, sd3: of 24 "
+                         "blocks), widths kept real: for what 24 GiB cannot hold (0: the real depth)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="another recipe override (repeatable), e.g. vsd.student.rank=64")
     ap.add_argument("--zero", type=int, nargs="+", default=[2, 3], help="ZeRO stages to rehearse, in order")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--precision", default="", help="vsd.mixed_precision (default: no; bf16 for pixart)")
@@ -381,10 +400,11 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     tag = args.arch + (f"-s{args.scale:g}" if args.scale != 1 else "") + (f"-l{args.latent}" if args.latent else "")
+    tag += f"-d{args.depth}" if args.depth else ""
     work = (args.out / tag).resolve()
     teacher = work / "teacher"
     if args.build_only:
-        write_teacher(args.arch, teacher, args.scale, args.latent or None)
+        write_teacher(args.arch, teacher, args.scale, args.latent or None, depth=args.depth or None)
         return
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -397,7 +417,8 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     last_export = None
     for zero in ([] if args.skip_rehearsal else args.zero):
-        r = rehearse(args.arch, zero, teacher, lake, work, precision, args.steps)
+        r = rehearse(args.arch, zero, teacher, lake, work, precision, args.steps, args.overrides)
+        r.update(scale=args.scale, latent=args.latent or None, depth=args.depth or None)  # what was shrunk
         results[f"zero{zero}"] = r
         results_file.write_text(json.dumps(results, indent=2))
         print("[full_size] " + _format(r), flush=True)
