@@ -1,4 +1,4 @@
-"""Cluster infrastructure: ray_cluster.yaml, KubeRay manifests, image, MLflow server.
+"""Cluster infrastructure: ray_cluster*.yaml, KubeRay manifests, image, MLflow server.
 
 Everything here is static or runs a shell script with a stub: no cluster, no network, seconds.
 """
@@ -6,6 +6,7 @@ Everything here is static or runs a shell script with a stub: no cluster, no net
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -19,8 +20,12 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from wadi_core.config import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
+CLUSTER_SPOT_YAML = ROOT / "ray_cluster_spot.yaml"  # elastic training on spot nodes
+CLUSTER_FILES = [CLUSTER_YAML, CLUSTER_SPOT_YAML]
 KUBERAY = ROOT / "infra" / "kuberay"
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 MLFLOW = ROOT / "infra" / "mlflow"
@@ -54,6 +59,12 @@ def cluster_cfg() -> dict:
     return yaml.safe_load(CLUSTER_YAML.read_text())
 
 
+@pytest.fixture(scope="module", params=CLUSTER_FILES, ids=[p.name for p in CLUSTER_FILES])
+def any_cluster_cfg(request: pytest.FixtureRequest) -> dict:
+    """Each cluster launcher config: the on-demand one and its spot variant."""
+    return yaml.safe_load(request.param.read_text())
+
+
 def validate_cluster(cfg: dict) -> None:
     """What `ray up` does before touching AWS: merge defaults, then Ray's own schema check.
 
@@ -63,8 +74,8 @@ def validate_cluster(cfg: dict) -> None:
     util.validate_config(util.prepare_config(copy.deepcopy(cfg)))
 
 
-def test_cluster_config_passes_rays_own_validation(cluster_cfg: dict) -> None:
-    validate_cluster(cluster_cfg)
+def test_cluster_config_passes_rays_own_validation(any_cluster_cfg: dict) -> None:
+    validate_cluster(any_cluster_cfg)
 
 
 @pytest.mark.parametrize("path, typo", [
@@ -86,24 +97,36 @@ def test_misspelled_cluster_key_fails_validation(cluster_cfg: dict, path: tuple,
         validate_cluster(bad)
 
 
-def test_head_runs_no_training_work(cluster_cfg: dict) -> None:
-    head = cluster_cfg["available_node_types"][cluster_cfg["head_node_type"]]
+def test_head_runs_no_training_work(any_cluster_cfg: dict) -> None:
+    head = any_cluster_cfg["available_node_types"][any_cluster_cfg["head_node_type"]]
     assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
 
 
-def test_worker_types_declare_their_real_hardware(cluster_cfg: dict) -> None:
-    types = cluster_cfg["available_node_types"]
-    for name, spec in types.items():
-        if name == cluster_cfg["head_node_type"]:
+def is_spot(node_type: dict) -> bool:
+    return node_type["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+
+
+def training_types(cfg: dict) -> dict[str, dict]:
+    return {name: s for name, s in cfg["available_node_types"].items()
+            if s["node_config"]["InstanceType"] in TRAINING_TYPES}
+
+
+def test_worker_types_declare_their_real_hardware(any_cluster_cfg: dict) -> None:
+    cfg = any_cluster_cfg
+    for name, spec in cfg["available_node_types"].items():
+        if name == cfg["head_node_type"]:
             continue
         cpus, gpus = EC2_SPECS[spec["node_config"]["InstanceType"]]
         assert spec["resources"]["CPU"] == cpus and spec["resources"].get("GPU", 0) == gpus, name
-        assert 0 <= spec.get("min_workers", 0) <= spec["max_workers"] <= cluster_cfg["max_workers"]
-    training = [s for s in types.values() if s["node_config"]["InstanceType"] in TRAINING_TYPES]
+        assert 0 <= spec.get("min_workers", 0) <= spec["max_workers"] <= cfg["max_workers"]
+    training = training_types(cfg).values()
     assert training and all(s["resources"]["GPU"] == 8 for s in training)
-    assert not any("InstanceMarketOptions" in s["node_config"] for s in training), "training on spot"
-    spot = [s for s in types.values()
-            if s["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+
+
+def test_on_demand_cluster_trains_on_demand_and_evaluates_on_spot(cluster_cfg: dict) -> None:
+    types = cluster_cfg["available_node_types"]
+    assert not any(is_spot(s) for s in training_types(cluster_cfg).values()), "training on spot"
+    spot = [s for s in types.values() if is_spot(s)]
     assert spot and all(s["resources"].get("GPU", 0) > 0 for s in spot), "no spot GPU eval type"
 
 
@@ -121,16 +144,17 @@ def _check_boto_shape(value: Any, shape: Any, where: str) -> None:
         assert value in shape.enum, f"{where}: {value!r} not one of EC2's values"
 
 
-def test_node_configs_are_valid_run_instances_parameters(cluster_cfg: dict) -> None:
+def test_node_configs_are_valid_run_instances_parameters(any_cluster_cfg: dict) -> None:
     """Ray passes node_config to EC2 RunInstances unchecked; check it against botocore's model."""
     botocore_session = pytest.importorskip("botocore.session")
     shape = (botocore_session.get_session().get_service_model("ec2")
              .operation_model("RunInstances").input_shape)
-    for name, spec in cluster_cfg["available_node_types"].items():
+    for name, spec in any_cluster_cfg["available_node_types"].items():
         _check_boto_shape(spec["node_config"], shape, name)
 
 
-def test_cluster_uses_project_image_and_installs_nothing(cluster_cfg: dict) -> None:
+def test_cluster_uses_project_image_and_installs_nothing(any_cluster_cfg: dict) -> None:
+    cluster_cfg = any_cluster_cfg
     assert image_tag_ok(cluster_cfg["docker"]["image"])
     commands = [c for k in ("setup_commands", "head_setup_commands", "worker_setup_commands")
                 for c in cluster_cfg.get(k, [])]
@@ -210,7 +234,7 @@ def rayjob_specs() -> Iterator[tuple[str, dict]]:
 
 def test_manifests_parse_and_have_identity() -> None:
     files = manifest_files()
-    assert {p.name for p in files} >= {"raycluster.yaml", "rayjob-distill.yaml",
+    assert {p.name for p in files} >= {"raycluster.yaml", "rayjob-distill.yaml", "rayjob-distill-spot.yaml",
                                        "raycronjob-evaluate.yaml", "cronjob-evaluate.yaml"}
     kinds = set()
     for path, obj in all_objects():
@@ -236,7 +260,8 @@ def check_ray_cluster_spec(spec: dict, where: str, service_accounts: set[str]) -
         # `ray start` flags; KubeRay rejects non-string values.
         assert all(isinstance(v, str) for v in group["rayStartParams"].values()), where
     for group in spec.get("workerGroupSpecs", []):
-        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], where
+        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], \
+            f"{where}/{group['groupName']}: minReplicas <= replicas <= maxReplicas does not hold"
     groups = list(pod_templates(spec))
     assert any("nvidia.com/gpu" in str(pod) for _, pod in groups), f"{where}: no GPU group"
     for name, pod in groups:
@@ -446,15 +471,20 @@ def _tolerates_spot(pod: dict) -> bool:
 
 
 def test_training_on_demand_evaluation_on_spot() -> None:
+    """Training on spot only in an elastic RayJob (it goes on when a node is reclaimed)."""
     seen = set()
     for where, obj in ray_objects():
+        elastic = obj["kind"] == "RayJob" and elastic_workers(obj["spec"]["entrypoint"]) is not None
         for group in worker_groups(obj):
             pod, labels = group["template"]["spec"], group["template"]["metadata"]["labels"]
             market = pod.get("nodeSelector", {}).get("karpenter.sh/capacity-type")
             role = labels["wadi/role"]
-            seen.add((where.split(":")[0], role))
+            seen.add((where.split(":")[0], role, market))
             assert labels["wadi/market"] == market, f"{where}/{group['groupName']}"
-            if role == "train":
+            if role == "train" and elastic:
+                assert market == "spot" and _tolerates_spot(pod), f"{where}: elastic training off spot"
+                assert pod["nodeSelector"]["karpenter.k8s.aws/instance-gpu-count"] == "8"
+            elif role == "train":
                 assert market == "on-demand" and not _tolerates_spot(pod), f"{where}: training may land on spot"
                 assert pod["nodeSelector"]["karpenter.k8s.aws/instance-gpu-count"] == "8"
             elif role == "serve":  # a reclaimed spot node would drop the requests in flight
@@ -462,9 +492,10 @@ def test_training_on_demand_evaluation_on_spot() -> None:
             else:
                 assert role == "eval" and market == "spot" and _tolerates_spot(pod), where
                 assert pod["nodeSelector"]["karpenter.k8s.aws/instance-gpu-count"] == "4"
-    assert {("rayjob-distill.yaml", "train"), ("raycluster.yaml", "train"), ("raycluster.yaml", "eval"),
-            ("raycronjob-evaluate.yaml", "eval"), ("cronjob-evaluate.yaml", "eval"),
-            ("rayservice-student.yaml", "serve")} <= seen
+    assert {("rayjob-distill.yaml", "train", "on-demand"), ("rayjob-distill-spot.yaml", "train", "spot"),
+            ("raycluster.yaml", "train", "on-demand"), ("raycluster.yaml", "eval", "spot"),
+            ("raycronjob-evaluate.yaml", "eval", "spot"), ("cronjob-evaluate.yaml", "eval", "spot"),
+            ("rayservice-student.yaml", "serve", "on-demand")} <= seen
 
 
 def _rules(spec: dict) -> dict[tuple, dict[str, int]]:
@@ -569,6 +600,205 @@ def test_distill_world_size_fits_the_training_pods() -> None:
     assert train.num_workers * train.gpus_per_worker <= gpus * group["maxReplicas"]
 
 
+# ---------------------------------------------------------------- elastic training on spot capacity
+
+
+def override_keys(command: str) -> list[str]:
+    """The dotted ``key=value`` overrides of a job command."""
+    return [a.split("=", 1)[0] for a in command.split() if re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+=\S*", a)]
+
+
+def distill_key_exists(key: str) -> bool:
+    """Whether ``key`` (e.g. ``train.min_workers``) names a field of jobs/distill.py's config."""
+    from pipelines.config.job import DistillConfig
+
+    node: Any = DistillConfig()
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def elastic_workers(command: str) -> tuple[int, int] | None:
+    """(train.min_workers, train.num_workers) of an elastic distill command; None for a fixed-size one."""
+    values = dict(re.findall(r"\btrain\.(min_workers|num_workers)=(\d+)", command))
+    if "min_workers" not in values:
+        return None
+    assert "num_workers" in values, f"{command!r}: train.min_workers without train.num_workers"
+    return int(values["min_workers"]), int(values["num_workers"])
+
+
+def recipe_train(command: str) -> Any:
+    """The TrainConfig of the recipe a distill command names, before its overrides."""
+    from pipelines.config.job import load_config
+
+    recipe = re.search(r"--config (\S+)", command).group(1)
+    return load_config(str(ROOT / recipe)).train
+
+
+def check_elastic_fit(command: str, gpus_per_node: int, cpus_per_node: float, max_nodes: int,
+                      min_nodes: int | None, where: str) -> None:
+    """An elastic distill command against the nodes it runs on: whole nodes come and go, so
+    min_workers and num_workers are whole nodes of workers, and the global batch splits evenly at
+    every world size the nodes can give. min_nodes None: the launcher (its min_workers is 0, the job
+    sets the floor)."""
+    m, n = elastic_workers(command) or (0, 0)
+    assert 0 < m < n, f"{where}: train.min_workers={m} must be above 0 and below train.num_workers={n}"
+    train = recipe_train(command)
+    assert train.gpus_per_worker >= 1, f"{where}: elastic spot training needs GPU workers"
+    per_node = int(gpus_per_node // train.gpus_per_worker)
+    assert per_node * train.cpus_per_worker <= cpus_per_node, f"{where}: {per_node} workers' CPUs do not fit a node"
+    assert n == max_nodes * per_node, \
+        f"{where}: train.num_workers={n} is not {max_nodes} nodes x {per_node} workers (the most nodes)"
+    assert m % per_node == 0, f"{where}: train.min_workers={m} is not whole nodes of {per_node} workers"
+    if min_nodes is not None:
+        assert m == min_nodes * per_node, \
+            f"{where}: train.min_workers={m} is not {min_nodes} nodes x {per_node} workers (the fewest nodes)"
+    uneven = [w for w in range(m, n + 1, per_node) if train.global_batch % w]
+    assert not uneven, f"{where}: train.global_batch={train.global_batch} does not split over world size(s) {uneven}"
+
+
+def elastic_rayjobs() -> list[tuple[str, dict]]:
+    return [(where, o) for where, o in ray_objects()
+            if o["kind"] == "RayJob" and elastic_workers(o["spec"]["entrypoint"]) is not None]
+
+
+def check_elastic_rayjob(obj: dict, where: str) -> None:
+    """An elastic RayJob: head on on-demand nodes, one autoscaled spot training group that fits
+    train.min_workers..train.num_workers in whole pods and starts at full size."""
+    spec = obj["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster.get("enableInTreeAutoscaling") is True, f"{where}: no autoscaler brings a reclaimed pod back"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head.get("nodeSelector", {}).get("karpenter.sh/capacity-type") == "on-demand" \
+        and not _tolerates_spot(head), f"{where}: the head (GCS, Train controller) may land on spot"
+    (group,) = [g for g in cluster["workerGroupSpecs"] if g["template"]["metadata"]["labels"]["wadi/role"] == "train"]
+    pod = group["template"]["spec"]
+    assert pod["nodeSelector"]["karpenter.sh/capacity-type"] == "spot" and _tolerates_spot(pod), \
+        f"{where}: the training group is not on spot nodes"
+    assert group["minReplicas"] <= group["replicas"] == group["maxReplicas"], \
+        f"{where}: the training group must start at maxReplicas (full size) and keep minReplicas below it"
+    (container,) = pod["containers"]
+    limits = container["resources"]["limits"]
+    check_elastic_fit(spec["entrypoint"], int(limits["nvidia.com/gpu"]), float(limits["cpu"]),
+                      group["maxReplicas"], group["minReplicas"], where)
+
+
+def test_spot_rayjob_is_elastic_and_fits_its_pods(crd_validators: dict) -> None:
+    jobs = elastic_rayjobs()
+    assert [w for w, _ in jobs] == ["rayjob-distill-spot.yaml:RayJob"]
+    for where, obj in jobs:
+        assert not schema_errors(crd_validators, obj)
+        check_elastic_rayjob(obj, where)
+        assert "train.run_name=" in obj["spec"]["entrypoint"], f"{where}: shares the on-demand run's checkpoints"
+
+
+def _spot_job() -> dict:
+    (job,) = [copy.deepcopy(o) for _, o in elastic_rayjobs()]
+    return job
+
+
+def _train_group(obj: dict) -> dict:
+    return obj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+
+
+def _entrypoint_sub(pattern: str, repl: str):
+    def f(obj: dict) -> None:
+        new = re.sub(pattern, repl, obj["spec"]["entrypoint"])
+        assert new != obj["spec"]["entrypoint"], pattern
+        obj["spec"]["entrypoint"] = new
+    return f
+
+
+_ELASTIC_MUTATIONS = [
+    ("min_workers over num_workers", _entrypoint_sub(r"train\.min_workers=\d+", "train.min_workers=24"),
+     "must be above 0 and below train.num_workers"),
+    ("num_workers beyond the pods", _entrypoint_sub(r"train\.num_workers=\d+", "train.num_workers=24"),
+     r"train.num_workers=24 is not 2 nodes x 8 workers"),
+    ("min_workers not whole pods", _entrypoint_sub(r"train\.min_workers=\d+", "train.min_workers=4"),
+     "not whole nodes of 8 workers"),
+    ("minReplicas over maxReplicas", lambda o: _train_group(o).update(minReplicas=3),
+     "minReplicas below it"),
+    ("maxReplicas over num_workers", lambda o: _train_group(o).update(maxReplicas=3, replicas=3),
+     r"train.num_workers=16 is not 3 nodes x 8 workers"),
+    ("minReplicas under min_workers", lambda o: _train_group(o).update(minReplicas=0),
+     r"train.min_workers=8 is not 0 nodes x 8 workers"),
+    ("head on spot", lambda o: o["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+     .update(nodeSelector={"karpenter.sh/capacity-type": "spot"}), "the head .* may land on spot"),
+    ("training without the spot toleration", lambda o: _train_group(o)["template"]["spec"]["tolerations"].pop(),
+     "not on spot nodes"),
+    ("no autoscaler", lambda o: o["spec"]["rayClusterSpec"].pop("enableInTreeAutoscaling"),
+     "no autoscaler"),
+]
+
+
+@pytest.mark.parametrize("what, mutate, error", _ELASTIC_MUTATIONS, ids=[m[0] for m in _ELASTIC_MUTATIONS])
+def test_wrong_spot_rayjob_fails_the_elastic_check(what: str, mutate: Any, error: str) -> None:
+    job = _spot_job()
+    check_elastic_rayjob(job, "spot")
+    mutate(job)
+    with pytest.raises(AssertionError, match=error):
+        check_elastic_rayjob(job, "spot")
+
+
+def test_spot_rayjob_config_loads() -> None:
+    from pipelines.config.job import load_config
+
+    (job,) = [o for _, o in elastic_rayjobs()]
+    command = job["spec"]["entrypoint"]
+    overrides = [a for a in command.split() if "=" in a and not a.startswith("-")]
+    train = load_config(str(ROOT / re.search(r"--config (\S+)", command).group(1)), overrides).train
+    assert train.elastic and (train.min_workers, train.num_workers) == elastic_workers(command)
+
+
+@pytest.fixture(scope="module")
+def spot_cluster_cfg() -> dict:
+    return yaml.safe_load(CLUSTER_SPOT_YAML.read_text())
+
+
+def test_spot_cluster_is_the_on_demand_one_with_spot_training_nodes(cluster_cfg: dict, spot_cluster_cfg: dict) -> None:
+    """Same head, image, credentials and commands as ray_cluster.yaml (one place to change them is
+    not possible in YAML, so this keeps the copy honest); training types spot, the head not."""
+    differ = {k for k in cluster_cfg.keys() | spot_cluster_cfg.keys() if cluster_cfg.get(k) != spot_cluster_cfg.get(k)}
+    assert differ == {"cluster_name", "max_workers", "available_node_types"}, differ
+    # `ray up` finds a cluster by its name: the same name would update (or `ray down`) the other one.
+    assert spot_cluster_cfg["cluster_name"] != cluster_cfg["cluster_name"]
+    head = spot_cluster_cfg["head_node_type"]
+    assert spot_cluster_cfg["available_node_types"][head] == cluster_cfg["available_node_types"][head]
+    assert not is_spot(spot_cluster_cfg["available_node_types"][head])
+    training = training_types(spot_cluster_cfg)
+    workers = {n for n in spot_cluster_cfg["available_node_types"] if n != head}
+    assert training and set(training) == workers, "the spot cluster is for training only"
+    assert all(is_spot(s) for s in training.values())
+    assert sum(s["max_workers"] for s in training.values()) == spot_cluster_cfg["max_workers"]
+
+
+def test_spot_cluster_command_is_elastic_and_fits_its_nodes(spot_cluster_cfg: dict) -> None:
+    (command,) = launcher_commands(CLUSTER_SPOT_YAML)
+    (spec,) = training_types(spot_cluster_cfg).values()
+    check_elastic_fit(command, spec["resources"]["GPU"], spec["resources"]["CPU"], spec["max_workers"], None,
+                      CLUSTER_SPOT_YAML.name)
+    accelerator = re.search(r"train\.accelerator_type=(\S+)", command).group(1)
+    assert f"accelerator_type:{accelerator}" in spec["resources"]
+
+
+def test_elastic_fit_check_refuses_a_launcher_too_small_for_the_command(spot_cluster_cfg: dict) -> None:
+    (command,) = launcher_commands(CLUSTER_SPOT_YAML)
+    (spec,) = training_types(spot_cluster_cfg).values()
+    with pytest.raises(AssertionError, match=r"train.num_workers=16 is not 1 nodes x 8 workers"):
+        check_elastic_fit(command, spec["resources"]["GPU"], spec["resources"]["CPU"], 1, None, "one node")
+    with pytest.raises(AssertionError, match="workers' CPUs do not fit a node"):
+        check_elastic_fit(command, spec["resources"]["GPU"], 16, spec["max_workers"], None, "few CPUs")
+
+
+def test_override_key_check_knows_the_distill_config() -> None:
+    keys = override_keys("python jobs/distill.py --config recipes/sd15.yaml train.min_workers=8 vsd.student.rank=4")
+    assert keys == ["train.min_workers", "vsd.student.rank"] and all(map(distill_key_exists, keys))
+    for wrong in ("train.min_worker", "train.min_workers.x", "trian.num_workers"):
+        assert not distill_key_exists(wrong), wrong
+
+
 def test_both_scheduled_evaluations_run_the_same_job() -> None:
     (cron,) = [o for _, o in all_objects() if o["kind"] == "RayCronJob"]
     (job,) = [o for p, o in all_objects() if o["kind"] == "RayJob" and p.name == "cronjob-evaluate.yaml"]
@@ -602,9 +832,18 @@ def test_plain_cronjob_has_the_rights_to_create_rayjobs_and_nothing_more() -> No
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def launcher_commands(path: Path) -> list[str]:
+    """The job commands in a cluster launcher config's header comment (its usage lines)."""
+    comments = "\n".join(line.lstrip("#").strip() for line in path.read_text().splitlines()
+                         if line.startswith("#"))
+    return ["python " + m.group(1).strip()
+            for m in re.finditer(r"python (jobs/\S+\.py[^\n]*)", comments.replace("\\\n", " "))]
+
+
 def entrypoint_commands() -> list[tuple[str, str]]:
-    """(where, command) for every job command in the manifests and the cluster doc."""
+    """(where, command) for every job command in the manifests, the launcher configs and the cluster doc."""
     found = [(where, spec["entrypoint"]) for where, spec in rayjob_specs()]
+    found += [(path.name, command) for path in CLUSTER_FILES for command in launcher_commands(path)]
     for line in CLUSTER_DOC.read_text().replace("\\\n", " ").splitlines():
         line = line.split(" #", 1)[0]  # a shell comment after the command is prose
         for m in re.finditer(r"python (jobs/\S+\.py[^`|]*)", line):
@@ -629,6 +868,9 @@ def test_entrypoints_name_jobs_recipes_and_flags_that_exist() -> None:
         for flag in (a for a in args if a.startswith("--")):
             if f'"{flag.split("=")[0]}"' not in source and flag.split("=")[0] not in shared:
                 missing.append(f"{where}: {job} has no option {flag}")
+        if job == "jobs/distill.py":
+            missing += [f"{where}: {job} has no config key {key}" for key in override_keys(command)
+                        if not distill_key_exists(key)]
     doc_recipes = re.findall(r"recipes/[\w.-]+\.yaml", CLUSTER_DOC.read_text())
     for recipe in set(doc_recipes + re.findall(r"recipes/[\w.-]+\.yaml", str(commands))):
         if not (ROOT / recipe).is_file():
@@ -714,7 +956,7 @@ def find_secrets(text: str) -> list[str]:
 
 
 def scanned_files() -> list[Path]:
-    files = [CLUSTER_YAML, CLUSTER_DOC] + [p for p in (ROOT / "infra").rglob("*") if p.is_file()]
+    files = [*CLUSTER_FILES, CLUSTER_DOC] + [p for p in (ROOT / "infra").rglob("*") if p.is_file()]
     # A local .env is git-ignored by design; the vendored CRD schema and its generator name fields
     # such as redisPassword / serviceAccountToken (no values): checked for key patterns only, below.
     return [p for p in files if p.name != ".env" and p.parent != CRD_SCHEMA.parent]
