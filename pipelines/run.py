@@ -130,7 +130,8 @@ def check_lake(cfg: DistillConfig, prompts_uri: str) -> tuple[int | None, list[s
 #: The run's headline params (the MLflow run page lists them); the whole resolved config is the
 #: run's ``config.yaml`` artifact (``--print-config`` of the same job).
 HEADLINE_PARAMS = ("recipe", "teacher", "vsd.loss", "vsd.gen_lr", "vsd.fake_lr", "vsd.mixed_precision", "data.prompts",
-                   "train.global_batch", "train.num_workers", "train.zero_stage", "train.storage_path")
+                   "train.global_batch", "train.num_workers", "train.min_workers", "train.zero_stage",
+                   "train.storage_path")
 
 
 def headline_params(cfg: DistillConfig, num_prompts: int | None) -> dict[str, Any]:
@@ -182,13 +183,19 @@ def _trainer(cfg: DistillConfig, loop_config: dict[str, Any], datasets: dict[str
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     storage_path, storage_fs = run_storage(t.storage_path)
+    # Elastic (train.min_workers): Ray Train V2 restarts the group with the workers that fit after a
+    # loss (at least min_workers) and grows it back on a later resize check; every rank then reads
+    # the whole epoch order and takes its slice of each global batch (PromptStream replicated).
+    workers = (t.min_workers, t.num_workers) if t.elastic else t.num_workers
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources, placement_strategy=placement_strategy,
-                                     accelerator_type=t.accelerator_type or None),
-        dataset_config=exact_split(ingest),  # Ray's default split drops up to n - 1 rows per epoch
+                                     accelerator_type=t.accelerator_type or None,
+                                     elastic_resize_monitor_interval_s=t.resize_check_s),
+        # Ray's default split drops up to n - 1 rows per epoch
+        dataset_config=exact_split(ingest, replicate=t.elastic),
         run_config=RunConfig(
             name=t.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -249,6 +256,10 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
     steps = cfg.total_steps(num_prompts) if num_prompts else (cfg.data.max_steps or "?")
     say(f"[wadi] data: {redact(prompts_uri)} ({num_prompts if num_prompts is not None else 'uncounted'} prompts), "
         f"{num_epochs} epoch(s), {steps} steps of {t.global_batch} prompts")
+    # Ray Train's controller reads it from the driver's environment (propagated to its actors): how
+    # long a worker group may take to start before an elastic run tries the workers that fit.
+    if t.elastic:
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", f"{t.worker_start_timeout_s:g}")
     started_here = init_ray(ray_address, num_cpus=local_cpus())
     # Joined or already running: check the CPUs Ray really has (a remote cluster may autoscale).
     joined_remote = not started_here and resolve_ray_address(ray_address) != "local"
@@ -286,7 +297,8 @@ def _run(cfg: DistillConfig, checked: _Checked, ray_address: str | None,
                 "total_steps": cfg.total_steps(num_prompts) if num_prompts else None, "text_conds": text_conds,
                 "stop_flag": flag,
             }
-            say(f"[wadi] training: {t.num_workers} Ray Train workers, DeepSpeed ZeRO-{t.zero_stage}, checkpoints "
+            workers = f"{t.min_workers}-{t.num_workers} (elastic)" if t.elastic else str(t.num_workers)
+            say(f"[wadi] training: {workers} Ray Train workers, DeepSpeed ZeRO-{t.zero_stage}, checkpoints "
                 f"every {t.checkpoint_every or 'end'} steps in {redact(storage.join(t.storage_path, t.run_name))}")
             try:
                 result = call_in_thread(_trainer(cfg, loop_config, datasets, worker_resources,

@@ -139,6 +139,34 @@ def reset_process_group() -> None:
 
 
 @contextlib.contextmanager
+def deepspeed_rank(rank: int, world: int, port: int) -> Iterator[None]:
+    """In a spawned process: rank ``rank`` of a gloo world of ``world`` on 127.0.0.1:``port`` (one
+    thread, as a Ray Train worker) with ``pipelines.train.engines.init_distributed``; the group is
+    destroyed on exit."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.train.engines import init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_distributed()
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
 def deepspeed_world_of_one() -> Iterator[None]:
     """torch.distributed (gloo, world 1) + ``pipelines.train.engines.init_distributed``; undone on exit."""
     import torch.distributed as dist

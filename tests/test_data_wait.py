@@ -32,7 +32,7 @@ class _Tracker:
 def _fake_trainer(wait_s: float, compute_s: float) -> train.Trainer:
     """A :class:`Trainer` whose data, step and epochs are faked; its loop and ``log_step`` are the real ones."""
     run = train.Trainer.__new__(train.Trainer)
-    run.rank, run.data_wait_share_job = 1, 0.0  # not rank 0: no progress lines
+    run.rank, run.world, run.data_wait_share_job = 1, 2, 0.0  # not rank 0: no progress lines
     run.tracker = _Tracker()
     run.preemption = SimpleNamespace(stop_requested=False, checkpoint_due=lambda *args: False)
     run.checkpointer = SimpleNamespace(seconds=0.0)

@@ -195,7 +195,7 @@ def _save(d: WaDiDistiller, engines: dict, storage: Path, step: int) -> Path:
 
     name = f"checkpoint_{step:08d}"
     out = storage / "run" / name
-    save_training_state(out, engines, torch.Generator().manual_seed(step), TrainState(step=step), 0)
+    save_training_state(out, engines, TrainState(step=step), 0)
     mark_complete(str(storage), "run", name, file_manifest(out))
     return out
 
@@ -220,14 +220,14 @@ def test_checkpoint_round_trip_with_weights_only_loading(sd_dir, ds_world, tmp_p
     vsd_step(d, d.teacher.encode_prompts(PROMPTS), ups["student"], ups["fake"], torch.Generator().manual_seed(0))
     saved = _gathered(engines, stage)
     ckpt = _save(d, engines, tmp_path, 1)
-    assert json.loads((ckpt / "COMPLETE").read_text())["files"]["rng_rank0.safetensors"]["sha256"]
+    assert json.loads((ckpt / "COMPLETE").read_text())["files"]["train_state.json"]["sha256"]
+    assert not list(ckpt.glob("rng_rank*"))  # the VSD draws are keyed by sample: no RNG state to keep
     verify_checkpoint(ckpt)
     fresh = _distiller(sd_dir)  # ZeRO-3 cannot load into an engine that saved: new engines
     fresh_engines = _engines(fresh, stage, precision)
-    gen = torch.Generator()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a verified checkpoint loads without warnings
-        progress = load_training_state(ckpt, fresh_engines, gen, 0)
+        progress = load_training_state(ckpt, fresh_engines, 0)
     assert progress.step == 1 and _same(saved, _gathered(fresh_engines, stage))
 
 
@@ -256,7 +256,7 @@ def test_a_crafted_pickle_in_the_deepspeed_state_is_refused_and_never_run(sd_dir
         with pytest.raises(UnsafeCheckpoint, match="refused to load .*mp_rank_00_model_states.pt.*Nothing in it was executed"):
             verify_checkpoint(ckpt)
         with pytest.raises(UnsafeCheckpoint, match="refused to load"):  # DeepSpeed's own reader is safe too
-            load_training_state(ckpt, _engines(d, 2), torch.Generator(), 0, verify=False)
+            load_training_state(ckpt, _engines(d, 2), 0, verify=False)
         assert not marker.exists()
     # Through DeepSpeed's own API on the engine (its checkpoint engine was replaced at build time).
     torch.save({"module": _Evil(marker)}, target)
@@ -271,34 +271,34 @@ def test_manifest_catches_a_truncated_file_and_a_same_size_byte_flip(sd_dir, ds_
     d = _distiller(sd_dir)
     engines = _engines(d, 2)
     ckpt = _save(d, engines, tmp_path, 1)
-    rng = ckpt / "rng_rank0.safetensors"
-    good = rng.read_bytes()
-    rng.write_bytes(good[:-7])
-    with pytest.raises(CorruptCheckpoint, match="rng_rank0.safetensors has .* bytes, the manifest says"):
-        load_training_state(ckpt, engines, torch.Generator(), 0)
-    rng.write_bytes(good)
+    scalars = ckpt / "train_state.json"
+    good = scalars.read_bytes()
+    scalars.write_bytes(good[:-7])
+    with pytest.raises(CorruptCheckpoint, match="train_state.json has .* bytes, the manifest says"):
+        load_training_state(ckpt, engines, 0)
+    scalars.write_bytes(good)
     states = ckpt / "student" / "state" / "mp_rank_00_model_states.pt"
     data = bytearray(states.read_bytes())
     data[len(data) // 2] ^= 0x40  # one bit, same size
     states.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpoint, match="SHA-256 of student/state/mp_rank_00_model_states.pt differs"):
-        load_training_state(ckpt, engines, torch.Generator(), 0)
+        load_training_state(ckpt, engines, 0)
     states.unlink()
     with pytest.raises(CorruptCheckpoint, match="mp_rank_00_model_states.pt is missing"):
-        load_training_state(ckpt, engines, torch.Generator(), 0)
+        load_training_state(ckpt, engines, 0)
 
 
-def _checkpoint_manager(d: WaDiDistiller, engines: dict, storage: Path):  # noqa: ANN202
+def _checkpoint_manager(d: WaDiDistiller, engines: dict, storage: Path, elastic: bool = False):  # noqa: ANN202
     """The worker's :class:`CheckpointManager` on a world of one, with ``storage/run`` as its run."""
     from types import SimpleNamespace
 
     from pipelines.train.checkpoint import model_fingerprint
     from pipelines.train.checkpoint_manager import CheckpointManager
 
-    cfg = SimpleNamespace(train=SimpleNamespace(storage_path=str(storage), run_name="run", zero_stage=2),
-                          vsd=d.cfg)
+    cfg = SimpleNamespace(train=SimpleNamespace(storage_path=str(storage), run_name="run", zero_stage=2,
+                                                elastic=elastic), vsd=d.cfg)
     fingerprint = model_fingerprint("tiny", d.teacher.denoiser, {r: d.modules(r) for r in ("student", "fake")})
-    return CheckpointManager(cfg, d, engines, torch.Generator(), None, fingerprint, rank=0, world=1, device="cpu")
+    return CheckpointManager(cfg, d, engines, None, fingerprint, rank=0, world=1, device="cpu")
 
 
 def test_the_checkpoint_manager_resumes_from_the_newest_good_checkpoint(sd_dir, ds_world, tmp_path, monkeypatch):
@@ -329,10 +329,10 @@ def test_the_checkpoint_manager_resumes_from_the_newest_good_checkpoint(sd_dir, 
     fresh = TrainState(mlflow_run_id="fresh")
     manager = _checkpoint_manager(d, _engines(d, 2), tmp_path)
     assert manager.resume(fresh).step == 6 and manager.resumed_from == manager.last_saved_step == 6
-    rng = newest / "rng_rank0.safetensors"
-    rng.write_bytes(rng.read_bytes()[:10])  # the truncated upload of the issue
+    shard = newest / "student" / "state" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:10])  # the truncated upload of the issue
     manager = _checkpoint_manager(d, _engines(d, 2), tmp_path)
-    with pytest.warns(UserWarning, match="skipping a checkpoint that failed verification.*rng_rank0"):
+    with pytest.warns(UserWarning, match="skipping a checkpoint that failed verification.*mp_rank_00_model_states"):
         state = manager.resume(fresh)
     assert state.step == 3 and state.fingerprint == manager.fingerprint
     assert (manager.resumed_from, manager.corrupt_skipped, manager.tampered_skipped) == (3, 1, 0)
@@ -346,6 +346,42 @@ def test_the_checkpoint_manager_resumes_from_the_newest_good_checkpoint(sd_dir, 
     empty = _checkpoint_manager(d, _engines(d, 2), tmp_path / "empty")
     assert empty.resume(fresh) is fresh and (empty.resumed_from, empty.corrupt_skipped) == (0, 0)
 
+
+
+def test_an_elastic_runs_checkpoint_holds_full_state_and_no_pickle(sd_dir, ds_world, tmp_path, monkeypatch):
+    """train.min_workers: the CheckpointManager writes the full adapters and Adam moments as
+    safetensors (loadable at any world size, tests/test_portable_state.py), no DeepSpeed .pt file
+    and no RNG file, and resume restores the engines exactly."""
+    ray_train = pytest.importorskip("ray.train")
+    from pipelines.train.checkpoint import TrainState
+    from pipelines.train.engines import DeepSpeedUpdater
+
+    def report(metrics, checkpoint=None, checkpoint_dir_name=None, checkpoint_upload_fn=None):  # noqa: ANN001, ANN202
+        if checkpoint is not None:
+            checkpoint_upload_fn(checkpoint, checkpoint_dir_name)
+
+    monkeypatch.setattr(ray_train, "report", report)
+    monkeypatch.setattr(ray_train, "get_checkpoint", lambda: None)
+    d = _distiller(sd_dir)
+    engines = _engines(d, 2)
+    ups = {r: DeepSpeedUpdater(e) for r, e in engines.items()}
+    vsd_step(d, d.teacher.encode_prompts(PROMPTS), ups["student"], ups["fake"], torch.Generator().manual_seed(0))
+    saver = _checkpoint_manager(d, engines, tmp_path, elastic=True)
+    saver.save(TrainState(step=1, fingerprint=saver.fingerprint), {"step": 1})
+    ckpt = tmp_path / "run" / "checkpoint_00000001"
+    files = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*") if f.is_file())
+    assert "full_state/student.safetensors" in files and "full_state/fake.safetensors" in files
+    assert not [f for f in files if f.endswith(".pt") or "rng" in f], files
+    fresh_d = _distiller(sd_dir)
+    fresh = _engines(fresh_d, 2)
+    manager = _checkpoint_manager(fresh_d, fresh, tmp_path, elastic=True)
+    assert manager.resume(TrainState()).step == 1
+    assert _same(_gathered(engines, 2), _gathered(fresh, 2))
+    for role in ("student", "fake"):  # the Adam moments too
+        a, b = engines[role].optimizer, fresh[role].optimizer
+        sa = [v for st in a.optimizer.state.values() for k, v in sorted(st.items()) if k != "step"]
+        sb = [v for st in b.optimizer.state.values() for k, v in sorted(st.items()) if k != "step"]
+        assert sa and all(torch.equal(x, y) for x, y in zip(sa, sb, strict=True))
 
 # -- MLflow: a failed resume does not un-finish a finished run ----------------------------------
 

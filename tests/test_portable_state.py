@@ -5,22 +5,19 @@ groups, one process per rank."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from conftest import deepspeed_world_of_one
+from conftest import deepspeed_rank, deepspeed_world_of_one, free_port
 from torch import nn
 
 from wadi_core.vsd.config import VSDConfig
 
 from pipelines.config.job import TrainConfig
-from pipelines.train.engines import build_engine, init_distributed
+from pipelines.train.engines import build_engine
 from pipelines.train.portable_state import (
     FORMAT,
     UnportableOptimizer,
@@ -69,12 +66,7 @@ def _train(engine, rank: int, world: int, steps: range) -> None:
 def _rank_main(rank: int, world: int, port: int, zero: int, action: str, workdir: str) -> None:
     """One rank: 'write' trains 3 steps and saves; 'load' loads and saves what it gathers back;
     'load_step' also takes step 3 then and saves again."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    init_distributed()
-    try:
+    with deepspeed_rank(rank, world, port):
         engine = _engine(world, zero)
         work = Path(workdir)
         if action == "write":
@@ -86,18 +78,10 @@ def _rank_main(rank: int, world: int, port: int, zero: int, action: str, workdir
         if action == "load_step":
             _train(engine, rank, world, range(3, 4))
             save_full_state(engine, work / f"load_step_world{world}_zero{zero}.safetensors", rank)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_world(world: int, zero: int, action: str, workdir: Path) -> None:
-    mp.start_processes(_rank_main, args=(world, _free_port(), zero, action, str(workdir)), nprocs=world,
+    mp.start_processes(_rank_main, args=(world, free_port(), zero, action, str(workdir)), nprocs=world,
                        start_method="spawn", join=True)
 
 

@@ -98,7 +98,8 @@ def test_distillation_survives_object_store_faults(proxied_ray, s3_server, tmp_p
         Fault("GET", rf"/lake/{shards[2]}$", "slow", 1, delay_s=3.0),
         Fault("GET", rf"/lake/{shards[3]}$", "503", None),  # keeps failing: skipped and counted
         Fault("PUT", rf"/ray/faults/checkpoint_{EVERY:08d}/", "503", 1, per_path=True),  # each file of the first
-        Fault("PUT", r"/ray/faults/checkpoint_\d+/.*rng_rank", "reset", 2, per_path=True),
+        Fault("PUT", r"/ray/faults/checkpoint_\d+/.*zero_pp_rank_\d+_mp_rank_00_optim_states\.pt$", "reset", 2,
+              per_path=True),  # every rank's ZeRO shard
         Fault("PUT", r"/ray/faults/checkpoint_\d+/train_state\.json$", "slow", 2, delay_s=2.0),
         Fault("PUT", r"/ray/faults/checkpoint_\d+/COMPLETE$", "503", 2),
     ]

@@ -24,6 +24,7 @@ from wadi_core.vsd import VSDConfig
 from pipelines.config.cli import load_job_config
 from pipelines.evaluate.config import MOVED_KEYS, FinalEvaluationConfig
 from pipelines.runtime.cluster import check_accelerator_type
+from pipelines.runtime.shares import rank_slice
 from pipelines.tracking.config import TrackingConfig
 
 __all__ = [
@@ -96,7 +97,15 @@ class TrainConfig:
 
     run_name: str = "wadi-embedded"  # name of the run: its folder under storage_path and its MLflow run name
     global_batch: int = 32  # prompts per optimizer step over all workers
-    num_workers: int = 2  # Ray Train workers (data-parallel ranks)
+    num_workers: int = 2  # Ray Train workers (data-parallel ranks); with min_workers: the most
+    # Elastic training (0: off, a fixed num_workers): go on with as few as min_workers after a node is
+    # lost, grow back to num_workers when nodes return; checkpoints then resume at any world size
+    min_workers: int = 0
+    # Elastic: seconds between Ray Train's checks for room to grow back (ScalingConfig.elastic_resize_monitor_interval_s)
+    resize_check_s: float = 60.0
+    # Elastic: seconds Ray Train waits for a worker group to start before it gives up on that size and
+    # tries the workers that fit (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; Ray's default is 60)
+    worker_start_timeout_s: float = 30.0
     cpus_per_worker: float = 0.5  # fractional on a small CPU node, so Ray Data keeps CPUs to read with
     gpus_per_worker: float = 0.0  # GPUs per train worker (0: CPU)
     # Ray accelerator type of the training GPUs (A100, H100 ...; "" = any): keeps the workers off
@@ -119,12 +128,16 @@ class TrainConfig:
             )
         if self.num_workers < 1:
             raise ConfigError(f"train.num_workers must be >= 1, got {self.num_workers}")
-        if self.global_batch < 1 or self.global_batch % self.num_workers:
+        if self.global_batch < self.num_workers:
+            raise ConfigError(f"train.global_batch={self.global_batch} gives some of the train.num_workers="
+                              f"{self.num_workers} ranks no prompt: use a global batch of at least {self.num_workers}")
+        if not self.elastic and self.global_batch % self.num_workers:  # elastic: uneven shares (rank_slice)
             raise ConfigError(
                 f"train.global_batch={self.global_batch} does not split evenly over "
                 f"train.num_workers={self.num_workers}: pick a global batch that is a multiple of the "
                 f"worker count (e.g. {max(1, self.global_batch // self.num_workers) * self.num_workers})"
             )
+        self._check_elastic()
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ConfigError("train.cpus_per_worker must be > 0 and train.gpus_per_worker >= 0")
         check_accelerator_type(self.accelerator_type, self.gpus_per_worker, "train.accelerator_type",
@@ -141,9 +154,36 @@ class TrainConfig:
             raise ConfigError(f"train.max_nonfinite_in_a_row must be >= 0 (0: never stop), "
                               f"got {self.max_nonfinite_in_a_row}")
 
+    def _check_elastic(self) -> None:
+        """min_workers in range; every rank of the largest world gets at least one prompt."""
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"train.min_workers={self.min_workers} must be between 0 (fixed size) and "
+                              f"train.num_workers={self.num_workers}")
+        if self.resize_check_s <= 0 or self.worker_start_timeout_s <= 0:
+            raise ConfigError("train.resize_check_s and train.worker_start_timeout_s must be > 0 (seconds)")
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the run may change its world size (``min_workers`` below ``num_workers``)."""
+        return 0 < self.min_workers < self.num_workers
+
+    @property
+    def world_sizes(self) -> range:
+        """The world sizes this run may train at."""
+        return range(self.min_workers if self.elastic else self.num_workers, self.num_workers + 1)
+
     @property
     def per_worker_batch(self) -> int:
+        """Prompts per rank at the full world size."""
         return self.global_batch // self.num_workers
+
+    def rank_slice(self, rank: int, world: int) -> tuple[int, int]:
+        """``[start, stop)`` of rank ``rank``'s share of each global batch at world size ``world``: the
+        global batch is the same at every size (an uneven split weights the losses by sample count)."""
+        if world not in self.world_sizes:
+            raise ValueError(f"world size {world} is outside train.min_workers..train.num_workers "
+                             f"({self.world_sizes.start}..{self.num_workers})")
+        return rank_slice(self.global_batch, rank, world)
 
 
 @dataclass(frozen=True)
@@ -188,12 +228,27 @@ class DistillConfig:
                               "parameters across ranks): use zero_stage 2 or vsd.student_ema=0")
         if self.vsd.student_timestep < 1:
             raise ConfigError("vsd.student_timestep must be the last training timestep (e.g. 999)")
+        if self.train.elastic:
+            self._check_elastic()
         n = NUM_TRAIN_TIMESTEPS
         if not self.vsd.t_max < n or not self.vsd.student_timestep < n:
             raise ConfigError(
                 f"vsd.t_max={self.vsd.t_max} and vsd.student_timestep={self.vsd.student_timestep} must be < the "
                 f"teacher's num_train_timesteps ({n}): e.g. vsd.t_max=980, vsd.student_timestep={n - 1}"
             )
+
+    def _check_elastic(self) -> None:
+        """What an elastic run (train.min_workers) cannot carry across a resize."""
+        if self.train.zero_stage == 3 or self.vsd.optimizer != "adamw":
+            raise ConfigError(
+                f"train.min_workers={self.train.min_workers} (elastic) checkpoints the full adapters and AdamW "
+                f"moments, which needs train.zero_stage <= 2 and vsd.optimizer=adamw (got zero_stage "
+                f"{self.train.zero_stage}, optimizer {self.vsd.optimizer}): change those, or set train.min_workers=0")
+        if self.data.text_encoding == "actors":
+            raise ConfigError(
+                f"train.min_workers={self.train.min_workers} (elastic): every rank reads the epoch's whole prompt "
+                "order and takes its slice of each global batch, so with data.text_encoding=actors every prompt "
+                "would be encoded once per rank: use data.text_encoding=trainer, or set train.min_workers=0")
 
     @property
     def export_uri(self) -> str:

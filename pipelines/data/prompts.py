@@ -39,6 +39,8 @@ from wadi_core.prompts import ensure_embedded_lake
 from wadi_core.prompts.shards import BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, parse_prompt_tar
 from wadi_core.storage import is_remote, s3_endpoint
 
+from pipelines.runtime.shares import rank_slice
+
 if TYPE_CHECKING:
     import pyarrow
     import pyarrow.fs
@@ -296,14 +298,20 @@ class PromptStream:
     (collective all-gather of a Python list) are injected: the train loop passes torch.distributed
     ones, tests simulated ranks.
 
+    ``replicated=True`` (elastic training, :func:`exact_split` with ``replicate=True``):
+    ``batch_size`` is the global batch; every rank reads the epoch's whole order and takes its
+    :func:`rank_slice` of each global batch, so the batches and the position (counted in global
+    batches) are the same at any world size; no collective is needed, and the bad rows are counted
+    on rank 0 only.
+
     A batch is a list of captions, or ``pipelines.data.text_encoding.EncodedPrompts`` when the rows
     carry embeddings from the text-encoder actors (``data.text_encoding: actors``)."""
 
     def __init__(self, batch_size: int, rank: int = 0, world: int = 1,
                  all_true: Callable[[bool], bool] = bool,
-                 gather: Callable[[list[Any]], list[list[Any]]] = lambda rows: [rows]):
+                 gather: Callable[[list[Any]], list[list[Any]]] = lambda rows: [rows], replicated: bool = False):
         self.batch_size = batch_size
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.replicated = rank, world, replicated
         self._all_true, self._gather = all_true, gather
         self.bad: Counter[str] = Counter()
         self.remainder = 0  # good prompts of the epoch left over after the last full global batch
@@ -316,7 +324,8 @@ class PromptStream:
             embeds, mask, pooled = block.get("embeds"), block.get("mask"), block.get("pooled")
             for i, (caption, code) in enumerate(zip(block["caption"], codes)):
                 if code:
-                    self.bad[BAD_REASONS[code - 1]] += 1
+                    if not self.replicated or self.rank == 0:  # replicated: every rank sees every bad row
+                        self.bad[BAD_REASONS[code - 1]] += 1
                 elif embeds is None:
                     yield str(caption)
                 else:
@@ -329,6 +338,9 @@ class PromptStream:
         at the same step): both phases are collectives."""
         from pipelines.data.text_encoding import EncodedPrompts  # noqa: PLC0415 -- torch, which Ray Data tasks skip
 
+        if self.replicated:
+            yield from self._global_slices(shard, skip)
+            return
         b, rows, buf = self.batch_size, self.rows(shard), []
         while True:  # phase 1: own rows while every rank has a full batch
             buf.extend(itertools.islice(rows, b - len(buf)))
@@ -349,12 +361,30 @@ class PromptStream:
                 continue
             yield batch if isinstance(batch[0], str) else EncodedPrompts.stack(batch)
 
+    def _global_slices(self, shard: Any, skip: int) -> Iterator[Any]:
+        """``replicated``: this rank's slice of each global batch of the whole epoch's order."""
+        from pipelines.data.text_encoding import EncodedPrompts  # noqa: PLC0415 -- torch, which Ray Data tasks skip
+
+        size, buf = self.batch_size, []
+        start, stop = rank_slice(size, self.rank, self.world)
+        for row in self.rows(shard):
+            buf.append(row)
+            if len(buf) < size:
+                continue
+            batch, buf = buf[start:stop], []
+            if skip > 0:
+                skip -= 1
+                continue
+            yield batch if isinstance(batch[0], str) else EncodedPrompts.stack(batch)
+        self.remainder = len(buf)
+
     def counters(self) -> dict[str, int]:
         return {reason: self.bad[reason] for reason in BAD_REASONS}
 
 
-def exact_split(execution_options: Any) -> Any:
-    """A Ray Train ``DataConfig`` whose split drops no row.
+def exact_split(execution_options: Any, replicate: bool = False) -> Any:
+    """A Ray Train ``DataConfig`` whose split drops no row (``replicate``: no split; every rank
+    reads the whole dataset in the same order, for :class:`PromptStream`'s ``replicated`` mode).
 
     Ray's default ingest splits every dataset with ``streaming_split(n, equal=True)``, which
     truncates up to ``n - 1`` rows per epoch: prompts, and the one row a corrupt shard becomes
@@ -372,6 +402,10 @@ def exact_split(execution_options: Any) -> Any:
                     ds.set_name(name)
                 ds = ds.copy(ds)
                 ds.context.execution_options = copy.deepcopy(execution_options)
+                if replicate:  # elastic: the same order on every rank, whatever the world size
+                    for i in range(world_size):
+                        output[i][name] = ds.iterator()
+                    continue
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
                     output[i][name] = split
             return output

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_ranks_true", "any_rank_true", "sum_over_ranks", "collective_device"]
+__all__ = ["all_ranks_true", "any_rank_true", "sum_over_ranks", "weighted_mean_over_ranks", "collective_device"]
 
 
 def collective_device(device: torch.device | str) -> torch.device:
@@ -41,3 +41,12 @@ def sum_over_ranks(values: list[int], device: torch.device | str) -> list[int]:
     t = torch.tensor(values, dtype=torch.int64, device=collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [int(v) for v in t.tolist()]
+
+
+def weighted_mean_over_ranks(values: list[float], weight: float, device: torch.device | str) -> list[float]:
+    """Element-wise mean of ``values`` over all ranks, each rank weighted by ``weight`` (e.g. its
+    sample count: per-rank mean losses -> the global batch's mean loss). fp64 sums."""
+    t = torch.tensor([*(v * weight for v in values), weight], dtype=torch.float64, device=collective_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    total = float(t[-1])
+    return [float(v) / total for v in t[:-1].tolist()]

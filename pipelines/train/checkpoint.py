@@ -1,10 +1,13 @@
-"""Training-state checkpoints of a Ray Train run: both DeepSpeed engines, TrainState, per-rank RNG.
+"""Training-state checkpoints of a Ray Train run: both DeepSpeed engines and the TrainState.
 
 Layout of one checkpoint directory (merged by Ray from every rank's local copy):
 
     student/  fake/              engine.save_checkpoint(tag="state"): every rank writes its
-                                 ZeRO shard, rank 0 the adapter weights
-    rng_rank<r>.safetensors      torch global RNG + the VSD noise generator of rank r
+                                 ZeRO shard, rank 0 the adapter weights (a fixed-size run)
+    full_state/<role>.safetensors
+                                 instead, in an elastic run (``train.min_workers``): the full fp32
+                                 adapters and Adam moments (pipelines/train/portable_state.py),
+                                 written by rank 0, loadable at any world size
     train_state.json             wadi_core.vsd.TrainState's scalars (rank 0): step, epoch, batches
                                  consumed in that epoch, counters, fingerprint, MLflow run id
     COMPLETE                     written last, by rank 0: JSON manifest, SHA-256 + size of every file
@@ -30,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from wadi_core import storage
 from wadi_core.storage import retry_io  # per file, on top of the AWS SDK's own retries
@@ -41,7 +43,7 @@ from wadi_core.vsd.state import model_fingerprint
 from pipelines.data.prompts import pyarrow_filesystem
 
 __all__ = ["TrainState", "read_train_state", "STATE_FILES", "model_fingerprint", "check_fingerprint",
-           "IncompatibleCheckpoint", "save_training_state", "load_training_state", "TAG", "mark_complete",
+           "IncompatibleCheckpoint", "save_training_state", "FULL_STATE", "load_training_state", "TAG", "mark_complete",
            "latest_complete_checkpoint", "checkpoint_step", "checkpoint_dir_name", "prune_untracked_checkpoints",
            "CheckpointRejected", "CorruptCheckpoint", "UnsafeCheckpoint", "TamperedCheckpoint", "file_manifest", "merge_manifests",
            "verify_checkpoint", "install_safe_loading", "safe_torch_load", "complete_checkpoints",
@@ -284,26 +286,36 @@ def load_first_good_checkpoint(candidates: Iterable[Any], load: Callable[[Path],
     return None, rejected
 
 
-def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
-                        state: TrainState, rank: int) -> None:
-    """Every rank: its engine shards and RNG; rank 0 also the TrainState (scalars only: the engines
-    hold the tensors). Collective (all ranks call)."""
+FULL_STATE = "full_state"  # the world-size-independent engine states (an elastic run's checkpoints)
+
+
+def save_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], state: TrainState, rank: int,
+                        portable: bool = False) -> None:
+    """Every rank: its engine shards (``portable``: rank 0 the full state of each engine, gathered);
+    rank 0 also the TrainState (scalars only: the engines hold the tensors). Collective (all ranks
+    call). No RNG state: the VSD draws are keyed by sample (``wadi_core.vsd.draws``)."""
+    from pipelines.train.portable_state import save_full_state  # noqa: PLC0415 -- DeepSpeed only in the worker
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for role, engine in engines.items():
-        engine.save_checkpoint(str(out / role), tag=TAG, client_state={"step": state.step})
-    save_file({"torch": torch.get_rng_state(), "generator": generator.get_state()},
-              str(out / f"rng_rank{rank}.safetensors"))
+        if portable:
+            save_full_state(engine, out / FULL_STATE / f"{role}.safetensors", rank)
+        else:
+            engine.save_checkpoint(str(out / role), tag=TAG, client_state={"step": state.step})
     if rank == 0:
         TrainState(**state.scalars()).save(out)
 
 
-def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], generator: torch.Generator,
-                        rank: int, fingerprint: Mapping[str, str] | None = None, verify: bool = True) -> TrainState:
-    """Inverse of :func:`save_training_state`; raises if an engine's state is missing,
-    :class:`IncompatibleCheckpoint` if ``fingerprint`` differs from the one saved with it, and
-    :class:`CheckpointRejected` if a file fails :func:`verify_checkpoint` (``verify=False``: the
-    caller has verified it) or the unpickling allow-list."""
+def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any], rank: int,
+                        fingerprint: Mapping[str, str] | None = None, verify: bool = True) -> TrainState:
+    """Inverse of :func:`save_training_state` (either layout, whichever the checkpoint holds); raises
+    if an engine's state is missing, :class:`IncompatibleCheckpoint` if ``fingerprint`` differs from
+    the one saved with it, and :class:`CheckpointRejected` if a file fails :func:`verify_checkpoint`
+    (``verify=False``: the caller has verified it) or the unpickling allow-list. The per-rank RNG
+    files of older checkpoints are not read."""
+    from pipelines.train.portable_state import load_full_state  # noqa: PLC0415 -- DeepSpeed only in the worker
+
     src = Path(directory)
     if verify:
         verify_checkpoint(src)
@@ -311,6 +323,10 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
     if fingerprint is not None:
         check_fingerprint(state.fingerprint, fingerprint, str(src))
     for role, engine in engines.items():
+        full = src / FULL_STATE / f"{role}.safetensors"
+        if full.is_file():
+            load_full_state(engine, full)
+            continue
         if not (src / role / TAG).is_dir():
             raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {state.step})")
         # load_checkpoint on a missing path only warns and returns (None, None): check it too.
@@ -326,13 +342,6 @@ def load_training_state(directory: str | os.PathLike, engines: Mapping[str, Any]
                 f"DeepSpeed said: {str(e)[:300]}") from e
         if path is None:
             raise RuntimeError(f"checkpoint {src} holds no DeepSpeed state for {role!r} (step {state.step})")
-    rng_file = src / f"rng_rank{rank}.safetensors"
-    if rng_file.exists():
-        rng = load_file(str(rng_file))
-        torch.set_rng_state(rng["torch"])
-        generator.set_state(rng["generator"])
-    else:
-        warnings.warn(f"{rng_file.name} missing (world size changed?): rank {rank} keeps a fresh RNG")
     return state
 
 

@@ -35,9 +35,9 @@ class CheckpointManager:
     on every rank, :meth:`save` writes, uploads and reports one (all ranks) and rank 0 marks it complete."""
 
     def __init__(self, cfg: DistillConfig, distiller: WaDiDistiller, engines: Mapping[str, Any],
-                 generator: torch.Generator, ema: AdapterEMA | None, fingerprint: dict[str, str],
+                 ema: AdapterEMA | None, fingerprint: dict[str, str],
                  rank: int, world: int, device: torch.device | str) -> None:
-        self.cfg, self.distiller, self.engines, self.generator, self.ema = cfg, distiller, engines, generator, ema
+        self.cfg, self.distiller, self.engines, self.ema = cfg, distiller, engines, ema
         self.fingerprint, self.rank, self.world, self.device = fingerprint, rank, world, device
         self.resumed_from = 0
         self.last_saved_step = -1
@@ -71,9 +71,8 @@ class CheckpointManager:
         return sorted(found, key=lambda c: checkpoint_step(c.path), reverse=True)
 
     def load(self, directory: str | Path) -> TrainState:
-        """DeepSpeed engines, RNG and TrainState (pipelines.train.checkpoint), then the student EMA."""
-        state = load_training_state(directory, self.engines, self.generator, self.rank, self.fingerprint,
-                                    verify=False)
+        """DeepSpeed engines and TrainState (pipelines.train.checkpoint), then the student EMA."""
+        state = load_training_state(directory, self.engines, self.rank, self.fingerprint, verify=False)
         if self.ema is not None:
             ema_file = Path(directory) / EMA_FILE
             if ema_file.exists():
@@ -97,7 +96,8 @@ class CheckpointManager:
         name = checkpoint_dir_name(step)
         storage_path, run_name = self.cfg.train.storage_path, self.cfg.train.run_name
         with tempfile.TemporaryDirectory(prefix="wadi-ckpt-") as tmp:
-            save_training_state(tmp, self.engines, self.generator, state, self.rank)
+            # An elastic run writes the world-size-independent full state (pipelines/train/portable_state.py).
+            save_training_state(tmp, self.engines, state, self.rank, portable=self.cfg.train.elastic)
             self.save_student_adapter(Path(tmp) / "adapters" / "student.safetensors")
             if self.ema is not None and self.rank == 0:  # the average's own state, for resume
                 save_file(self.ema.state_dict(), str(Path(tmp) / EMA_FILE))

@@ -34,12 +34,18 @@ from pipelines.train.checkpoint import install_safe_loading
 __all__ = ["deepspeed_config", "init_distributed", "build_engine", "DeepSpeedUpdater", "full_params"]
 
 
-def deepspeed_config(train: TrainConfig, vsd: VSDConfig) -> dict[str, Any]:
-    """DeepSpeed JSON config for one role (same for student and fake; lr lives in the optimizer)."""
+def deepspeed_config(train: TrainConfig, vsd: VSDConfig, world: int | None = None) -> dict[str, Any]:
+    """DeepSpeed JSON config for one role (same for student and fake; lr lives in the optimizer) at
+    world size ``world`` (None: ``train.num_workers``): the global batch is the same at every size."""
+    world = world or train.num_workers
+    # DeepSpeed asserts train_batch_size = micro-batch x accumulation x world. It never sees a batch here
+    # (no DeepSpeed data loader): an elastic world that does not divide the global batch splits it
+    # unevenly (pipelines.runtime.shares.rank_slice) and names its largest share.
+    micro = -(-train.global_batch // world)
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": train.per_worker_batch,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": train.global_batch,
+        "train_batch_size": micro * world,
         "gradient_clipping": vsd.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
         # We pass torch's AdamW (or bitsandbytes' 8-bit one): DeepSpeed's CPUAdam/FusedAdam would
@@ -71,9 +77,11 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend="nccl")
 
 
-def build_engine(module: torch.nn.Module, lr: float, train: TrainConfig, vsd: VSDConfig) -> Any:
+def build_engine(module: torch.nn.Module, lr: float, train: TrainConfig, vsd: VSDConfig,
+                 world: int | None = None) -> Any:
     """A DeepSpeed engine over ``module`` (one adapter's parameters) with ``vsd.optimizer`` (torch AdamW
-    or bitsandbytes' AdamW8bit; paper: wd 0) as its client optimizer."""
+    or bitsandbytes' AdamW8bit; paper: wd 0) as its client optimizer, at world size ``world``
+    (None: ``train.num_workers``)."""
     import deepspeed  # noqa: PLC0415 -- DeepSpeed only in the Ray train worker
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -81,7 +89,7 @@ def build_engine(module: torch.nn.Module, lr: float, train: TrainConfig, vsd: VS
         raise ValueError("the adapter module has no trainable parameters: was the adapter added?")
     optimizer = make_optimizer(params, vsd.optimizer, lr, tuple(vsd.adam_betas), vsd.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(train, vsd),
+        model=module, optimizer=optimizer, config=deepspeed_config(train, vsd, world),
         dist_init_required=False,
     )
     install_safe_loading(engine)  # DeepSpeed's own loader would unpickle anything found in storage
@@ -104,8 +112,12 @@ class DeepSpeedUpdater:
 
     INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 16, 2000
 
-    def __init__(self, engine: Any, fp16: bool = False):
+    def __init__(self, engine: Any, fp16: bool = False, loss_weight: float = 1.0):
         self.engine = engine
+        # This rank's share of the global batch over an even share (n_r * world / global batch):
+        # DeepSpeed averages the ranks' gradients, so weighted losses average to the global batch's
+        # mean loss when an elastic world splits it unevenly. 1.0 for an even split.
+        self.loss_weight = loss_weight
         self._loss_finite = torch.ones((), dtype=torch.bool)
         self.loss_scale = self.INIT_SCALE if fp16 else 1.0
         self._fp16 = fp16
@@ -113,6 +125,8 @@ class DeepSpeedUpdater:
 
     def backward(self, loss: torch.Tensor) -> None:
         self._loss_finite = torch.isfinite(loss.detach()).all()
+        if self.loss_weight != 1.0:
+            loss = loss * self.loss_weight
         self.engine.backward(loss * self.loss_scale if self._fp16 else loss)
 
     def _local_grads(self) -> tuple[list[torch.Tensor], bool]:

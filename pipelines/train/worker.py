@@ -26,7 +26,8 @@ from wadi_core.export import export_one_step_pipeline
 from wadi_core.images import save_image_grid
 from wadi_core.models import Teacher, load_teacher
 from wadi_core.prompts.shards import BAD_REASONS
-from wadi_core.vsd import NonFiniteGuard, WaDiDistiller, vsd_step
+from wadi_core.vsd import KeyedDraws, NonFiniteGuard, WaDiDistiller, vsd_step
+from wadi_core.vsd.draws import slice_draws
 from wadi_core.vsd.bookkeeping import StepBookkeeper, ema_applied, every
 from wadi_core.vsd.ema import AdapterEMA
 
@@ -34,7 +35,7 @@ from pipelines.config.job import DistillConfig
 from pipelines.data.prompts import PromptStream
 from pipelines.data.text_encoding import batch_cond, remember_conds
 # Flag / counter all-reduces on the training device (NCCL takes CUDA tensors only).
-from pipelines.runtime.collectives import all_ranks_true, sum_over_ranks
+from pipelines.runtime.collectives import all_ranks_true, sum_over_ranks, weighted_mean_over_ranks
 from pipelines.runtime.stop import StopWatch
 from pipelines.tracking.client import start_run
 from pipelines.train.checkpoint import TrainState, model_fingerprint
@@ -161,7 +162,7 @@ class Trainer:
     rank: int
     world: int
     device: torch.device
-    generator: torch.Generator  # this rank's noise
+    share: tuple[int, int]  # [start, stop) of this rank's share of each global batch (the same global batch at any world)
     sample_prompts: list[str]  # the sample grid's fixed prompts ...
     sample_z: torch.Tensor  # ... and noise
 
@@ -176,8 +177,8 @@ class Trainer:
         self._build_engines()
         self.preemption = PreemptionWatch(StopWatch(loop_config.get("stop_flag")), self.rank, self.world,
                                           self.device)
-        self.checkpointer = CheckpointManager(cfg, self.distiller, self.engines, self.generator, self.ema,
-                                              self.fingerprint, self.rank, self.world, self.device)
+        self.checkpointer = CheckpointManager(cfg, self.distiller, self.engines, self.ema, self.fingerprint,
+                                              self.rank, self.world, self.device)
         self.state = self.checkpointer.resume(
             TrainState(mlflow_run_id=loop_config.get("mlflow_run_id"), fingerprint=self.fingerprint))
         self.bookkeeper = StepBookkeeper(NonFiniteGuard(cfg.train.max_nonfinite_in_a_row,
@@ -192,6 +193,7 @@ class Trainer:
         cfg = self.cfg
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.share = cfg.train.rank_slice(self.rank, self.world)  # an elastic run's world size varies
         init_distributed()
         if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available():
             import ray.train.torch  # noqa: PLC0415 -- Ray only on the cluster path
@@ -214,18 +216,18 @@ class Trainer:
                                              {r: self.distiller.modules(r) for r in ROLES})
 
     def _build_engines(self) -> None:
-        """DeepSpeed engines and updaters per role, the student EMA and this rank's noise generator."""
+        """DeepSpeed engines and updaters per role, and the student EMA."""
         cfg = self.cfg
-        torch.manual_seed(cfg.train.seed + 7919 * self.rank)
         lrs = {"student": cfg.vsd.gen_lr, "fake": cfg.vsd.fake_lr}
-        self.engines = {r: build_engine(self.distiller.modules(r), lrs[r], cfg.train, cfg.vsd) for r in ROLES}
+        self.engines = {r: build_engine(self.distiller.modules(r), lrs[r], cfg.train, cfg.vsd, self.world)
+                        for r in ROLES}
         fp16 = cfg.vsd.mixed_precision == "fp16"  # loss scaling in the updater (the engines are fp32)
-        self.updaters = {r: DeepSpeedUpdater(e, fp16=fp16) for r, e in self.engines.items()}
+        start, stop = self.share  # an uneven share of the global batch weighs its loss by its size
+        weight = (stop - start) * self.world / cfg.train.global_batch
+        self.updaters = {r: DeepSpeedUpdater(e, fp16=fp16, loss_weight=weight) for r, e in self.engines.items()}
         # Under ZeRO <= 2 every rank holds the full (identical) student: each keeps the same average.
         self.ema = (AdapterEMA(self.distiller.parameters("student"), cfg.vsd.student_ema)
                     if cfg.vsd.student_ema else None)
-        # Different noise per rank; restored from the checkpoint on resume.
-        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
 
     def _sample_inputs(self) -> None:
         """Fixed prompts and noise for the sample grids, so grids of different steps compare."""
@@ -331,17 +333,35 @@ class Trainer:
             torch.distributed.all_gather_object(out, rows)
             return out
 
-        return PromptStream(self.cfg.train.per_worker_batch, self.rank, self.world,
-                            all_true=lambda flag: all_ranks_true(flag, self.device), gather=gather)
+        elastic = self.cfg.train.elastic  # replicated: the batch size is the global batch, sliced by rank
+        return PromptStream(self.cfg.train.global_batch if elastic else self.cfg.train.per_worker_batch, self.rank,
+                            self.world,
+                            all_true=lambda flag: all_ranks_true(flag, self.device), gather=gather,
+                            replicated=elastic)
+
+    def draws(self, n: int) -> KeyedDraws:
+        """The step's noise, timesteps and null-prompt coins, keyed by (seed, epoch, global sample
+        index): sample ``i`` of this rank's slice of global batch ``data_position`` draws the same at
+        any world size, and a resumed run draws what it would have drawn (nothing to checkpoint)."""
+        s, t = self.state, self.cfg.train
+        start, stop = self.share
+        if n != stop - start:
+            raise RuntimeError(f"rank {self.rank} got {n} prompts, expected {stop - start} (its share of the global "
+                               f"batch of {t.global_batch} over {self.world} ranks)")
+        return slice_draws(t.seed, s.epoch, s.data_position, t.global_batch, start, stop)
 
     def step(self, batch: Any) -> dict[str, float]:
-        """One VSD step on ``batch``; the bookkeeper advances the TrainState and the student EMA."""
+        """One VSD step on ``batch``; the bookkeeper advances the TrainState and the student EMA.
+        ``loss_gen`` / ``loss_fake`` are the global batch's (all-reduced, weighted by sample count)."""
         s, cfg = self.state, self.cfg
         _maybe_fail(cfg, self.rank, s.step + 1)
         _maybe_pause(cfg, s.step + 1, self.preemption.stop_watch)
         cond = batch_cond(self.teacher, batch)  # here or streamed: pipelines/data/text_encoding.py
         cond = _maybe_nan(cfg, self.rank, s.step + 1, cond)
-        metrics = vsd_step(self.distiller, cond, self.updaters["student"], self.updaters["fake"], self.generator)
+        metrics = vsd_step(self.distiller, cond, self.updaters["student"], self.updaters["fake"],
+                           self.draws(len(cond)))
+        metrics["loss_gen"], metrics["loss_fake"] = weighted_mean_over_ranks(
+            [metrics["loss_gen"], metrics["loss_fake"]], len(cond), self.device)
         # A non-finite step was skipped on every rank (Updater.step): counted, N in a row stop the run.
         self.bookkeeper.after_step(s, metrics, consumed=1, prompts=cfg.train.global_batch)
         return metrics
@@ -374,7 +394,7 @@ class Trainer:
             **{f"distill/{k}": v for k, v in metrics.items()}, "distill/nonfinite_steps": s.nonfinite_steps,
             "perf/step_seconds": step_s, "perf/prompts_per_second": t.global_batch / step_s,
             "perf/data_wait_s": data_wait_s, "perf/data_wait_share": data_wait_s / step_s if step_s > 0 else 0.0,
-            "progress/epoch": s.epoch, "progress/prompts_seen": s.prompts_seen,
+            "progress/epoch": s.epoch, "progress/prompts_seen": s.prompts_seen, "train/world_size": self.world,
             **_nonzero_bad(self.bad_counts(stream)),
         }, step=s.step)
 
@@ -430,7 +450,7 @@ class Trainer:
                   # this job's steps: time waiting for prompts over step time (the summary prints it;
                   # Ray's result keeps the newest checkpoint's report, so each one carries it)
                   "perf/data_wait_share_job": self.data_wait_share_job,
-                  "worker/text_encoder_params": float(self.text_encoder_params)}
+                  "worker/text_encoder_params": float(self.text_encoder_params), "train/world_size": self.world}
         checkpointer.save(s, report)
 
     def export(self) -> str | None:

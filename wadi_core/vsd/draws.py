@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Draws", "GeneratorDraws", "KeyedDraws", "sample_seed"]
+__all__ = ["Draws", "GeneratorDraws", "KeyedDraws", "sample_seed", "slice_draws"]
 
 
 class Draws(Protocol):
@@ -83,3 +83,11 @@ class KeyedDraws:
     def uniform(self, n: int, device: torch.device) -> Tensor:
         self._check(n)
         return torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(device)
+
+
+def slice_draws(seed: int, epoch: int, batch_index: int, global_batch: int, start: int, stop: int) -> KeyedDraws:
+    """The draws of samples ``[start, stop)`` of global batch ``batch_index`` of an epoch (a rank's
+    share): sample ``j`` is global sample ``batch_index * global_batch + j``, so the global batch draws
+    the same whatever the world size that splits it."""
+    first = batch_index * global_batch
+    return KeyedDraws(seed, epoch, range(first + start, first + stop))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from wadi_core.models.teacher import Cond
 from wadi_core.vsd.distiller import WaDiDistiller
+from wadi_core.vsd.draws import Draws, GeneratorDraws
 from wadi_core.vsd.losses import (add_noise, at_least_fp32, dmd2_gradient, fake_score_loss, generator_loss,
                                   guidance_in_interval, vsd_gradient)
 from wadi_core.vsd.optim import make_optimizer
@@ -98,29 +99,26 @@ class TorchUpdater:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
-
-
-def _randint(low: int, high: int, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    return torch.randint(low, high, (n,), generator=generator, device=generator.device).to(device)
-
-
 def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fake_updater: Updater,
-             generator: torch.Generator) -> dict[str, float]:
+             draws: torch.Generator | Draws) -> dict[str, float]:
     """One generator update and ``cfg.fake_steps_per_gen`` fake-score updates (WaDi, arXiv 2603.08258:
-    VSD with a LoRaD student and a LoRaD fake score on one frozen base)."""
+    VSD with a LoRaD student and a LoRaD fake score on one frozen base).
+
+    ``draws``: where the noise, timesteps and null-prompt coins come from (``wadi_core.vsd.draws``): a
+    generator (every draw from it in call order), or ``KeyedDraws`` (per sample, keyed by its global
+    index: the same draws at any world size)."""
+    rng = GeneratorDraws(draws) if isinstance(draws, torch.Generator) else draws
     cfg, dev, n = distiller.cfg, distiller.device, len(cond)
     shape = (n, *distiller.teacher.latent_shape)
     null = distiller.teacher.null_cond(n)
     w_real, w_fake = cfg.effective_guidance
 
     # Generator. x0 keeps the graph to the student adapter (the base is frozen, fake inactive).
-    x0 = distiller.generate(_randn(shape, generator, dev), cond)
+    x0 = distiller.generate(rng.normal(shape, dev), cond)
     # Diffuse the sample to a random t away from both ends, where the scores are informative.
-    t = _randint(cfg.t_min, cfg.t_max + 1, n, generator, dev)
+    t = rng.integers(cfg.t_min, cfg.t_max + 1, n, dev)
     abar_t = distiller.abar(t)
-    x_t = add_noise(x0.detach(), _randn(shape, generator, dev), abar_t)
+    x_t = add_noise(x0.detach(), rng.normal(shape, dev), abar_t)
     w_real, w_fake = (guidance_in_interval(w, t, cfg.guidance_t_max) for w in (w_real, w_fake))
     # Teacher and fake are constants here: no_grad also keeps a DeepSpeed fake engine out of
     # the generator's graph (an engine's hooks would otherwise fire inside it).
@@ -146,11 +144,11 @@ def vsd_step(distiller: WaDiDistiller, cond: Cond, student_updater: Updater, fak
             x0_f = x0.detach()
         else:  # TTUR: extra fake updates on fresh samples of the (just updated) student
             with torch.no_grad():
-                x0_f = distiller.generate(_randn(shape, generator, dev), cond)
-        t_f = _randint(0, distiller.teacher.num_train_timesteps, n, generator, dev)
+                x0_f = distiller.generate(rng.normal(shape, dev), cond)
+        t_f = rng.integers(0, distiller.teacher.num_train_timesteps, n, dev)
         abar_f = distiller.abar(t_f)
-        eps_f = _randn(shape, generator, dev)
-        drop = torch.rand(n, generator=generator, device=generator.device).to(dev) < cfg.null_prob
+        eps_f = rng.normal(shape, dev)
+        drop = rng.uniform(n, dev) < cfg.null_prob
         with distiller.role("fake"):
             e_pred = distiller.eps("fake", add_noise(x0_f, eps_f, abar_f), t_f, cond.where(drop, null))
             loss_f = fake_score_loss(e_pred, eps_f, abar_f)
