@@ -17,6 +17,7 @@ from wadi_core.models.tiny import save_tiny_pipeline
 from wadi_core.vsd import AdapterSpec, VSDConfig, WaDiDistiller, vsd_step
 from wadi_core.local_train import LocalTrainConfig, train_local
 from wadi_core.vsd import NonFiniteGuard, NonFiniteTraining, make_updaters
+from wadi_core.vsd.ema import AdapterEMA
 
 PROMPTS = ["a red circle", "a small blue square on the left"]
 
@@ -288,7 +289,7 @@ def test_manifest_catches_a_truncated_file_and_a_same_size_byte_flip(sd_dir, ds_
         load_training_state(ckpt, engines, 0)
 
 
-def _checkpoint_manager(d: WaDiDistiller, engines: dict, storage: Path, elastic: bool = False):  # noqa: ANN202
+def _checkpoint_manager(d: WaDiDistiller, engines: dict, storage: Path, elastic: bool = False, ema=None):  # noqa: ANN001, ANN202
     """The worker's :class:`CheckpointManager` on a world of one, with ``storage/run`` as its run."""
     from types import SimpleNamespace
 
@@ -298,7 +299,7 @@ def _checkpoint_manager(d: WaDiDistiller, engines: dict, storage: Path, elastic:
     cfg = SimpleNamespace(train=SimpleNamespace(storage_path=str(storage), run_name="run", zero_stage=2,
                                                 elastic=elastic), vsd=d.cfg)
     fingerprint = model_fingerprint("tiny", d.teacher.denoiser, {r: d.modules(r) for r in ("student", "fake")})
-    return CheckpointManager(cfg, d, engines, None, fingerprint, rank=0, world=1, device="cpu")
+    return CheckpointManager(cfg, d, engines, ema, fingerprint, rank=0, world=1, device="cpu")
 
 
 def test_the_checkpoint_manager_resumes_from_the_newest_good_checkpoint(sd_dir, ds_world, tmp_path, monkeypatch):
@@ -365,8 +366,10 @@ def test_an_elastic_runs_checkpoint_holds_full_state_and_no_pickle(sd_dir, ds_wo
     d = _distiller(sd_dir)
     engines = _engines(d, 2)
     ups = {r: DeepSpeedUpdater(e) for r, e in engines.items()}
+    ema = AdapterEMA(d.parameters("student"), 0.9)
     vsd_step(d, d.teacher.encode_prompts(PROMPTS), ups["student"], ups["fake"], torch.Generator().manual_seed(0))
-    saver = _checkpoint_manager(d, engines, tmp_path, elastic=True)
+    ema.update()
+    saver = _checkpoint_manager(d, engines, tmp_path, elastic=True, ema=ema)
     saver.save(TrainState(step=1, fingerprint=saver.fingerprint), {"step": 1})
     ckpt = tmp_path / "run" / "checkpoint_00000001"
     files = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*") if f.is_file())
@@ -374,8 +377,11 @@ def test_an_elastic_runs_checkpoint_holds_full_state_and_no_pickle(sd_dir, ds_wo
     assert not [f for f in files if f.endswith(".pt") or "rng" in f], files
     fresh_d = _distiller(sd_dir)
     fresh = _engines(fresh_d, 2)
-    manager = _checkpoint_manager(fresh_d, fresh, tmp_path, elastic=True)
+    fresh_ema = AdapterEMA(fresh_d.parameters("student"), 0.9)
+    manager = _checkpoint_manager(fresh_d, fresh, tmp_path, elastic=True, ema=fresh_ema)
     assert manager.resume(TrainState()).step == 1
+    saved_ema, loaded_ema = ema.state_dict(), fresh_ema.state_dict()  # the student EMA too
+    assert saved_ema.keys() == loaded_ema.keys() and all(torch.equal(saved_ema[k], loaded_ema[k]) for k in saved_ema)
     assert _same(_gathered(engines, 2), _gathered(fresh, 2))
     for role in ("student", "fake"):  # the Adam moments too
         a, b = engines[role].optimizer, fresh[role].optimizer
