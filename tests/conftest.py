@@ -215,3 +215,63 @@ def actor_rows(teacher_dir: Path, prompts: list[str], dtype: str = "float32", ba
     if bad is not None:
         codes[bad] = 1 + BAD_REASONS.index("empty_caption")
     return TextEncoderActor(str(teacher_dir), dtype)({"caption": np.array(prompts, dtype=object), "bad": codes})
+
+
+class BlockShard:
+    """A stand-in for a worker's Ray Data shard (``iter_batches``): blocks of rows ``caption`` and ``bad``,
+    an empty caption marked bad as ``empty_caption``, as the lake reader marks it."""
+
+    def __init__(self, blocks: list[list[str]]):
+        self.blocks = blocks
+
+    def iter_batches(self, batch_size=None, batch_format="numpy"):  # noqa: ANN001, ANN201
+        import numpy as np
+
+        from wadi_core.prompts.shards import BAD_REASONS
+
+        empty = 1 + BAD_REASONS.index("empty_caption")
+        for block in self.blocks:
+            yield {"caption": np.array(block, dtype=object),
+                   "bad": np.array([empty if c == "" else 0 for c in block], dtype=np.uint8)}
+
+
+#: The custom resource of tests/test_multinode.py and test_elastic_multinode.py: one per worker node, so each
+#: train worker lands on its own node.
+SLOT = "wadi_slot"
+
+
+def slot_node_args() -> dict:
+    """``Cluster.add_node`` arguments of a worker node: one CPU and one ``SLOT``."""
+    return {"num_cpus": 1, "resources": {SLOT: 1}, "object_store_memory": 100 * 2**20}
+
+
+@contextlib.contextmanager
+def slot_cluster(slots: int) -> Iterator:
+    """A ``ray.cluster_utils.Cluster`` on this machine: a 1-CPU head and ``slots`` worker nodes (``c.slot_nodes``),
+    this process connected to it; torn down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                      "object_store_memory": 150 * 2**20})
+    c.slot_nodes = [c.add_node(**slot_node_args()) for _ in range(slots)]
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def s3_caption_lake(s3_server: str, bucket: str, captions: list[str], local: Path, shard_size: int) -> str:
+    """``captions`` as a WebDataset prompt lake at ``s3://bucket/lake`` (the bucket created on the moto server)."""
+    import boto3
+
+    from wadi_core import storage
+    from wadi_core.prompts import write_prompt_shards
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    write_prompt_shards([(f"{i:09d}", c, {}) for i, c in enumerate(captions)], str(local), shard_size=shard_size)
+    storage.upload_dir(local, f"s3://{bucket}/lake")
+    return f"s3://{bucket}/lake"

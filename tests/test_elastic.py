@@ -7,18 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from wadi_core.config import ConfigError
-from wadi_core.prompts.shards import BAD_REASONS
 
 from pipelines.config.job import load_config
 from pipelines.data.prompts import PromptStream
 
-from conftest import free_port
+from conftest import BlockShard, free_port
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a green triangle at the top", "two yellow dots",
            "a purple star in the middle", "an orange ring on the right"]
@@ -57,20 +55,7 @@ def test_elastic_configs_that_cannot_be_kept_are_refused(overrides: dict, messag
 
 # -- one global order, sliced by rank ------------------------------------------------------------------------------------
 
-class _WholeEpoch:
-    """What every rank of an elastic run reads: the epoch's rows in one order (blocks of captions)."""
-
-    def __init__(self, blocks: list[list[str]]):
-        self.blocks = blocks
-
-    def iter_batches(self, batch_size=None, batch_format="numpy"):  # noqa: ANN001, ANN201
-        for block in self.blocks:
-            yield {"caption": np.array(block, dtype=object),
-                   "bad": np.array([1 + BAD_REASONS.index("empty_caption") if c == "" else 0 for c in block],
-                                   dtype=np.uint8)}
-
-
-def _epoch(world: int, global_batch: int, shard: _WholeEpoch, skip: int = 0,
+def _epoch(world: int, global_batch: int, shard: BlockShard, skip: int = 0,
            stop_after: int | None = None) -> tuple[list[list[list[str]]], list[PromptStream]]:
     """Each rank's slices of the global batches (``stop_after``: the ranks stop together after that
     many, as a lost node stops them)."""
@@ -90,7 +75,7 @@ def test_every_prompt_once_per_epoch_across_a_resize() -> None:
     rows = list(captions)
     rows.insert(10, "")
     rows.insert(40, "")
-    shard = _WholeEpoch([rows[i:i + 9] for i in range(0, len(rows), 9)])  # blocks unrelated to batches
+    shard = BlockShard([rows[i:i + 9] for i in range(0, len(rows), 9)])  # blocks unrelated to batches
     before, _ = _epoch(4, 6, shard, stop_after=4)
     after, streams = _epoch(2, 6, shard, skip=4)
     trained = [p for rank in before + after for batch in rank for p in batch]

@@ -12,7 +12,6 @@ the loss is charged, the growth must not be (a second charge would fail the run)
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import defaultdict
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SLOT, s3_caption_lake, slot_cluster, slot_node_args
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-SLOT = "wadi_slot"
 N_PROMPTS, SHARD = 600, 50
 GLOBAL_BATCH, STEPS, EVERY = 6, 16, 4
 HOLD_AT = 11  # training waits before this step until the test has watched the loss and the return
@@ -30,40 +30,19 @@ CONTINUE_WITHIN_S = 120.0  # the issue's bound: training goes on at world 2 with
 TOLERANCE = 1e-4  # of each loss's scale over the run (tests/test_elastic.py: 1.5e-5 for loss_gen over 3 steps)
 
 
-def _node_args() -> dict:
-    return {"num_cpus": 1, "resources": {SLOT: 1}, "object_store_memory": 100 * 2**20}
-
-
 @pytest.fixture(scope="module")
 def cluster(s3_server):  # noqa: ANN001
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                      "object_store_memory": 150 * 2**20})
-    c.slot_nodes = [c.add_node(**_node_args()) for _ in range(3)]
-    ray.init(address=c.address, log_to_driver=False)
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    pytest.importorskip("ray")
+    with slot_cluster(3) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
 def lake(cluster, s3_server, tmp_path_factory):  # noqa: ANN001
-    import boto3
-
-    from wadi_core import storage
-    from wadi_core.prompts import write_prompt_shards
-
-    bucket = "elastic"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     colours, shapes = ("red", "green", "blue", "yellow", "purple", "orange"), ("circle", "square", "triangle")
-    samples = [(f"{i:09d}", f"a {colours[i % 6]} {shapes[i % 3]} number {i}", {}) for i in range(N_PROMPTS)]
-    local = tmp_path_factory.mktemp("lake")
-    write_prompt_shards(samples, str(local), shard_size=SHARD)
-    storage.upload_dir(local, f"s3://{bucket}/lake")
-    return bucket
+    captions = [f"a {colours[i % 6]} {shapes[i % 3]} number {i}" for i in range(N_PROMPTS)]
+    s3_caption_lake(s3_server, "elastic", captions, tmp_path_factory.mktemp("lake"), SHARD)
+    return "elastic"
 
 
 def _fit(bucket: str, tmp: Path, run: str, **extra):  # noqa: ANN003, ANN202
@@ -153,7 +132,7 @@ def test_node_lost_then_returned_trains_on_at_2_and_grows_back_to_3(cluster, lak
         assert thread.is_alive(), box
         time.sleep(0.5)
     # The node returns (Cluster.add_node from the test's main thread: it installs signal handlers).
-    cluster.slot_nodes.append(cluster.add_node(**_node_args()))
+    cluster.slot_nodes.append(cluster.add_node(**slot_node_args()))
     returned_at = time.time()
     at_three = _wait_for_world(tmp_path, "elastic", 3, returned_at, thread, box)
     grew_s = at_three - returned_at

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SLOT, s3_caption_lake, slot_cluster, slot_node_args
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-SLOT = "wadi_slot"  # one per worker node: forces the two workers onto two nodes
 N_PROMPTS, SHARD = 800, 50  # 25 steps of 32 prompts
 STEPS, EVERY = 24, 4
 # The drain test: the reclaim comes at the notice's deadline; training is held before PAUSE_AT
@@ -35,45 +36,24 @@ STEPS, EVERY = 24, 4
 DRAIN_DEADLINE_S, PAUSE_AT = 20.0, 3 * EVERY
 
 
-def _node_args() -> dict:
-    return {"num_cpus": 1, "resources": {SLOT: 1}, "object_store_memory": 100 * 2**20}
-
-
 @pytest.fixture(scope="module")
-def cluster(s3_server, tmp_path_factory):  # noqa: ANN001
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
+def cluster(s3_server):  # noqa: ANN001
+    pytest.importorskip("ray")
     # Ray Train's drain watcher polls the GCS every 5 s by default; faster here (read by the
     # controller, which inherits this process' environment through the raylets started below).
     os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                      "object_store_memory": 150 * 2**20})
-    c.slot_nodes = [c.add_node(**_node_args()) for _ in range(2)]
-    ray.init(address=c.address, log_to_driver=False)
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with slot_cluster(2) as c:
+        yield c
     os.environ.pop("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", None)
 
 
 @pytest.fixture(scope="module")
 def lake(cluster, s3_server, tmp_path_factory):  # noqa: ANN001
-    import boto3
-
-    from wadi_core import storage
-    from wadi_core.prompts import write_prompt_shards
-
-    bucket = "multinode"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     colours, shapes = ("red", "green", "blue", "yellow", "purple", "orange"), ("circle", "square", "triangle")
     where = ("on the left", "on the right", "at the top", "at the bottom")
-    samples = [(f"{i:09d}", f"a {colours[i % 6]} {shapes[i % 3]} {where[i % 4]}", {}) for i in range(N_PROMPTS)]
-    local = tmp_path_factory.mktemp("lake")
-    write_prompt_shards(samples, str(local), shard_size=SHARD)
-    storage.upload_dir(local, f"s3://{bucket}/lake")
-    return bucket
+    captions = [f"a {colours[i % 6]} {shapes[i % 3]} {where[i % 4]}" for i in range(N_PROMPTS)]
+    s3_caption_lake(s3_server, "multinode", captions, tmp_path_factory.mktemp("lake"), SHARD)
+    return "multinode"
 
 
 def _cfg(bucket: str, tmp: Path, run: str, steps: int = STEPS, **extra):  # noqa: ANN003
@@ -308,7 +288,7 @@ def test_node_loss_resumes_on_a_replacement_node(cluster, lake, reference, tmp_p
     cluster.slot_nodes.remove(victim)
     _wait_until_group_gone(fit, box)  # a COMPLETE already past the barrier has landed; none can follow
     complete = _complete(lake).get("node-loss", [])
-    cluster.slot_nodes.append(cluster.add_node(**_node_args()))  # the replacement (autoscaler)
+    cluster.slot_nodes.append(cluster.add_node(**slot_node_args()))  # the replacement (autoscaler)
     result = _join(fit, box)
     resumed = int(result.metrics["resumed_from_step"])
     assert result.metrics["step"] == 12 and resumed == max(complete) and resumed >= EVERY
@@ -362,7 +342,7 @@ def test_drain_notice_checkpoints_before_the_reclaim(cluster, lake, reference, t
     cluster.slot_nodes.remove(victim)
     _wait_until_group_gone(fit, box)
     complete_at_reclaim = _complete(lake).get("preempted", [])
-    cluster.slot_nodes.append(cluster.add_node(**_node_args()))  # the autoscaler's replacement
+    cluster.slot_nodes.append(cluster.add_node(**slot_node_args()))  # the autoscaler's replacement
     release.touch()  # the restarted group trains through PAUSE_AT
     result = _join(fit, box)
 

@@ -15,6 +15,8 @@ import pytest
 
 from wadi_core.config import ConfigError
 
+from conftest import BlockShard
+
 
 # -- every prompt once per epoch (pipelines.data.prompts.PromptStream) ------------------------------------------------
 
@@ -39,20 +41,6 @@ class _World:
 
         return PromptStream(batch, rank, self.n, all_true=lambda f: all(self._exchange(rank, f)),
                             gather=lambda rows: self._exchange(rank, rows))
-
-
-class _Split:
-    """A worker's dataset shard stand-in: blocks of rows ``caption``, ``bad``."""
-
-    def __init__(self, blocks: list[list[str]]):
-        self.blocks = blocks
-
-    def iter_batches(self, batch_size=None, batch_format="numpy"):  # noqa: ANN001, ANN201
-        import numpy as np
-
-        for block in self.blocks:
-            yield {"caption": np.array(block, dtype=object),
-                   "bad": np.array([1 if c == "" else 0 for c in block], dtype=np.uint8)}
 
 
 def _run_world(splits: list, batch: int, skip: int = 0) -> tuple[list[list], list]:  # noqa: ANN001
@@ -82,7 +70,7 @@ def _run_world(splits: list, batch: int, skip: int = 0) -> tuple[list[list], lis
                                          ([25, 0, 13], 4)])
 def test_prompt_stream_reads_every_prompt_once_and_cuts_whole_global_batches(sizes, batch) -> None:  # noqa: ANN001
     ids = iter(range(10_000))
-    splits = [_Split([[f"p{next(ids)}" for _ in range(n)]] if n else []) for n in sizes]
+    splits = [BlockShard([[f"p{next(ids)}" for _ in range(n)]] if n else []) for n in sizes]
     total = sum(sizes)
     out, streams = _run_world(splits, batch)
     world, global_batch = len(sizes), batch * len(sizes)
@@ -102,9 +90,9 @@ def test_prompt_stream_reads_every_prompt_once_and_cuts_whole_global_batches(siz
 
 
 def test_prompt_stream_counts_every_bad_row() -> None:
-    splits = [_Split([["a", "", "b"], [""]]), _Split([["", "c"]])]
+    splits = [BlockShard([["a", "", "b"], [""]]), BlockShard([["", "c"]])]
     _, streams = _run_world(splits, 1)
-    assert sum(s.bad["corrupt_shard"] for s in streams) == 3  # bad code 1 = BAD_REASONS[0]
+    assert sum(s.bad["empty_caption"] for s in streams) == 3
 
 
 @pytest.mark.slow
