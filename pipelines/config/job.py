@@ -137,7 +137,7 @@ class TrainConfig:
                 f"train.num_workers={self.num_workers}: pick a global batch that is a multiple of the "
                 f"worker count (e.g. {max(1, self.global_batch // self.num_workers) * self.num_workers})"
             )
-        self._check_elastic()
+        self._check_world_sizes()
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ConfigError("train.cpus_per_worker must be > 0 and train.gpus_per_worker >= 0")
         check_accelerator_type(self.accelerator_type, self.gpus_per_worker, "train.accelerator_type",
@@ -154,8 +154,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_nonfinite_in_a_row must be >= 0 (0: never stop), "
                               f"got {self.max_nonfinite_in_a_row}")
 
-    def _check_elastic(self) -> None:
-        """min_workers in range; every rank of the largest world gets at least one prompt."""
+    def _check_world_sizes(self) -> None:
+        """min_workers between 0 (a fixed size) and num_workers; the resize timings positive."""
         if not 0 <= self.min_workers <= self.num_workers:
             raise ConfigError(f"train.min_workers={self.min_workers} must be between 0 (fixed size) and "
                               f"train.num_workers={self.num_workers}")
