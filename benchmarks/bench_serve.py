@@ -3,15 +3,21 @@
     # starts the app itself (private local Ray, a free 127.0.0.1 port) from a ServeConfig (jobs/serve.py's keys)
     python benchmarks/bench_serve.py model=runs/ray/wadi-embedded/export teacher=embedded \
         --requests 2000 --concurrency 32 --teacher-requests 200
+    # the 2-core configuration of docs/RESULTS.md: a student replica per core, batches of 16 (the clients per
+    # replica), the teacher on no reserved CPU (it runs after the student phase) with 2 torch threads
+    python benchmarks/bench_serve.py model=runs/ray/wadi-embedded/export replicas.num_replicas=2 \
+        batch.max_batch_size=16 teacher=embedded teacher_replicas.num_cpus=0 teacher_replicas.torch_threads=2
     # against a running `python jobs/serve.py` (loopback only)
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000
 
 Clients send to the student replicas' own ports (Serve's direct ingress, ``--ingress direct``, the default:
 no proxy hop, see docs/SERVING.md) or through Serve's HTTP proxy (``--ingress proxy``).
 Each request is ``POST /generate {"prompt", "seed"}`` -> PNG, prompts from the embedded domain's eval list,
-seed = request index. Reports p50 / p99 latency, images/s over the phase's wall time and errors (any
-non-200, a timeout, a request left unsent at the time limit), for the student then the teacher, the
-student / teacher throughput ratio, and the issue's targets beside the measured values.
+seed = request index. Reports p50 / p90 / p99 latency, images/s over the phase's wall time, errors (any
+non-200, a timeout, a request left unsent at the time limit) and how busy the machine's cores were, for
+the student then the teacher (``--teacher-concurrency`` clients), the student / teacher throughput ratio,
+and the issue's targets beside the measured values; ``--out`` also keeps every request's (sent at,
+latency, batch size).
 """
 
 from __future__ import annotations
@@ -62,11 +68,31 @@ class PhaseResult:
     wall_s: float
     images_per_s: float
     p50_ms: float
+    p90_ms: float
     p99_ms: float
     max_ms: float
     mean_batch: float
     client_cpu_ms: float      # the client's own CPU per request (its event loop thread): is the load generator the limit?
+    machine_busy: float       # share of all cores' time busy during the phase (/proc/stat; NaN elsewhere): idle left?
     first_error: str | None
+    timeline: list[tuple[float, float, int]]  # per answered request: (sent at s, latency ms, batch size)
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores from /proc/stat (steal counts as busy: lost to us), None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+    if before is None or after is None or after[1] == before[1]:
+        return float("nan")
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,11 +111,13 @@ async def run_phase(urls: list[str], model: str, prompts: list[str], requests: i
     endpoints = [url.rstrip("/") + "/generate" + query for url in urls]
     latencies: list[float] = []
     batches: list[int] = []
+    sent_at: list[float] = []
     errors: list[str] = []
     next_index = 0
     start = time.perf_counter()
     deadline = start + max_seconds
     client_cpu_start = time.thread_time()
+    ticks_start = _cpu_ticks()
 
     async def client(session: aiohttp.ClientSession, endpoint: str) -> None:
         nonlocal next_index
@@ -109,18 +137,22 @@ async def run_phase(urls: list[str], model: str, prompts: list[str], requests: i
                 errors.append(f"{type(e).__name__}: {e}")
                 continue
             latencies.append((time.perf_counter() - t0) * 1000)
+            sent_at.append(t0 - start)
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         await asyncio.gather(*(client(session, endpoints[i % len(endpoints)]) for i in range(concurrency)))
     wall = time.perf_counter() - start
     client_cpu_ms = (time.thread_time() - client_cpu_start) * 1000 / max(1, next_index)
+    busy = _busy_share(ticks_start, _cpu_ticks())
     unsent = requests - next_index
     return PhaseResult(model, requests, concurrency, len(latencies), len(errors) + unsent, unsent, round(wall, 2),
                        round(len(latencies) / wall, 1), round(percentile(latencies, 50), 1),
-                       round(percentile(latencies, 99), 1), round(max(latencies, default=float("nan")), 1),
+                       round(percentile(latencies, 90), 1), round(percentile(latencies, 99), 1), round(max(latencies, default=float("nan")), 1),
                        round(sum(batches) / max(1, len(batches)), 2), round(client_cpu_ms, 2),
-                       errors[0] if errors else None)
+                       round(busy, 3),
+                       errors[0] if errors else None,
+                       [(round(t, 4), round(lat, 2), b) for t, lat, b in zip(sent_at, latencies, batches)])
 
 
 def _check_loopback(url: str) -> None:
@@ -163,10 +195,10 @@ def _verdict(ok: bool) -> str:
 def report(student: PhaseResult, teacher: PhaseResult | None) -> str:
     """The results table and the targets beside them."""
     rows = [(f"{'model':<8} {'requests':>8} {'clients':>7} {'ok':>6} {'errors':>6} {'images/s':>9} {'p50 ms':>8} "
-             f"{'p99 ms':>8} {'max ms':>8} {'mean batch':>10} {'client CPU ms/req':>17}")]
+             f"{'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean batch':>10} {'client CPU ms/req':>17} {'cores busy':>10}")]
     for r in [student] + ([teacher] if teacher else []):
         rows.append(f"{r.model:<8} {r.requests:>8} {r.concurrency:>7} {r.ok:>6} {r.errors:>6} {r.images_per_s:>9.1f} "
-                    f"{r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.max_ms:>8.1f} {r.mean_batch:>10.2f} {r.client_cpu_ms:>17.2f}")
+                    f"{r.p50_ms:>8.1f} {r.p90_ms:>8.1f} {r.p99_ms:>8.1f} {r.max_ms:>8.1f} {r.mean_batch:>10.2f} {r.client_cpu_ms:>17.2f} {r.machine_busy:>10.0%}")
         if r.first_error:
             rows.append(f"         first error: {r.first_error}")
     rows += ["", "targets (issue #34: embedded default, 2 cores, 32 clients, 2,000 requests)",
@@ -193,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--teacher-requests", type=int, default=200, help="0: no teacher phase")
+    ap.add_argument("--teacher-concurrency", type=int, default=8,
+                    help="clients of the teacher phase (25 steps: 32 waiting clients would queue for ~15 s each)")
     ap.add_argument("--warmup", type=int, default=64, help="untimed student requests first")
     ap.add_argument("--max-seconds", type=float, default=300.0, help="per phase: requests not sent by then are errors")
     ap.add_argument("--timeout-s", type=float, default=60.0, help="per request")
@@ -201,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                          "proxy: through Serve's HTTP proxy (the app's URL)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1:
-        raise SystemExit("--requests and --concurrency must be >= 1")
+    if args.requests < 1 or args.concurrency < 1 or args.teacher_concurrency < 1:
+        raise SystemExit("--requests, --concurrency and --teacher-concurrency must be >= 1")
     prompts = eval_prompts(500, seed=1, split="train")
     if args.url:
         if args.overrides or args.config:
@@ -230,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                                         args.timeout_s))
         teacher = None
         if args.teacher_requests and health.get("teacher"):
-            asyncio.run(run_phase(urls, "teacher", prompts, min(args.concurrency, args.teacher_requests),
-                                  args.concurrency, args.max_seconds, args.timeout_s))  # warm-up
-            teacher = asyncio.run(run_phase(urls, "teacher", prompts, args.teacher_requests, args.concurrency,
+            asyncio.run(run_phase(urls, "teacher", prompts, min(args.teacher_concurrency, args.teacher_requests),
+                                  args.teacher_concurrency, args.max_seconds, args.timeout_s))  # warm-up
+            teacher = asyncio.run(run_phase(urls, "teacher", prompts, args.teacher_requests, args.teacher_concurrency,
                                             args.max_seconds, args.timeout_s))
         print(report(student, teacher), flush=True)
         if args.out:

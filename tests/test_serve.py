@@ -147,6 +147,8 @@ def test_config_maps_to_serve_deployment_options():
     assert "num_replicas" not in auto
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 32.0}
     assert ServeConfig().teacher_options() is None
+    assert [ReplicaOptions(num_cpus=c, torch_threads=t).cpu_threads for c, t in ((0, 0), (0.5, 0), (3, 0), (0, 2))] \
+        == [1, 1, 3, 2]
 
 
 def test_throughput_optimized_sets_ray_serve_env_for_the_local_ray():
@@ -192,6 +194,7 @@ def test_direct_ingress_urls_find_this_app_only(monkeypatch):
     ({"teacher": "embedded", "teacher_steps": 0}, "teacher_steps must be >= 1"),
     ({"batch.max_batch_size": 0}, "batch.max_batch_size must be >= 1"),
     ({"replicas.min_replicas": 3, "replicas.max_replicas": 2}, "min_replicas <= max_replicas"),
+    ({"replicas.torch_threads": -1}, "torch_threads must be >= 0"),
     ({"replicas.gil_switch_interval_s": 0}, r"gil_switch_interval_s must be in \[1e-6, 0.1\] seconds"),
     ({"limits.max_prompts": 0}, "max_prompts must be >= 1"),
 ])
@@ -244,7 +247,7 @@ def served(student_export):
         student = ModelOptions(str(student_export), batch=BatchOptions(8, 0.3),
                                replicas=ReplicaOptions(num_cpus=0.5, gil_switch_interval_s=0.002))
         teacher = ModelOptions("embedded", steps=2, guidance=3.0, batch=BatchOptions(4, 0.01),
-                               replicas=ReplicaOptions(num_cpus=0.5))
+                               replicas=ReplicaOptions(num_cpus=0.5, torch_threads=2))
         serve.run(build_app(student, teacher, RequestLimits(max_prompts=4)), name="wadi", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -272,6 +275,8 @@ def test_healthz_and_page(served):
     # each replica process runs with its own configured GIL switch interval (the teacher keeps the default)
     assert health["student"]["gil_switch_interval_s"] == pytest.approx(0.002)
     assert health["teacher"]["gil_switch_interval_s"] == pytest.approx(ReplicaOptions().gil_switch_interval_s)
+    # torch's threads: from num_cpus (0.5 -> at least 1) unless torch_threads says otherwise
+    assert (health["student"]["torch_threads"], health["teacher"]["torch_threads"]) == (1, 2)
     page = requests.get(served + "/", timeout=60)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="prompt"' in page.text and "/generate" in page.text
@@ -357,6 +362,32 @@ def test_concurrent_requests_are_batched_and_keep_their_seeds(served):
     assert max(sizes) <= 8, sizes       # never above max_batch_size
     for i, a in enumerate(answers):     # each answer is its own prompt and seed, not a neighbour's
         assert np.abs(_decode(a.content).astype(int) - alone[i].astype(int)).max() <= 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_load_test_phase_counts_what_it_sent(served):
+    """benchmarks/bench_serve.py's phase against the served app: every request answered and timed, the latency
+    order statistics ordered, a timeline row per answer; a dead URL's requests are counted as errors."""
+    import asyncio
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parents[1] / "benchmarks" / "bench_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    r = asyncio.run(bench.run_phase([served], "student", prompts, 12, 4, max_seconds=120, timeout_s=60))
+    assert (r.ok, r.errors, r.unsent, len(r.timeline)) == (12, 0, 0, 12)
+    assert 0 < r.p50_ms <= r.p90_ms <= r.p99_ms <= r.max_ms
+    assert 1 <= r.mean_batch <= 8 and r.images_per_s > 0
+    assert all(0 <= t <= r.wall_s and lat > 0 and 1 <= b <= 8 for t, lat, b in r.timeline)
+    assert sys.platform != "linux" or 0 < r.machine_busy <= 1
+    teacher = asyncio.run(bench.run_phase([served], "teacher", prompts, 2, 2, max_seconds=120, timeout_s=120))
+    assert (teacher.ok, teacher.errors) == (2, 0)
+    dead = asyncio.run(bench.run_phase([f"http://127.0.0.1:{_free_port()}"], "student", prompts, 3, 1,
+                                       max_seconds=30, timeout_s=5))
+    assert (dead.ok, dead.errors, dead.timeline) == (0, 3, []) and "ClientConnectorError" in dead.first_error
 
 
 @pytest.mark.ray

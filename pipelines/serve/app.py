@@ -49,7 +49,7 @@ def _load_sampler(model: ModelOptions, tracking_uri: str | None) -> Any:
 
         mlflow.set_tracking_uri(tracking_uri)
     if not torch.cuda.is_available():  # Ray gives a CPU actor OMP_NUM_THREADS from num_cpus; torch reads it once
-        torch.set_num_threads(max(1, int(model.replicas.num_cpus)))
+        torch.set_num_threads(model.replicas.cpu_threads)
     return Sampler(resolve_model_dir(model.uri), model.steps, model.guidance, model.dtype)
 
 
@@ -80,6 +80,7 @@ class _BatchedModel:
         """What this replica serves, for ``/healthz``."""
         return {"uri": self.options.uri, "steps": self.options.steps, "guidance": self.options.guidance,
                 "device": self.sampler.device, "dtype": str(self.sampler.dtype).removeprefix("torch."),
+                "torch_threads": self.sampler.threads,
                 "gil_switch_interval_s": sys.getswitchinterval()}
 
 

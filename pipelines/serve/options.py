@@ -37,7 +37,8 @@ class ReplicaOptions:
     min_replicas: int = 1                   # fewest replicas when autoscaling (0: scale to zero when idle)
     max_replicas: int = 4                   # most replicas when autoscaling
     target_ongoing_requests: float = 32.0   # per replica: about one full batch in flight
-    num_cpus: float = 1.0                   # ray_actor_options; on CPU also torch's thread count (at least 1)
+    num_cpus: float = 1.0                   # ray_actor_options: the CPUs Ray reserves for each replica
+    torch_threads: int = 0                  # on CPU, torch's threads per replica; 0: num_cpus (at least 1)
     num_gpus: float = 0.0                   # > 0: the replica samples on CUDA (float16 unless dtype says otherwise)
     # sys.setswitchinterval in the replica: how long the sampling thread may keep the GIL while the request
     # threads wait for it (Python's default 5 ms lets a busy sampler starve the intake of the next batch)
@@ -56,6 +57,13 @@ class ReplicaOptions:
                              f"got {self.gil_switch_interval_s}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError(f"num_cpus and num_gpus must be >= 0, got {self.num_cpus}, {self.num_gpus}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0 (0: from num_cpus), got {self.torch_threads}")
+
+    @property
+    def cpu_threads(self) -> int:
+        """torch's intra-op threads in a CPU replica: ``torch_threads``, else ``num_cpus`` (at least 1)."""
+        return self.torch_threads or max(1, int(self.num_cpus))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class Sampler:
         if guidance < 1.0:
             raise ValueError(f"guidance must be >= 1 (1 = no classifier-free guidance), got {guidance}")
         self.device, self.dtype = pick_device_dtype(dtype, device)
+        self.threads = torch.get_num_threads()  # torch's intra-op threads in this process (set by the caller)
         self.steps, self.guidance = steps, guidance
         self.pipe = DiffusionPipeline.from_pretrained(Path(model_dir), torch_dtype=self.dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
