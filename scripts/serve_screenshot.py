@@ -64,7 +64,8 @@ def typist(prompt: str, key_delay_s: float, timeout_s: float, seen: dict):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000/", help="the page (what jobs/serve.py printed)")
-    ap.add_argument("--prompt", default="a large red circle above a small blue square")
+    ap.add_argument("--prompt", default="a large yellow triangle at the top",
+                    help="the embedded domain draws one shape: size, colour, shape, position")
     ap.add_argument("--out", type=Path, default=Path("docs/images/serve/page.png"))
     ap.add_argument("--size", default="1000,720", help="window width,height")
     ap.add_argument("--key-delay-s", type=float, default=0.06, help="pause between keys")
