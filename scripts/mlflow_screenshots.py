@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-id")
     ap.add_argument("--out", default="docs/images/mlflow")
     ap.add_argument("--size", default="1440,1000", help="window width,height")
-    ap.add_argument("--wait-s", type=float, default=8.0, help="seconds each page gets to fetch and draw")
+    ap.add_argument("--wait-s", type=float, default=15.0,
+                    help="seconds each page gets to fetch and draw (8 left a cold UI still loading, 2026-12-07)")
     args = ap.parse_args(argv)
 
     targets = pages(args.tracking_uri, args.experiment, args.run_id)
