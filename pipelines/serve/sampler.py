@@ -50,13 +50,17 @@ class Sampler:
         if guidance < 1.0:
             raise ValueError(f"guidance must be >= 1 (1 = no classifier-free guidance), got {guidance}")
         self.device, self.dtype = pick_device_dtype(dtype, device)
-        self.threads = torch.get_num_threads()  # torch's intra-op threads in this process (set by the caller)
         self.steps, self.guidance = steps, guidance
         self.pipe = DiffusionPipeline.from_pretrained(Path(model_dir), torch_dtype=self.dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         if steps > 1:  # a teacher: DDIM "trailing" ending on x0, the sampler the evaluation uses for it
             self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config, timestep_spacing="trailing",
                                                             set_alpha_to_one=True)
+
+    @property
+    def threads(self) -> int:
+        """torch's intra-op threads in this process (the caller sets them, e.g. from the replica's CPUs)."""
+        return torch.get_num_threads()
 
     @torch.inference_mode()
     def images(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
