@@ -75,7 +75,8 @@ class PhaseResult:
     client_cpu_ms: float      # the client's own CPU per request (its event loop thread): is the load generator the limit?
     machine_busy: float       # share of all cores' time busy during the phase (/proc/stat; NaN elsewhere): idle left?
     first_error: str | None
-    timeline: list[tuple[float, float, int]]  # per answered request: (sent at s, latency ms, batch size)
+    # per answered request: (sent at s, latency ms, batch size, server ms in the handler, its batch's compute ms, replica)
+    timeline: list[tuple[float, float, int, float, float, int]]
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -112,6 +113,7 @@ async def run_phase(urls: list[str], model: str, prompts: list[str], requests: i
     latencies: list[float] = []
     batches: list[int] = []
     sent_at: list[float] = []
+    server: list[tuple[float, float, int]] = []  # per answer: the server's ms in the handler, its batch's compute ms, replica
     errors: list[str] = []
     next_index = 0
     start = time.perf_counter()
@@ -119,7 +121,8 @@ async def run_phase(urls: list[str], model: str, prompts: list[str], requests: i
     client_cpu_start = time.thread_time()
     ticks_start = _cpu_ticks()
 
-    async def client(session: aiohttp.ClientSession, endpoint: str) -> None:
+    async def client(session: aiohttp.ClientSession, replica: int) -> None:
+        endpoint = endpoints[replica]
         nonlocal next_index
         while next_index < requests and time.perf_counter() < deadline:
             i = next_index
@@ -133,6 +136,8 @@ async def run_phase(urls: list[str], model: str, prompts: list[str], requests: i
                         errors.append(f"HTTP {r.status}: {payload[:200]!r}")
                         continue
                     batches.append(int(r.headers.get("x-batch-size", "1")))
+                    server.append((float(r.headers.get("x-latency-ms", "nan")),
+                                   float(r.headers.get("x-compute-ms", "nan")), replica))
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 errors.append(f"{type(e).__name__}: {e}")
                 continue
@@ -141,7 +146,7 @@ async def run_phase(urls: list[str], model: str, prompts: list[str], requests: i
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-        await asyncio.gather(*(client(session, endpoints[i % len(endpoints)]) for i in range(concurrency)))
+        await asyncio.gather(*(client(session, i % len(endpoints)) for i in range(concurrency)))
     wall = time.perf_counter() - start
     client_cpu_ms = (time.thread_time() - client_cpu_start) * 1000 / max(1, next_index)
     busy = _busy_share(ticks_start, _cpu_ticks())
@@ -152,7 +157,7 @@ async def run_phase(urls: list[str], model: str, prompts: list[str], requests: i
                        round(sum(batches) / max(1, len(batches)), 2), round(client_cpu_ms, 2),
                        round(busy, 3),
                        errors[0] if errors else None,
-                       [(round(t, 4), round(lat, 2), b) for t, lat, b in zip(sent_at, latencies, batches)])
+                       [(round(t, 4), round(lat, 2), b, *srv) for t, lat, b, srv in zip(sent_at, latencies, batches, server)])
 
 
 def _check_loopback(url: str) -> None:

@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -151,6 +152,42 @@ def test_config_maps_to_serve_deployment_options():
         == [1, 1, 3, 2]
 
 
+_BATCHES_OF_BIG_TENSORS = """
+import ctypes, resource, sys
+sys.path.insert(0, ".")
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages only, so faults count pages
+import torch
+from pipelines.runtime.memory import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def batch():  # a batch's activations: a block above glibc's largest mmap threshold (32 MiB), freed at its end
+    return float(torch.ones(1 << 24)[-1])  # 64 MiB, every page written
+for _ in range(3):
+    batch()
+faults = []
+for _ in range(21):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    batch()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, sorted(faults)[10])  # the median batch
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_keep_freed_memory_stops_the_page_faults_of_each_batch():
+    """What ``replicas.keep_freed_memory`` does in a replica: batch after batch of a big tensor, glibc by default
+    returns the freed block to the kernel and faults it back in (a fault per 4 KiB page, every batch); kept,
+    the next batch reuses it (the median batch faults no page)."""
+    def faults(mode: str) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", _BATCHES_OF_BIG_TENSORS, mode], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0], float(out[1])
+
+    (_, returned), (kept, reused) = faults("return"), faults("keep")
+    assert kept == "True"
+    assert returned >= 16_000, f"glibc kept the block without being told ({returned} faults a batch): nothing to show"
+    assert reused < 100, (reused, returned)
+
+
 def test_throughput_optimized_sets_ray_serve_env_for_the_local_ray():
     from pipelines.serve.options import ray_serve_env
 
@@ -247,7 +284,7 @@ def served(student_export):
         student = ModelOptions(str(student_export), batch=BatchOptions(8, 0.3),
                                replicas=ReplicaOptions(num_cpus=0.5, gil_switch_interval_s=0.002))
         teacher = ModelOptions("embedded", steps=2, guidance=3.0, batch=BatchOptions(4, 0.01),
-                               replicas=ReplicaOptions(num_cpus=0.5, torch_threads=2))
+                               replicas=ReplicaOptions(num_cpus=0.5, torch_threads=2, keep_freed_memory=False))
         serve.run(build_app(student, teacher, RequestLimits(max_prompts=4)), name="wadi", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -277,6 +314,9 @@ def test_healthz_and_page(served):
     assert health["teacher"]["gil_switch_interval_s"] == pytest.approx(ReplicaOptions().gil_switch_interval_s)
     # torch's threads: from num_cpus (0.5 -> at least 1) unless torch_threads says otherwise
     assert (health["student"]["torch_threads"], health["teacher"]["torch_threads"]) == (1, 2)
+    # glibc keeps freed memory in the student's process (the default), not in the teacher's (turned off)
+    linux_glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert (health["student"]["keeps_freed_memory"], health["teacher"]["keeps_freed_memory"]) == (linux_glibc, False)
     page = requests.get(served + "/", timeout=60)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="prompt"' in page.text and "/generate" in page.text
@@ -381,7 +421,9 @@ def test_load_test_phase_counts_what_it_sent(served):
     assert (r.ok, r.errors, r.unsent, len(r.timeline)) == (12, 0, 0, 12)
     assert 0 < r.p50_ms <= r.p90_ms <= r.p99_ms <= r.max_ms
     assert 1 <= r.mean_batch <= 8 and r.images_per_s > 0
-    assert all(0 <= t <= r.wall_s and lat > 0 and 1 <= b <= 8 for t, lat, b in r.timeline)
+    assert all(0 <= t <= r.wall_s and lat > 0 and 1 <= b <= 8 for t, lat, b, *_ in r.timeline)
+    # the server's side of each answer: its time in the handler and its batch's compute, both inside the latency
+    assert all(0 < compute <= server <= lat and replica == 0 for _, lat, _, server, compute, replica in r.timeline)
     assert sys.platform != "linux" or 0 < r.machine_busy <= 1
     teacher = asyncio.run(bench.run_phase([served], "teacher", prompts, 2, 2, max_seconds=120, timeout_s=120))
     assert (teacher.ok, teacher.errors) == (2, 0)

@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from wadi_core.config import from_dict
 
+from pipelines.runtime.memory import keep_freed_memory
 from pipelines.serve.options import ModelOptions, ServeConfig, deployment_options
 from pipelines.serve.validation import BadRequest, RequestLimits, check_body_size, parse_generate_request, wants_json
 
@@ -58,6 +59,8 @@ class _BatchedModel:
 
     def _setup(self, model: ModelOptions, tracking_uri: str | None) -> None:
         self.options = model
+        # before the model loads: its weights and every batch after them come from a heap that is kept
+        self.keeps_freed_memory = model.replicas.keep_freed_memory and keep_freed_memory()
         self.sampler = _load_sampler(model, tracking_uri)
         # the replica's process is this deployment's alone: the sampler thread hands the GIL back sooner, so the
         # event loop takes in the requests of the next batch while this one is sampled
@@ -81,7 +84,7 @@ class _BatchedModel:
         return {"uri": self.options.uri, "steps": self.options.steps, "guidance": self.options.guidance,
                 "device": self.sampler.device, "dtype": str(self.sampler.dtype).removeprefix("torch."),
                 "torch_threads": self.sampler.threads,
-                "gil_switch_interval_s": sys.getswitchinterval()}
+                "gil_switch_interval_s": sys.getswitchinterval(), "keeps_freed_memory": self.keeps_freed_memory}
 
 
 @serve.deployment(name="teacher")
@@ -151,7 +154,8 @@ class StudentServer(_BatchedModel):
             return _error(500, f"{req.model} failed to generate: {type(e).__name__}: {str(e)[:300]}")
         latency_ms = (time.perf_counter() - start) * 1000
         headers = {"X-Model": req.model, "X-Latency-Ms": f"{latency_ms:.1f}",
-                   "X-Batch-Size": str(max(r["batch_size"] for r in results))}
+                   "X-Batch-Size": str(max(r["batch_size"] for r in results)),
+                   "X-Compute-Ms": f"{max(r['compute_ms'] for r in results):.1f}"}
         if not req.many and not req.base64 and not wants_json(request.headers.get("accept")):
             return Response(results[0]["png"], media_type="image/png", headers={**headers, "X-Seed": str(req.seeds[0])})
         return JSONResponse({
