@@ -208,12 +208,12 @@ def actor_rows(teacher_dir: Path, prompts: list[str], dtype: str = "float32", ba
     arrives marked as an empty caption, so the actor must leave it unencoded."""
     import numpy as np
 
-    from wadi_core.prompts.shards import BAD_REASONS
+    from wadi_core.prompts.shards import bad_code
     from pipelines.data.text_encoding import TextEncoderActor
 
     codes = np.zeros(len(prompts), dtype=np.uint8)
     if bad is not None:
-        codes[bad] = 1 + BAD_REASONS.index("empty_caption")
+        codes[bad] = bad_code("empty_caption")
     return TextEncoderActor(str(teacher_dir), dtype)({"caption": np.array(prompts, dtype=object), "bad": codes})
 
 
@@ -227,9 +227,9 @@ class BlockShard:
     def iter_batches(self, batch_size=None, batch_format="numpy"):  # noqa: ANN001, ANN201
         import numpy as np
 
-        from wadi_core.prompts.shards import BAD_REASONS
+        from wadi_core.prompts.shards import bad_code
 
-        empty = 1 + BAD_REASONS.index("empty_caption")
+        empty = bad_code("empty_caption")
         for block in self.blocks:
             yield {"caption": np.array(block, dtype=object),
                    "bad": np.array([empty if c == "" else 0 for c in block], dtype=np.uint8)}

@@ -5,15 +5,13 @@ pipelines/data/control_lake.py): what a lake holds and drops, the optimizer stat
 from __future__ import annotations
 
 import io
-import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pipelines.data.control_lake import CONTROL_BAD_REASONS, decode_rows, parse_control_tar, write_control_shards
+from wadi_core.prompts.shards import bad_code
 
 
 def _samples(n: int, seed: int = 0):
@@ -59,7 +57,7 @@ def test_control_lake_keeps_good_samples_and_counts_the_rest(tmp_path):
     batch = {"image": np.array([rows[0]["image"], b""], dtype=object),
              "control": np.array([rows[0]["control"], b""], dtype=object),
              "caption": np.array(["broken", ""], dtype=object),
-             "bad": np.array([0, 1 + CONTROL_BAD_REASONS.index("unreadable_shard")])}
+             "bad": np.array([0, bad_code("unreadable_shard", CONTROL_BAD_REASONS)])}
     images, _, captions, dropped = decode_rows(batch)
     assert len(captions) == 0 and dropped["undecodable_image"] == 1 and dropped["unreadable_shard"] == 1
 

@@ -96,7 +96,7 @@ def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_b
     from s3_fault_proxy import FaultProxy
 
     from pipelines.data.prompts import read_shard, pyarrow_filesystem, read_shard_batch
-    from wadi_core.prompts.shards import BAD_REASONS
+    from wadi_core.prompts.shards import bad_code
     from wadi_core import storage
 
     body = os.urandom(3 << 20)  # 12 chunks of the old reader
@@ -113,7 +113,7 @@ def test_an_s3_shard_is_read_in_one_get_and_never_past_the_bound(s3_server, s3_b
                                    max_shard_bytes=1000)
         finally:
             os.environ["AWS_ENDPOINT_URL"] = s3_server
-    assert out.column("bad").to_pylist() == [1 + BAD_REASONS.index("corrupt_shard")]
+    assert out.column("bad").to_pylist() == [bad_code("corrupt_shard")]
 
 
 @pytest.mark.parametrize(("elapsed_s", "said"), [(2.0, "| 2.00 steps/s |"), (800.0, "| 200 s/step |")])

@@ -20,7 +20,7 @@ import pytest
 from wadi_core import storage
 from wadi_core.config import ConfigError
 
-from wadi_core.prompts.shards import BAD_REASONS, BLOCK, parse_prompt_tar, prompt_shard_bytes
+from wadi_core.prompts.shards import BAD_REASONS, BLOCK, bad_code, parse_prompt_tar, prompt_shard_bytes
 
 
 SECRET = "wJalr/XUtnFEMI+K7MDENG"  # looks like an AWS secret key: it contains "/" and "+"
@@ -197,7 +197,7 @@ def test_too_long_reaches_the_bad_rows_and_metrics_names() -> None:
 
     crafted = _member(b"k0.txt", b"ok") + _member(b"k1.txt", b"y" * 100) + bytes(2 * BLOCK)
     table = parse_shard_batch(pa.table({"bytes": pa.array([crafted], pa.binary())}), max_caption_bytes=50)
-    assert table.column("bad").to_pylist() == [0, 1 + BAD_REASONS.index("too_long")]
+    assert table.column("bad").to_pylist() == [0, bad_code("too_long")]
     assert "too_long" in BAD_REASONS  # -> data/bad_too_long
 
 
@@ -682,7 +682,6 @@ def test_local_ray_is_started_while_a_head_runs(ray_tmpdir: Path) -> None:
     is stopped by terminating the ``ray start --block`` process started here (never ``ray stop``,
     which would stop every Ray of this user)."""
     import subprocess
-    import sys
 
     import psutil
     import ray

@@ -445,7 +445,6 @@ def test_crd_schema_rejects_wrong_rayservice(crd_validators: dict, what: str, mu
 
 def test_student_rayservice_app_args_with_a_typo_fail() -> None:
     from pipelines.serve.app import app_builder
-    from wadi_core.config import ConfigError
 
     args = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])["applications"][0]["args"]
     args["batch"]["max_batch_sise"] = args["batch"].pop("max_batch_size")

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.data.prompts import PromptStream, parse_shard_batch
-from wadi_core.prompts.shards import BAD_REASONS, parse_prompt_tar, prompt_shard_bytes
+from wadi_core.prompts.shards import BAD_REASONS, bad_code, bad_reason, parse_prompt_tar, prompt_shard_bytes
 
 CAPTIONS = [f"a {c} {s} on the left" for c in ("red", "blue", "green") for s in ("circle", "square")]
 
@@ -84,6 +84,17 @@ def test_gnu_and_pax_long_names(tmp_path: Path) -> None:
         assert parsed.captions == ["long key caption", "short caption"] and not parsed.error
 
 
+def test_bad_codes_name_each_reason_once() -> None:
+    """The lake table's ``bad`` column: 0 is a good row, each reason its own code from 1, read back to its name."""
+    codes = [bad_code(r) for r in BAD_REASONS]
+    assert codes == list(range(1, len(BAD_REASONS) + 1))
+    assert [bad_reason(c) for c in codes] == list(BAD_REASONS)
+    assert bad_reason(bad_code("undecodable", ("corrupt_shard", "undecodable")), ("corrupt_shard", "undecodable")) \
+        == "undecodable"
+    with pytest.raises(ValueError):
+        bad_code("no_such_reason")
+
+
 def test_bad_records_are_counted_not_raised(tmp_path: Path) -> None:
     samples = _samples(4)
     samples[1] = (samples[1][0], "   ", {})  # empty caption
@@ -128,7 +139,7 @@ def test_parse_shard_batch_marks_bad_rows(tmp_path: Path) -> None:
     good = _shard_bytes(tmp_path, _samples(3))
     table = parse_shard_batch(pa.table({"bytes": pa.array([good, b"garbage" * 100], pa.binary())}))
     assert table.column("caption").to_pylist()[:3] == CAPTIONS[:3]
-    assert table.column("bad").to_pylist() == [0, 0, 0, 1 + BAD_REASONS.index("corrupt_shard")]
+    assert table.column("bad").to_pylist() == [0, 0, 0, bad_code("corrupt_shard")]
 
 
 class _FakeShard:
@@ -148,8 +159,8 @@ class _FakeShard:
 
 def test_prompt_stream_rebatches_skips_and_counts() -> None:
     rows = [(f"p{i}", 0) for i in range(10)]
-    rows.insert(3, ("", 1 + BAD_REASONS.index("empty_caption")))
-    rows.insert(7, ("", 1 + BAD_REASONS.index("corrupt_shard")))
+    rows.insert(3, ("", bad_code("empty_caption")))
+    rows.insert(7, ("", bad_code("corrupt_shard")))
     table = pa.table({"caption": [r[0] for r in rows], "bad": pa.array([r[1] for r in rows], pa.uint8())})
     shard = _FakeShard([table.slice(0, 5), table.slice(5)])
 
@@ -170,7 +181,7 @@ def test_prompt_stream_carries_streamed_embeddings_with_their_captions() -> None
 
     from pipelines.data.text_encoding import EncodedPrompts, to_numpy
 
-    codes = [0, 0, 1 + BAD_REASONS.index("empty_caption"), 0, 0, 0, 0]
+    codes = [0, 0, bad_code("empty_caption"), 0, 0, 0, 0]
     caps = ["p0", "p1", "", "p2", "p3", "p4", "p5"]
     embeds = torch.arange(len(caps) * 2 * 3, dtype=torch.float32).reshape(len(caps), 2, 3).to(torch.bfloat16)
     mask = np.array([[1, i % 2] for i in range(len(caps))], dtype=np.uint8)
@@ -211,6 +222,6 @@ def test_ray_data_reads_local_and_s3_and_skips_a_corrupt_shard(tmp_path: Path, s
             rows = prompt_dataset(uri, seed=0, epoch=0).take_all()
             good = sorted(r["caption"] for r in rows if r["bad"] == 0)
             assert good == sorted(s[1] for s in _samples(25))
-            assert [r["bad"] for r in rows if r["bad"]] == [1 + BAD_REASONS.index("corrupt_shard")]
+            assert [r["bad"] for r in rows if r["bad"]] == [bad_code("corrupt_shard")]
     finally:
         ray.shutdown()

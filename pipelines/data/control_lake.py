@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.data.prompts import cached_filesystem, read_shard, shard_path_dataset
+from wadi_core.prompts.shards import bad_code, bad_reason
 
 if TYPE_CHECKING:
     import pyarrow
@@ -114,11 +115,11 @@ def _table(rows: list[dict[str, Any]], bad: dict[str, int]) -> "pyarrow.Table":
     controls = [r["control"] for r in rows]
     captions = [r["caption"] for r in rows]
     codes = [0] * len(rows)
-    for i, reason in enumerate(CONTROL_BAD_REASONS):
+    for reason in CONTROL_BAD_REASONS:
         images += [b""] * bad.get(reason, 0)
         controls += [b""] * bad.get(reason, 0)
         captions += [""] * bad.get(reason, 0)
-        codes += [i + 1] * bad.get(reason, 0)
+        codes += [bad_code(reason, CONTROL_BAD_REASONS)] * bad.get(reason, 0)
     return pa.table({"image": pa.array(images, pa.binary()), "control": pa.array(controls, pa.binary()),
                      "caption": pa.array(captions, pa.string()), "bad": pa.array(codes, pa.uint8())})
 
@@ -155,7 +156,7 @@ def decode_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, l
     images, controls, captions = [], [], []
     for img, ctl, cap, code in zip(batch["image"], batch["control"], batch["caption"], batch["bad"]):
         if code:
-            bad[CONTROL_BAD_REASONS[int(code) - 1]] += 1
+            bad[bad_reason(code, CONTROL_BAD_REASONS)] += 1
             continue
         try:
             with Image.open(io.BytesIO(img)) as im:

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from wadi_core.prompts import ensure_embedded_lake
-from wadi_core.prompts.shards import BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, parse_prompt_tar
+from wadi_core.prompts.shards import (BAD_REASONS, MAX_CAPTION_BYTES, MAX_SHARD_BYTES, bad_code, bad_reason,
+                                      parse_prompt_tar)
 from wadi_core.storage import is_remote, s3_endpoint
 
 from pipelines.runtime.shares import rank_slice
@@ -189,11 +190,11 @@ def parse_shard_batch(batch: "pyarrow.Table", max_caption_bytes: int = MAX_CAPTI
                                   max_shard_bytes=max_shard_bytes)
         captions.extend(parsed.captions)
         codes.extend([0] * len(parsed.captions))
-        for i, reason in enumerate(BAD_REASONS):
+        for reason in BAD_REASONS:
             k = parsed.bad[reason]
             if k:
                 captions.extend([""] * k)
-                codes.extend([i + 1] * k)
+                codes.extend([bad_code(reason)] * k)
     return pa.table({"caption": pa.array(captions, pa.string()), "bad": pa.array(codes, pa.uint8())})
 
 
@@ -249,7 +250,7 @@ def read_shard_batch(batch: "pyarrow.Table", uri: str, max_caption_bytes: int = 
     out = parse_shard_batch(pa.table({"bytes": pa.array(raws, pa.binary())}), max_caption_bytes, max_shard_bytes)
     if not unreadable:
         return out
-    code = 1 + BAD_REASONS.index("unreadable_shard")
+    code = bad_code("unreadable_shard")
     return pa.concat_tables([out, pa.table({"caption": pa.array([""] * unreadable, pa.string()),
                                             "bad": pa.array([code] * unreadable, pa.uint8())})])
 
@@ -325,7 +326,7 @@ class PromptStream:
             for i, (caption, code) in enumerate(zip(block["caption"], codes)):
                 if code:
                     if not self.replicated or self.rank == 0:  # replicated: every rank sees every bad row
-                        self.bad[BAD_REASONS[code - 1]] += 1
+                        self.bad[bad_reason(code)] += 1
                 elif embeds is None:
                     yield str(caption)
                 else:

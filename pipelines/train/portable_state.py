@@ -156,9 +156,8 @@ def load_full_state(engine: Any, path: str | os.PathLike) -> int:
                     state = opt.state[p]
                     for key, m in moments.items():
                         state[key] = m.to(p.device, torch.float32).clone()
-                    state["step"] = torch.tensor(float(step))
-    if step:  # ZeRO-1/2: one state per flat partition, ZeRO-0 one per parameter: the same step count
+    if step:  # ZeRO-1/2: one state per flat partition, ZeRO-0 one per parameter (just filled): the same step count
         for state in opt.state.values():
-            if "step" in state:
-                state["step"] = (torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step)
+            if "step" in state or "exp_avg" in state:  # an int step stays an int; torch's Adam keeps a tensor
+                state["step"] = step if isinstance(state.get("step"), int) else torch.tensor(float(step))
     return step

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from wadi_core import storage
 
 __all__ = ["write_prompt_shards", "prompt_shard_bytes", "parse_prompt_tar", "ParsedShard", "read_prompt_shards",
-           "read_manifest", "check_sample_key", "shard_manifest", "MANIFEST", "BAD_REASONS", "MAX_CAPTION_BYTES",
+           "read_manifest", "check_sample_key", "shard_manifest", "MANIFEST", "BAD_REASONS", "bad_code", "bad_reason", "MAX_CAPTION_BYTES",
            "MAX_SHARD_BYTES"]
 
 MANIFEST = "manifest.json"
@@ -43,6 +43,18 @@ BLOCK = 512
 #: Reasons a record (or shard) is dropped; these become metric names ``data/bad_<reason>``.
 BAD_REASONS = ("corrupt_shard", "empty_caption", "undecodable", "missing_caption", "too_long",
                "unreadable_shard")  # the last: storage kept failing on every retry (pipelines.data.prompts)
+
+
+def bad_code(reason: str, reasons: Sequence[str] = BAD_REASONS) -> int:
+    """A dropped row's code in a lake table's ``bad`` column: 1 + the reason's index (0 is a good row)."""
+    return 1 + reasons.index(reason)
+
+
+def bad_reason(code: int, reasons: Sequence[str] = BAD_REASONS) -> str:
+    """The reason behind a nonzero ``bad`` code (``bad_code``'s inverse)."""
+    return reasons[int(code) - 1]
+
+
 #: Defaults of the recipe keys ``data.max_caption_bytes`` and ``data.max_shard_bytes``.
 MAX_CAPTION_BYTES = 16 * 1024
 MAX_SHARD_BYTES = 1 << 30
