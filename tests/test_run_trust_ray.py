@@ -97,12 +97,15 @@ def test_stops_full_storage_and_a_second_job_on_one_run(tmp_path: Path, small_di
             raise AssertionError(f"{name} did not exit: {log(name)[-3000:]}") from None
 
     # A: paused before step 3; a second job on the same run is refused while A holds it.
-    a = start("A", "debug.pause_at_step=3", f"debug.pause_until={tmp_path / 'never'}")
+    held_a = tmp_path / "never-a"  # never created: A waits before step 3 until stopped
+    a = start("A", "debug.pause_at_step=3", f"debug.pause_until={held_a}")
     _wait("checkpoint 2 of A", lambda: complete(2), a)
     b = subprocess.run([sys.executable, "-m", "jobs.distill", *base], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert b.returncode == 2, b.stderr[-2000:]
     assert f"is held by another job (host {os.uname().nodename}, pid {a.pid}" in b.stderr
+    # signalled while held before step 3 (not in the gap between checkpoint 2 and its stop check)
+    _wait("A held before step 3", lambda: Path(f"{held_a}.waiting").exists(), a)
     t0 = time.monotonic()
     a.send_signal(signal.SIGINT)
     assert finish(a, "A", 120) == 130, log("A")[-3000:]
@@ -134,8 +137,10 @@ def test_stops_full_storage_and_a_second_job_on_one_run(tmp_path: Path, small_di
 
     # D: space again; resumes from 4 (nothing deleted by hand); SIGTERM before step 7.
     filler.unlink()
-    d = start("D", "debug.pause_at_step=7", f"debug.pause_until={tmp_path / 'never'}")
+    held_d = tmp_path / "never-d"
+    d = start("D", "debug.pause_at_step=7", f"debug.pause_until={held_d}")
     _wait("checkpoint 6 of D", lambda: complete(6), d)
+    _wait("D held before step 7", lambda: Path(f"{held_d}.waiting").exists(), d)
     d.send_signal(signal.SIGTERM)
     assert finish(d, "D", 120) == 143, log("D")[-3000:]
     assert complete(7)

@@ -191,7 +191,7 @@ class DebugConfig:
     """Fault injection for tests: rank ``fail_rank`` exits at ``fail_at_step`` once (marker file);
     rank ``nan_rank`` (-1: every rank) gets NaN text embeddings at step ``nan_at_step`` (0: never);
     every rank waits before step ``pause_at_step`` until the file ``pause_until`` exists (a test
-    acts on a run at a known step, then lets it go on)."""
+    acts on a run at a known step, then lets it go on; ``<pause_until>.waiting`` says a rank is there)."""
 
     fail_rank: int = -1  # rank that exits once at fail_at_step (-1: none)
     fail_at_step: int = 0  # step at which fail_rank exits (0: never)

@@ -82,10 +82,12 @@ def _nonzero_bad(counts: dict[str, int]) -> dict[str, int]:
 
 def _maybe_pause(cfg: DistillConfig, next_step: int, stop_watch: Any) -> None:
     """Test hook: before ``debug.pause_at_step`` wait until ``debug.pause_until`` exists (or a stop
-    is requested)."""
+    is requested); ``<pause_until>.waiting`` appears once a rank waits there, so a test can act on a run held
+    at that step (every rank then has taken the step before, its stop check included)."""
     d = cfg.debug
     if d.pause_at_step != next_step or not d.pause_until:
         return
+    Path(f"{d.pause_until}.waiting").touch()
     deadline = time.monotonic() + 600
     while not Path(d.pause_until).exists() and not stop_watch.requested() and time.monotonic() < deadline:
         time.sleep(0.1)
