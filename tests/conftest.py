@@ -142,7 +142,8 @@ def reset_process_group() -> None:
 def deepspeed_rank(rank: int, world: int, port: int) -> Iterator[None]:
     """In a spawned process: rank ``rank`` of a gloo world of ``world`` on 127.0.0.1:``port`` (one
     thread, as a Ray Train worker) with ``pipelines.train.engines.init_distributed``; the group is
-    destroyed on exit."""
+    destroyed on exit, after every rank is done (rank 0 holds the rendezvous store: tearing the group down
+    while the others still talk to it once aborted rank 0 with "terminate called without an active exception")."""
     import torch
     import torch.distributed as dist
 
@@ -155,6 +156,7 @@ def deepspeed_rank(rank: int, world: int, port: int) -> Iterator[None]:
     init_distributed()
     try:
         yield
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
