@@ -3,6 +3,7 @@ which never load the text encoder (PixArt's T5-XXL). Tiny PixArt teacher with a 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,25 @@ def test_actor_rows_equal_the_teachers_own_encoding(pixart_teacher: Path) -> Non
     assert rows16["embeds"].dtype == np.uint16
     back = EncodedPrompts(PROMPTS, rows16["embeds"], rows16["mask"]).cond("cpu", torch.bfloat16)
     assert torch.equal(back.embeds, load_prompt_encoder(pixart_teacher, torch.bfloat16)(PROMPTS).embeds)
+
+
+def test_bf16_encoder_on_a_cpu_that_emulates_it_warns(pixart_teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.data.text_encoding import TextEncoderActor, cpu_has_native_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else None
+    if flags is not None:  # the probe agrees with what the kernel reports
+        assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    for native in (False, True):
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            monkeypatch.setattr(torch.cpu, probe, lambda native=native: native, raising=False)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            TextEncoderActor(str(pixart_teacher), "bfloat16")
+            TextEncoderActor(str(pixart_teacher), "float32")
+        slow = [w for w in seen if "encoder_dtype=bfloat16" in str(w.message)]
+        assert len(slow) == (0 if native else 1), [str(w.message) for w in seen]
+        if slow:
+            assert "use data.encoder_dtype=float32" in str(slow[0].message)
 
 
 def test_a_teacher_without_text_encoder_answers_only_remembered_prompts(pixart_teacher: Path) -> None:

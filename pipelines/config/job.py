@@ -59,7 +59,7 @@ class DataConfig:
     encoder_actors: int = 1  # text-encoder actors (actors mode)
     encoder_cpus_per_actor: float = 1.0  # CPUs of one text-encoder actor (actors mode)
     encoder_gpus_per_actor: float = 0.0  # fractional is fine: e.g. 0.5 = two actors per GPU
-    encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and streamed embeddings
+    encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and streamed embeddings (bf16 on CPU: AVX512-BF16 / AMX only)
     encoder_batch_size: int = 64  # captions per encoder call
     read_tasks: int = 0  # Ray Data read parallelism (0 = one task per shard)
     max_caption_bytes: int = 16 * 1024  # longer captions are dropped and counted (data/bad_too_long)

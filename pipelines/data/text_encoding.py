@@ -17,6 +17,7 @@ floats per prompt through the object store is not worth it there).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,13 @@ __all__ = ["EncodedPrompts", "TextEncoderActor", "encode_stage", "precompute_con
            "batch_cond", "to_numpy", "to_tensor"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch converts each
+    bf16 operand to fp32 and back, which is slower than fp32 itself."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -86,6 +94,10 @@ class TextEncoderActor:
 
     def __init__(self, teacher: str, dtype: str = "float32", use_gpu: bool = False, clip_mask: bool = False):
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if device == "cpu" and dtype == "bfloat16" and not cpu_has_native_bf16():
+            warnings.warn("data.encoder_dtype=bfloat16 on a CPU without AVX512-BF16 or AMX: torch emulates bf16 "
+                          "there, slower than float32; use data.encoder_dtype=float32 on this CPU, or give the "
+                          "encoder actors GPUs (data.encoder_gpus_per_actor)", stacklevel=2)
         self.encoder = load_prompt_encoder(teacher, DTYPES[dtype], device)
         self.clip_mask = clip_mask
         self.empty = self.encoder([""])  # shape and mask layout for batches without a good row
