@@ -78,7 +78,10 @@ def test_generator_is_batch_independent_and_cfg_matters(tiny_pipeline):
     batch = gen.generate(prompts, keys)
     assert batch.shape == (3, 32, 32, 3) and batch.dtype == np.uint8
     singles = np.concatenate([gen.generate([p], [k]) for p, k in zip(prompts, keys)])
-    np.testing.assert_array_equal(batch, singles)
+    # the noise is per key: batching changes only float rounding in batched matmuls (CPUs whose GEMM
+    # blocks by batch size: at most one grey level, in a few pixels); a mixed-up key changes every image
+    diff = np.abs(batch.astype(int) - singles.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     no_cfg = ImageGenerator(ModelSpec(uri=tiny_pipeline, steps=2, guidance=1.0), seed=0).generate(prompts, keys)
     assert not np.array_equal(batch, no_cfg)
     other_seed = ImageGenerator(ModelSpec(uri=tiny_pipeline, steps=2, guidance=3.0), seed=1).generate(prompts, keys)

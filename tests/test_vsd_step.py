@@ -110,19 +110,23 @@ def test_guided_eps_takes_one_scale_per_sample(sd_dir):
 
 
 def test_guidance_interval_switches_cfg_off_above_guidance_t_max(sd_dir):
-    def student_after_one_step(**kw) -> torch.Tensor:
+    def student_update(**kw) -> torch.Tensor:
         d = _distiller(sd_dir, **kw)
         _randomise(d, "fake")
+        before = torch.cat([p.detach().flatten().clone() for p in d.parameters("student")])
         u = make_updaters(d)
         vsd_step(d, d.teacher.encode_prompts(PROMPTS), u["student"], u["fake"], torch.Generator().manual_seed(0))
-        return torch.cat([p.detach().flatten() for p in d.parameters("student")])
+        return torch.cat([p.detach().flatten() for p in d.parameters("student")]) - before
 
-    no_cfg = student_after_one_step(guidance_real=1.0, guidance_fake=1.0)
+    no_cfg = student_update(guidance_real=1.0, guidance_fake=1.0)
     # every generator timestep (t >= t_min = 20) lies above the interval: no guidance anywhere
-    outside = student_after_one_step(guidance_real=3.0, guidance_fake=2.0, guidance_t_max=10)
-    everywhere = student_after_one_step(guidance_real=3.0, guidance_fake=2.0)
-    torch.testing.assert_close(outside, no_cfg, rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(everywhere, no_cfg, rtol=1e-3, atol=1e-5)
+    outside = student_update(guidance_real=3.0, guidance_fake=2.0, guidance_t_max=10)
+    everywhere = student_update(guidance_real=3.0, guidance_fake=2.0)
+    # Measured against the update itself: Adam's first step is ~lr * sign(grad), so the rounding of
+    # another batch layout flips the few near-zero gradients (4e-4 of the update on an AVX-512 CPU);
+    # guidance changes the update by about its own size (1.4x).
+    assert (outside - no_cfg).norm() < 1e-2 * no_cfg.norm()
+    assert (everywhere - no_cfg).norm() > 0.3 * no_cfg.norm()
 
 
 def test_short_run_lowers_the_fake_loss_and_moves_the_student(sd_dir):
