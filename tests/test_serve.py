@@ -188,11 +188,16 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_batch():
     assert reused < 100, (reused, returned)
 
 
-def test_throughput_optimized_sets_ray_serve_env_for_the_local_ray():
+def test_throughput_optimized_sets_ray_serve_env_for_the_local_ray(monkeypatch):
     from pipelines.serve.options import ray_serve_env
 
-    assert ray_serve_env(ServeConfig()) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    monkeypatch.delenv(drain, raising=False)
+    assert ray_serve_env(ServeConfig()) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", drain: "1"}
     assert ray_serve_env(ServeConfig(throughput_optimized=False)) == {}
+    monkeypatch.setenv(drain, "20")  # the user's own value stays
+    assert ray_serve_env(ServeConfig()) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def test_direct_ingress_urls_find_this_app_only(monkeypatch):
@@ -470,5 +475,7 @@ def test_job_prints_the_url_and_stops_on_sigterm(student_export, tmp_path):
     assert proc.returncode == 0, out
     assert "[serve] SIGTERM received: shutting the application down (serve.shutdown)" in out
     assert "[serve] stopped" in out
+    # no 30 s direct-ingress drain on the job's own Ray (Serve then gives up waiting and says so)
+    assert "failed to shut down" not in out, out
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
