@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # a local Ray of its own unless RAY_ADDRESS names a cluster; replicas get the S3 / MLflow environment, and
     # Serve's own settings reach the controller and proxy too through the environment the local Ray inherits
-    serve_env = ray_serve_env(cfg)
+    serve_env = ray_serve_env(cfg, local=not os.environ.get("RAY_ADDRESS"))
     if serve_env and os.environ.get("RAY_ADDRESS"):
         print(f"[serve] RAY_ADDRESS is set: {', '.join(serve_env)} must be in the cluster's own environment "
               "(infra/kuberay/rayservice-student.yaml sets it); not set from here", flush=True)

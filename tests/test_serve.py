@@ -192,12 +192,13 @@ def test_throughput_optimized_sets_ray_serve_env_for_the_local_ray(monkeypatch):
     from pipelines.serve.options import ray_serve_env
 
     drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
-    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
     monkeypatch.delenv(drain, raising=False)
     assert ray_serve_env(ServeConfig()) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", drain: "1"}
     assert ray_serve_env(ServeConfig(throughput_optimized=False)) == {}
+    # a cluster's pods need the switch, and keep Serve's drain for the load balancer in front of them
+    assert ray_serve_env(ServeConfig(), local=False) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     monkeypatch.setenv(drain, "20")  # the user's own value stays
-    assert ray_serve_env(ServeConfig()) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    assert ray_serve_env(ServeConfig()) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", drain: "20"}
 
 
 def test_direct_ingress_urls_find_this_app_only(monkeypatch):

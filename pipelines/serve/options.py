@@ -14,6 +14,8 @@ from pipelines.serve.validation import RequestLimits
 
 __all__ = ["BatchOptions", "ReplicaOptions", "ModelOptions", "ServeConfig", "deployment_options", "ray_serve_env"]
 
+DRAIN_PERIOD_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # Serve's direct-ingress drain (s)
+
 
 @dataclass(frozen=True)
 class BatchOptions:
@@ -150,16 +152,19 @@ def deployment_options(model: ModelOptions, max_ongoing_extra: int = 0) -> dict[
     return out
 
 
-def ray_serve_env(cfg: ServeConfig) -> dict[str, str]:
-    """Environment for the Ray processes (controller, proxy, replicas) of a local Ray started for ``cfg``.
+def ray_serve_env(cfg: ServeConfig, local: bool = True) -> dict[str, str]:
+    """Environment for the Ray processes (controller, proxy, replicas) of a local Ray started for ``cfg``
+    (``local=False``: what a cluster's own processes need in their pods' env).
 
     Serve reads these once, when each process imports it: set them before ``ray.init`` starts the local Ray
-    (its workers inherit the driver's environment). A cluster's own processes need them in their pods' env.
-    With direct ingress a stopping replica keeps its port open for ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``
-    (Serve's default 30 s) so that a load balancer in front notices it is going; on the local Ray of one job
-    nothing is in front, so the job's shutdown waits 1 s instead of 30 (a value in the environment wins).
+    (its workers inherit the driver's environment). With direct ingress a stopping replica keeps its port open
+    for ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`` (Serve's default 30 s) so that a load balancer in
+    front notices it is going; on the local Ray of one job nothing is in front, so the job's shutdown waits 1 s
+    instead of 30 (a value already in the environment wins). A cluster keeps Serve's default.
     """
     if not cfg.throughput_optimized:
         return {}
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-    return {k: v for k, v in env.items() if k not in os.environ}
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    if local:
+        env[DRAIN_PERIOD_ENV] = os.environ.get(DRAIN_PERIOD_ENV, "1")
+    return env
